@@ -1,0 +1,58 @@
+"""``megatron-prune <verb>``: the one command-line front door.
+
+Each verb lives in its own module under ``megatron.prune.commands`` exposing ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported lazily so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from .shape import PruneError
+
+# verb -> module; the module's docstring is the verb's long help.
+VERBS: dict[str, str] = {
+    "prune": "megatron.prune.commands.prune",
+    "eval": "megatron.prune.commands.evaluate",
+    "demo": "megatron.prune.commands.demo",
+}
+
+
+def build_parser(verbs: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-prune",
+        description="Prune LLaMA-family models (HF or Megatron checkpoints) to any smaller shape, "
+        "then recover them by continued pre-training on Megatron.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>", required=True)
+    for verb in verbs or VERBS:
+        mod = importlib.import_module(VERBS[verb])
+        p = sub.add_parser(
+            verb,
+            help=mod.HELP,
+            description=mod.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Build only the requested verb's parser: importing every verb pulls in torch/megatron.
+    verb = argv[0] if argv and argv[0] in VERBS else None
+    parser = build_parser([verb] if verb else None)
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except PruneError as e:
+        print(f"megatron-prune {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

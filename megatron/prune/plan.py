@@ -1,0 +1,160 @@
+"""The prune plan: target shape plus the kept indices on every axis, serialisable as JSON.
+
+A plan is format-free: the same plan applies to an HF checkpoint and to a Megatron checkpoint
+of the same model, and re-applying a saved plan gives a bit-identical result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .shape import ModelShape, PruneError
+
+PLAN_FILE = "prune_plan.json"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one kept layer keeps, in source numbering.
+
+    ``heads`` lie inside ``query_groups`` with the same count in each kept group, so GQA stays valid.
+    """
+
+    source_layer: int
+    query_groups: tuple[int, ...]
+    heads: tuple[int, ...]
+    ffn: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """Source shape, target shape, and which indices survive on each axis."""
+
+    source: ModelShape
+    target: ModelShape
+    hidden: tuple[int, ...]
+    layers: tuple[LayerPlan, ...]
+    vocab: tuple[int, ...] | None = None  # kept token ids; None keeps the vocabulary as is
+    norm_scale: float = 1.0  # multiplies every RMSNorm weight (rescaling for a smaller hidden size)
+    info: Mapping[str, Any] = field(default_factory=dict, compare=False)  # how it was chosen
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def keep_all(cls, shape: ModelShape) -> "PrunePlan":
+        """The identity plan: applying it reproduces the source bit for bit."""
+        hpg = shape.heads_per_group
+        layers = tuple(
+            LayerPlan(
+                i,
+                tuple(range(shape.num_query_groups)),
+                tuple(range(shape.num_query_groups * hpg)),
+                tuple(range(shape.ffn_hidden_size)),
+            )
+            for i in range(shape.num_layers)
+        )
+        return cls(shape, shape, tuple(range(shape.hidden_size)), layers, info={"method": "keep-all"})
+
+    # ---- checks -------------------------------------------------------------------------
+    def validate(self) -> "PrunePlan":
+        """Raise PruneError unless the indices agree with both shapes; return self."""
+        s, t = self.source, self.target
+        if t.head_dim != s.head_dim:
+            raise PruneError(f"head_dim cannot change ({s.head_dim} -> {t.head_dim}): RoPE depends on it")
+        _check_indices("hidden", self.hidden, s.hidden_size, t.hidden_size)
+        if len(self.layers) != t.num_layers:
+            raise PruneError(f"plan keeps {len(self.layers)} layers but target has {t.num_layers}")
+        _check_indices("layers", [lp.source_layer for lp in self.layers], s.num_layers, t.num_layers)
+        for lp in self.layers:
+            where = f"layer {lp.source_layer}"
+            _check_indices(f"{where} query_groups", lp.query_groups, s.num_query_groups, t.num_query_groups)
+            _check_indices(f"{where} heads", lp.heads, s.num_attention_heads, t.num_attention_heads)
+            _check_indices(f"{where} ffn", lp.ffn, s.ffn_hidden_size, t.ffn_hidden_size)
+            per_group: dict[int, int] = {}
+            for h in lp.heads:
+                g = h // s.heads_per_group
+                if g not in lp.query_groups:
+                    raise PruneError(f"{where}: head {h} belongs to dropped query group {g}")
+                per_group[g] = per_group.get(g, 0) + 1
+            if set(per_group.values()) != {t.heads_per_group} or len(per_group) != len(lp.query_groups):
+                raise PruneError(f"{where}: every kept query group must keep {t.heads_per_group} heads")
+        if self.vocab is not None:
+            _check_indices("vocab", self.vocab, s.vocab_size, t.vocab_size)
+        elif t.vocab_size != s.vocab_size:
+            raise PruneError("target vocab_size differs from source but the plan has no kept vocab ids")
+        return self
+
+    def is_identity(self) -> bool:
+        return self == PrunePlan.keep_all(self.source) and self.norm_scale == 1.0
+
+    # ---- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION,
+            "source": self.source.to_dict(),
+            "target": self.target.to_dict(),
+            "hidden": list(self.hidden),
+            "norm_scale": self.norm_scale,
+            "vocab": None if self.vocab is None else list(self.vocab),
+            "layers": [
+                {
+                    "source_layer": lp.source_layer,
+                    "query_groups": list(lp.query_groups),
+                    "heads": list(lp.heads),
+                    "ffn": list(lp.ffn),
+                }
+                for lp in self.layers
+            ],
+            "info": dict(self.info),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PrunePlan":
+        if d.get("version") != PLAN_VERSION:
+            raise PruneError(f"unsupported plan version {d.get('version')!r}; expected {PLAN_VERSION}")
+        return cls(
+            source=ModelShape.from_dict(d["source"]),
+            target=ModelShape.from_dict(d["target"]),
+            hidden=tuple(d["hidden"]),
+            layers=tuple(
+                LayerPlan(l["source_layer"], tuple(l["query_groups"]), tuple(l["heads"]), tuple(l["ffn"]))
+                for l in d["layers"]
+            ),
+            vocab=None if d.get("vocab") is None else tuple(d["vocab"]),
+            norm_scale=float(d.get("norm_scale", 1.0)),
+            info=dict(d.get("info", {})),
+        ).validate()
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrunePlan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / PLAN_FILE
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "PrunePlan":
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_FILE
+        try:
+            return cls.from_json(path.read_text())
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise PruneError(f"cannot read plan {path}: {e}") from e
+
+
+def _check_indices(name: str, idx: Sequence[int], source_n: int, target_n: int) -> None:
+    if len(idx) != target_n:
+        raise PruneError(f"plan {name}: keeps {len(idx)} indices but target size is {target_n}")
+    if list(idx) != sorted(set(idx)):
+        raise PruneError(f"plan {name}: indices must be strictly increasing")
+    if idx and (idx[0] < 0 or idx[-1] >= source_n):
+        raise PruneError(f"plan {name}: index out of range [0, {source_n})")

@@ -1,0 +1,116 @@
+"""The slicing rules, written once for every format.
+
+Each logical parameter of a LLaMA-family model has a *role* whose dimensions are named axes
+(``ROLE_AXES``). Pruning a tensor is ``index_select`` along each named axis with the kept indices
+for that axis. Format adapters map their parameter names to roles (and unfuse fused tensors such
+as Megatron's ``linear_qkv``) and never slice on their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from .plan import LayerPlan, PrunePlan
+
+# Axis vocabulary: hidden [h], query heads [np] and KV groups [ng] (each head_dim rows wide),
+# FFN channels [f], vocabulary [v].
+ROLE_AXES: dict[str, tuple[str, ...]] = {
+    # model-level
+    "embed": ("vocab", "hidden"),  # [v, h]
+    "lm_head": ("vocab", "hidden"),  # [v, h]
+    "final_norm": ("hidden",),  # [h]
+    # per layer
+    "input_norm": ("hidden",),
+    "post_norm": ("hidden",),
+    "q": ("heads", "hidden"),  # [np*hn, h]
+    "k": ("groups", "hidden"),  # [ng*hn, h]
+    "v": ("groups", "hidden"),
+    "q_bias": ("heads",),
+    "k_bias": ("groups",),
+    "v_bias": ("groups",),
+    "o": ("hidden", "heads"),  # [h, np*hn]
+    "gate": ("ffn", "hidden"),  # [f, h]
+    "up": ("ffn", "hidden"),
+    "down": ("hidden", "ffn"),  # [h, f]
+}
+MODEL_ROLES = ("embed", "lm_head", "final_norm")
+LAYER_ROLES = tuple(r for r in ROLE_AXES if r not in MODEL_ROLES)
+NORM_ROLES = frozenset({"final_norm", "input_norm", "post_norm"})
+HEAD_AXES = frozenset({"heads", "groups"})  # axes whose unit is head_dim rows
+
+
+@dataclass(frozen=True)
+class AxisIndex:
+    """Kept indices per axis for one layer (or the model-level tensors); None keeps the axis whole."""
+
+    hidden: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    groups: tuple[int, ...] | None = None
+    ffn: tuple[int, ...] | None = None
+    vocab: tuple[int, ...] | None = None
+
+    def for_axis(self, axis: str) -> tuple[int, ...] | None:
+        return getattr(self, axis)
+
+
+def layer_index(plan: PrunePlan, lp: LayerPlan) -> AxisIndex:
+    """Axis indices of a kept layer, in the full (unsharded) source numbering."""
+    return AxisIndex(hidden=plan.hidden, heads=lp.heads, groups=lp.query_groups, ffn=lp.ffn)
+
+
+def model_index(plan: PrunePlan) -> AxisIndex:
+    """Axis indices of the model-level tensors (embeddings, final norm)."""
+    return AxisIndex(hidden=plan.hidden, vocab=plan.vocab)
+
+
+def expand_heads(units: Sequence[int], head_dim: int) -> torch.Tensor:
+    """Row indices of whole heads: head i owns rows [i*hn, (i+1)*hn)."""
+    u = torch.as_tensor(list(units), dtype=torch.long)
+    return (u[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def slice_role(role: str, tensor: torch.Tensor, index: AxisIndex, head_dim: int, norm_scale: float = 1.0) -> torch.Tensor:
+    """Prune ``tensor`` (of logical role ``role``) to the kept indices; returns a new contiguous tensor."""
+    axes = ROLE_AXES[role]
+    if tensor.dim() != len(axes):
+        raise ValueError(f"{role}: expected {len(axes)} dims {axes}, got shape {tuple(tensor.shape)}")
+    out = tensor
+    for dim, axis in enumerate(axes):
+        keep = index.for_axis(axis)
+        if keep is None:
+            continue
+        rows = expand_heads(keep, head_dim) if axis in HEAD_AXES else torch.as_tensor(list(keep), dtype=torch.long)
+        if rows.numel() == out.shape[dim] and torch.equal(rows, torch.arange(out.shape[dim])):
+            continue  # keep-all on this axis: no copy, so identity plans stay bit-exact
+        out = out.index_select(dim, rows)
+    if role in NORM_ROLES and norm_scale != 1.0:
+        out = out * norm_scale
+    return out.contiguous() if out is not tensor else tensor
+
+
+def shift(index: Sequence[int] | None, lo: int, hi: int) -> tuple[int, ...] | None:
+    """Indices inside [lo, hi) re-based to start at 0: the kept part of one tensor-parallel slice."""
+    if index is None:
+        return None
+    return tuple(i - lo for i in index if lo <= i < hi)
+
+
+def tp_slice_index(index: AxisIndex, shape_units: Mapping[str, int], tp: int, rank: int) -> AxisIndex:
+    """The part of ``index`` that falls in tensor-parallel slice ``rank`` of ``tp``, re-based.
+
+    ``shape_units`` gives the source size of each TP-split axis (heads, groups, ffn, vocab); hidden is
+    never split by TP in LLaMA-family layers.
+    """
+    kw = {}
+    for axis in ("heads", "groups", "ffn", "vocab"):
+        n = shape_units.get(axis)
+        keep = index.for_axis(axis)
+        if keep is None or n is None:
+            kw[axis] = keep
+            continue
+        per = n // tp
+        kw[axis] = shift(keep, rank * per, (rank + 1) * per)
+    return AxisIndex(hidden=index.hidden, **kw)
