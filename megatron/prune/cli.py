@@ -18,6 +18,7 @@ VERBS: dict[str, str] = {
     "prune": "megatron.prune.commands.prune",
     "eval": "megatron.prune.commands.evaluate",
     "demo": "megatron.prune.commands.demo",
+    "data": "megatron.prune.commands.data",
 }
 
 
