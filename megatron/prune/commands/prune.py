@@ -1,0 +1,127 @@
+"""Prune a checkpoint (HF safetensors or Megatron) to a smaller shape.
+
+Axes you do not name are kept. The chosen indices are written beside the weights as prune_plan.json;
+`--plan` re-applies such a plan bit-identically. With no target at all the output equals the input.
+
+Examples:
+  megatron-prune prune --input smollm2 --output small --hidden-size 480 --num-attention-heads 6 \
+      --ffn-hidden-size 1024 --num-layers 24
+  megatron-prune prune --input llama-7b --output llama-3b --method magnitude --tp 2 --prune-type balance ...
+  megatron-prune prune --input other-copy --output again --plan small/prune_plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..formats import detect_format
+from ..io import check_output_path
+from ..plan import PrunePlan
+from ..selectors import SCORERS, TargetRequest, make_plan, resolve_target
+from ..shape import PruneError
+
+HELP = "prune a checkpoint to a smaller shape (layers, hidden, heads, KV groups, FFN)"
+
+
+def parse_layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers like 3,7,11, got {text!r}")
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size like 2GB or 500MB, got {text!r}")
+
+
+def add_target_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target shape (omit an axis to keep it)")
+    g.add_argument("--hidden-size", type=int, help="model width; for HF output a multiple of the head count")
+    g.add_argument("--num-attention-heads", type=int, help="query heads; a multiple of the kept KV groups")
+    g.add_argument("--num-query-groups", type=int,
+                   help="KV heads (GQA groups); default: keep all (MHA models follow --num-attention-heads)")
+    g.add_argument("--ffn-hidden-size", type=int, help="MLP intermediate size")
+    layers = g.add_mutually_exclusive_group()
+    layers.add_argument("--num-layers", type=int,
+                        help="keep this many layers; which ones depends on --method (random/magnitude: the seed "
+                             "project's rule, dropped layers spread through the middle, never first or last)")
+    layers.add_argument("--drop-layers", type=parse_layer_list, metavar="I,J,...",
+                        help="drop exactly these layers (0-based)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, type=Path, help="checkpoint folder (HF or Megatron; detected)")
+    p.add_argument("--output", required=True, type=Path, help="new folder for the pruned checkpoint")
+    add_target_arguments(p)
+    s = p.add_argument_group("selection")
+    s.add_argument("--method", choices=sorted(SCORERS), default="random",
+                   help="how kept units are chosen: random (seeded, the seed project's method) or magnitude "
+                        "(L2 norm of each unit's weights). Default: %(default)s")
+    s.add_argument("--seed", type=int, default=1234, help="seed for --method random (default %(default)s)")
+    s.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size the selection must respect (default %(default)s)")
+    s.add_argument("--prune-type", choices=["balance", "unbalance"], default="balance",
+                   help="balance: keep the same number of heads/groups/FFN channels inside each of the --tp "
+                        "slices, so each TP shard can be pruned on its own; unbalance: select globally")
+    s.add_argument("--plan", type=Path, help="re-apply a saved prune_plan.json instead of selecting")
+    o = p.add_argument_group("output")
+    o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    o.add_argument("--max-shard-size", type=parse_size, default="5GB",
+                   help="split HF safetensors output above this size (default 5GB)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_plan(args: argparse.Namespace, src, adapter) -> PrunePlan:
+    """A plan from ``--plan``, or from the target flags and the selection method; checked for the format."""
+    if args.plan is not None:
+        if any(getattr(args, k) is not None for k in ("hidden_size", "num_attention_heads", "num_query_groups",
+                                                      "ffn_hidden_size", "num_layers", "drop_layers")):
+            raise PruneError("--plan fixes the target shape; do not combine it with target-shape flags")
+        plan = PrunePlan.load(args.plan)
+        if plan.source != src.shape:
+            raise PruneError(f"plan {args.plan} was made for {plan.source}, but the input is {src.shape}")
+        adapter.check_target(plan.target)
+        return plan
+    req = TargetRequest(args.hidden_size, args.num_attention_heads, args.num_query_groups,
+                        args.ffn_hidden_size, args.num_layers, args.drop_layers)
+    target, drop = resolve_target(src.shape, req)
+    adapter.check_target(target)
+    scores = SCORERS[args.method](src, vars(args))
+    return make_plan(src.shape, target, scores, drop, tp=args.tp, balance=args.prune_type == "balance",
+                     info={"seed": args.seed} if args.method == "random" else {})
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    adapter = detect_format(args.input)
+    src = adapter.open(args.input)
+    check_output_path(args.input, args.output, args.overwrite)
+    plan = build_plan(args, src, adapter)
+    describe(plan)
+    adapter.write(src, plan, args.output, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
+                  progress=not args.no_progress, args=args)
+    s, t = plan.source, plan.target
+    print(f"wrote {args.output}: {s.num_params() / 1e6:.1f}M -> {t.num_params() / 1e6:.1f}M parameters "
+          f"in {time.time() - t0:.1f}s")
+    return 0
+
+
+def describe(plan: PrunePlan) -> None:
+    """Say what was chosen, in a few lines."""
+    s, t = plan.source, plan.target
+    rows = [("layers", s.num_layers, t.num_layers), ("hidden", s.hidden_size, t.hidden_size),
+            ("heads", s.num_attention_heads, t.num_attention_heads),
+            ("query groups", s.num_query_groups, t.num_query_groups),
+            ("ffn", s.ffn_hidden_size, t.ffn_hidden_size), ("vocab", s.vocab_size, t.vocab_size)]
+    print("shape: " + ", ".join(f"{n} {a}->{b}" if a != b else f"{n} {a}" for n, a, b in rows))
+    kept = {lp.source_layer for lp in plan.layers}
+    dropped = [i for i in range(s.num_layers) if i not in kept]
+    if dropped:
+        print(f"dropped layers ({plan.info.get('layer_rule', 'plan')}): {','.join(map(str, dropped))}")

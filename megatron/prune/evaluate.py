@@ -1,0 +1,69 @@
+"""Perplexity on non-overlapping windows, and a short greedy generation, for HF checkpoints."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .shape import PruneError
+
+
+def load_hf(folder: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Stock ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a local folder (no hub access)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise PruneError(f"{folder} is not an HF model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tok
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per predicted token
+    tokens: int  # predicted tokens
+    windows: int
+
+
+def tokenize(tok, text: str, max_tokens: int | None) -> torch.Tensor:
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    return ids[:max_tokens] if max_tokens else ids
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4, progress: bool = True) -> Perplexity:
+    """exp(mean NLL) over non-overlapping windows of ``seq_len`` tokens; a short tail window is dropped."""
+    if seq_len < 2:
+        raise PruneError(f"--seq-len {seq_len}: must be at least 2")
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise PruneError(f"text has {ids.numel()} tokens, fewer than one window of --seq-len {seq_len}")
+    windows = ids[: n * seq_len].view(n, seq_len)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += nll.item()
+        count += batch[:, 1:].numel()
+    mean = total / count
+    return Perplexity(math.exp(mean), mean, count, n)
+
+
+@torch.no_grad()
+def greedy(model, tok, prompt: str, max_new_tokens: int = 24) -> str:
+    """A short greedy continuation, to eyeball what pruning did to the model."""
+    ids = tok(prompt, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,45 @@
+"""Real English text that ships with Python (``pydoc_data.topics``), split into calibration and held-out parts."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from .shape import PruneError
+
+SPLITS = ("calib", "eval")
+
+
+@lru_cache(maxsize=None)
+def builtin_text(split: str = "eval") -> str:
+    """Topics sorted by name; every 4th one is held out for evaluation, the rest calibrate.
+
+    The split is deterministic so calibration never sees the text perplexity is measured on.
+    """
+    from pydoc_data.topics import topics
+
+    if split not in SPLITS:
+        raise PruneError(f"unknown text split {split!r}; choose one of {SPLITS}")
+    names = sorted(topics)
+    chosen = [n for i, n in enumerate(names) if (i % 4 == 3) == (split == "eval")]
+    return "\n\n".join(topics[n].strip() for n in chosen)
+
+
+def read_texts(paths: list[Path]) -> str:
+    """Concatenate documents from .txt files or .jsonl files (a ``text`` field per line)."""
+    import json
+
+    docs: list[str] = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise PruneError(f"text file {p} does not exist")
+        if p.suffix == ".jsonl":
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        docs.append(json.loads(line)["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise PruneError(f"{p}:{n}: expected a JSON object with a 'text' field ({e})") from e
+        else:
+            docs.append(p.read_text(encoding="utf-8"))
+    return "\n\n".join(docs)
