@@ -1,0 +1,67 @@
+"""Tiny random HF checkpoints of each supported family, built in the tests (no hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES: dict[str, dict] = {
+    "llama-mha": dict(arch="llama", num_attention_heads=4, num_key_value_heads=4),
+    "llama-gqa": dict(arch="llama", num_attention_heads=8, num_key_value_heads=4),
+    "mistral": dict(arch="mistral", num_attention_heads=8, num_key_value_heads=2),
+    "qwen2-bias": dict(arch="qwen2", num_attention_heads=8, num_key_value_heads=4),
+    "llama-tied": dict(arch="llama", num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    spec = dict(FAMILIES[family])
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[spec.pop("arch")]
+    kw = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=4, vocab_size=96, head_dim=8,
+              max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0)
+    kw.update(spec)
+    kw.update(overrides)
+    cfg = cls(**kw)
+    cfg.architectures = [cls.__name__.replace("Config", "ForCausalLM")]
+    return cfg
+
+
+def make_tiny_model(family: str, seed: int = 0, **overrides):
+    """A float32 model with weights large enough that every unit visibly matters."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.3 if "embed" in name or "lm_head" in name else 0.15))
+    return model
+
+
+def make_tiny_hf(folder: Path | str, family: str = "llama-gqa", seed: int = 0, **overrides) -> Path:
+    """Save a tiny random checkpoint of ``family`` to ``folder`` (safetensors + config) and return it."""
+    folder = Path(folder)
+    model = make_tiny_model(family, seed, **overrides)
+    model.save_pretrained(folder)
+    return folder
+
+
+def logits(folder_or_model, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = folder_or_model
+    if not hasattr(model, "forward"):
+        model = AutoModelForCausalLM.from_pretrained(folder_or_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def sample_ids(vocab: int = 96, batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
