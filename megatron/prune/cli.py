@@ -19,6 +19,7 @@ VERBS: dict[str, str] = {
     "eval": "megatron.prune.commands.evaluate",
     "demo": "megatron.prune.commands.demo",
     "data": "megatron.prune.commands.data",
+    "vocab": "megatron.prune.commands.vocab",
 }
 
 

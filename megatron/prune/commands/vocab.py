@@ -1,0 +1,83 @@
+"""Prune the vocabulary of a model (or of a tokenizer alone) to the tokens a domain uses.
+
+  megatron-prune vocab count --tokenizer DIR --data FILES... --output counts.json
+  megatron-prune vocab prune --input MODEL --output MODEL2 (--keep N | --keep-ids FILE) [--counts counts.json]
+
+Special tokens and the fallback alphabet (byte symbols, <0x00>..<0xFF> or unk) are always kept, so any text
+still encodes; in-domain text keeps exactly its tokens. --keep N is the final vocabulary size. A folder with a
+config.json is a model (embedding and output rows are sliced, config special ids renumbered); a folder with
+only tokenizer files gets a pruned tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "count token frequencies / prune the vocabulary (tokenizer + embeddings)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="vocab_verb", metavar="<count|prune>", required=True)
+    c = sub.add_parser("count", help="token frequencies over .txt/.jsonl files", description=count.__doc__)
+    c.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json or tokenizer.model")
+    c.add_argument("--data", type=Path, nargs="+", required=True, help=".txt files or .jsonl files with a 'text' field")
+    c.add_argument("--output", type=Path, required=True, help="counts file to write (JSON)")
+    c.add_argument("--workers", type=int, default=0, help="processes (default: min(4, CPUs))")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(_vocab_run=count)
+
+    p = sub.add_parser("prune", help="write a model / tokenizer with a smaller vocabulary", description=prune.__doc__)
+    p.add_argument("--input", type=Path, required=True, help="HF model folder, or a tokenizer folder")
+    p.add_argument("--output", type=Path, required=True, help="new folder for the pruned model/tokenizer")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--keep", type=int, help="final vocabulary size (most frequent tokens by --counts)")
+    g.add_argument("--keep-ids", type=Path, help="file of token ids to keep (JSON list or whitespace-separated)")
+    p.add_argument("--counts", type=Path, help="counts file from `vocab count` (ranks tokens for --keep)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(_vocab_run=prune)
+
+
+def count(args: argparse.Namespace) -> int:
+    """Count token frequencies of a corpus with a tokenizer; the file remembers which tokenizer."""
+    from ..shape import PruneError
+    from ..vocab import count_tokens, open_tokenizer
+
+    if args.output.is_dir():
+        raise PruneError(f"--output {args.output} is a folder; give a file name such as counts.json")
+    if not args.output.parent.is_dir():
+        raise PruneError(f"--output folder {args.output.parent} does not exist")
+    if args.workers < 0:
+        raise PruneError(f"--workers {args.workers} must be >= 0")
+    tf = open_tokenizer(args.tokenizer)
+    counts = count_tokens(args.tokenizer, args.data, tf.rules, args.workers, progress=not args.no_progress)
+    counts.save(args.output)
+    used = sum(1 for c in counts.counts if c)
+    print(f"{counts.num_tokens} tokens, {used} of {counts.vocab_size} ids used ({tf.kind}) -> {args.output}")
+    return 0
+
+
+def prune(args: argparse.Namespace) -> int:
+    """Prune the vocabulary of a model or a tokenizer folder."""
+    from ..shape import PruneError
+    from ..vocab import TokenCounts, prune_hf_vocab, prune_tokenizer, read_keep_ids
+
+    if not args.input.is_dir():
+        raise PruneError(f"--input {args.input} is not a folder")
+    counts = TokenCounts.load(args.counts) if args.counts else None
+    keep_ids = read_keep_ids(args.keep_ids) if args.keep_ids else None
+    if (args.input / "config.json").is_file():
+        plan = prune_hf_vocab(args.input, args.output, args.keep, keep_ids, counts, args.overwrite,
+                              progress=not args.no_progress)
+        s, t = plan.source, plan.target
+        print(f"vocabulary {s.vocab_size} -> {t.vocab_size}; parameters {s.num_params()} -> {t.num_params()} "
+              f"-> {args.output}")
+    else:
+        kept = prune_tokenizer(args.input, args.output, args.keep, keep_ids, counts, args.overwrite)
+        print(f"tokenizer pruned to {len(kept)} tokens -> {args.output}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return args._vocab_run(args)

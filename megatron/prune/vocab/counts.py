@@ -1,0 +1,184 @@
+"""Token frequencies over a corpus, counted in several processes, saved with the identity of the tokenizer.
+
+The counts file records the tokenizer's size and a hash of its token strings, so counts made with another
+tokenizer are refused instead of silently selecting the wrong ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from tqdm import tqdm
+
+from ..shape import PruneError
+from .rules import VocabRules
+
+COUNTS_FORMAT = "megatron-prune-token-counts"
+COUNTS_VERSION = 1
+DATA_SUFFIXES = (".txt", ".jsonl")
+CHUNK_CHARS = 1 << 20  # text per task: large enough to amortise inter-process traffic
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """How often each id occurred, and which tokenizer produced the ids."""
+
+    kind: str
+    vocab_size: int
+    vocab_hash: str
+    counts: tuple[int, ...]  # per id
+    sources: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.counts)
+
+    def check_matches(self, rules: VocabRules, where: str = "counts") -> None:
+        """PruneError unless these counts were made with the tokenizer ``rules`` describes."""
+        if self.vocab_size != rules.size or self.vocab_hash != rules.vocab_hash:
+            raise PruneError(
+                f"{where} were made with a different tokenizer ({self.kind}, {self.vocab_size} tokens, hash "
+                f"{self.vocab_hash[:12]}) than this one ({rules.kind}, {rules.size} tokens, hash "
+                f"{rules.vocab_hash[:12]}); recount with `megatron-prune vocab count`"
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "format": COUNTS_FORMAT,
+            "version": COUNTS_VERSION,
+            "tokenizer": {"kind": self.kind, "vocab_size": self.vocab_size, "vocab_hash": self.vocab_hash},
+            "sources": list(self.sources),
+            "num_tokens": self.num_tokens,
+            "counts": {str(i): c for i, c in enumerate(self.counts) if c},  # sparse: id -> count
+        }
+
+    def save(self, path: Path) -> Path:
+        """Write atomically (temp file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "TokenCounts":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+            if d.get("format") != COUNTS_FORMAT or d.get("version") != COUNTS_VERSION:
+                raise PruneError(f"{path} is not a token-counts file (version {COUNTS_VERSION}) of megatron-prune")
+            tok = d["tokenizer"]
+            n = int(tok["vocab_size"])
+            counts = [0] * n
+            for k, c in d["counts"].items():
+                i = int(k)
+                if not 0 <= i < n or int(c) < 0:
+                    raise PruneError(f"{path}: bad entry {k!r}: {c!r} for a {n}-token vocabulary")
+                counts[i] = int(c)
+            return cls(tok["kind"], n, tok["vocab_hash"], tuple(counts), tuple(d.get("sources", ())))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, PruneError):
+                raise
+            raise PruneError(f"cannot read counts file {path}: {e}") from e
+
+
+def check_data_files(paths: Sequence[Path | str]) -> list[Path]:
+    """Existing .txt/.jsonl files, else a PruneError naming the offending path."""
+    out = []
+    if not paths:
+        raise PruneError("no data files given")
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise PruneError(f"data file {p} does not exist")
+        if p.suffix not in DATA_SUFFIXES:
+            raise PruneError(f"data file {p} has suffix {p.suffix!r}; supported: {', '.join(DATA_SUFFIXES)}")
+        out.append(p)
+    return out
+
+
+def iter_tasks(paths: Sequence[Path], chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, int, str]]:
+    """(file kind, first line number, raw text) pieces of the corpus, cut at line boundaries."""
+    for p in paths:
+        kind = p.suffix[1:]
+        with open(p, encoding="utf-8") as f:
+            buf: list[str] = []
+            size, start = 0, 1
+            for n, line in enumerate(f, 1):
+                buf.append(line)
+                size += len(line)
+                if size >= chunk_chars:
+                    yield f"{kind}:{p}", start, "".join(buf)
+                    buf, size, start = [], 0, n + 1
+            if buf:
+                yield f"{kind}:{p}", start, "".join(buf)
+
+
+def _documents(tag: str, start: int, raw: str) -> list[str]:
+    """A txt piece is one document; a jsonl piece has one document (its ``text``) per non-empty line."""
+    kind, path = tag.split(":", 1)
+    if kind == "txt":
+        return [raw]
+    docs = []
+    for n, line in enumerate(raw.splitlines(), start):
+        if line.strip():
+            try:
+                text = json.loads(line)["text"]
+                if not isinstance(text, str):
+                    raise TypeError(f"'text' is {type(text).__name__}, not a string")
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise PruneError(f"{path}:{n}: expected a JSON object with a string 'text' field ({e})") from e
+            docs.append(text)
+    return docs
+
+
+_ENCODER = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    from .folder import make_encoder
+
+    _ENCODER = make_encoder(tokenizer_dir)
+
+
+def _count_task(task: tuple[str, int, str]) -> tuple[Counter, int]:
+    counter: Counter = Counter()
+    for ids in _ENCODER(_documents(*task)):
+        counter.update(ids)
+    return counter, len(task[2].encode("utf-8"))
+
+
+def count_tokens(tokenizer_dir: Path, data: Sequence[Path | str], rules: VocabRules, workers: int = 0,
+                 progress: bool = True, chunk_chars: int = CHUNK_CHARS) -> TokenCounts:
+    """Count token ids of ``data`` (txt: whole file text; jsonl: ``text`` per line) in ``workers`` processes."""
+    paths = check_data_files(data)
+    workers = workers or min(4, os.cpu_count() or 1)
+    total = sum(p.stat().st_size for p in paths)
+    counter: Counter = Counter()
+    bar = tqdm(total=total, desc="counting tokens", unit="B", unit_scale=True, disable=not progress)
+    tasks = iter_tasks(paths, chunk_chars)
+    if workers == 1:
+        _init_worker(str(tokenizer_dir))
+        results = map(_count_task, tasks)
+        for c, n in results:
+            counter.update(c)
+            bar.update(n)
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_dir),)) as pool:
+            for c, n in pool.imap_unordered(_count_task, tasks):
+                counter.update(c)
+                bar.update(n)
+    bar.close()
+    bad = [i for i in counter if not 0 <= i < rules.size]
+    if bad:
+        raise PruneError(f"the tokenizer produced id {bad[0]} outside its vocabulary of {rules.size}")
+    counts = tuple(counter.get(i, 0) for i in range(rules.size))
+    return TokenCounts(rules.kind, rules.size, rules.vocab_hash, counts, tuple(str(p) for p in paths))

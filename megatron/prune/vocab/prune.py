@@ -1,0 +1,174 @@
+"""Vocabulary pruning end to end: choose the kept ids, write the pruned tokenizer and (for a model) weights.
+
+The model side is one more axis of the prune plan: ``PrunePlan.keep_all(shape)`` with ``vocab`` = the kept
+ids and ``target.vocab_size`` = their count, applied by the HF adapter like any other plan. New token id =
+position in the kept list, the same numbering the embedding rows get.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..plan import PrunePlan
+from ..shape import ModelShape, PruneError
+from .counts import TokenCounts
+from .folder import TokenizerFolder, check_loads, open_tokenizer, write_pruned_tokenizer
+from .rules import VocabRules, complete_ids, select_top
+
+SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "decoder_start_token_id")
+GENERATION_CONFIG = "generation_config.json"
+
+
+def read_keep_ids(path: Path | str) -> list[int]:
+    """Kept ids from a file: a JSON list, a JSON object with a ``kept`` list, or integers separated by space/commas."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise PruneError(f"cannot read --keep-ids file {path}: {e}") from e
+    try:
+        data = json.loads(text)
+        if isinstance(data, Mapping):
+            data = data.get("kept")
+        if not isinstance(data, list):
+            raise PruneError(f"--keep-ids file {path}: expected a list of token ids (or an object with 'kept')")
+        return list(data)
+    except json.JSONDecodeError:
+        pass
+    out = []
+    for word in text.replace(",", " ").split():
+        try:
+            out.append(int(word))
+        except ValueError:
+            raise PruneError(f"--keep-ids file {path}: {word!r} is not a token id") from None
+    return out
+
+
+def choose_kept(rules: VocabRules, keep: int | None = None, keep_ids: Sequence[int] | None = None,
+                counts: TokenCounts | None = None) -> tuple[int, ...]:
+    """The kept ids (sorted): top ``keep`` by counts (id order without counts) or ``keep_ids`` completed.
+
+    Both ways always include the special tokens, the fallback alphabet and whatever keeps each kept token
+    reachable; ``keep`` is the exact final size.
+    """
+    if (keep is None) == (keep_ids is None):
+        raise PruneError("give exactly one of --keep N and --keep-ids FILE")
+    if counts is not None:
+        counts.check_matches(rules)
+    if keep is not None:
+        return select_top(counts.counts if counts else [0] * rules.size, keep, rules)
+    return complete_ids(keep_ids, rules, "--keep-ids")
+
+
+def remap_special_ids(config: Mapping[str, Any], kept: Sequence[int], where: str) -> dict[str, Any]:
+    """``config`` with bos/eos/pad(/decoder start) ids renumbered; PruneError if one of them was dropped."""
+    new = {old: n for n, old in enumerate(kept)}
+    out = dict(config)
+
+    def one(key: str, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int):
+            return v
+        if v not in new:
+            raise PruneError(f"{where}: {key} {v} is not among the kept token ids")
+        return new[v]
+
+    for key in SPECIAL_ID_KEYS:
+        v = config.get(key)
+        if isinstance(v, list):
+            out[key] = [one(key, x) for x in v]
+        elif v is not None:
+            out[key] = one(key, v)
+    return out
+
+
+def config_special_ids(*configs: Mapping[str, Any]) -> set[int]:
+    """Every special token id named in HF model/generation configs (those must survive)."""
+    ids: set[int] = set()
+    for cfg in configs:
+        for key in SPECIAL_ID_KEYS:
+            v = cfg.get(key)
+            for x in v if isinstance(v, list) else [v]:
+                if isinstance(x, int) and not isinstance(x, bool):
+                    ids.add(x)
+    return ids
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def prune_tokenizer(tokenizer_dir: Path | str, output: Path | str, keep: int | None = None,
+                    keep_ids: Sequence[int] | None = None, counts: TokenCounts | None = None,
+                    overwrite: bool = False, verify: bool = True) -> tuple[int, ...]:
+    """Write a pruned copy of a tokenizer folder (no model); returns the kept ids in source numbering."""
+    from ..io import atomic_output, check_output_path
+
+    tf = open_tokenizer(tokenizer_dir)
+    kept = choose_kept(tf.rules, keep, keep_ids, counts)
+    check_output_path(Path(tokenizer_dir), Path(output), overwrite)
+    with atomic_output(Path(output), overwrite) as tmp:
+        write_pruned_tokenizer(tf, kept, tmp)
+        (tmp / "kept_token_ids.json").write_text(json.dumps({"kept": list(kept)}))
+        if verify and (tmp / "tokenizer.json").is_file():
+            check_loads(tmp, len(kept))
+    return kept
+
+
+def vocab_plan(shape: ModelShape, kept: Sequence[int], info: Mapping[str, Any] | None = None) -> PrunePlan:
+    """The identity plan on every axis but the vocabulary, which keeps ``kept`` (source numbering)."""
+    plan = dataclasses.replace(
+        PrunePlan.keep_all(shape),
+        vocab=tuple(kept),
+        target=shape.replace(vocab_size=len(kept)),
+        info={"method": "vocab", **(info or {})},
+    )
+    return plan.validate()
+
+
+def prepare_model(input_dir: Path, keep: int | None, keep_ids: Sequence[int] | None,
+                  counts: TokenCounts | None) -> tuple[TokenizerFolder, tuple[int, ...], ModelShape, dict, dict]:
+    """Checks shared by every checkpoint format: tokenizer present, sizes agree, special ids kept."""
+    from ..shape import shape_from_hf_config
+
+    config = _read_json(input_dir / "config.json")
+    if not config:
+        raise PruneError(f"{input_dir} has no config.json: not an HF model folder")
+    shape = shape_from_hf_config(config)
+    gen = _read_json(input_dir / GENERATION_CONFIG)
+    tf = open_tokenizer(input_dir).with_required(config_special_ids(config, gen))
+    if tf.rules.size > shape.vocab_size:
+        raise PruneError(f"the tokenizer has {tf.rules.size} tokens but the model only {shape.vocab_size} rows")
+    kept = choose_kept(tf.rules, keep, keep_ids, counts)
+    return tf, kept, shape, config, gen
+
+
+def prune_hf_vocab(input_dir: Path | str, output: Path | str, keep: int | None = None,
+                   keep_ids: Sequence[int] | None = None, counts: TokenCounts | None = None,
+                   overwrite: bool = False, progress: bool = True, verify: bool = True) -> PrunePlan:
+    """Vocabulary-prune an HF model folder: sliced embedding/lm_head rows, pruned tokenizer, fixed configs.
+
+    Rows past the tokenizer's size (padding some models carry) are dropped with the unkept tokens.
+    """
+    from ..hf import HFCheckpoint, check_hf_target, write_pruned
+    from ..io import atomic_output, check_output_path
+
+    input_dir, output = Path(input_dir), Path(output)
+    tf, kept, shape, config, gen = prepare_model(input_dir, keep, keep_ids, counts)
+    ckpt = HFCheckpoint.open(input_dir)
+    plan = vocab_plan(shape, kept, {"tokenizer": tf.kind, "keep": len(kept)})
+    check_hf_target(plan.target)
+    check_output_path(input_dir, output, overwrite)
+    with atomic_output(output, overwrite) as tmp:
+        write_pruned(ckpt, plan, tmp, progress=progress)
+        write_pruned_tokenizer(tf, kept, tmp)
+        new_cfg = remap_special_ids(_read_json(tmp / "config.json"), kept, "config.json")
+        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True))
+        if gen:
+            new_gen = remap_special_ids(gen, kept, GENERATION_CONFIG)
+            (tmp / GENERATION_CONFIG).write_text(json.dumps(new_gen, indent=2))
+        if verify and (tmp / "tokenizer.json").is_file():
+            check_loads(tmp, len(kept))
+    return plan
