@@ -1,0 +1,1 @@
+"""Recovery training on the stock ``megatron.training.pretrain`` loop: LLaMA provider, data, KD."""

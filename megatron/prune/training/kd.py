@@ -1,0 +1,160 @@
+"""Knowledge distillation on vocab-parallel logits: a per-token KL(teacher || student) that is exact
+under tensor parallelism (each TP rank holds a slice of the vocabulary), plus teacher loading.
+
+The KL is computed from shard-local sums all-reduced over the TP group; its gradient w.r.t. the
+student's local logits is ``(softmax(s/T) - softmax(t/T)) / T`` on the same shard, written by hand so
+no autograd-through-collectives is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..shape import PruneError
+
+
+def _log_softmax_parallel(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """log-softmax over a vocab split across ``group`` (last dim is this rank's shard)."""
+    m = x.max(dim=-1, keepdim=True).values
+    if group is not None:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    z = torch.exp(x - m).sum(dim=-1, keepdim=True)
+    if group is not None:
+        dist.all_reduce(z, group=group)
+    return x - m - torch.log(z)
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    """Per-token KL(p_teacher || q_student) at temperature T over vocab-parallel logits."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float, group: Any):
+        log_q = _log_softmax_parallel(student.float() / temperature, group)
+        log_p = _log_softmax_parallel(teacher.float() / temperature, group)
+        p = log_p.exp()
+        kl = (p * (log_p - log_q)).sum(dim=-1)
+        if group is not None:
+            dist.all_reduce(kl, group=group)
+        ctx.save_for_backward(log_q, p)
+        ctx.temperature = temperature
+        ctx.dtype = student.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl: torch.Tensor):
+        log_q, p = ctx.saved_tensors
+        grad = (log_q.exp() - p) * (grad_kl.unsqueeze(-1) / ctx.temperature)
+        return grad.to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = 1.0, group: Any = None) -> torch.Tensor:
+    """``[..., v/tp]`` student and teacher logit shards → ``[...]`` KL(teacher || student) per token.
+
+    ``group`` is the tensor-parallel group (None: the logits hold the whole vocabulary).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise PruneError(f"teacher logits {tuple(teacher_logits.shape)} do not match the student's "
+                         f"{tuple(student_logits.shape)}")
+    if temperature <= 0:
+        raise PruneError(f"--kd-temperature {temperature}: must be > 0")
+    return _VocabParallelKL.apply(student_logits, teacher_logits.detach(), float(temperature), group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron checkpoints (stock layouts: torch `mp_rank_TT[_PPP]/model_optim_rng.pt`, torch_dist)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One iteration folder of a Megatron checkpoint directory."""
+
+    root: Path
+    folder: Path  # iter_XXXXXXX or release
+    torch_dist: bool
+
+
+def find_checkpoint(root: str | os.PathLike, flag: str) -> CheckpointRef:
+    """Resolve ``latest_checkpointed_iteration.txt`` of ``root``; clear error naming ``flag``."""
+    root = Path(root)
+    tracker = root / "latest_checkpointed_iteration.txt"
+    if not tracker.is_file():
+        raise PruneError(f"{flag} {root}: not a Megatron checkpoint folder "
+                         "(no latest_checkpointed_iteration.txt)")
+    text = tracker.read_text().strip()
+    name = "release" if text == "release" else f"iter_{int(text):07d}"
+    folder = root / name
+    if not folder.is_dir():
+        raise PruneError(f"{flag} {root}: tracker names {name}, which does not exist")
+    torch_dist = (folder / "common.pt").is_file() or (folder / "metadata.json").is_file()
+    return CheckpointRef(root, folder, torch_dist)
+
+
+def _rank_file(ref: CheckpointRef, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
+    sub = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp_size > 1 else "")
+    return ref.folder / sub / "model_optim_rng.pt"
+
+
+def checkpoint_args(ref: CheckpointRef) -> Any:
+    """The megatron ``args`` Namespace stored in a checkpoint (rank 0's copy)."""
+    if ref.torch_dist:
+        state = torch.load(ref.folder / "common.pt", map_location="cpu", weights_only=False)
+    else:
+        files = sorted(ref.folder.glob("mp_rank_00*/model_optim_rng.pt"))
+        if not files:
+            raise PruneError(f"checkpoint {ref.folder}: no mp_rank_00*/model_optim_rng.pt")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)
+    if "args" not in state:
+        raise PruneError(f"checkpoint {ref.folder}: no 'args' saved; cannot check its shape")
+    return state["args"]
+
+
+# Shape fields a teacher takes from its own checkpoint (everything else: the student's flags).
+TEACHER_SHAPE_FIELDS: tuple[str, ...] = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "group_query_attention", "kv_channels", "normalization", "norm_epsilon", "swiglu",
+    "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights", "rotary_base",
+    "rotary_percent", "position_embedding_type", "max_position_embeddings", "padded_vocab_size",
+    "apply_layernorm_1p",
+)
+
+
+def check_teacher(teacher_args: Any, student_args: Any, flag: str = "--kd-teacher-load") -> None:
+    """Teacher and student must share TP size and padded vocabulary (logits are compared per shard)."""
+    t_tp = getattr(teacher_args, "tensor_model_parallel_size", 1)
+    if t_tp != student_args.tensor_model_parallel_size:
+        raise PruneError(f"{flag}: teacher was saved at TP={t_tp}, the student runs at "
+                         f"TP={student_args.tensor_model_parallel_size}; convert the teacher to the same TP")
+    t_vocab = getattr(teacher_args, "padded_vocab_size", None)
+    if t_vocab != student_args.padded_vocab_size:
+        raise PruneError(f"{flag}: teacher padded vocab {t_vocab} != student padded vocab "
+                         f"{student_args.padded_vocab_size}; distillation needs the same vocabulary")
+    if student_args.pipeline_model_parallel_size != 1:
+        raise PruneError(f"{flag}: distillation supports PP=1 only "
+                         f"(got --pipeline-model-parallel-size {student_args.pipeline_model_parallel_size})")
+
+
+def load_model_weights(model: torch.nn.Module, ref: CheckpointRef, tp_rank: int, pp_rank: int = 0,
+                       pp_size: int = 1) -> None:
+    """Load this rank's model weights (no optimizer, no RNG) from a stock Megatron checkpoint."""
+    if ref.torch_dist:
+        from megatron.core import dist_checkpointing
+
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ref.folder))
+        state = loaded["model"]
+    else:
+        path = _rank_file(ref, tp_rank, pp_rank, pp_size)
+        if not path.is_file():
+            raise PruneError(f"checkpoint {ref.root}: missing {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise PruneError(f"checkpoint {ref.root}: weights do not fit the model "
+                         f"(missing {missing[:5]}, unexpected {list(unexpected)[:5]})")

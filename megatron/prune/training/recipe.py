@@ -1,0 +1,299 @@
+"""Recovery training recipe for the stock ``megatron.training.pretrain`` (megatron-core 0.19.2).
+
+One linear script: parse Megatron's own flags (+ ours), check the inputs, hand the stock loop a
+LLaMA-family ``GPTModel`` provider, a ``GPTDataset`` provider and a forward step whose loss is the LM
+loss or, with ``--kd-teacher-load``, ``(1 - alpha) * LM + alpha * T^2 * KL(teacher || student)``.
+On a machine without CUDA it applies ``megatron.prune.cpu`` shims and the CPU flags first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+from typing import Any, Sequence
+
+import torch
+
+from ..cpu import CPU_FLAGS, apply_cpu_shims, skip_compile_helpers
+from ..data import validate_dataset_prefix
+from ..shape import PruneError
+from . import kd
+
+_TEACHER: torch.nn.Module | None = None
+
+# Shape flags a checkpoint must agree with (checked before training; name -> megatron arg).
+SHAPE_ARGS: tuple[str, ...] = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "swiglu", "normalization", "untie_embeddings_and_output_weights",
+    "position_embedding_type", "padded_vocab_size",
+)
+
+
+def add_recovery_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Our flags on top of Megatron's (passed to ``parse_args`` as ``extra_args_provider``)."""
+    g = parser.add_argument_group("megatron-prune recovery")
+    g.add_argument("--kd-teacher-load", default=None,
+                   help="Megatron checkpoint of the teacher (the unpruned model, same TP and vocab)")
+    g.add_argument("--kd-alpha", type=float, default=0.5,
+                   help="weight of the KD loss; total = (1-alpha)*LM + alpha*T^2*KL (default 0.5)")
+    g.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T (default 1)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks (before any training)
+# ---------------------------------------------------------------------------------------------
+def data_prefixes(args: Any) -> list[str]:
+    """Every dataset prefix named by --data-path (weights skipped) and the per-split paths."""
+    names: list[str] = []
+    for flag in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+        for item in getattr(args, flag, None) or []:
+            try:
+                float(item)
+            except ValueError:
+                names.append(item)
+    return names
+
+
+def check_checkpoint_shape(ckpt_args: Any, args: Any, flag: str) -> None:
+    """Clear error when a checkpoint's model shape disagrees with the flags."""
+    diffs = [
+        f"{name}: checkpoint {getattr(ckpt_args, name)!r} vs flags {getattr(args, name)!r}"
+        for name in SHAPE_ARGS
+        if hasattr(ckpt_args, name) and getattr(ckpt_args, name) != getattr(args, name)
+    ]
+    if diffs:
+        raise PruneError(f"{flag} {args.load}: checkpoint args disagree with the flags ("
+                         + "; ".join(diffs) + "). Pass --use-checkpoint-args or fix the flags.")
+
+
+def adopt_checkpoint_args(ckpt_args: Any, args: Any) -> None:
+    """With --use-checkpoint-args also take what the stock loader leaves out (eps, padded vocab)."""
+    for name in ("norm_epsilon", "rotary_base"):
+        if hasattr(ckpt_args, name):
+            setattr(args, name, getattr(ckpt_args, name))
+    padded = getattr(ckpt_args, "padded_vocab_size", None)
+    if padded is not None and padded != args.padded_vocab_size:
+        from megatron.training import get_tokenizer
+
+        if padded < get_tokenizer().vocab_size:
+            raise PruneError(f"--load {args.load}: checkpoint vocab {padded} is smaller than the "
+                             f"tokenizer's {get_tokenizer().vocab_size}")
+        args.padded_vocab_size = padded
+
+
+def validate_inputs(args: Any) -> None:
+    """Everything that can be wrong with the user's inputs, checked before the loop starts."""
+    prefixes = data_prefixes(args)
+    if not prefixes and not getattr(args, "mock_data", False):
+        raise PruneError("no training data: pass --data-path PREFIX (from `megatron-prune data`)")
+    for prefix in prefixes:
+        validate_dataset_prefix(prefix)
+    if args.load and os.path.isfile(os.path.join(args.load, "latest_checkpointed_iteration.txt")):
+        ckpt_args = kd.checkpoint_args(kd.find_checkpoint(args.load, "--load"))
+        if args.use_checkpoint_args:
+            adopt_checkpoint_args(ckpt_args, args)
+        check_checkpoint_shape(ckpt_args, args, "--load")
+    elif args.load and args.finetune:
+        raise PruneError(f"--load {args.load}: --finetune needs a Megatron checkpoint folder "
+                         "(no latest_checkpointed_iteration.txt)")
+    if args.kd_teacher_load:
+        if not 0.0 <= args.kd_alpha <= 1.0:
+            raise PruneError(f"--kd-alpha {args.kd_alpha}: must be in [0, 1]")
+        if args.kd_temperature <= 0:
+            raise PruneError(f"--kd-temperature {args.kd_temperature}: must be > 0")
+        ref = kd.find_checkpoint(args.kd_teacher_load, "--kd-teacher-load")
+        kd.check_teacher(kd.checkpoint_args(ref), args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+def _layer_spec(args: Any, config: Any):
+    """Transformer Engine spec when TE is importable and selected; megatron-core's local spec else."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if args.transformer_impl == "transformer_engine":
+        try:
+            import transformer_engine  # noqa: F401
+
+            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
+        except ImportError:
+            pass
+    return get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
+
+
+def build_gpt(args: Any, pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+              config: Any = None, pg_collection: Any = None):
+    """A LLaMA-family ``GPTModel`` (RMSNorm, SwiGLU, RoPE, GQA: all from Megatron flags)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    config = config or core_transformer_config_from_args(args)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=_layer_spec(args, config),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        rope_scaling=args.use_rope_scaling,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )
+
+
+def build_teacher(args: Any) -> torch.nn.Module:
+    """The frozen teacher: its shape from its checkpoint, everything else from the student's flags."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.module import Float16Module
+
+    ref = kd.find_checkpoint(args.kd_teacher_load, "--kd-teacher-load")
+    t_args = argparse.Namespace(**vars(args))
+    ckpt_args = kd.checkpoint_args(ref)
+    for name in kd.TEACHER_SHAPE_FIELDS:
+        if hasattr(ckpt_args, name):
+            setattr(t_args, name, getattr(ckpt_args, name))
+    teacher = build_gpt(t_args)
+    kd.load_model_weights(teacher, ref, parallel_state.get_tensor_model_parallel_rank())
+    teacher.cuda(torch.cuda.current_device())
+    if args.fp16 or args.bf16:
+        teacher = Float16Module(teacher.config, teacher)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+                   config: Any = None, pg_collection: Any = None):
+    """Stock-loop model provider: the student; builds the (frozen, separate) teacher once on the side."""
+    global _TEACHER
+    from megatron.training import get_args, print_rank_0
+
+    args = get_args()
+    print_rank_0(f"building LLaMA-family GPTModel ({args.transformer_impl} spec) ...")
+    model = build_gpt(args, pre_process, post_process, vp_stage, config, pg_collection)
+    if args.kd_teacher_load and _TEACHER is None:
+        _TEACHER = build_teacher(args)
+        print_rank_0(f"loaded KD teacher from {args.kd_teacher_load}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def train_valid_test_datasets_provider(train_val_test_num_samples: Sequence[int]):
+    """GPTDataset splits (blends and per-split paths as in Megatron's --data-path flags)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.training import get_args, get_tokenizer
+    from megatron.training.utils.common_utils import get_blend_and_blend_per_split
+
+    args = get_args()
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=False,  # causal masking inside attention
+        mmap_bin_files=args.mmap_bin_files,
+    )
+    cls = MockGPTDataset if getattr(args, "mock_data", False) else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, train_val_test_num_samples, lambda: True, config).build()
+
+
+# Every rank reads its own batches (TP ranks of one DP rank read the same ones): no broadcast.
+train_valid_test_datasets_provider.is_distributed = True  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward step and loss
+# ---------------------------------------------------------------------------------------------
+def loss_func(loss_mask: torch.Tensor, alpha: float, temperature: float, output: torch.Tensor):
+    """``output``: ``[b, s]`` LM losses, or ``[2, b, s]`` LM and KD losses. Token-summed loss."""
+    mask = loss_mask.reshape(-1).float()
+    n_tokens = mask.sum()
+    lm = output[0] if output.dim() == 3 else output
+    lm_sum = (lm.reshape(-1).float() * mask).sum()
+    report = {"lm loss": torch.stack([lm_sum.detach().clone(), n_tokens.detach().clone()])}
+    loss = lm_sum
+    if output.dim() == 3:
+        kd_sum = (output[1].reshape(-1).float() * mask).sum()
+        loss = (1.0 - alpha) * lm_sum + alpha * temperature**2 * kd_sum
+        report["kd loss"] = torch.stack([kd_sum.detach().clone(), n_tokens.detach().clone()])
+    return loss, n_tokens.int(), report
+
+
+def get_batch(data_iterator) -> dict[str, torch.Tensor]:
+    """Next ``GPTDataset`` batch on this rank's device."""
+    batch = next(data_iterator)
+    return {k: v.cuda(non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def forward_step(data_iterator, model):
+    """LM loss per token, plus the vocab-parallel KL to the teacher when distilling."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from megatron.training import get_args
+
+    args = get_args()
+    b = get_batch(data_iterator)
+    mask = b["loss_mask"]
+    done = partial(loss_func, mask, args.kd_alpha, args.kd_temperature)
+    if _TEACHER is None:
+        return model(b["tokens"], b["position_ids"], None, labels=b["labels"]), done
+    logits = model(b["tokens"], b["position_ids"], None)  # [b, s, v/tp]
+    with torch.no_grad():
+        t_logits = _TEACHER(b["tokens"], b["position_ids"], None)
+    if not parallel_state.is_pipeline_last_stage():
+        return logits, done
+    lm = vocab_parallel_cross_entropy(logits.float(), b["labels"])  # [b, s]
+    kl = kd.vocab_parallel_kl(logits, t_logits, args.kd_temperature,
+                              parallel_state.get_tensor_model_parallel_group())
+    return torch.stack([lm, kl]), done
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """``pretrain_llama.py``: parse flags, check inputs, run the stock loop."""
+    from megatron.core.enums import ModelType
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+    from megatron.training.training import pretrain
+
+    skip_compile_helpers()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if apply_cpu_shims():
+        argv = [*CPU_FLAGS, *argv]  # later user flags still win
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        args = parse_and_validate_args(add_recovery_args)
+        validate_inputs(args)
+    except PruneError as e:
+        print(f"pretrain_llama.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    cfg = pretrain_cfg_container_from_args(args)
+    pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step,
+             model_provider=model_provider)
+    return 0
