@@ -34,8 +34,14 @@ def _hf_adapter() -> FormatAdapter:
                          hf.check_hf_target, write)
 
 
+def _megatron_adapter() -> FormatAdapter:
+    from .megatron_ckpt import format_adapter
+
+    return format_adapter()
+
+
 # name -> factory; factories import lazily so the CLI starts fast.
-ADAPTERS: dict[str, Callable[[], FormatAdapter]] = {"hf": _hf_adapter}
+ADAPTERS: dict[str, Callable[[], FormatAdapter]] = {"hf": _hf_adapter, "megatron": _megatron_adapter}
 
 
 def detect_format(path: Path) -> FormatAdapter:

@@ -65,8 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how kept units are chosen: random (seeded, the seed project's method) or magnitude "
                         "(L2 norm of each unit's weights). Default: %(default)s")
     s.add_argument("--seed", type=int, default=1234, help="seed for --method random (default %(default)s)")
-    s.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel size the selection must respect (default %(default)s)")
+    s.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel size the selection must respect (default: the Megatron input's TP, else 1); "
+                        "with --prune-type unbalance and Megatron input, the output TP")
     s.add_argument("--prune-type", choices=["balance", "unbalance"], default="balance",
                    help="balance: keep the same number of heads/groups/FFN channels inside each of the --tp "
                         "slices, so each TP shard can be pruned on its own; unbalance: select globally")
@@ -94,7 +95,7 @@ def build_plan(args: argparse.Namespace, src, adapter) -> PrunePlan:
     target, drop = resolve_target(src.shape, req)
     adapter.check_target(target)
     scores = SCORERS[args.method](src, vars(args))
-    return make_plan(src.shape, target, scores, drop, tp=args.tp, balance=args.prune_type == "balance",
+    return make_plan(src.shape, target, scores, drop, tp=args.tp or getattr(src, "tp", 1), balance=args.prune_type == "balance",
                      info={"seed": args.seed} if args.method == "random" else {})
 
 
