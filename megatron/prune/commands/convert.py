@@ -1,0 +1,46 @@
+"""Convert between HF safetensors and Megatron-LM (megatron-core GPTModel, torch format) checkpoints.
+
+hf-to-megatron pads the vocabulary to a multiple of --make-vocab-size-divisible-by x TP and writes the
+`args` that `--use-checkpoint-args` reads; megatron-to-hf gathers TP/PP shards and removes the padding.
+The HF config and tokenizer travel in the Megatron checkpoint's hf_meta/ folder.
+
+Examples:
+  megatron-prune convert hf-to-megatron --input llama-hf --output llama-mg --tp 2 --pp 1
+  megatron-prune convert megatron-to-hf --input llama-mg --output llama-hf2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "convert HF <-> Megatron checkpoints (hf-to-megatron with --tp/--pp, megatron-to-hf)"
+DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("direction", choices=DIRECTIONS, help="which way to convert")
+    p.add_argument("--input", required=True, type=Path, help="source checkpoint folder")
+    p.add_argument("--output", required=True, type=Path, help="new folder for the converted checkpoint")
+    p.add_argument("--tp", type=int, default=1, help="hf-to-megatron: tensor-parallel size (default %(default)s)")
+    p.add_argument("--pp", type=int, default=1, help="hf-to-megatron: pipeline-parallel size (default %(default)s)")
+    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
+                   help="hf-to-megatron: layer spec whose parameter names to write (default %(default)s; "
+                        "match the --transformer-impl you train with)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="hf-to-megatron: vocab padding unit before the TP factor (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..megatron_ckpt import hf_to_megatron, megatron_to_hf
+
+    if args.direction == "hf-to-megatron":
+        hf_to_megatron(args.input, args.output, args.tp, args.pp, args.transformer_impl,
+                       args.make_vocab_size_divisible_by, args.overwrite, not args.no_progress)
+        print(f"wrote Megatron checkpoint {args.output} (TP={args.tp}, PP={args.pp}, {args.transformer_impl} spec)")
+    else:
+        megatron_to_hf(args.input, args.output, args.overwrite, not args.no_progress)
+        print(f"wrote HF checkpoint {args.output}")
+    return 0

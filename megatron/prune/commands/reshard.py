@@ -1,0 +1,34 @@
+"""Change the tensor/pipeline-parallel split (or the layer spec) of a Megatron checkpoint; weights unchanged.
+
+Examples:
+  megatron-prune reshard --input llama-mg-tp2 --output llama-mg-tp4 --tp 4
+  megatron-prune reshard --input llama-mg --output llama-mg-te --transformer-impl transformer_engine
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "change a Megatron checkpoint's TP/PP size (or layer spec)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, type=Path, help="Megatron checkpoint folder")
+    p.add_argument("--output", required=True, type=Path, help="new folder for the resharded checkpoint")
+    p.add_argument("--tp", type=int, help="new tensor-parallel size (default: keep)")
+    p.add_argument("--pp", type=int, help="new pipeline-parallel size (default: keep)")
+    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
+                   help="layer spec whose parameter names to write (default: keep)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..megatron_ckpt import MegatronCheckpoint, reshard
+
+    reshard(args.input, args.output, args.tp, args.pp, args.transformer_impl, overwrite=args.overwrite,
+            progress=not args.no_progress)
+    out = MegatronCheckpoint.open(args.output)
+    print(f"wrote {args.output} (TP={out.tp}, PP={out.pp}, {out.spec} spec)")
+    return 0
