@@ -1,0 +1,47 @@
+"""Measure perplexity of an HF checkpoint on non-overlapping windows of text.
+
+Without --text the built-in held-out text is used (Python's own documentation, `pydoc_data.topics`, the part
+never used for calibration). The last line printed is `perplexity: X`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..evaluate import load_hf, perplexity, tokenize
+from ..text import builtin_text, read_texts
+
+HELP = "perplexity of an HF checkpoint on held-out text"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="HF checkpoint folder")
+    p.add_argument("--text", type=Path, nargs="+", help=".txt or .jsonl ('text' field) files; default: built-in held-out text")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="use at most this many tokens (default %(default)s; 0 = all)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="also print the result as one JSON line before the last line")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    model, tok = load_hf(args.model, DTYPES[args.dtype], args.device)
+    text = read_texts(args.text) if args.text else builtin_text("eval")
+    ids = tokenize(tok, text, args.max_tokens or None)
+    result = perplexity(model, ids, args.seq_len, args.batch_size, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "perplexity": result.perplexity, "nll": result.nll,
+                          "tokens": result.tokens, "windows": result.windows, "seconds": round(time.time() - t0, 2)}))
+    else:
+        print(f"{result.tokens} tokens in {result.windows} windows of {args.seq_len}, nll {result.nll:.4f}")
+    print(f"perplexity: {result.perplexity:.4f}")
+    return 0

@@ -1,0 +1,126 @@
+"""Every bad input is refused before anything is written: exit 2, a message naming the value, input untouched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import tree_hash
+from megatron.prune.cli import main
+
+CASES = {
+    "larger than source": (["--ffn-hidden-size", "100"], "--ffn-hidden-size 100", "1..64"),
+    "heads not multiple of groups": (["--num-attention-heads", "6"], "not a multiple of the 4", "[4, 8]"),
+    "too many heads per group": (["--num-query-groups", "2", "--num-attention-heads", "6"], "heads per group",
+                                 "multiples of 2 up to 4"),
+    "balance not divisible by tp": (["--tp", "2", "--ffn-hidden-size", "33"], "not divisible by --tp 2", "[32, 34]"),
+    "drop layer out of range": (["--drop-layers", "1,9"], "--drop-layers 9", "0..3"),
+    "drop layer repeated": (["--drop-layers", "1,1"], "repeats layer(s) 1", ""),
+    "drop every layer": (["--drop-layers", "0,1,2,3"], "all 4 layers", ""),
+    "hf hidden not multiple of heads": (["--hidden-size", "44"], "--hidden-size 44", "[40, 48]"),
+    "zero layers": (["--num-layers", "0"], "--num-layers 0", "1..4"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_target_refused(tiny_hf, tmp_path, capsys, case):
+    flags, must_say, valid = CASES[case]
+    src = tiny_hf("llama-gqa")
+    before = tree_hash(src)
+    rc = main(["prune", "--input", str(src), "--output", str(tmp_path / "out"), "--no-progress", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert must_say in err and valid in err, err
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary leftovers either
+    assert tree_hash(src) == before
+
+
+def _broken(src: Path, dst: Path, how: str) -> Path:
+    shutil.copytree(src, dst)
+    if how == "no config":
+        (dst / "config.json").unlink()
+    elif how == "no weights":
+        (dst / "model.safetensors").unlink()
+    elif how == "truncated":
+        data = (dst / "model.safetensors").read_bytes()
+        (dst / "model.safetensors").write_bytes(data[: len(data) - 100])
+    elif how == "garbage":
+        (dst / "model.safetensors").write_bytes(b"\x00" * 7)
+    elif how == "unsupported architecture":
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["architectures"] = ["GPT2LMHeadModel"]
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("how,must_say", [
+    ("no config", "expected config.json (HF)"),
+    ("no weights", "no model.safetensors"),
+    ("truncated", "truncated or corrupt"),
+    ("garbage", "not a readable safetensors"),
+    ("unsupported architecture", "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+])
+def test_bad_checkpoint_refused(tiny_hf, tmp_path, capsys, how, must_say):
+    src = _broken(tiny_hf("llama-gqa"), tmp_path / "src", how)
+    before = tree_hash(src)
+    rc = main(["prune", "--input", str(src), "--output", str(tmp_path / "out"), "--num-layers", "2", "--no-progress"])
+    assert rc == 2
+    assert must_say in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert tree_hash(src) == before
+
+
+def test_bad_output_paths_refused(tiny_hf, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_hf("llama-gqa"), src)
+    before = tree_hash(src)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    for out, must_say in [(src, "is the input folder"), (src / "sub", "inside the input folder"),
+                          (tmp_path, "contains the input folder"), (busy, "not empty; pass --overwrite")]:
+        rc = main(["prune", "--input", str(src), "--output", str(out), "--num-layers", "2", "--no-progress"])
+        assert rc == 2
+        assert must_say in capsys.readouterr().err
+    assert tree_hash(src) == before
+    assert (busy / "keep.txt").read_text() == "mine"
+    assert main(["prune", "--input", str(src), "--output", str(busy), "--num-layers", "2", "--no-progress",
+                 "--overwrite"]) == 0
+    assert not (busy / "keep.txt").exists() and (busy / "model.safetensors").is_file()
+
+
+def test_failure_mid_write_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
+    """An error after some shards were written removes the temporary folder; the output never appears."""
+    import megatron.prune.hf as hf
+
+    calls = []
+    real = hf.save_file
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C looks like mid-run
+        return real(*a, **kw)
+
+    monkeypatch.setattr(hf, "save_file", failing)
+    src = tiny_hf("llama-gqa")
+    before = tree_hash(src)
+    with pytest.raises(KeyboardInterrupt):
+        main(["prune", "--input", str(src), "--output", str(tmp_path / "out"), "--num-layers", "2",
+              "--max-shard-size", "10KB", "--no-progress"])
+    assert len(calls) == 2
+    assert list(tmp_path.iterdir()) == []
+    assert tree_hash(src) == before
+
+
+def test_plan_for_another_model_refused(tiny_hf, tmp_path, capsys):
+    assert main(["prune", "--input", str(tiny_hf("mistral")), "--output", str(tmp_path / "a"), "--num-layers", "2",
+                 "--no-progress"]) == 0
+    rc = main(["prune", "--input", str(tiny_hf("llama-gqa")), "--output", str(tmp_path / "b"), "--plan",
+               str(tmp_path / "a" / "prune_plan.json"), "--no-progress"])
+    assert rc == 2 and "was made for" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
