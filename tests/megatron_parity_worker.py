@@ -1,0 +1,86 @@
+"""torchrun worker: build megatron-core GPTModel (local spec) from each checkpoint's args, load its shard
+strictly, and compare its logits with transformers' for the matching HF checkpoint.
+
+Usage: torchrun --nproc_per_node=2 tests/megatron_parity_worker.py JOBS.json RESULTS.json
+JOBS.json: [{"name", "mg", "hf", "tp"}]; jobs run grouped by TP so each process group starts once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def build_gpt(a):
+    """A GPTModel from a Megatron-LM args Namespace: exactly what --use-checkpoint-args would build."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    cfg = TransformerConfig(
+        num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
+        num_query_groups=a.num_query_groups if a.group_query_attention else None, kv_channels=a.kv_channels,
+        ffn_hidden_size=a.ffn_hidden_size, normalization=a.normalization, gated_linear_unit=a.swiglu,
+        activation_func=F.silu, add_bias_linear=a.add_bias_linear, add_qkv_bias=a.add_qkv_bias,
+        layernorm_epsilon=a.norm_epsilon, hidden_dropout=a.hidden_dropout, attention_dropout=a.attention_dropout,
+        tensor_model_parallel_size=a.tensor_model_parallel_size, pipeline_model_parallel_size=1,
+        params_dtype=torch.float32, use_cpu_initialization=True, apply_rope_fusion=False,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, gradient_accumulation_fusion=False,
+    )
+    return GPTModel(
+        config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization=a.normalization),
+        vocab_size=a.padded_vocab_size, max_sequence_length=a.max_position_embeddings,
+        position_embedding_type=a.position_embedding_type, rotary_base=int(a.rotary_base),
+        rotary_percent=a.rotary_percent, share_embeddings_and_output_weights=not a.untie_embeddings_and_output_weights,
+        parallel_output=False,
+    ).eval()
+
+
+def main(jobs_path: str, out_path: str) -> None:
+    from megatron.core import parallel_state
+
+    from megatron.prune.cpu import init_parallel
+    from megatron.prune.megatron_ckpt import MegatronCheckpoint, load_shard
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import logits, sample_ids
+
+    jobs = sorted(json.loads(Path(jobs_path).read_text()), key=lambda j: j["tp"])
+    results = {}
+    for job in jobs:
+        init_parallel(job["tp"], 1)
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        ckpt = MegatronCheckpoint.open(job["mg"])
+        assert ckpt.tp == job["tp"], (ckpt.tp, job["tp"])
+        model = build_gpt(ckpt.args)
+        sd = load_shard(ckpt.files[(rank, 0)])["model"]
+        model.load_state_dict(sd, strict=True)  # raises on any missing or unexpected key
+        ids = sample_ids(ckpt.shape.vocab_size)
+        b, s = ids.shape
+        pos = torch.arange(s)[None].expand(b, s)
+        mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]
+        with torch.no_grad():
+            mg = model(ids, pos, mask)[..., : ckpt.shape.vocab_size]
+        ref = logits(job["hf"], ids)
+        results[job["name"]] = {
+            "rank": torch.distributed.get_rank(), "tp": job["tp"], "max_abs_diff": float((mg - ref).abs().max()),
+            "ref_scale": float(ref.abs().max()), "shape": list(mg.shape), "strict_load": True,
+        }
+        try:
+            torch.testing.assert_close(mg, ref, rtol=1e-4, atol=1e-4)
+            results[job["name"]]["close"] = True
+        except AssertionError as e:  # reported, not raised: the other ranks must still reach the gather
+            results[job["name"]].update(close=False, error=str(e)[:500])
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, results)
+    if torch.distributed.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(gathered, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,296 @@
+"""Megatron checkpoints: fusions, HF<->Megatron round trips, reshard, balanced/unbalanced pruning, bad input."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tree_hash
+
+from megatron.prune import megatron_ckpt as mc
+from megatron.prune.cli import main as cli_main
+from megatron.prune.hf import HFCheckpoint, expected_roles, prune_hf
+from megatron.prune.plan import PrunePlan
+from megatron.prune.selectors import magnitude_scores, make_plan, random_scores
+from megatron.prune.shape import PruneError
+from megatron.prune.slicing import ROLE_AXES
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Per-tensor torch.equal over identical key sets; refuses to compare an object with itself."""
+    assert a is not b, "comparing a state dict with itself proves nothing"
+    assert sorted(a) == sorted(b)
+    for k in a:
+        if a[k] is None or b[k] is None:
+            assert a[k] is None and b[k] is None, k
+            continue
+        assert a[k] is not b[k], k
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    ckpt = HFCheckpoint.open(folder)
+    return {f"{r}.{l}": ckpt.get(r, l) for r, l in expected_roles(ckpt.shape)}
+
+
+def mg_shards(folder: Path) -> dict[str, object]:
+    return {f"{k}:{name}": v for k, sd in mc.iter_state_dicts(folder) for name, v in sd["model"].items()}
+
+
+# ---- fusions and the name table ---------------------------------------------------------------
+
+
+def test_fuse_qkv_layout_is_per_group_and_inverts():
+    ng, np_, hn, h = 2, 6, 2, 3
+    q = torch.arange(np_ * hn * h, dtype=torch.float32).reshape(np_ * hn, h)
+    k = -torch.arange(1, ng * hn * h + 1, dtype=torch.float32).reshape(ng * hn, h)
+    v = 1000 + torch.arange(ng * hn * h, dtype=torch.float32).reshape(ng * hn, h)
+    qkv = mc.fuse_qkv(q, k, v, ng)
+    per = (np_ // ng + 2) * hn
+    for g in range(ng):  # group g's rows: its 3 q heads, then k_g, then v_g
+        block = qkv[g * per : (g + 1) * per]
+        qh = np_ // ng * hn
+        assert torch.equal(block[:qh], q[g * qh : (g + 1) * qh])
+        assert torch.equal(block[qh : qh + hn], k[g * hn : (g + 1) * hn])
+        assert torch.equal(block[qh + hn :], v[g * hn : (g + 1) * hn])
+    for a, b in zip(mc.unfuse_qkv(qkv, ng, np_, hn), (q, k, v)):
+        assert torch.equal(a, b)
+    bias = mc.fuse_qkv(q[:, 0], k[:, 0], v[:, 0], ng)
+    assert all(torch.equal(a, b) for a, b in zip(mc.unfuse_qkv(bias, ng, np_, hn), (q[:, 0], k[:, 0], v[:, 0])))
+
+
+def test_fuse_fc1_inverts():
+    gate, up = torch.randn(4, 3), torch.randn(4, 3)
+    g2, u2 = mc.unfuse_fc1(mc.fuse_fc1(gate, up))
+    assert torch.equal(g2, gate) and torch.equal(u2, up)
+
+
+def test_tp_axis_declared_once_and_consistent_with_role_axes():
+    for p in mc.PARAMS:
+        assert {mc.role_tp_axis(r) for r in p.roles} == {p.tp_axis}, p.key
+    assert set(mc.PARAM_OF_ROLE) == set(ROLE_AXES)
+
+
+def test_fc1_shard_is_gate_shard_then_up_shard(tiny_hf, tmp_path):
+    hf = tiny_hf("llama-gqa")
+    mg = mc.hf_to_megatron(hf, tmp_path / "mg", tp=2, progress=False)
+    src = HFCheckpoint.open(hf)
+    gate, up = src.get("gate", 1), src.get("up", 1)
+    f = gate.shape[0] // 2
+    for r, sd in mc.iter_state_dicts(mg):
+        fc1 = sd["model"]["decoder.layers.1.mlp.linear_fc1.weight"]
+        rank = r[0]
+        assert torch.equal(fc1, torch.cat([gate[rank * f : (rank + 1) * f], up[rank * f : (rank + 1) * f]]))
+
+
+# ---- round trips ------------------------------------------------------------------------------
+
+ROUND_TRIPS = [("llama-gqa", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
+              [("qwen2-bias", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
+              [("llama-tied", tp, pp) for tp in (1, 2) for pp in (1, 2)]
+
+
+@pytest.mark.parametrize("family,tp,pp", ROUND_TRIPS)
+def test_hf_megatron_hf_round_trip_is_bit_exact(tiny_hf, tmp_path, family, tp, pp):
+    hf = tiny_hf(family)
+    mg = mc.hf_to_megatron(hf, tmp_path / "mg", tp=tp, pp=pp, progress=False)
+    ckpt = mc.MegatronCheckpoint.open(mg)
+    assert (ckpt.tp, ckpt.pp, ckpt.padded_vocab) == (tp, pp, 128 * tp)
+    assert len(ckpt.files) == tp * pp
+    a = ckpt.args
+    src = HFCheckpoint.open(hf)
+    assert (a.num_layers, a.hidden_size, a.num_query_groups, a.kv_channels, a.ffn_hidden_size) == (
+        src.shape.num_layers, src.shape.hidden_size, src.shape.num_query_groups, src.shape.head_dim,
+        src.shape.ffn_hidden_size)
+    assert a.untie_embeddings_and_output_weights == (not src.shape.tied_embeddings)
+    assert a.add_qkv_bias == (family == "qwen2-bias")
+    assert a.norm_epsilon == src.config["rms_norm_eps"] and a.normalization == "RMSNorm" and a.swiglu
+    back = mc.megatron_to_hf(mg, tmp_path / "hf", progress=False)
+    assert_same_tensors(hf_tensors(hf), hf_tensors(back))
+    assert HFCheckpoint.open(back).config["architectures"] == src.config["architectures"]
+
+
+def test_megatron_source_gives_the_same_logical_tensors(tiny_hf, tmp_path):
+    hf = tiny_hf("qwen2-bias")
+    mg = mc.MegatronCheckpoint.open(mc.hf_to_megatron(hf, tmp_path / "mg", tp=2, pp=2, progress=False))
+    src = HFCheckpoint.open(hf)
+    for role, layer in expected_roles(src.shape):
+        assert torch.equal(mg.get(role, layer), src.get(role, layer)), (role, layer)
+    # scores computed from either source are identical, so plans are too
+    a, b = magnitude_scores(mg), magnitude_scores(src)
+    for name in ("hidden", "heads", "ffn", "groups"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_reshard_chain_is_bit_exact(tiny_hf, tmp_path):
+    hf = tiny_hf("llama-gqa")
+    start = mc.hf_to_megatron(hf, tmp_path / "tp2", tp=2, progress=False)
+    x = mc.reshard(start, tmp_path / "tp1", tp=1, progress=False)
+    x = mc.reshard(x, tmp_path / "tp4pp2", tp=4, pp=2, progress=False)
+    assert len(mc.MegatronCheckpoint.open(x).files) == 8
+    x = mc.reshard(x, tmp_path / "te", spec="transformer_engine", progress=False)
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in next(mc.iter_state_dicts(x))[1]["model"]
+    x = mc.reshard(x, tmp_path / "end", tp=2, pp=1, spec="local", progress=False)
+    assert_same_tensors(mg_shards(start), mg_shards(x))
+
+
+def test_cli_convert_and_reshard(tiny_hf, tmp_path):
+    hf = tiny_hf("llama-tied")
+    assert cli_main(["convert", "hf-to-megatron", "--input", str(hf), "--output", str(tmp_path / "mg"),
+                     "--tp", "2", "--no-progress"]) == 0
+    assert cli_main(["reshard", "--input", str(tmp_path / "mg"), "--output", str(tmp_path / "mg1"), "--tp", "1",
+                     "--no-progress"]) == 0
+    assert cli_main(["convert", "megatron-to-hf", "--input", str(tmp_path / "mg1"), "--output",
+                     str(tmp_path / "hf"), "--no-progress"]) == 0
+    assert_same_tensors(hf_tensors(hf), hf_tensors(tmp_path / "hf"))
+    assert (tmp_path / "mg" / "hf_meta" / "config.json").is_file()
+
+
+# ---- pruning ----------------------------------------------------------------------------------
+
+
+def small_plan(shape, tp: int, balance: bool, seed: int = 3, **target) -> PrunePlan:
+    t = dict(hidden_size=40, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=32, num_layers=3)
+    t.update(target)
+    return make_plan(shape, shape.replace(**t), random_scores(shape, seed), tp=tp, balance=balance)
+
+
+@pytest.mark.parametrize("family,pp,spec", [("llama-gqa", 1, "local"), ("qwen2-bias", 2, "transformer_engine"),
+                                            ("llama-tied", 1, "local")])
+def test_balanced_prune_of_tp2_equals_pruning_hf(tiny_hf, tmp_path, family, pp, spec):
+    hf = tiny_hf(family)
+    src = HFCheckpoint.open(hf)
+    target = {} if family != "llama-tied" else dict(num_attention_heads=6, num_query_groups=2, hidden_size=36)
+    plan = small_plan(src.shape, 2, True, num_layers=2 if pp == 2 else 3, **target)
+    mg = mc.hf_to_megatron(hf, tmp_path / "mg", tp=2, pp=pp, spec=spec, progress=False)
+    before = tree_hash(mg)
+    out = mc.prune(mg, tmp_path / "pruned", plan, progress=False)
+    assert tree_hash(mg) == before
+    ck = mc.MegatronCheckpoint.open(out)
+    assert (ck.tp, ck.pp, ck.spec, ck.shape) == (2, pp, spec, plan.target)
+    assert ck.args.iteration == 0 and PrunePlan.load(out) == plan
+    back = mc.megatron_to_hf(out, tmp_path / "back", progress=False)
+    ref = prune_hf(hf, tmp_path / "ref", plan, progress=False)
+    assert_same_tensors(hf_tensors(ref), hf_tensors(back))
+
+
+def test_unbalanced_prune_changes_tp_and_equals_pruning_hf(tiny_hf, tmp_path):
+    hf = tiny_hf("llama-gqa")
+    src = HFCheckpoint.open(hf)
+    plan = small_plan(src.shape, 1, False, seed=7, ffn_hidden_size=24)
+    mg = mc.hf_to_megatron(hf, tmp_path / "mg", tp=2, progress=False)
+    out = mc.prune(mg, tmp_path / "pruned", plan, prune_type="unbalance", tp=1, progress=False)
+    assert mc.MegatronCheckpoint.open(out).tp == 1
+    ref = prune_hf(hf, tmp_path / "ref", plan, progress=False)
+    assert_same_tensors(hf_tensors(ref), hf_tensors(mc.megatron_to_hf(out, tmp_path / "back", progress=False)))
+
+
+def test_cli_prune_detects_megatron_and_reapplies_plan(tiny_hf, tmp_path, capsys):
+    mg = mc.hf_to_megatron(tiny_hf("llama-gqa"), tmp_path / "mg", tp=2, progress=False)
+    flags = ["--hidden-size", "40", "--num-query-groups", "2", "--ffn-hidden-size", "32", "--drop-layers", "1",
+             "--method", "magnitude", "--no-progress"]
+    assert cli_main(["prune", "--input", str(mg), "--output", str(tmp_path / "a"), *flags]) == 0
+    assert "optimizer state" in capsys.readouterr().out
+    plan = PrunePlan.load(tmp_path / "a")
+    assert plan.info["tp"] == 2 and plan.target.num_layers == 3
+    assert cli_main(["prune", "--input", str(mg), "--output", str(tmp_path / "b"), "--plan",
+                     str(tmp_path / "a" / "prune_plan.json"), "--no-progress"]) == 0
+    assert_same_tensors(mg_shards(tmp_path / "a"), mg_shards(tmp_path / "b"))
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tp2(tiny_hf, tmp_path) -> Path:
+    return mc.hf_to_megatron(tiny_hf("llama-gqa"), tmp_path / "mg", tp=2, progress=False)
+
+
+def refuse(argv: list[str], out: Path, capsys, *needles: str) -> None:
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    for n in needles:
+        assert n in err, err
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def test_refuses_missing_shard(tp2, tmp_path, capsys):
+    shutil.rmtree(tp2 / "iter_0000000" / "mp_rank_01")
+    refuse(["prune", "--input", str(tp2), "--output", str(tmp_path / "o"), "--hidden-size", "40"],
+           tmp_path / "o", capsys, "TP=2", "mp_rank_01")
+
+
+def test_refuses_truncated_shard(tp2, tmp_path, capsys):
+    f = tp2 / "iter_0000000" / "mp_rank_01" / mc.MODEL_FILE
+    f.write_bytes(f.read_bytes()[:-200])
+    refuse(["convert", "megatron-to-hf", "--input", str(tp2), "--output", str(tmp_path / "o")],
+           tmp_path / "o", capsys, "mp_rank_01", "truncated")
+
+
+def test_refuses_shard_count_disagreeing_with_args(tp2, tmp_path, capsys):
+    shutil.copytree(tp2 / "iter_0000000" / "mp_rank_01", tp2 / "iter_0000000" / "mp_rank_02")
+    refuse(["reshard", "--input", str(tp2), "--output", str(tmp_path / "o"), "--tp", "1"],
+           tmp_path / "o", capsys, "args say TP=2", "mp_rank_02")
+
+
+def test_refuses_unknown_state_dict_key(tp2, tmp_path, capsys):
+    f = tp2 / "iter_0000000" / "mp_rank_00" / mc.MODEL_FILE
+    sd = torch.load(f, map_location="cpu", weights_only=False)  # not memory-mapped: we overwrite the file
+    sd["model"] = dict(sd["model"], **{"decoder.layers.0.self_attention.q_layernorm.weight": torch.ones(8)})
+    torch.save(sd, f)
+    refuse(["prune", "--input", str(tp2), "--output", str(tmp_path / "o")], tmp_path / "o", capsys,
+           "decoder.layers.0.self_attention.q_layernorm.weight")
+
+
+def test_refuses_balance_target_not_divisible_by_tp(tp2, tmp_path, capsys):
+    refuse(["prune", "--input", str(tp2), "--output", str(tmp_path / "o"), "--ffn-hidden-size", "31"],
+           tmp_path / "o", capsys, "--ffn-hidden-size 31", "nearest valid: [30, 32]")
+    refuse(["prune", "--input", str(tp2), "--output", str(tmp_path / "o"), "--num-query-groups", "3",
+            "--num-attention-heads", "6"], tmp_path / "o", capsys, "--num-query-groups 3", "[2, 4]")
+
+
+def test_refuses_unbalanced_groups_not_divisible_by_output_tp(tp2, tmp_path, capsys):
+    refuse(["prune", "--input", str(tp2), "--output", str(tmp_path / "o"), "--num-query-groups", "3",
+            "--num-attention-heads", "6", "--prune-type", "unbalance"], tmp_path / "o", capsys,
+           "num_query_groups 3 is not divisible by tensor-parallel size 2", "valid --tp values")
+
+
+def test_refuses_unbalanced_plan_for_balance(tp2, tmp_path):
+    ck = mc.MegatronCheckpoint.open(tp2)
+    plan = None
+    for seed in range(50):  # find a global selection that is not balanced across the two TP slices
+        p = small_plan(ck.shape, 1, False, seed=seed)
+        try:
+            mc.check_balanced(p, 2, ck.padded_vocab)
+        except PruneError:
+            plan = p
+            break
+    assert plan is not None
+    with pytest.raises(PruneError, match="not balanced for TP=2"):
+        mc.prune(tp2, tmp_path / "o", plan, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_refuses_output_equal_to_input(tp2, capsys):
+    before = tree_hash(tp2)
+    assert cli_main(["reshard", "--input", str(tp2), "--output", str(tp2), "--tp", "1"]) == 2
+    assert "is the input folder" in capsys.readouterr().err
+    assert tree_hash(tp2) == before
+
+
+def test_args_carry_use_checkpoint_args_fields(tp2):
+    a = mc.MegatronCheckpoint.open(tp2).args
+    assert isinstance(a, argparse.Namespace)
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads",
+                 "num_query_groups", "group_query_attention", "kv_channels", "max_position_embeddings",
+                 "position_embedding_type", "add_position_embedding", "use_rotary_position_embeddings",
+                 "rotary_base", "rotary_percent", "rotary_interleaved", "add_bias_linear", "add_qkv_bias",
+                 "squared_relu", "swiglu", "untie_embeddings_and_output_weights", "apply_layernorm_1p",
+                 "normalization", "apply_query_key_layer_scaling", "attention_dropout", "hidden_dropout",
+                 "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "make_vocab_size_divisible_by", "norm_epsilon", "ckpt_format"):
+        assert getattr(a, name, None) is not None, name
+    assert a.padded_vocab_size == 256 and a.vocab_size == 96 and a.tensor_model_parallel_size == 2
