@@ -294,3 +294,34 @@ def test_args_carry_use_checkpoint_args_fields(tp2):
                  "make_vocab_size_divisible_by", "norm_epsilon", "ckpt_format"):
         assert getattr(a, name, None) is not None, name
     assert a.padded_vocab_size == 256 and a.vocab_size == 96 and a.tensor_model_parallel_size == 2
+
+
+# ---- seed-compatible scripts --------------------------------------------------------------------
+
+
+def test_scripts_convert_prune_and_transfer(tiny_hf, tmp_path):
+    """scripts/hf_to_megatron.sh -> scripts/prune_llama.sh (prune_llama.py) -> scripts/transfer.sh, as a user runs them."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    hf = tiny_hf("llama-gqa")
+    env = dict(os.environ, PYTHON=sys.executable)
+
+    def sh(script: str, **kw: str) -> None:
+        proc = subprocess.run(["bash", str(repo / "scripts" / script), "--no-progress"] if script != "prune_llama.sh"
+                              else ["bash", str(repo / "scripts" / script), "--no_progress"],
+                              env=dict(env, **kw), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    sh("hf_to_megatron.sh", HF=str(hf), MG=str(tmp_path / "mg"), TP="2")
+    sh("prune_llama.sh", LOAD=str(tmp_path / "mg"), SAVE=str(tmp_path / "small"), HIDDEN="40", HEADS="4",
+       KV_GROUPS="2", FFN="32", DROP="1 2")
+    sh("transfer.sh", LOAD=str(tmp_path / "small"), SAVE=str(tmp_path / "small1"), TP="1")
+    plan = PrunePlan.load(tmp_path / "small")
+    assert [lp.source_layer for lp in plan.layers] == [0, 3] and plan.info["prune_type"] == "balance"
+    assert mc.MegatronCheckpoint.open(tmp_path / "small1").tp == 1
+    ref = mc.prune(mc.hf_to_megatron(hf, tmp_path / "mg2", tp=2, progress=False), tmp_path / "ref", plan,
+                   progress=False)
+    assert_same_tensors(mg_shards(ref), mg_shards(tmp_path / "small"))
