@@ -98,7 +98,7 @@ def test_failure_mid_write_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
     import megatron.prune.hf as hf
 
     calls = []
-    real = hf.save_file
+    real = hf.write_safetensors
 
     def failing(*a, **kw):
         calls.append(1)
@@ -106,7 +106,7 @@ def test_failure_mid_write_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # what Ctrl-C looks like mid-run
         return real(*a, **kw)
 
-    monkeypatch.setattr(hf, "save_file", failing)
+    monkeypatch.setattr(hf, "write_safetensors", failing)
     src = tiny_hf("llama-gqa")
     before = tree_hash(src)
     with pytest.raises(KeyboardInterrupt):

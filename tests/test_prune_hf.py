@@ -245,3 +245,16 @@ def test_mha_head_pruning_follows_groups(tiny_hf, tmp_path):
     assert prune_cli(src, tmp_path / "out", "--num-attention-heads", "2", "--hidden-size", "40") == 0
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["num_attention_heads"] == 2 and cfg["num_key_value_heads"] == 2
+
+
+def test_bf16_checkpoint_streams_exactly(tmp_path):
+    """The streaming safetensors writer keeps dtype and bytes: bf16 in, identical bf16 out."""
+    model = make_tiny_model("llama-gqa").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    assert prune_cli(tmp_path / "src", tmp_path / "same") == 0
+    assert prune_cli(tmp_path / "src", tmp_path / "small", "--ffn-hidden-size", "32") == 0
+    a, b, c = tensors(tmp_path / "src"), tensors(tmp_path / "same"), tensors(tmp_path / "small")
+    assert all(torch.equal(a[k], b[k]) and b[k].dtype == torch.bfloat16 for k in a)
+    plan = PrunePlan.load(tmp_path / "small")
+    kept = list(plan.layers[0].ffn)
+    assert torch.equal(c["model.layers.0.mlp.down_proj.weight"], a["model.layers.0.mlp.down_proj.weight"][:, kept])

@@ -16,7 +16,6 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .io import atomic_output, check_output_path, copy_side_files
@@ -47,6 +46,8 @@ IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # buffers some old exports car
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+_DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8"}
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 
@@ -179,9 +180,6 @@ class HFCheckpoint:
             return hf_name("embed")
         return name
 
-    def itemsize(self, role: str, layer: int | None = None) -> int:
-        return _DTYPE_SIZES[self.dtypes[self._name(role, layer)]]
-
     # TensorSource
     def has(self, role: str, layer: int | None = None) -> bool:
         return hf_name(role, layer) in self.files
@@ -226,28 +224,51 @@ def _shard_groups(sizes: list[int], max_bytes: int) -> list[list[int]]:
     return groups
 
 
+def write_safetensors(path: Path, specs: list[tuple[str, str, tuple[int, ...]]],
+                      tensors: Iterator[torch.Tensor]) -> None:
+    """Write a safetensors file whose header (name, dtype code, shape) is known before the data.
+
+    Tensors are streamed one at a time, so memory holds a single tensor, never a whole shard.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, code, shape in specs:
+        n = _DTYPE_SIZES[code] * math.prod(shape)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (name, code, shape), t in zip(specs, tensors, strict=True):
+            if tuple(t.shape) != tuple(shape) or _DTYPE_CODES.get(t.dtype) != code:
+                raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, header promised {shape} {code}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def write_pruned(ckpt: HFCheckpoint, plan: PrunePlan, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                  progress: bool = True) -> None:
     """Apply ``plan`` to ``ckpt`` and write an HF checkpoint into the (existing, empty) folder ``out``."""
     items = list(_out_tensors(plan))
-    sizes = [ckpt.itemsize(r, l) * math.prod(role_shape(r, plan.target)) for _, r, l, _ in items]
+    specs = [(name, ckpt.dtypes[ckpt._name(r, l)], role_shape(r, plan.target)) for name, r, l, _ in items]
+    sizes = [_DTYPE_SIZES[code] * math.prod(shape) for _, code, shape in specs]
     groups = _shard_groups(sizes, max_shard_bytes)
     names = ([SINGLE_WEIGHTS] if len(groups) == 1
              else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
-    weight_map: dict[str, str] = {}
     bar = tqdm(total=len(items), desc="pruning tensors", unit="tensor", disable=not progress)
-    for fname, group in zip(names, groups):
-        shard: dict[str, torch.Tensor] = {}
+
+    def produce(group: list[int]) -> Iterator[torch.Tensor]:
         for i in group:
-            name, role, src_layer, new_layer = items[i]
+            _, role, src_layer, new_layer = items[i]
             index = model_index(plan) if new_layer is None else layer_index(plan, plan.layers[new_layer])
-            t = ckpt.get(role, src_layer)
-            shard[name] = slice_role(role, t, index, ckpt.shape.head_dim, plan.norm_scale)
-            weight_map[name] = fname
+            yield slice_role(role, ckpt.get(role, src_layer), index, ckpt.shape.head_dim, plan.norm_scale)
             bar.update()
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        del shard
+
+    for fname, group in zip(names, groups):
+        write_safetensors(out / fname, [specs[i] for i in group], produce(group))
     bar.close()
+    weight_map = {items[i][0]: fname for fname, group in zip(names, groups) for i in group}
     if len(groups) > 1:
         total = sum(sizes)
         (out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
