@@ -20,6 +20,7 @@ VERBS: dict[str, str] = {
     "demo": "megatron.prune.commands.demo",
     "data": "megatron.prune.commands.data",
     "vocab": "megatron.prune.commands.vocab",
+    "score": "megatron.prune.commands.score",
     "convert": "megatron.prune.commands.convert",
     "reshard": "megatron.prune.commands.reshard",
 }

@@ -285,4 +285,6 @@ def _progress(desc: str, quiet: bool):
 SCORERS: dict[str, Callable[[TensorSource, dict[str, Any]], Scores]] = {
     "random": lambda src, opt: random_scores(src.shape, int(opt.get("seed", 0))),
     "magnitude": lambda src, opt: magnitude_scores(src, _progress("magnitude", bool(opt.get("no_progress")))),
+    # activations on calibration text + block influence (megatron.prune.importance; imported lazily)
+    "activation": lambda src, opt: __import__("megatron.prune.importance", fromlist=["x"]).activation_scorer(src, opt),
 }

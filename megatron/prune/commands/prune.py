@@ -19,13 +19,17 @@ from pathlib import Path
 from ..formats import detect_format
 from ..io import check_output_path
 from ..plan import PrunePlan
+from .. import importance
 from ..selectors import SCORERS, TargetRequest, make_plan, resolve_target
 from ..shape import PruneError
+from .score import add_calibration_arguments
 
 HELP = "prune a checkpoint to a smaller shape (layers, hidden, heads, KV groups, FFN)"
 
 
-def parse_layer_list(text: str) -> tuple[int, ...]:
+def parse_layer_list(text: str) -> tuple[int, ...] | str:
+    if text.strip() == "auto":
+        return "auto"  # with --num-layers: keep the layers of most block influence (--method activation)
     try:
         return tuple(int(x) for x in text.replace(" ", "").split(",") if x != "")
     except ValueError:
@@ -48,12 +52,13 @@ def add_target_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-query-groups", type=int,
                    help="KV heads (GQA groups); default: keep all (MHA models follow --num-attention-heads)")
     g.add_argument("--ffn-hidden-size", type=int, help="MLP intermediate size")
-    layers = g.add_mutually_exclusive_group()
+    layers = g  # --num-layers and --drop-layers together must agree (resolve_target checks); "auto" needs both
     layers.add_argument("--num-layers", type=int,
                         help="keep this many layers; which ones depends on --method (random/magnitude: the seed "
                              "project's rule, dropped layers spread through the middle, never first or last)")
     layers.add_argument("--drop-layers", type=parse_layer_list, metavar="I,J,...",
-                        help="drop exactly these layers (0-based)")
+                        help="drop exactly these layers (0-based); 'auto' with --num-layers N keeps the N layers "
+                             "of most block influence (1 - cos(layer input, output); --method activation)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,6 +77,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="balance: keep the same number of heads/groups/FFN channels inside each of the --tp "
                         "slices, so each TP shard can be pruned on its own; unbalance: select globally")
     s.add_argument("--plan", type=Path, help="re-apply a saved prune_plan.json instead of selecting")
+    s.add_argument("--gqa", choices=importance.GQA_MODES, default=importance.GQA_MODES[0],
+                   help="when only --num-attention-heads is given on a GQA model: trim-heads keeps every KV group "
+                        "and fewer heads per group; drop-groups drops whole KV groups (default %(default)s, "
+                        "the better by bench/quality.py)")
+    s.add_argument("--norm-rescale", choices=importance.NORM_RESCALES, default="sqrt",
+                   help="when the hidden size shrinks, multiply RMSNorm weights by sqrt(h/h') (sqrt) or leave them "
+                        "(none); recorded in the plan (default %(default)s, measured in bench/quality.py)")
+    a = p.add_argument_group("activation scoring (--method activation)")
+    a.add_argument("--scores", type=Path, help="scores from `megatron-prune score` (the HF model's); without it "
+                                               "the input is scored on --calib or the built-in text")
+    add_calibration_arguments(a)
     o = p.add_argument_group("output")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     o.add_argument("--max-shard-size", type=parse_size, default="5GB",
@@ -90,13 +106,21 @@ def build_plan(args: argparse.Namespace, src, adapter) -> PrunePlan:
             raise PruneError(f"plan {args.plan} was made for {plan.source}, but the input is {src.shape}")
         adapter.check_target(plan.target)
         return plan
-    req = TargetRequest(args.hidden_size, args.num_attention_heads, args.num_query_groups,
-                        args.ffn_hidden_size, args.num_layers, args.drop_layers)
+    auto = args.drop_layers == "auto"
+    if auto and args.num_layers is None:
+        raise PruneError("--drop-layers auto needs --num-layers N (how many layers to keep)")
+    groups = importance.gqa_query_groups(src.shape, args.num_attention_heads, args.num_query_groups, args.gqa)
+    req = TargetRequest(args.hidden_size, args.num_attention_heads, groups,
+                        args.ffn_hidden_size, args.num_layers, None if auto else args.drop_layers)
     target, drop = resolve_target(src.shape, req)
     adapter.check_target(target)
     scores = SCORERS[args.method](src, vars(args))
-    return make_plan(src.shape, target, scores, drop, tp=args.tp or getattr(src, "tp", 1), balance=args.prune_type == "balance",
+    if auto and scores.layers is None:
+        raise PruneError(f"--drop-layers auto needs block-influence scores; --method {args.method} has none "
+                         "(use --method activation)")
+    plan = make_plan(src.shape, target, scores, drop, tp=args.tp or getattr(src, "tp", 1), balance=args.prune_type == "balance",
                      info={"seed": args.seed} if args.method == "random" else {})
+    return importance.norm_rescale(plan, args.norm_rescale)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,74 @@
+"""Score every prunable unit of an HF model by its activations on calibration text (one forward pass).
+
+Collects, per layer: hidden-channel importance (|x| of the RMSNorm outputs feeding attention and MLP),
+query-head and KV-group importance (L2 norm of each head's attention output before o_proj), FFN-channel
+importance (|x| of the input of down_proj) and block influence (1 - cos(layer input, layer output)).
+Tokens and samples are aggregated as Minitron does (mean over the sequence, L2 over samples) unless
+--aggregation says otherwise. The scores file feeds `prune --method activation --scores FILE`, for the HF
+checkpoint and for the Megatron checkpoint of the same model alike.
+
+Examples:
+  megatron-prune score --model smollm2 --output scores.pt                 # built-in calibration text
+  megatron-prune score --model smollm2 --calib a.txt b.jsonl --samples 128 --seq-len 512 --output scores.pt
+  megatron-prune prune --input smollm2 --output small --method activation --scores scores.pt --num-layers 24
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import importance as imp
+from ..shape import PruneError
+
+HELP = "score channels, heads, KV groups, FFN channels and layers by their activations (for --method activation)"
+
+
+def add_calibration_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The flags that choose calibration data and how it is run; shared with ``prune --method activation``."""
+    p.add_argument("--calib", type=Path, nargs="+", metavar="FILE",
+                   help=".txt or .jsonl ('text' field) calibration files; default: the built-in calibration text "
+                        "(Python's documentation, disjoint from the held-out evaluation text)")
+    p.add_argument("--samples", type=int, default=imp.DEFAULT_SAMPLES,
+                   help="calibration windows, spread evenly over the text (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=imp.DEFAULT_SEQ_LEN,
+                   help="tokens per calibration window (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=imp.DEFAULT_BATCH_SIZE,
+                   help="windows per forward pass (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
+    p.add_argument("--dtype", choices=sorted(imp.DTYPES), default="float32",
+                   help="compute dtype of the scoring pass; statistics accumulate in float32 (default %(default)s)")
+    p.add_argument("--aggregation", choices=list(imp.AGGREGATIONS), default=imp.DEFAULT_AGGREGATION,
+                   help="how per-token statistics become one score: mean-l2 = mean over the sequence then L2 over "
+                        "samples (Minitron); mean = over all tokens; rms = L2 over all tokens (default %(default)s)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="HF checkpoint folder (with its tokenizer)")
+    p.add_argument("--output", required=True, type=Path, help="scores file to write (torch .pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing scores file")
+    add_calibration_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise PruneError(f"--output {path} is a folder; give a file name such as {path / 'scores.pt'}")
+    if not path.parent.is_dir():
+        raise PruneError(f"--output {path}: folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise PruneError(f"--output {path} exists; pass --overwrite to replace it")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output(args.output, args.overwrite)
+    result = imp.score_model(args.model, args.calib, args.samples, args.seq_len, args.batch_size, args.device,
+                             args.dtype, args.aggregation, progress=not args.no_progress)
+    imp.save_scores(result, args.output)
+    m = result.meta
+    print(f"scored {m['tokens']} tokens ({m['samples']} x {m['seq_len']}, {m['calib']}) in {m['seconds']:.1f}s, "
+          f"aggregation {m['aggregation']}")
+    for line in imp.summary(result.scores):
+        print("  " + line)
+    print(f"wrote {args.output}")
+    return 0

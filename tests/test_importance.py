@@ -1,0 +1,223 @@
+"""Activation importance and block influence: the hooks see what a hand-written forward computes, unused units
+score lowest and go first, scores are deterministic, and TP-balanced selection keeps top-k inside each slice."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron.prune import importance as imp
+from megatron.prune.selectors import make_plan, resolve_target, TargetRequest
+from megatron.prune.shape import PruneError, shape_from_hf_config
+from tiny import make_tiny_model, sample_ids
+
+
+def shape_of(model):
+    cfg = model.config.to_dict()
+    cfg["architectures"] = model.config.architectures
+    return shape_from_hf_config(cfg)
+
+
+# ---- a hand-written LLaMA forward, independent of transformers ---------------------------------------------
+
+
+def rms_norm(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rope(x, theta):  # x [b, s, n, hn]
+    hn, s = x.shape[-1], x.shape[1]
+    inv = 1.0 / theta ** (torch.arange(0, hn, 2, dtype=torch.float32) / hn)
+    ang = torch.arange(s, dtype=torch.float32)[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos()[None, :, None], torch.cat([ang, ang], -1).sin()[None, :, None]
+    x1, x2 = x[..., : hn // 2], x[..., hn // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def manual_activations(model, ids):
+    """Per layer: the two norm outputs, the attention output before o_proj, the down_proj input, in and out."""
+    c, sd = model.config, {k: v.float() for k, v in model.state_dict().items()}
+    nh, ng, hn, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
+    b, s = ids.shape
+    x = sd["model.embed_tokens.weight"][ids]
+    causal = torch.full((s, s), float("-inf")).triu(1)
+    out = []
+    for i in range(c.num_hidden_layers):
+        w = lambda n: sd[f"model.layers.{i}.{n}.weight"]  # noqa: E731
+        n1 = rms_norm(x, w("input_layernorm"), eps)
+        q = rope((n1 @ w("self_attn.q_proj").T).view(b, s, nh, hn), c.rope_parameters["rope_theta"])
+        k = rope((n1 @ w("self_attn.k_proj").T).view(b, s, ng, hn), c.rope_parameters["rope_theta"])
+        v = (n1 @ w("self_attn.v_proj").T).view(b, s, ng, hn)
+        k, v = (t.repeat_interleave(nh // ng, dim=2) for t in (k, v))
+        att = torch.softmax(torch.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(hn) + causal, -1)
+        attn = torch.einsum("bnqk,bknd->bqnd", att, v).reshape(b, s, nh * hn)
+        x2 = x + attn @ w("self_attn.o_proj").T
+        n2 = rms_norm(x2, w("post_attention_layernorm"), eps)
+        act = torch.nn.functional.silu(n2 @ w("mlp.gate_proj").T) * (n2 @ w("mlp.up_proj").T)
+        x3 = x2 + act @ w("mlp.down_proj").T
+        out.append(dict(n1=n1, n2=n2, attn=attn, act=act, x_in=x, x_out=x3))
+        x = x3
+    return out
+
+
+MANUAL_AGG = {  # stat [b, s, n] -> [n], written out directly
+    "mean-l2": lambda t: t.mean(1).pow(2).mean(0).sqrt(),
+    "mean": lambda t: t.mean((0, 1)),
+    "rms": lambda t: t.pow(2).mean((0, 1)).sqrt(),
+}
+
+
+@pytest.mark.parametrize("agg", list(imp.AGGREGATIONS))
+def test_hooks_match_hand_written_forward(agg):
+    model = make_tiny_model("llama-gqa")
+    shape = shape_of(model)
+    ids = sample_ids(batch=3, seq=10)
+    acts = manual_activations(model, ids)
+    # sanity: the hand-written forward is the model's forward
+    with torch.no_grad():
+        ref = model.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(model.model.norm(acts[-1]["x_out"]), ref, rtol=1e-4, atol=1e-4)
+
+    scores = imp.collect_scores(model, shape, ids, batch_size=2, agg=agg, progress=False)  # 2 batches: 2 + 1
+    a = MANUAL_AGG[agg]
+    hn, hpg = shape.head_dim, shape.heads_per_group
+    b, s = ids.shape
+    hidden = sum(a(l["n1"].abs()) + a(l["n2"].abs()) for l in acts)
+    heads = torch.stack([a(l["attn"].view(b, s, -1, hn).norm(dim=-1)) for l in acts])
+    groups = torch.stack([a(l["attn"].view(b, s, -1, hpg * hn).norm(dim=-1)) for l in acts])
+    ffn = torch.stack([a(l["act"].abs()) for l in acts])
+    layers = torch.stack([(1 - torch.nn.functional.cosine_similarity(l["x_in"], l["x_out"], dim=-1)).mean()
+                          for l in acts])
+    for name, want in dict(hidden=hidden, heads=heads, groups=groups, ffn=ffn, layers=layers).items():
+        torch.testing.assert_close(getattr(scores, name), want, rtol=1e-4, atol=1e-5, msg=name)
+    assert scores.method == "activation"
+
+
+def test_hooks_are_removed_and_model_output_unchanged():
+    model = make_tiny_model("llama-gqa")
+    ids = sample_ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        imp.collect_scores(model, shape_of(model), ids, progress=False)
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_scores_are_deterministic():
+    model = make_tiny_model("llama-gqa")
+    ids = sample_ids(batch=4, seq=16)
+    s1 = imp.collect_scores(model, shape_of(model), ids, batch_size=2, progress=False)
+    s2 = imp.collect_scores(model, shape_of(model), ids, batch_size=2, progress=False)
+    for name in ("hidden", "heads", "groups", "ffn", "layers"):
+        assert torch.equal(getattr(s1, name), getattr(s2, name)), name
+
+
+# ---- provably unused units ------------------------------------------------------------------------------
+
+
+def zero_units(model, channel=5, group=(1, 2), ffn=(2, 17), layer=3):
+    """Zero one hidden channel everywhere, one KV group's V, one FFN channel's gate, one layer's outputs."""
+    sd = model.state_dict()
+    with torch.no_grad():
+        for i in range(model.config.num_hidden_layers):
+            for n in ("input_layernorm", "post_attention_layernorm"):
+                sd[f"model.layers.{i}.{n}.weight"][channel] = 0
+        hn = model.config.head_dim
+        sd[f"model.layers.{group[0]}.self_attn.v_proj.weight"][group[1] * hn : (group[1] + 1) * hn] = 0
+        sd[f"model.layers.{ffn[0]}.mlp.gate_proj.weight"][ffn[1]] = 0
+        sd[f"model.layers.{layer}.self_attn.o_proj.weight"].zero_()
+        sd[f"model.layers.{layer}.mlp.down_proj.weight"].zero_()
+    return model
+
+
+def test_unused_units_score_lowest_and_are_removed_first():
+    model = zero_units(make_tiny_model("llama-gqa"))
+    shape = shape_of(model)
+    scores = imp.collect_scores(model, shape, sample_ids(batch=4, seq=16), progress=False)
+    assert scores.hidden[5] == 0 and int(scores.hidden.argmin()) == 5
+    assert scores.groups[1, 2] == 0 and int(scores.groups[1].argmin()) == 2
+    assert scores.ffn[2, 17] == 0 and int(scores.ffn[2].argmin()) == 17
+    assert scores.layers[3] < 1e-6 and int(scores.layers.argmin()) == 3
+    target = shape.replace(hidden_size=shape.hidden_size - 1, num_query_groups=shape.num_query_groups - 1,
+                           num_attention_heads=shape.num_attention_heads - shape.heads_per_group,
+                           ffn_hidden_size=shape.ffn_hidden_size - 1, num_layers=shape.num_layers - 1)
+    plan = make_plan(shape, target, scores)
+    assert 5 not in plan.hidden
+    assert [lp.source_layer for lp in plan.layers] == [0, 1, 2]
+    assert plan.info["layer_rule"] == "block-influence"
+    assert 2 not in plan.layers[1].query_groups and 17 not in plan.layers[2].ffn
+
+
+def test_unused_head_is_removed_first_mha():
+    model = make_tiny_model("llama-mha")
+    hn = model.config.head_dim
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[2 * hn : 3 * hn] = 0
+    shape = shape_of(model)
+    scores = imp.collect_scores(model, shape, sample_ids(batch=4, seq=16), progress=False)
+    assert scores.heads[0, 2] == 0 and int(scores.heads[0].argmin()) == 2
+    target, drop = resolve_target(shape, TargetRequest(num_attention_heads=3))
+    plan = make_plan(shape, target, scores, drop)
+    assert plan.layers[0].heads == (0, 1, 3)
+
+
+def test_tp_balanced_selection_keeps_top_k_inside_each_slice():
+    model = make_tiny_model("llama-gqa")
+    f = model.config.intermediate_size
+    with torch.no_grad():  # the first TP half of every FFN dominates: a global top-k would take only it
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.weight[: f // 2] *= 20
+    shape = shape_of(model)
+    scores = imp.collect_scores(model, shape, sample_ids(batch=4, seq=16), progress=False)
+    target = shape.replace(ffn_hidden_size=f // 2, num_query_groups=2, num_attention_heads=2 * shape.heads_per_group)
+    balanced = make_plan(shape, target, scores, tp=2, balance=True)
+    unbalanced = make_plan(shape, target, scores, tp=2, balance=False)
+    for lp in balanced.layers:
+        sc = scores.ffn[lp.source_layer]
+        for r in range(2):
+            part = sc[r * f // 2 : (r + 1) * f // 2]
+            want = sorted(int(i) + r * f // 2 for i in torch.argsort(-part, stable=True)[: f // 4])
+            assert [i for i in lp.ffn if r * f // 2 <= i < (r + 1) * f // 2] == want
+        g = scores.groups[lp.source_layer]
+        assert lp.query_groups == (int(g[:2].argmax()), 2 + int(g[2:].argmax()))
+    assert any(max(lp.ffn) < f // 2 for lp in unbalanced.layers)  # the skew is real
+
+
+# ---- choices around the plan -----------------------------------------------------------------------------
+
+
+def test_norm_rescale_records_sqrt_factor_and_can_be_switched_off():
+    model = make_tiny_model("llama-gqa")
+    shape = shape_of(model)
+    scores = imp.collect_scores(model, shape, sample_ids(), progress=False)
+    plan = make_plan(shape, shape.replace(hidden_size=32), scores)
+    scaled = imp.norm_rescale(plan, "sqrt")
+    assert scaled.norm_scale == pytest.approx(math.sqrt(48 / 32)) and scaled.info["norm_rescale"] == "sqrt"
+    assert imp.norm_rescale(plan, "none").norm_scale == 1.0
+    same_width = make_plan(shape, shape.replace(ffn_hidden_size=32), scores)
+    assert imp.norm_rescale(same_width, "sqrt").norm_scale == 1.0
+    with pytest.raises(PruneError, match="sqrt, none"):
+        imp.norm_rescale(plan, "cube")
+
+
+def test_gqa_modes():
+    model = make_tiny_model("llama-tied")  # 6 heads, 2 KV groups, 3 heads per group
+    shape = shape_of(model)
+    assert imp.gqa_query_groups(shape, 4, None, "trim-heads") == 2
+    assert imp.gqa_query_groups(shape, 3, None, "drop-groups") == 1
+    assert imp.gqa_query_groups(shape, 3, 2, "drop-groups") == 2  # explicit wins
+    with pytest.raises(PruneError, match="multiple of 3"):
+        imp.gqa_query_groups(shape, 4, None, "drop-groups")
+
+
+def test_calibration_windows_spread_and_errors():
+    ids = torch.arange(100)
+    w = imp.calibration_windows(ids, 3, 10)
+    assert w[:, 0].tolist() == [0, 40, 90] and w.shape == (3, 10)
+    with pytest.raises(PruneError, match="at most 10"):
+        imp.calibration_windows(ids, 11, 10)
+    with pytest.raises(PruneError, match="mean-l2"):
+        imp.aggregator("median")
