@@ -353,6 +353,7 @@ class MegatronCheckpoint:
     hf_config: dict[str, Any]
     files: dict[tuple[int, int], Path]
     _open: "OrderedDict[tuple[int, int], dict[str, Any]]" = field(default_factory=OrderedDict, repr=False)
+    _last_parts: tuple[Any, dict[str, torch.Tensor]] = field(default=(None, {}), repr=False)
 
     @classmethod
     def open(cls, folder: Path | str) -> "MegatronCheckpoint":
@@ -454,6 +455,7 @@ class MegatronCheckpoint:
     def release(self) -> None:
         """Drop every open shard (unmaps its pages)."""
         self._open.clear()
+        self._last_parts = (None, {})
 
     def _where(self, role: str, layer: int | None) -> tuple[Param, int, str]:
         param = PARAM_OF_ROLE[role]
@@ -475,10 +477,13 @@ class MegatronCheckpoint:
     def get_local(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
         """The rank-local logical tensor of ``role`` (vocab still padded for embed/lm_head)."""
         param, stage, name = self._where(role, layer)
-        s = self.shape
-        parts = unfuse(param, self._shard(tp_rank, stage)[name], s.num_query_groups // self.tp,
-                       s.num_attention_heads // self.tp, s.head_dim)
-        return parts["embed" if param.key == "embed" else role]
+        key = (tp_rank, stage, name)
+        if self._last_parts[0] != key:  # q, k, v (gate, up) come from one fused tensor: unfuse it once
+            s = self.shape
+            parts = unfuse(param, self._shard(tp_rank, stage)[name], s.num_query_groups // self.tp,
+                           s.num_attention_heads // self.tp, s.head_dim)
+            self._last_parts = (key, parts)
+        return self._last_parts[1]["embed" if param.key == "embed" else role]
 
     def get(self, role: str, layer: int | None = None) -> torch.Tensor:
         param = PARAM_OF_ROLE[role]
@@ -706,6 +711,21 @@ class HFView:
 
     def itemsize(self, role: str, layer: int | None = None) -> int:
         return self.src.itemsize(role, layer)
+
+    def _name(self, role: str, layer: int | None) -> str:
+        from .hf import hf_name
+
+        return hf_name(role, layer)
+
+    @property
+    def dtypes(self) -> Mapping[str, str]:
+        """safetensors dtype code of every tensor (one dtype throughout a Megatron checkpoint)."""
+        from collections import defaultdict
+
+        from .hf import _DTYPE_CODES
+
+        code = _DTYPE_CODES[self.src.dtype]
+        return defaultdict(lambda: code)
 
     def __post_init__(self) -> None:
         if not self.folder.is_dir():  # no hf_meta: write_pruned copies side files from an empty place
