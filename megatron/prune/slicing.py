@@ -85,10 +85,21 @@ def slice_role(role: str, tensor: torch.Tensor, index: AxisIndex, head_dim: int,
         rows = expand_heads(keep, head_dim) if axis in HEAD_AXES else torch.as_tensor(list(keep), dtype=torch.long)
         if rows.numel() == out.shape[dim] and torch.equal(rows, torch.arange(out.shape[dim])):
             continue  # keep-all on this axis: no copy, so identity plans stay bit-exact
-        out = out.index_select(dim, rows)
+        out = _take(out, dim, rows)
     if role in NORM_ROLES and norm_scale != 1.0:
         out = out * norm_scale
     return out.contiguous() if out is not tensor else tensor
+
+
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _take(t: torch.Tensor, dim: int, rows: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, rows)``, bit for bit; numpy's take is ~3x faster for dim > 0 (bf16 included)."""
+    if dim == 0 or t.requires_grad or t.device.type != "cpu" or t.dtype.itemsize not in _SAME_SIZE_INT:
+        return t.index_select(dim, rows)
+    as_int = t.view(_SAME_SIZE_INT[t.dtype.itemsize])
+    return torch.from_numpy(as_int.numpy().take(rows.numpy(), axis=dim)).view(t.dtype)
 
 
 def shift(index: Sequence[int] | None, lo: int, hi: int) -> tuple[int, ...] | None:
