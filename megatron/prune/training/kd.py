@@ -35,8 +35,9 @@ class _VocabParallelKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float, group: Any):
-        log_q = _log_softmax_parallel(student.float() / temperature, group)
-        log_p = _log_softmax_parallel(teacher.float() / temperature, group)
+        dtype = torch.promote_types(student.dtype, torch.float32)  # bf16 logits: KL in fp32
+        log_q = _log_softmax_parallel(student.to(dtype) / temperature, group)
+        log_p = _log_softmax_parallel(teacher.to(dtype) / temperature, group)
         p = log_p.exp()
         kl = (p * (log_p - log_q)).sum(dim=-1)
         if group is not None:
@@ -103,7 +104,9 @@ def _rank_file(ref: CheckpointRef, tp_rank: int, pp_rank: int, pp_size: int) -> 
 def checkpoint_args(ref: CheckpointRef) -> Any:
     """The megatron ``args`` Namespace stored in a checkpoint (rank 0's copy)."""
     if ref.torch_dist:
-        state = torch.load(ref.folder / "common.pt", map_location="cpu", weights_only=False)
+        from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+        state = load_common_state_dict(str(ref.folder))
     else:
         files = sorted(ref.folder.glob("mp_rank_00*/model_optim_rng.pt"))
         if not files:

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Recovery training (continued pre-training, optionally distillation) of a pruned LLaMA-family model
+# on the stock Megatron loop, via pretrain_llama.py. Settings come from environment variables;
+# every argument is passed on as an extra Megatron flag (later flags win).
+#
+#   LOAD=pruned_mg SAVE=out DATA=data/corpus_text_document TOKENIZER=pruned_hf TRAIN_ITERS=10 \
+#     bash scripts/check_model.sh [--extra-megatron-flags ...]
+#
+# Variables (default):
+#   LOAD          Megatron checkpoint to start from (none: random init; then pass shape flags).
+#                 Its model shape is used (--use-checkpoint-args). LOAD != SAVE: --finetune
+#                 (iteration 0, fresh optimizer); LOAD == SAVE: resume where it stopped.
+#   SAVE          where checkpoints go (none: no saving)
+#   DATA          dataset prefix from `megatron-prune data` (PREFIX_text_document), or a blend
+#                 "W1 P1 W2 P2" (required)
+#   TOKENIZER     HF tokenizer folder or SentencePiece .model (required)
+#   TP (1) PP (1) NPROC (TP*PP) NNODES (1)  NODE_RANK (0) MASTER_ADDR (127.0.0.1) MASTER_PORT (29500)
+#   TRAIN_ITERS (100) SEQ_LEN (512) MICRO_BATCH (1) GLOBAL_BATCH (8) LR (1e-4), MIN_LR (LR/10)
+#   WARMUP (0) SAVE_INTERVAL (TRAIN_ITERS) EVAL_INTERVAL (TRAIN_ITERS) EVAL_ITERS (0) SPLIT (100,0,0)
+#   LOG_INTERVAL (1) CKPT_FORMAT (torch) SEED (1234)
+#   KD_TEACHER    Megatron checkpoint of the unpruned teacher (same TP/vocab): distillation;
+#                 KD_ALPHA (0.5) KD_TEMPERATURE (1.0)
+#   PRECISION     bf16 on GPU, fp32 on CPU ("fp32" to force full precision)
+# Without a GPU it runs on CPU (gloo + megatron.prune.cpu shims), e.g. on a laptop.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+
+: "${DATA:?set DATA to a dataset prefix (see megatron-prune data)}"
+: "${TOKENIZER:?set TOKENIZER to an HF tokenizer folder or a SentencePiece .model}"
+TP="${TP:-1}"; PP="${PP:-1}"; NPROC="${NPROC:-$((TP * PP))}"; NNODES="${NNODES:-1}"
+TRAIN_ITERS="${TRAIN_ITERS:-100}"; SEQ_LEN="${SEQ_LEN:-512}"
+MICRO_BATCH="${MICRO_BATCH:-1}"; GLOBAL_BATCH="${GLOBAL_BATCH:-8}"
+LR="${LR:-1e-4}"; MIN_LR="${MIN_LR:-$("$PYTHON" -c "print(float('$LR') / 10)")}"
+
+if [[ "$TOKENIZER" == *.model ]]; then tok_type=SentencePieceTokenizer; else tok_type=HuggingFaceTokenizer; fi
+has_gpu="$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')"
+
+flags=(
+  --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+  --tokenizer-type "$tok_type" --tokenizer-model "$TOKENIZER"
+  --data-path $DATA --split "${SPLIT:-100,0,0}"
+  --seq-length "$SEQ_LEN" --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH"
+  --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
+  --lr-warmup-iters "${WARMUP:-0}" --clip-grad 1.0 --seed "${SEED:-1234}"
+  --log-interval "${LOG_INTERVAL:-1}" --eval-interval "${EVAL_INTERVAL:-$TRAIN_ITERS}"
+  --eval-iters "${EVAL_ITERS:-0}" --ckpt-format "${CKPT_FORMAT:-torch}"
+  --attention-dropout 0.0 --hidden-dropout 0.0
+)
+if [[ -n "${LOAD:-}" ]]; then
+  flags+=(--load "$LOAD" --use-checkpoint-args)
+  [[ "$LOAD" != "${SAVE:-}" ]] && flags+=(--finetune)
+else
+  # random init: LLaMA architecture; pass the shape (--num-layers, --hidden-size, ...) as arguments
+  flags+=(--normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope
+          --max-position-embeddings "$SEQ_LEN")
+fi
+[[ -n "${SAVE:-}" ]] && flags+=(--save "$SAVE" --save-interval "${SAVE_INTERVAL:-$TRAIN_ITERS}")
+[[ -n "${KD_TEACHER:-}" ]] && flags+=(--kd-teacher-load "$KD_TEACHER" --kd-alpha "${KD_ALPHA:-0.5}"
+                                      --kd-temperature "${KD_TEMPERATURE:-1.0}")
+if [[ "$has_gpu" == 1 && "${PRECISION:-bf16}" == bf16 ]]; then flags+=(--bf16); fi
+
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --nnodes "$NNODES" \
+  --node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-127.0.0.1}" \
+  --master-port "${MASTER_PORT:-29500}" "$here/pretrain_llama.py" "${flags[@]}" "$@"
