@@ -172,6 +172,8 @@ def count_tokens(tokenizer_dir: Path, data: Sequence[Path | str], rules: VocabRu
     else:
         import multiprocessing as mp
 
+        # spawn, not fork: the caller may hold torch / tokenizers threads, and forking those can deadlock.
+        # As with any spawn pool, a calling script needs an ``if __name__ == "__main__":`` guard.
         with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_dir),)) as pool:
             for c, n in pool.imap_unordered(_count_task, tasks):
                 counter.update(c)

@@ -1,0 +1,129 @@
+"""Vocabulary pruning of HF models: embedding / output rows sliced through the prune plan, tokenizer and
+config renumbered consistently, logits over kept tokens unchanged bit for bit."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tree_hash
+from test_vocab_bpe import calib_docs, make_bytelevel_tokenizer, needed_for, write_docs
+from tiny import logits, make_tiny_hf
+
+from megatron.prune.plan import PrunePlan
+from megatron.prune.shape import PruneError
+from megatron.prune.vocab import count_tokens, open_tokenizer, prune_hf_vocab
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="module")
+def bbpe(tmp_path_factory):
+    return make_bytelevel_tokenizer(tmp_path_factory.mktemp("bbpe") / "tok")
+
+
+def model_with_tokenizer(folder: Path, family: str, tok_dir: Path, **overrides) -> Path:
+    overrides.setdefault("vocab_size", open_tokenizer(tok_dir).rules.size)
+    make_tiny_hf(folder, family, **overrides)
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copy(tok_dir / name, folder / name)
+    return folder
+
+
+def n_params(folder: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
+
+
+def encode(folder: Path, docs: list[str], length: int) -> torch.Tensor:
+    """[len(docs), length] ids: the first ``length`` tokens of each doc (docs shorter than that are skipped)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    rows = [e.ids[:length] for e in tok.encode_batch(docs, add_special_tokens=False) if len(e.ids) >= length]
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "llama-tied", "qwen2-bias"])
+def test_hf_vocab_prune_keeps_logits_of_kept_tokens(family, bbpe, tmp_path):
+    # pad_token_id names an ordinary, rarely used token: it must survive and be renumbered
+    src = model_with_tokenizer(tmp_path / "src", family, bbpe, bos_token_id=1, eos_token_id=2, pad_token_id=2999)
+    before = tree_hash(src)
+    docs = calib_docs()[::25]
+    counts = count_tokens(src, [write_docs(tmp_path / "d.jsonl", docs)], open_tokenizer(src).rules, workers=1,
+                          progress=False)
+    keep = len(needed_for(src, counts)) + 40
+    plan = prune_hf_vocab(src, tmp_path / "out", keep=keep, counts=counts, progress=False)
+    out = tmp_path / "out"
+    kept = list(plan.vocab)
+    assert len(kept) == keep < 3000 and 2999 in kept
+    assert tree_hash(src) == before
+
+    ids = encode(src, docs, 48)[:6]
+    new_ids = encode(out, docs, 48)[:6]
+    remap = torch.full((3000,), -1, dtype=torch.long)
+    remap[torch.tensor(kept)] = torch.arange(keep)
+    assert torch.equal(new_ids, remap[ids])  # the pruned tokenizer gives the same tokens, renumbered
+    full, pruned = logits(src, ids), logits(out, new_ids)
+    assert pruned.shape[-1] == keep
+    assert torch.equal(full[..., kept], pruned)
+
+    hidden = plan.source.hidden_size
+    tied = plan.source.tied_embeddings
+    assert n_params(src) - n_params(out) == (3000 - keep) * hidden * (1 if tied else 2)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] == keep and cfg["tie_word_embeddings"] == tied
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, kept.index(2999))
+    assert PrunePlan.load(out) == plan
+
+
+def test_hf_vocab_prune_bad_inputs(bbpe, tmp_path, tiny_hf):
+    src = model_with_tokenizer(tmp_path / "src", "llama-gqa", bbpe)
+    with pytest.raises(PruneError, match="at least 259 tokens"):
+        prune_hf_vocab(src, tmp_path / "a", keep=100, progress=False)
+    with pytest.raises(PruneError, match=r"token id 4000 is out of range \[0, 3000\)"):
+        prune_hf_vocab(src, tmp_path / "b", keep_ids=[3, 4000], progress=False)
+    small = model_with_tokenizer(tmp_path / "small", "llama-gqa", bbpe, vocab_size=2000)
+    with pytest.raises(PruneError, match="tokenizer has 3000 tokens but the model only 2000"):
+        prune_hf_vocab(small, tmp_path / "c", keep=1000, progress=False)
+    with pytest.raises(PruneError, match="no supported tokenizer"):
+        prune_hf_vocab(tiny_hf("llama-gqa"), tmp_path / "d", keep=50, progress=False)
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+@pytest.mark.slow
+def test_smollm2_vocab_8k(real_model, tmp_path):
+    """Real model: logits over kept tokens unchanged, perplexity within 1%, (V - N) x hidden fewer parameters."""
+    docs = calib_docs()
+    counts = count_tokens(real_model, [write_docs(tmp_path / "d.jsonl", docs)], open_tokenizer(real_model).rules,
+                          workers=2, progress=False)
+    plan = prune_hf_vocab(real_model, tmp_path / "out", keep=8000, counts=counts, progress=False)
+    out, kept = tmp_path / "out", list(plan.vocab)
+    ids = encode(real_model, docs[3:40], 96)[:4]
+    new_ids = encode(out, docs[3:40], 96)[:4]
+    remap = torch.full((49152,), -1, dtype=torch.long)
+    remap[torch.tensor(kept)] = torch.arange(8000)
+    assert torch.equal(new_ids, remap[ids])
+    full, pruned = logits(real_model, ids), logits(out, new_ids)
+    assert torch.equal(full[..., kept], pruned)
+
+    # Perplexity: the pruned model renormalises over the kept tokens, so for in-domain text (all targets kept)
+    # log ppl drops by exactly the mean log of the probability mass the full model puts on kept tokens.
+    def log_ppl(lg: torch.Tensor, tgt: torch.Tensor) -> float:
+        return torch.nn.functional.cross_entropy(lg[:, :-1].flatten(0, 1), tgt[:, 1:].flatten()).item()
+
+    mass = full[:, :-1].log_softmax(-1)[..., kept].logsumexp(-1)  # log P(kept) per position, <= 0
+    l0, l1 = log_ppl(full, ids), log_ppl(pruned, new_ids)
+    assert l1 == pytest.approx(l0 + mass.mean().item(), abs=1e-4)
+    assert l1 < l0
+    # measured: 26.87 -> 25.48 (-5.2%); the mass on the 41k dropped tokens is ~5% per position at N=8000
+    assert (math.exp(l0) - math.exp(l1)) / math.exp(l0) < 0.06
+    assert plan.source.num_params() - plan.target.num_params() == (49152 - 8000) * 576
+    assert n_params(real_model) - n_params(out) == (49152 - 8000) * 576
