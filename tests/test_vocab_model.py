@@ -127,3 +127,37 @@ def test_smollm2_vocab_8k(real_model, tmp_path):
     assert (math.exp(l0) - math.exp(l1)) / math.exp(l0) < 0.06
     assert plan.source.num_params() - plan.target.num_params() == (49152 - 8000) * 576
     assert n_params(real_model) - n_params(out) == (49152 - 8000) * 576
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "llama-tied"])
+def test_megatron_tp2_vocab_prune_equals_hf_path(family, bbpe, tmp_path):
+    """HF -> Megatron TP=2 -> vocab prune (shards rewritten, padding recomputed) -> HF equals the HF-path result."""
+    from safetensors.torch import load_file
+
+    from megatron.prune.megatron_ckpt import META_DIR, hf_to_megatron, iter_state_dicts, megatron_to_hf
+    from megatron.prune.vocab import prune_megatron_vocab
+
+    src = model_with_tokenizer(tmp_path / "src", family, bbpe, bos_token_id=1, eos_token_id=2, pad_token_id=2999)
+    docs = calib_docs()[::25]
+    counts = count_tokens(src, [write_docs(tmp_path / "d.jsonl", docs)], open_tokenizer(src).rules, workers=1,
+                          progress=False)
+    keep = len(needed_for(src, counts)) + 41  # odd on purpose: the TP=2 padding must be recomputed
+    hf_plan = prune_hf_vocab(src, tmp_path / "hf_out", keep=keep, counts=counts, progress=False)
+    hf_to_megatron(src, tmp_path / "mg", tp=2, make_vocab_size_divisible_by=64, progress=False)
+    mg_plan = prune_megatron_vocab(tmp_path / "mg", tmp_path / "mg_out", keep=keep, counts=counts, progress=False)
+    assert mg_plan == hf_plan
+    shards = dict(iter_state_dicts(tmp_path / "mg_out"))
+    assert sorted(shards) == [(0, 0), (1, 0)]
+    padded = -(-keep // 128) * 128  # divisible by 64 x TP 2
+    for (tp_rank, _), sd in shards.items():
+        assert sd["args"].padded_vocab_size == padded and sd["args"].vocab_size == keep
+        emb = sd["model"]["embedding.word_embeddings.weight"]
+        assert emb.shape[0] == padded // 2
+    megatron_to_hf(tmp_path / "mg_out", tmp_path / "back", progress=False)
+    a, b = load_file(tmp_path / "hf_out" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert (tmp_path / "back" / "tokenizer.json").read_text() == (tmp_path / "hf_out" / "tokenizer.json").read_text()
+    cfg = json.loads((tmp_path / "mg_out" / META_DIR / "config.json").read_text())
+    assert (cfg["vocab_size"], cfg["pad_token_id"]) == (keep, list(hf_plan.vocab).index(2999))

@@ -3,10 +3,12 @@
   megatron-prune vocab count --tokenizer DIR --data FILES... --output counts.json
   megatron-prune vocab prune --input MODEL --output MODEL2 (--keep N | --keep-ids FILE) [--counts counts.json]
 
+MODEL is an HF folder, a Megatron checkpoint (tokenizer in hf_meta/; every shard rewritten at its TP/PP with
+the vocabulary padding recomputed) or a folder holding only a tokenizer.
+
 Special tokens and the fallback alphabet (byte symbols, <0x00>..<0xFF> or unk) are always kept, so any text
 still encodes; in-domain text keeps exactly its tokens. --keep N is the final vocabulary size. A folder with a
-config.json is a model (embedding and output rows are sliced, config special ids renumbered); a folder with
-only tokenizer files gets a pruned tokenizer.
+config.json is a model (embedding and output rows are sliced, config special ids renumbered).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.set_defaults(_vocab_run=count)
 
     p = sub.add_parser("prune", help="write a model / tokenizer with a smaller vocabulary", description=prune.__doc__)
-    p.add_argument("--input", type=Path, required=True, help="HF model folder, or a tokenizer folder")
+    p.add_argument("--input", type=Path, required=True, help="HF model folder, Megatron checkpoint, or tokenizer folder")
     p.add_argument("--output", type=Path, required=True, help="new folder for the pruned model/tokenizer")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--keep", type=int, help="final vocabulary size (most frequent tokens by --counts)")
@@ -61,13 +63,18 @@ def count(args: argparse.Namespace) -> int:
 def prune(args: argparse.Namespace) -> int:
     """Prune the vocabulary of a model or a tokenizer folder."""
     from ..shape import PruneError
-    from ..vocab import TokenCounts, prune_hf_vocab, prune_tokenizer, read_keep_ids
+    from ..megatron_ckpt import is_megatron_dir
+    from ..vocab import TokenCounts, prune_hf_vocab, prune_megatron_vocab, prune_tokenizer, read_keep_ids
 
     if not args.input.is_dir():
         raise PruneError(f"--input {args.input} is not a folder")
     counts = TokenCounts.load(args.counts) if args.counts else None
     keep_ids = read_keep_ids(args.keep_ids) if args.keep_ids else None
-    if (args.input / "config.json").is_file():
+    if is_megatron_dir(args.input):
+        plan = prune_megatron_vocab(args.input, args.output, args.keep, keep_ids, counts, args.overwrite,
+                                    progress=not args.no_progress)
+        print(f"vocabulary {plan.source.vocab_size} -> {plan.target.vocab_size} (Megatron) -> {args.output}")
+    elif (args.input / "config.json").is_file():
         plan = prune_hf_vocab(args.input, args.output, args.keep, keep_ids, counts, args.overwrite,
                               progress=not args.no_progress)
         s, t = plan.source, plan.target

@@ -172,3 +172,53 @@ def prune_hf_vocab(input_dir: Path | str, output: Path | str, keep: int | None =
         if verify and (tmp / "tokenizer.json").is_file():
             check_loads(tmp, len(kept))
     return plan
+
+
+def prune_megatron_vocab(input_dir: Path | str, output: Path | str, keep: int | None = None,
+                         keep_ids: Sequence[int] | None = None, counts: TokenCounts | None = None,
+                         overwrite: bool = False, progress: bool = True) -> PrunePlan:
+    """Vocabulary-prune a Megatron checkpoint through the Megatron adapter, at the checkpoint's own TP/PP.
+
+    The adapter gathers the vocab-parallel embedding / output layer, keeps the plan's rows, re-pads the
+    vocabulary for the TP size and rewrites every shard. The tokenizer lives in ``hf_meta/``: it is pruned
+    and checked in a scratch folder first, then swapped in, so a bad tokenizer never leaves new weights.
+    """
+    import shutil
+    import tempfile
+
+    from ..megatron_ckpt import META_DIR, MegatronCheckpoint, prune_megatron
+
+    input_dir, output = Path(input_dir), Path(output)
+    src = MegatronCheckpoint.open(input_dir)
+    meta = input_dir / META_DIR
+    if not meta.is_dir():
+        raise PruneError(f"{input_dir} has no {META_DIR}/ folder with the tokenizer; convert it with "
+                         "`megatron-prune convert` from an HF folder that has one")
+    gen = _read_json(meta / GENERATION_CONFIG)
+    tf = open_tokenizer(meta).with_required(config_special_ids(src.hf_config, gen))
+    if tf.rules.size > src.shape.vocab_size:
+        raise PruneError(f"the tokenizer has {tf.rules.size} tokens but the model only {src.shape.vocab_size} rows")
+    kept = choose_kept(tf.rules, keep, keep_ids, counts)
+    plan = vocab_plan(src.shape, kept, {"tokenizer": tf.kind, "keep": len(kept)})
+    remap_special_ids(src.hf_config, kept, f"{META_DIR}/config.json")  # fail early if an id would vanish
+    with tempfile.TemporaryDirectory(prefix="vocab-tokenizer-") as scratch:
+        staged = Path(scratch)
+        write_pruned_tokenizer(tf, kept, staged)
+        if (staged / "tokenizer.json").is_file():
+            check_loads(staged, len(kept))
+        # unbalance = gather, slice, re-shard: kept ids are not spread evenly over the TP vocab slices
+        prune_megatron(src, plan, output, overwrite, prune_type="unbalance", tp=src.tp, pp=src.pp,
+                       progress=progress)
+        try:
+            out_meta = output / META_DIR
+            for f in staged.iterdir():
+                shutil.copy2(f, out_meta / f.name)
+            cfg = remap_special_ids(_read_json(out_meta / "config.json"), kept, f"{META_DIR}/config.json")
+            (out_meta / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+            if gen:
+                new_gen = remap_special_ids(gen, kept, GENERATION_CONFIG)
+                (out_meta / GENERATION_CONFIG).write_text(json.dumps(new_gen, indent=2))
+        except BaseException:
+            shutil.rmtree(output, ignore_errors=True)  # new weights with the old tokenizer must not survive
+            raise
+    return plan
