@@ -76,6 +76,16 @@ def main(jobs_path: str, out_path: str) -> None:
             results[job["name"]]["close"] = True
         except AssertionError as e:  # reported, not raised: the other ranks must still reach the gather
             results[job["name"]].update(close=False, error=str(e)[:500])
+        if job.get("save_dist"):  # the same weights written by megatron-core as torch_dist, to test reading it
+            from megatron.core import dist_checkpointing
+
+            iter_dir = Path(job["save_dist"]) / "iter_0000005"
+            iter_dir.mkdir(parents=True, exist_ok=True)
+            state = {"model": model.sharded_state_dict(), "args": ckpt.args, "iteration": 5,
+                     "checkpoint_version": 3.0}
+            dist_checkpointing.save(state, str(iter_dir))
+            if torch.distributed.get_rank() == 0:
+                (Path(job["save_dist"]) / "latest_checkpointed_iteration.txt").write_text("5")
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, results)
     if torch.distributed.get_rank() == 0:

@@ -38,7 +38,10 @@ def parity(tiny_hf, tmp_path_factory) -> dict[str, list[dict]]:
         shape = HFCheckpoint.open(hf).shape
         for tp in (1, 2):
             mg = mc.hf_to_megatron(hf, root / f"{family}-tp{tp}", tp=tp, progress=False)
-            jobs.append({"name": f"convert-{family}-tp{tp}", "mg": str(mg), "hf": str(hf), "tp": tp})
+            job = {"name": f"convert-{family}-tp{tp}", "mg": str(mg), "hf": str(hf), "tp": tp}
+            if tp == 2 and family == "qwen2-bias":
+                job["save_dist"] = str(root / "torch_dist")
+            jobs.append(job)
         plan = make_plan(shape, prune_target(shape), random_scores(shape, 11), tp=2, balance=True)
         ref = prune_hf(hf, root / f"{family}-pruned-hf", plan, progress=False)
         for tp in (1, 2):
@@ -51,7 +54,9 @@ def parity(tiny_hf, tmp_path_factory) -> dict[str, list[dict]]:
                            str(root / "results.json")], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     per_rank = json.loads((root / "results.json").read_text())
-    return {j["name"]: [r[j["name"]] for r in per_rank] for j in jobs}
+    out = {j["name"]: [r[j["name"]] for r in per_rank] for j in jobs}
+    out["torch_dist"] = {"mg": root / "torch_dist", "hf": tiny_hf("qwen2-bias")}
+    return out
 
 
 @pytest.mark.parametrize("kind", ["convert", "prune"])
@@ -64,3 +69,21 @@ def test_gpt_model_logits_match_transformers(parity, kind, family, tp):
         assert r["strict_load"] and r["tp"] == tp
         assert r["close"], r.get("error")
         assert r["max_abs_diff"] < 1e-4 * max(1.0, r["ref_scale"])
+
+
+def test_torch_dist_input_matches_and_prunes_like_hf(parity, tmp_path):
+    """A torch_dist checkpoint written by megatron-core at TP=2 reads back as the same logical tensors."""
+    from test_megatron_ckpt import assert_same_tensors, hf_tensors
+
+    from megatron.prune.megatron_dist import TorchDistCheckpoint
+
+    src, hf = parity["torch_dist"]["mg"], parity["torch_dist"]["hf"]
+    ck = mc.MegatronCheckpoint.open(src)
+    assert isinstance(ck, TorchDistCheckpoint) and ck.tp == 2
+    assert_same_tensors(hf_tensors(hf), hf_tensors(mc.megatron_to_hf(src, tmp_path / "hf", progress=False)))
+    shape = ck.shape
+    plan = make_plan(shape, prune_target(shape), random_scores(shape, 5), tp=2, balance=True)
+    pruned = mc.prune(src, tmp_path / "pruned", plan, progress=False)
+    assert mc.MegatronCheckpoint.open(pruned).tp == 2
+    ref = prune_hf(hf, tmp_path / "ref", plan, progress=False)
+    assert_same_tensors(hf_tensors(ref), hf_tensors(mc.megatron_to_hf(pruned, tmp_path / "back", progress=False)))

@@ -125,11 +125,11 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ng: int) -> torc
 
 
 def unfuse_qkv(qkv: torch.Tensor, ng: int, np_: int, hn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`fuse_qkv`: [ng, (np/ng + 2)*hn, ...] -> q, k, v."""
+    """Inverse of :func:`fuse_qkv`: [ng, (np/ng + 2)*hn, ...] -> q, k, v (views when ng == 1)."""
     rest = qkv.shape[1:]
     qh = np_ // ng * hn
     g = qkv.reshape(ng, qh + 2 * hn, *rest)
-    return tuple(t.reshape(-1, *rest).contiguous() for t in (g[:, :qh], g[:, qh:qh + hn], g[:, qh + hn:]))
+    return tuple(t.reshape(-1, *rest) for t in (g[:, :qh], g[:, qh:qh + hn], g[:, qh + hn:]))
 
 
 def fuse_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -138,9 +138,9 @@ def fuse_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def unfuse_fc1(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`fuse_fc1`."""
+    """Inverse of :func:`fuse_fc1` (two views)."""
     gate, up = fc1.chunk(2, dim=0)
-    return gate.contiguous(), up.contiguous()
+    return gate, up
 
 
 def fuse(param: Param, parts: Mapping[str, torch.Tensor], ng_local: int) -> torch.Tensor:
@@ -362,6 +362,10 @@ class MegatronCheckpoint:
         if not folder.is_dir():
             raise PruneError(f"input {folder} is not a folder")
         iter_dir = find_iteration_dir(folder)
+        from .megatron_dist import TorchDistCheckpoint, is_torch_dist
+
+        if is_torch_dist(iter_dir):  # read-only input format; the same TensorSource interface
+            return TorchDistCheckpoint.open(folder, iter_dir)  # type: ignore[return-value]
         found = {}
         for d in sorted(iter_dir.iterdir()):
             m = _SHARD_DIR.match(d.name)
@@ -681,10 +685,16 @@ def megatron_to_hf(mg_dir: Path | str, out_dir: Path | str, overwrite: bool = Fa
     src = MegatronCheckpoint.open(mg_dir)
     hf.check_hf_target(src.shape)
     check_output_path(mg_dir, out_dir, overwrite)
-    view = HFView(src.folder / META_DIR, hf_config_for_shape(src.hf_config, src.shape), src)
     with atomic_output(Path(out_dir), overwrite) as tmp:
+        side = src.folder / META_DIR
+        if not side.is_dir():  # a checkpoint from elsewhere: config from args, no tokenizer to copy
+            side = tmp / ".no-side-files"
+            side.mkdir()
+        view = HFView(side, hf_config_for_shape(src.hf_config, src.shape), src)
         hf.write_pruned(view, PrunePlan.keep_all(src.shape), tmp, max_shard_bytes or hf.DEFAULT_MAX_SHARD_BYTES,
                         progress)
+        if side.parent == tmp:
+            side.rmdir()
         (tmp / PLAN_FILE).unlink()  # an identity plan says nothing; keep the source's real plan if any
         if (src.folder / PLAN_FILE).is_file():
             shutil.copy2(src.folder / PLAN_FILE, tmp / PLAN_FILE)
@@ -726,10 +736,6 @@ class HFView:
 
         code = _DTYPE_CODES[self.src.dtype]
         return defaultdict(lambda: code)
-
-    def __post_init__(self) -> None:
-        if not self.folder.is_dir():  # no hf_meta: write_pruned copies side files from an empty place
-            self.folder = Path(self.src.iter_dir / "__no_side_files__")
 
 
 # ---- pruning ------------------------------------------------------------------------------------
@@ -775,7 +781,9 @@ def prune_megatron(src: MegatronCheckpoint, plan: PrunePlan, output: Path | str,
                              "(use --prune-type unbalance to write another TP size)")
         tp = src.tp
         check_balanced(plan, tp, src.padded_vocab)
-        roles_fn: Callable[[Any, PrunePlan, Layout], RoleFn] = balanced_roles
+        # torch_dist input has no per-rank files: gather, prune, re-split (the same result)
+        roles_fn: Callable[[Any, PrunePlan, Layout], RoleFn] = (
+            balanced_roles if isinstance(src, MegatronCheckpoint) else global_roles)
     elif prune_type == "unbalance":
         tp = tp or src.tp
         roles_fn = global_roles
