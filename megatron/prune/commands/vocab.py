@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--input", type=Path, required=True, help="HF model folder, Megatron checkpoint, or tokenizer folder")
     p.add_argument("--output", type=Path, required=True, help="new folder for the pruned model/tokenizer")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--keep", type=int, help="final vocabulary size (most frequent tokens by --counts)")
+    g.add_argument("--keep", type=int, help="final vocabulary size: the most frequent tokens by --counts (lowest ids without counts)")
     g.add_argument("--keep-ids", type=Path, help="file of token ids to keep (JSON list or whitespace-separated)")
     p.add_argument("--counts", type=Path, help="counts file from `vocab count` (ranks tokens for --keep)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
