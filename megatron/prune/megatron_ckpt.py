@@ -16,9 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shutil
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -36,6 +39,7 @@ MODEL_FILE = "model_optim_rng.pt"
 META_DIR = "hf_meta"  # HF config.json + tokenizer of the model, for megatron-to-hf and for training
 CHECKPOINT_VERSION = 3.0
 SPECS = ("local", "transformer_engine")
+WORKERS = min(4, os.cpu_count() or 1)  # threads building one shard's tensors
 TP_AXES = ("heads", "groups", "ffn", "vocab")  # logical axes megatron-core splits across TP ranks
 NOT_CARRIED = ("optimizer state and RNG state are not carried over and the iteration is reset to 0: "
                "load it with --finetune (or --no-load-optim --no-load-rng)")
@@ -353,7 +357,8 @@ class MegatronCheckpoint:
     hf_config: dict[str, Any]
     files: dict[tuple[int, int], Path]
     _open: "OrderedDict[tuple[int, int], dict[str, Any]]" = field(default_factory=OrderedDict, repr=False)
-    _last_parts: tuple[Any, dict[str, torch.Tensor]] = field(default=(None, {}), repr=False)
+    _parts: "OrderedDict[tuple, dict[str, torch.Tensor]]" = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, folder: Path | str) -> "MegatronCheckpoint":
@@ -459,7 +464,7 @@ class MegatronCheckpoint:
     def release(self) -> None:
         """Drop every open shard (unmaps its pages)."""
         self._open.clear()
-        self._last_parts = (None, {})
+        self._parts.clear()
 
     def _where(self, role: str, layer: int | None) -> tuple[Param, int, str]:
         param = PARAM_OF_ROLE[role]
@@ -480,14 +485,19 @@ class MegatronCheckpoint:
 
     def get_local(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
         """The rank-local logical tensor of ``role`` (vocab still padded for embed/lm_head)."""
+        with self._lock:
+            return self._get_local(role, layer, tp_rank)
+
+    def _get_local(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
         param, stage, name = self._where(role, layer)
         key = (tp_rank, stage, name)
-        if self._last_parts[0] != key:  # q, k, v (gate, up) come from one fused tensor: unfuse it once
+        if key not in self._parts:  # q, k, v (gate, up) come from one fused tensor: unfuse it once
             s = self.shape
-            parts = unfuse(param, self._shard(tp_rank, stage)[name], s.num_query_groups // self.tp,
-                           s.num_attention_heads // self.tp, s.head_dim)
-            self._last_parts = (key, parts)
-        return self._last_parts[1]["embed" if param.key == "embed" else role]
+            self._parts[key] = unfuse(param, self._shard(tp_rank, stage)[name], s.num_query_groups // self.tp,
+                                      s.num_attention_heads // self.tp, s.head_dim)
+            while len(self._parts) > WORKERS + 1:  # one per writer thread
+                self._parts.popitem(last=False)
+        return self._parts[key]["embed" if param.key == "embed" else role]
 
     def get(self, role: str, layer: int | None = None) -> torch.Tensor:
         param = PARAM_OF_ROLE[role]
@@ -559,26 +569,32 @@ def balanced_roles(src: MegatronCheckpoint, plan: PrunePlan, layout: Layout) -> 
     return get
 
 
-def build_shard(layout: Layout, roles: RoleFn, tp_rank: int, pp_rank: int) -> dict[str, Any]:
-    """The state dict of output shard (tp_rank, pp_rank), built from rank-local logical tensors."""
+def build_shard(layout: Layout, roles: RoleFn, tp_rank: int, pp_rank: int, workers: int = WORKERS) -> dict[str, Any]:
+    """The state dict of output shard (tp_rank, pp_rank), built from rank-local logical tensors.
+
+    Parameters are computed by ``workers`` threads (torch and numpy release the GIL while copying).
+    """
     s = layout.shape
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
     model_params, layer_params = params_for(s, first, last)
     ng_local = s.num_query_groups // layout.tp
-    sd: dict[str, Any] = {}
+    jobs: list[tuple[str, Callable[[], torch.Tensor]]] = []
     for p in model_params:
-        if p.key == "embed" or (p.key == "lm_head" and s.tied_embeddings):
-            sd[p.name(layout.spec)] = roles("embed", None, tp_rank)
-        else:
-            sd[p.name(layout.spec)] = roles(p.roles[0], None, tp_rank)
+        role = "embed" if p.key == "embed" or (p.key == "lm_head" and s.tied_embeddings) else p.roles[0]
+        jobs.append((p.name(layout.spec), lambda role=role: roles(role, None, tp_rank)))
     for i in range(layout.layers_per_stage):
         layer = pp_rank * layout.layers_per_stage + i
         for p in layer_params:
-            sd[p.name(layout.spec, i)] = fuse(p, {r: roles(r, layer, tp_rank) for r in p.roles}, ng_local)
+            jobs.append((p.name(layout.spec, i),
+                         lambda p=p, layer=layer: fuse(p, {r: roles(r, layer, tp_rank) for r in p.roles}, ng_local)))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        tensors = pool.map(lambda job: job[1]().contiguous(), jobs)
+        sd: dict[str, Any] = dict(zip((name for name, _ in jobs), tensors))
+    for i in range(layout.layers_per_stage):
         sd.update({t.format(i): None for t in EXTRA_STATE[layout.spec] if "{}" in t})
     if last:
         sd.update({t: None for t in EXTRA_STATE[layout.spec] if "{}" not in t})
-    return {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
+    return sd
 
 
 def write_checkpoint(out: Path, layout: Layout, roles: RoleFn, args: argparse.Namespace,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class TorchDistCheckpoint:
     hf_config: dict[str, Any]
     metadata: Any
     _cache: tuple[str | None, torch.Tensor | None] = field(default=(None, None), repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, folder: Path, iter_dir: Path) -> "TorchDistCheckpoint":
@@ -139,6 +141,10 @@ class TorchDistCheckpoint:
         return role in ROLE_AXES
 
     def get(self, role: str, layer: int | None = None) -> torch.Tensor:
+        with self._lock:  # the writer's threads share the one cached tensor
+            return self._get(role, layer)
+
+    def _get(self, role: str, layer: int | None) -> torch.Tensor:
         param = PARAM_OF_ROLE[role]
         if role == "lm_head" and self.shape.tied_embeddings:
             param = PARAM_BY_KEY["embed"]
