@@ -274,6 +274,12 @@ def test_refuses_unbalanced_plan_for_balance(tp2, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_refuses_layers_not_divisible_by_pp(tiny_hf, tmp_path, capsys):
+    mg = mc.hf_to_megatron(tiny_hf("llama-gqa"), tmp_path / "pp2", tp=1, pp=2, progress=False)
+    refuse(["prune", "--input", str(mg), "--output", str(tmp_path / "o"), "--num-layers", "3"], tmp_path / "o",
+           capsys, "3 layers, not divisible by the checkpoint's pipeline-parallel size 2", "[2, 4]")
+
+
 def test_refuses_output_equal_to_input(tp2, capsys):
     before = tree_hash(tp2)
     assert cli_main(["reshard", "--input", str(tp2), "--output", str(tp2), "--tp", "1"]) == 2

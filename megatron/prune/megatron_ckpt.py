@@ -805,6 +805,12 @@ def prune_megatron(src: MegatronCheckpoint, plan: PrunePlan, output: Path | str,
         roles_fn = global_roles
     else:
         raise PruneError(f"--prune-type {prune_type!r}: choose balance or unbalance")
+    if plan.target.num_layers % pp:
+        L = plan.target.num_layers
+        valid = [n for n in range(pp, plan.source.num_layers + 1, pp)]
+        raise PruneError(f"the pruned model would have {L} layers, not divisible by the checkpoint's pipeline-parallel "
+                         f"size {pp}; keep a multiple of {pp} layers ({valid}) or first run "
+                         f"`megatron-prune reshard --pp 1`")
     check_tp_pp(plan.target, tp, pp, what="target: ")
     check_output_path(src.folder, output, overwrite)
     # rank-major order: each input shard is read while writing its own output shard, then released
