@@ -331,3 +331,12 @@ def test_scripts_convert_prune_and_transfer(tiny_hf, tmp_path):
     ref = mc.prune(mc.hf_to_megatron(hf, tmp_path / "mg2", tp=2, progress=False), tmp_path / "ref", plan,
                    progress=False)
     assert_same_tensors(mg_shards(ref), mg_shards(tmp_path / "small"))
+
+
+def test_rope_scaling_llama3_is_carried_and_others_refused():
+    assert mc.rope_scaling_args({"rope_theta": 1e4}) == {"use_rope_scaling": False}
+    cfg = {"rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}}
+    assert mc.rope_scaling_args(cfg) == {"use_rope_scaling": True, "rope_scaling_factor": 32.0}
+    with pytest.raises(PruneError, match="not supported"):
+        mc.rope_scaling_args({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})

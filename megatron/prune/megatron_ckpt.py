@@ -222,6 +222,22 @@ _SHARD_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 # ---- args ---------------------------------------------------------------------------------------
 
 
+def rope_scaling_args(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Megatron's RoPE scaling flags for an HF config; only LLaMA-3 scaling with megatron-core's fixed factors.
+
+    Note: Megatron-LM does not read ``use_rope_scaling`` from checkpoint args; pass ``--use-rope-scaling``.
+    """
+    rs = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
+    kind = rs.get("rope_type") or rs.get("type") or "default"
+    if kind == "default":
+        return {"use_rope_scaling": False}
+    fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if kind != "llama3" or any(float(rs.get(k, v)) != v for k, v in fixed.items()):
+        raise PruneError(f"RoPE scaling {dict(rs)} is not supported by megatron-core (only llama3 scaling with "
+                         f"{fixed})")
+    return {"use_rope_scaling": True, "rope_scaling_factor": float(rs["factor"])}
+
+
 def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, pp: int, padded: int,
                    divisible_by: int, dtype: torch.dtype, spec: str, hf_config: Mapping[str, Any],
                    tokenizer_dir: Path | None) -> argparse.Namespace:
@@ -248,6 +264,7 @@ def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, 
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         iteration=0, consumed_train_samples=0, consumed_valid_samples=0,
     )
+    fields.update(rope_scaling_args(hf_config))
     fields.setdefault("seq_length", getattr(a, "seq_length", None) or min(max_pos, 4096))
     a.__dict__.update(fields)
     if tokenizer_dir is not None:
@@ -263,6 +280,9 @@ def hf_config_from_args(args: argparse.Namespace, shape: ModelShape, dtype: torc
            "rope_theta": float(getattr(args, "rotary_base", 10000)),
            "max_position_embeddings": int(getattr(args, "max_position_embeddings", 4096) or 4096),
            "attention_bias": shape.qkv_bias, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if getattr(args, "use_rope_scaling", False):
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     return hf_config_for_shape(cfg, shape)
 
 
