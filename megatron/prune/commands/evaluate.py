@@ -30,11 +30,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default %(default)s)")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line before the last line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t = p.add_argument_group("lm-evaluation-harness (pip install 'megatron-prune[eval]'; tasks download their data)")
+    t.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-eval tasks (e.g. hellaswag arc_easy) instead of "
+                   "perplexity; prints one line per task")
+    t.add_argument("--include-path", type=Path, nargs="+", metavar="DIR", help="folders of extra (local) task YAMLs")
+    t.add_argument("--limit", type=int, help="at most this many examples per task")
+    t.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     model, tok = load_hf(args.model, DTYPES[args.dtype], args.device)
+    if args.tasks:
+        from ..harness import format_results, run_tasks
+
+        results = run_tasks(model, tok, args.tasks, args.include_path, args.batch_size, args.limit, args.num_fewshot)
+        if args.json:
+            print(json.dumps({"model": str(args.model), "tasks": results}, default=str))
+        print("\n".join(format_results(results)))
+        return 0
     text = read_texts(args.text) if args.text else builtin_text("eval")
     ids = tokenize(tok, text, args.max_tokens or None)
     result = perplexity(model, ids, args.seq_len, args.batch_size, progress=not args.no_progress)

@@ -1,0 +1,188 @@
+"""The score verb, prune --method activation (--scores, --calib, --drop-layers auto), eval --tasks (lm-eval,
+offline with a local task), and on the real model: activation selection beats random by a wide margin."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron.prune.cli import main
+from megatron.prune.importance import load_scores
+from megatron.prune.plan import PrunePlan
+from megatron.prune.shape import ModelShape
+from tiny import make_tiny_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="module")
+def tok_model(tmp_path_factory, real_model):
+    """A tiny random LLaMA with the real model's tokenizer (vocab 49152); layer 2 is a no-op."""
+    folder = tmp_path_factory.mktemp("tok") / "model"
+    model = make_tiny_model("llama-gqa", vocab_size=49152)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (real_model / name).is_file():
+            shutil.copy(real_model / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    from megatron.prune.text import builtin_text
+
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    text = builtin_text("calib")
+    path.write_text("\n".join(json.dumps({"text": text[i : i + 4000]}) for i in range(0, 40000, 4000)))
+    return path
+
+
+SMALL = ["--samples", "4", "--seq-len", "32", "--no-progress"]
+
+
+def test_score_then_prune_with_scores_and_auto_layers(tok_model, calib_file, tmp_path, capsys):
+    scores = tmp_path / "scores.pt"
+    assert main(["score", "--model", str(tok_model), "--output", str(scores), "--calib", str(calib_file)] + SMALL) == 0
+    out = capsys.readouterr().out
+    assert "scored 128 tokens" in out and "first dropped): layers 2" in out
+    meta = torch.load(scores, weights_only=True)["meta"]
+    assert meta["tokens"] == 128 and meta["aggregation"] == "mean-l2"
+
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--input", str(tok_model), "--output", str(pruned), "--method", "activation",
+                 "--scores", str(scores), "--drop-layers", "auto", "--num-layers", "3", "--hidden-size", "40",
+                 "--no-progress"]) == 0
+    plan = PrunePlan.load(pruned)
+    assert [lp.source_layer for lp in plan.layers] == [0, 1, 3]
+    assert plan.info["method"] == "activation" and plan.info["layer_rule"] == "block-influence"
+    assert plan.norm_scale == pytest.approx(math.sqrt(48 / 40)) and plan.info["norm_rescale"] == "sqrt"
+    src, dst = load_file(tok_model / "model.safetensors"), load_file(pruned / "model.safetensors")
+    kept = torch.tensor(plan.hidden)
+    torch.testing.assert_close(dst["model.layers.2.input_layernorm.weight"],
+                               src["model.layers.3.input_layernorm.weight"][kept] * plan.norm_scale)
+    # kept hidden channels are the top-40 of the saved scores
+    hidden = load_scores(scores, ModelShape.from_dict(meta["shape"])).hidden
+    assert set(plan.hidden) == set(torch.argsort(-hidden, stable=True)[:40].tolist())
+
+    # scoring on the fly with the same calibration settings gives the same plan
+    again = tmp_path / "again"
+    assert main(["prune", "--input", str(tok_model), "--output", str(again), "--method", "activation",
+                 "--calib", str(calib_file), "--drop-layers", "auto", "--num-layers", "3", "--hidden-size", "40"]
+                + SMALL) == 0
+    assert PrunePlan.load(again) == plan
+
+
+def test_norm_rescale_off(tok_model, tmp_path):
+    out = tmp_path / "p"
+    assert main(["prune", "--input", str(tok_model), "--output", str(out), "--method", "magnitude",
+                 "--hidden-size", "40", "--norm-rescale", "none", "--no-progress"]) == 0
+    assert PrunePlan.load(out).norm_scale == 1.0
+
+
+def test_gqa_drop_groups_flag(tok_model, tmp_path):
+    out = tmp_path / "p"
+    assert main(["prune", "--input", str(tok_model), "--output", str(out), "--method", "magnitude",
+                 "--num-attention-heads", "4", "--gqa", "drop-groups", "--no-progress"]) == 0
+    t = PrunePlan.load(out).target
+    assert (t.num_attention_heads, t.num_query_groups) == (4, 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "--method", "activation", "--drop-layers", "auto"], "needs --num-layers"),
+    (["prune", "--method", "random", "--drop-layers", "auto", "--num-layers", "3"], "use --method activation"),
+    (["score", "--samples", "100000"], "fewer than --samples 100000"),
+])
+def test_bad_input_is_refused_before_writing(tok_model, tmp_path, capsys, argv, message):
+    out = tmp_path / ("out.pt" if argv[0] == "score" else "out")
+    flag = "--model" if argv[0] == "score" else "--input"
+    assert main(argv[:1] + [flag, str(tok_model), "--output", str(out), "--no-progress"] + argv[1:]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_scores_of_another_model_and_existing_output_are_refused(tok_model, tiny_hf, tmp_path, capsys):
+    scores = tmp_path / "s.pt"
+    assert main(["score", "--model", str(tok_model), "--output", str(scores)] + SMALL) == 0
+    assert main(["score", "--model", str(tok_model), "--output", str(scores)] + SMALL) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["prune", "--input", str(tiny_hf("mistral")), "--output", str(tmp_path / "o"), "--method",
+                 "activation", "--scores", str(scores), "--no-progress"]) == 2
+    assert "another model" in capsys.readouterr().err
+    assert main(["prune", "--input", str(tiny_hf("mistral")), "--output", str(tmp_path / "o"), "--method",
+                 "activation", "--no-progress"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+
+
+# ---- lm-evaluation-harness, offline with a local task --------------------------------------------------------
+
+
+@torch.no_grad()
+def choice_logprob(model, tok, context: str, choice: str) -> float:
+    whole = tok(context + " " + choice, add_special_tokens=False)["input_ids"]
+    n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([whole])
+    logp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits.float(), -1)[0]
+    return float(sum(logp[i - 1, whole[i]] for i in range(n_ctx, len(whole))))
+
+
+def test_eval_tasks_bridge_offline(tok_model, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(tok_model).eval()
+    tok = AutoTokenizer.from_pretrained(tok_model)
+    questions = ["The capital of France is", "A for loop repeats", "Python lists are", "The sky is"]
+    choices = [["Paris", "blue", "a number"], ["code", "nothing", "Paris"], ["mutable", "green", "tall"],
+               ["blue", "code", "twelve"]]
+    # the "right" answer is the tiny model's own favourite, computed by hand: lm-eval must then score acc 1.0
+    rows = []
+    for q, cs in zip(questions, choices):
+        lp = [choice_logprob(model, tok, q, c) for c in cs]
+        rows.append({"question": q, "choices": cs, "answer": int(torch.tensor(lp).argmax()), "worst": int(torch.tensor(lp).argmin())})
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, key in (("tiny_best", "answer"), ("tiny_worst", "worst")):
+        (tasks / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{{{question}}}}'\n"
+            f"doc_to_choice: '{{{{choices}}}}'\ndoc_to_target: '{{{{{key}}}}}'\nmetric_list:\n  - metric: acc\n")
+    assert main(["eval", "--model", str(tok_model), "--tasks", "tiny_best", "tiny_worst", "--include-path",
+                 str(tasks), "--device", "cpu", "--json", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    results = json.loads(next(l for l in lines if l.startswith("{")))["tasks"]
+    assert results["tiny_best"]["acc,none"] == 1.0
+    assert results["tiny_worst"]["acc,none"] == 0.0
+    assert main(["eval", "--model", str(tok_model), "--tasks", "no_such_task_xyz", "--include-path", str(tasks),
+                 "--device", "cpu"]) == 2
+
+
+# ---- the real model ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_activation_beats_random_on_the_real_model(real_model, tmp_path):
+    from megatron.prune.evaluate import load_hf, perplexity, tokenize
+    from megatron.prune.text import builtin_text
+
+    shape = ["--hidden-size", "468", "--ffn-hidden-size", "1024", "--no-progress"]
+    ppl = {}
+    for method, extra in (("activation", ["--samples", "8", "--seq-len", "128"]), ("random", ["--seed", "1"])):
+        out = tmp_path / method
+        assert main(["prune", "--input", str(real_model), "--output", str(out), "--method", method] + shape + extra) == 0
+        model, tok = load_hf(out)
+        ids = tokenize(tok, builtin_text("eval"), 2048)
+        ppl[method] = perplexity(model, ids, seq_len=512, progress=False).perplexity
+        del model
+        shutil.rmtree(out)
+    assert ppl["activation"] <= 0.3 * ppl["random"], ppl
