@@ -186,3 +186,15 @@ def test_activation_beats_random_on_the_real_model(real_model, tmp_path):
         del model
         shutil.rmtree(out)
     assert ppl["activation"] <= 0.3 * ppl["random"], ppl
+
+
+def test_method_auto_is_activation_where_it_can_score(tok_model, tiny_hf, tmp_path, capsys):
+    assert main(["prune", "--input", str(tok_model), "--output", str(tmp_path / "a"), "--num-layers", "3"]
+                + SMALL) == 0
+    assert "--method auto: activation" in capsys.readouterr().out
+    plan = PrunePlan.load(tmp_path / "a")
+    assert plan.info["method"] == "activation" and [lp.source_layer for lp in plan.layers] == [0, 1, 3]
+    assert main(["prune", "--input", str(tiny_hf("mistral")), "--output", str(tmp_path / "b"), "--num-layers", "3",
+                 "--no-progress"]) == 0
+    assert "falling back to random" in capsys.readouterr().out
+    assert PrunePlan.load(tmp_path / "b").info["method"] == "random"

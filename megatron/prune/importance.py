@@ -337,7 +337,23 @@ def gqa_query_groups(shape: ModelShape, num_attention_heads: int | None, num_que
     return num_attention_heads // hpg
 
 
-# ---- the SCORERS entry ---------------------------------------------------------------------------------
+# ---- the SCORERS entry and the default method ------------------------------------------------------------
+
+
+def can_score(src: Any, opt: Mapping[str, Any]) -> bool:
+    """Activation scores are at hand: a scores file, or an HF checkpoint with a tokenizer to run text through."""
+    folder = getattr(src, "folder", None)
+    return bool(opt.get("scores")) or (folder is not None and (Path(folder) / "config.json").is_file()
+                                       and any((Path(folder) / n).is_file()
+                                               for n in ("tokenizer.json", "tokenizer_config.json")))
+
+
+def auto_method(src: Any, opt: Mapping[str, Any]) -> tuple[str, str]:
+    """``--method auto``: activation (best by bench/quality.py) where it can run, else random, with the reason."""
+    if can_score(src, opt):
+        return "activation", "activation importance + block influence"
+    return "random", ("the input has no tokenizer to score activations with (for a Megatron checkpoint run "
+                      "`megatron-prune score` on its HF model and pass --scores); falling back to random")
 
 
 def activation_scorer(src: Any, opt: Mapping[str, Any]) -> Scores:

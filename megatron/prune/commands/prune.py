@@ -66,9 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, type=Path, help="new folder for the pruned checkpoint")
     add_target_arguments(p)
     s = p.add_argument_group("selection")
-    s.add_argument("--method", choices=sorted(SCORERS), default="random",
-                   help="how kept units are chosen: random (seeded, the seed project's method) or magnitude "
-                        "(L2 norm of each unit's weights). Default: %(default)s")
+    s.add_argument("--method", choices=["auto", *sorted(SCORERS)], default="auto",
+                   help="how kept units are chosen: activation (importance on calibration text + block influence "
+                        "for layers; see `megatron-prune score`), random (seeded, the seed project's method) or "
+                        "magnitude (L2 norm of each unit's weights). auto: activation where the input can be scored "
+                        "(HF checkpoint with tokenizer, or --scores), else random. Default: %(default)s")
     s.add_argument("--seed", type=int, default=1234, help="seed for --method random (default %(default)s)")
     s.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel size the selection must respect (default: the Megatron input's TP, else 1); "
@@ -114,12 +116,18 @@ def build_plan(args: argparse.Namespace, src, adapter) -> PrunePlan:
                         args.ffn_hidden_size, args.num_layers, None if auto else args.drop_layers)
     target, drop = resolve_target(src.shape, req)
     adapter.check_target(target)
-    scores = SCORERS[args.method](src, vars(args))
+    method = args.method
+    if method == "auto":
+        method, why = importance.auto_method(src, vars(args))
+        if target == src.shape and drop is None:
+            method, why = "random", "nothing to prune"  # keep-all: no scores needed
+        print(f"--method auto: {method} ({why})")
+    scores = SCORERS[method](src, vars(args))
     if auto and scores.layers is None:
-        raise PruneError(f"--drop-layers auto needs block-influence scores; --method {args.method} has none "
+        raise PruneError(f"--drop-layers auto needs block-influence scores; --method {method} has none "
                          "(use --method activation)")
     plan = make_plan(src.shape, target, scores, drop, tp=args.tp or getattr(src, "tp", 1), balance=args.prune_type == "balance",
-                     info={"seed": args.seed} if args.method == "random" else {})
+                     info={"seed": args.seed} if method == "random" else {})
     return importance.norm_rescale(plan, args.norm_rescale)
 
 
