@@ -133,8 +133,6 @@ def test_checkpoint_layout_is_megatrons(tp1):
     assert (tp1["save"] / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG (open): torch_dist teacher at TP=2 gives KD loss ~0.23 "
-                   "with teacher == student; teacher loading in kd.load_model_weights is suspect")
 def test_kd_teacher_equal_to_student_gives_zero_kd_loss_at_tp2(corpus, tp2):
     r = check_model({"DATA": corpus["DATA"], "TOKENIZER": corpus["TOKENIZER"], "TP": "2",
                      "TRAIN_ITERS": "3", "LOAD": str(tp2["save"]), "KD_TEACHER": str(tp2["save"]),

@@ -265,7 +265,9 @@ def forward_step(data_iterator, model):
         t_logits = _TEACHER(b["tokens"], b["position_ids"], None)
     if not parallel_state.is_pipeline_last_stage():
         return logits, done
-    lm = vocab_parallel_cross_entropy(logits.float(), b["labels"])  # [b, s]
+    # Megatron's cross-entropy overwrites its input in place (minus max, then exp), and ``.float()`` of
+    # fp32 logits is the same tensor: hand it a copy so the KL below sees the real logits.
+    lm = vocab_parallel_cross_entropy(logits.to(torch.float32, copy=True), b["labels"])  # [b, s]
     kl = kd.vocab_parallel_kl(logits, t_logits, args.kd_temperature,
                               parallel_state.get_tensor_model_parallel_group())
     return torch.stack([lm, kl]), done
