@@ -180,6 +180,10 @@ class HFCheckpoint:
             return hf_name("embed")
         return name
 
+    def dtype_code(self, role: str, layer: int | None = None) -> str:
+        """safetensors dtype code ("F32", "BF16", ...) of a tensor, read from the header, not the data."""
+        return self.dtypes[self._name(role, layer)]
+
     # TensorSource
     def has(self, role: str, layer: int | None = None) -> bool:
         return hf_name(role, layer) in self.files
@@ -249,9 +253,13 @@ def write_safetensors(path: Path, specs: list[tuple[str, str, tuple[int, ...]]],
 
 def write_pruned(ckpt: HFCheckpoint, plan: PrunePlan, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                  progress: bool = True) -> None:
-    """Apply ``plan`` to ``ckpt`` and write an HF checkpoint into the (existing, empty) folder ``out``."""
+    """Apply ``plan`` to ``ckpt`` and write an HF checkpoint into the (existing, empty) folder ``out``.
+
+    ``ckpt`` may be any source with ``folder`` (side files), ``config``, ``shape``, ``get`` and ``dtype_code``:
+    the Megatron adapter exports to HF through this same writer.
+    """
     items = list(_out_tensors(plan))
-    specs = [(name, ckpt.dtypes[ckpt._name(r, l)], role_shape(r, plan.target)) for name, r, l, _ in items]
+    specs = [(name, ckpt.dtype_code(r, l), role_shape(r, plan.target)) for name, r, l, _ in items]
     sizes = [_DTYPE_SIZES[code] * math.prod(shape) for _, code, shape in specs]
     groups = _shard_groups(sizes, max_shard_bytes)
     names = ([SINGLE_WEIGHTS] if len(groups) == 1

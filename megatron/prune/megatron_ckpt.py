@@ -755,23 +755,11 @@ class HFView:
     def has(self, role: str, layer: int | None = None) -> bool:
         return self.src.has(role, layer)
 
-    def itemsize(self, role: str, layer: int | None = None) -> int:
-        return self.src.itemsize(role, layer)
-
-    def _name(self, role: str, layer: int | None) -> str:
-        from .hf import hf_name
-
-        return hf_name(role, layer)
-
-    @property
-    def dtypes(self) -> Mapping[str, str]:
+    def dtype_code(self, role: str, layer: int | None = None) -> str:
         """safetensors dtype code of every tensor (one dtype throughout a Megatron checkpoint)."""
-        from collections import defaultdict
-
         from .hf import _DTYPE_CODES
 
-        code = _DTYPE_CODES[self.src.dtype]
-        return defaultdict(lambda: code)
+        return _DTYPE_CODES[self.src.dtype]
 
 
 # ---- pruning ------------------------------------------------------------------------------------
