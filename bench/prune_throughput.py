@@ -49,7 +49,7 @@ def synthetic_checkpoint(folder: Path, layers: int, tp: int) -> None:
                  "rope_theta": 10000.0, "max_position_embeddings": 4096}
     args = mc.args_for_shape(None, shape, tp, 1, layout.padded_vocab, 128, torch.bfloat16, "local", hf_config, None)
     folder.mkdir(parents=True)
-    mc.write_checkpoint(folder, layout, roles, args)
+    mc.write_checkpoint(folder, layout, mc.fused_params(roles, layout), args)
     mc.write_meta(folder, None, hf_config, shape)
     del units
 

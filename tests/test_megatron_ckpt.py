@@ -74,6 +74,28 @@ def test_tp_axis_declared_once_and_consistent_with_role_axes():
     assert set(mc.PARAM_OF_ROLE) == set(ROLE_AXES)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_param_gather_equals_unfuse_slice_fuse(dtype):
+    """The one-row-gather-one-column-gather shortcut of balanced pruning == unfuse -> slice_role -> fuse."""
+    from megatron.prune.slicing import AxisIndex, slice_role
+
+    g = torch.Generator().manual_seed(0)
+    ng, np_, hn, h, f = 4, 8, 3, 10, 12  # one rank's source: 4 groups of 2 heads
+    index = AxisIndex(hidden=(0, 2, 3, 7, 9), groups=(1, 3), heads=(2, 3, 6, 7), ffn=(0, 4, 5, 11))
+    stored = {"qkv": ((np_ + 2 * ng) * hn, h), "qkv_bias": ((np_ + 2 * ng) * hn,), "proj": (h, np_ * hn),
+              "fc1": (2 * f, h), "fc2": (h, f), "embed": (16, h)}
+    for key, size in stored.items():
+        p = mc.PARAM_BY_KEY[key]
+        t = torch.randn(size, generator=g).to(dtype)
+        parts = mc.unfuse(p, t, ng, np_, hn)
+        want = mc.fuse(p, {r: slice_role(r, x, index, hn) for r, x in parts.items()}, 2)
+        got = mc.param_gather(p, index, size, (ng, 2), np_, hn)(t)
+        assert got.shape == want.shape and got.dtype == dtype and torch.equal(got, want), key
+        assert got.data_ptr() != t.data_ptr()
+    keep_all = mc.param_gather(mc.PARAM_BY_KEY["qkv"], AxisIndex(), stored["qkv"], (ng, ng), np_, hn)
+    assert keep_all.rows is None and keep_all.cols is None  # identity: no copy at all
+
+
 def test_fc1_shard_is_gate_shard_then_up_shard(tiny_hf, tmp_path):
     hf = tiny_hf("llama-gqa")
     mg = mc.hf_to_megatron(hf, tmp_path / "mg", tp=2, progress=False)

@@ -14,6 +14,8 @@ the two fusions (:func:`fuse_qkv`, :func:`fuse_fc1`) and vocabulary padding.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,7 +34,8 @@ from tqdm import tqdm
 from .io import atomic_output, check_output_path, copy_side_files
 from .plan import PLAN_FILE, PrunePlan
 from .shape import ModelShape, PruneError, hf_config_for_shape, nearest_multiples
-from .slicing import ROLE_AXES, AxisIndex, layer_index, model_index, slice_role, tp_slice_index
+from .slicing import (NORM_ROLES, ROLE_AXES, AxisIndex, layer_index, model_index, slice_role,
+                      tp_slice_index)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -503,6 +506,12 @@ class MegatronCheckpoint:
             return self.shape.qkv_bias
         return role in ROLE_AXES
 
+    def stored(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
+        """The megatron-core tensor holding ``role`` in TP shard ``tp_rank``, as stored (memory-mapped, fused)."""
+        _, stage, name = self._where(role, layer)
+        with self._lock:
+            return self._shard(tp_rank, stage)[name]
+
     def get_local(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
         """The rank-local logical tensor of ``role`` (vocab still padded for embed/lm_head)."""
         with self._lock:
@@ -534,6 +543,8 @@ class MegatronCheckpoint:
 
 # (role, layer) -> rank-local pruned logical tensor for output rank r
 RoleFn = Callable[[str, int | None, int], torch.Tensor]
+# (param, layer) -> output rank r's stored megatron-core tensor of param (layer None: a model-level param)
+ParamFn = Callable[["Param", int | None, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -569,46 +580,134 @@ def global_roles(src: Any, plan: PrunePlan, layout: Layout) -> RoleFn:
     return get
 
 
-def balanced_roles(src: MegatronCheckpoint, plan: PrunePlan, layout: Layout) -> RoleFn:
-    """Prune TP shard r on its own: the plan's kept indices inside rank r's slice, re-based (same TP)."""
-    units = tp_units(src.shape, src.padded_vocab)
-    hn = src.shape.head_dim
-    fallback = global_roles(src, plan, layout)
-    local_vocab = plan.vocab is None and layout.padded_vocab == src.padded_vocab
+def model_role(param: Param, shape: ModelShape) -> str:
+    """The logical role a model-level parameter holds (a tied output layer holds the embedding)."""
+    return "embed" if param.key == "embed" or (param.key == "lm_head" and shape.tied_embeddings) else param.roles[0]
 
-    def get(role: str, layer: int | None, r: int) -> torch.Tensor:
+
+def fused_params(roles: RoleFn, layout: Layout) -> ParamFn:
+    """Stored tensors from rank-local logical tensors: fuse q/k/v and gate/up per output rank."""
+    ng_local = layout.shape.num_query_groups // layout.tp
+
+    def get(param: Param, layer: int | None, r: int) -> torch.Tensor:
         if layer is None:
-            if role in ("embed", "lm_head") and not local_vocab:
-                return fallback(role, layer, r)
-            index = AxisIndex(hidden=plan.hidden)  # vocab kept whole: padding rows stay as they are
-            return slice_role(role, src.get_local(role, None, r), index, hn, plan.norm_scale)
-        lp = plan.layers[layer]
-        index = tp_slice_index(layer_index(plan, lp), units, src.tp, r)
-        return slice_role(role, src.get_local(role, lp.source_layer, r), index, hn, plan.norm_scale)
+            return roles(model_role(param, layout.shape), None, r)
+        return fuse(param, {role: roles(role, layer, r) for role in param.roles}, ng_local)
 
     return get
 
 
-def build_shard(layout: Layout, roles: RoleFn, tp_rank: int, pp_rank: int, workers: int = WORKERS) -> dict[str, Any]:
-    """The state dict of output shard (tp_rank, pp_rank), built from rank-local logical tensors.
+def global_params(src: Any, plan: PrunePlan, layout: Layout) -> ParamFn:
+    """:func:`global_roles`, fused: any TP/PP in, any TP/PP out."""
+    return fused_params(global_roles(src, plan, layout), layout)
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class Gather:
+    """The rows, then the columns, of a stored tensor that an output tensor keeps (None: the whole axis)."""
+
+    rows: torch.Tensor | None
+    cols: torch.Tensor | None
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """Bit-exact gather through numpy on a same-size integer view (numpy's take is faster than index_select
+        on both axes and its large outputs are huge-page backed: far fewer page faults); rows first, so the
+        column gather only touches the kept rows."""
+        if self.rows is None and self.cols is None:
+            return t
+        if t.dtype.itemsize not in _INT_OF_SIZE or t.requires_grad:
+            out = t if self.rows is None else t.index_select(0, self.rows)
+            return out if self.cols is None else out.index_select(1, self.cols)
+        a = t.view(_INT_OF_SIZE[t.dtype.itemsize]).numpy()
+        if self.rows is not None:
+            a = a.take(self.rows.numpy(), axis=0)
+        if self.cols is not None:
+            a = a.take(self.cols.numpy(), axis=1)
+        return torch.from_numpy(a).view(t.dtype)
+
+
+def _kept_positions(param: Param, index: AxisIndex, size: tuple[int, ...], dim: int, ng: tuple[int, int],
+                    np_src: int, hn: int) -> torch.Tensor | None:
+    """Which positions along ``dim`` of a stored tensor unfuse -> slice_role -> fuse keeps, found by running
+    exactly those functions on position numbers; None when every position is kept in place."""
+    n = size[dim]
+    pos = torch.arange(n).reshape([n if d == dim else 1 for d in range(len(size))])
+    parts = unfuse(param, pos, ng[0], np_src, hn) if dim == 0 else {param.roles[0]: pos}
+    kept = {}
+    for role, part in parts.items():
+        other = [a for d, a in enumerate(ROLE_AXES[role]) if d != dim]  # slice only along ``dim``
+        kept[role] = slice_role(role, part, dataclasses.replace(index, **dict.fromkeys(other)), hn)
+    out = (fuse(param, kept, ng[1]) if dim == 0 else kept[param.roles[0]]).reshape(-1)
+    return None if out.numel() == n and torch.equal(out, torch.arange(n)) else out
+
+
+def param_gather(param: Param, index: AxisIndex, size: tuple[int, ...], ng: tuple[int, int], np_src: int,
+                 hn: int) -> Gather:
+    """One row gather and one column gather equal to unfusing a stored tensor of ``param`` (``size``), slicing
+    each logical part with ``index`` and re-fusing: gathers commute, so the result is bit-identical, with
+    two copies instead of up to seven. ``ng`` is (source, output) query groups of the rank. Fused parts share
+    their column axis (hidden), so the columns come from the first part."""
+    cols = _kept_positions(param, index, size, 1, ng, np_src, hn) if len(size) == 2 else None
+    return Gather(_kept_positions(param, index, size, 0, ng, np_src, hn), cols)
+
+
+def own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and alone in its storage (torch.save writes whole storages)."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def balanced_params(src: MegatronCheckpoint, plan: PrunePlan, layout: Layout) -> ParamFn:
+    """Prune TP shard r on its own (same TP): the plan's kept indices inside rank r's slice, re-based, taken
+    from each stored tensor by one row and one column gather (:func:`param_gather`)."""
+    s, t = src.shape, layout.shape
+    units = tp_units(s, src.padded_vocab)
+    hn = s.head_dim
+    ng = (s.num_query_groups // src.tp, t.num_query_groups // layout.tp)
+    fallback = global_params(src, plan, layout)
+    local_vocab = plan.vocab is None and layout.padded_vocab == src.padded_vocab
+
+    @functools.lru_cache(maxsize=None)
+    def index(layer: int | None, r: int) -> AxisIndex:
+        if layer is None:
+            return AxisIndex(hidden=plan.hidden)  # vocab kept whole: padding rows stay as they are
+        return tp_slice_index(layer_index(plan, plan.layers[layer]), units, src.tp, r)
+
+    def get(param: Param, layer: int | None, r: int) -> torch.Tensor:
+        if layer is None and param.key in ("embed", "lm_head") and not local_vocab:
+            return fallback(param, layer, r)
+        role = model_role(param, t) if layer is None else param.roles[0]
+        stored = src.stored(role, None if layer is None else plan.layers[layer].source_layer, r)
+        if role in NORM_ROLES:  # not a pure gather: the plan may rescale norms
+            return slice_role(role, stored, index(layer, r), hn, plan.norm_scale)
+        holder = PARAM_OF_ROLE[role]
+        gather = param_gather(holder, index(layer, r), tuple(stored.shape), ng, s.num_attention_heads // src.tp, hn)
+        return gather(stored)
+
+    return get
+
+
+def build_shard(layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int,
+                workers: int = WORKERS) -> dict[str, Any]:
+    """The state dict of output shard (tp_rank, pp_rank).
 
     Parameters are computed by ``workers`` threads (torch and numpy release the GIL while copying).
     """
-    s = layout.shape
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
-    model_params, layer_params = params_for(s, first, last)
-    ng_local = s.num_query_groups // layout.tp
+    model_params, layer_params = params_for(layout.shape, first, last)
     jobs: list[tuple[str, Callable[[], torch.Tensor]]] = []
     for p in model_params:
-        role = "embed" if p.key == "embed" or (p.key == "lm_head" and s.tied_embeddings) else p.roles[0]
-        jobs.append((p.name(layout.spec), lambda role=role: roles(role, None, tp_rank)))
+        jobs.append((p.name(layout.spec), lambda p=p: params(p, None, tp_rank)))
     for i in range(layout.layers_per_stage):
         layer = pp_rank * layout.layers_per_stage + i
         for p in layer_params:
-            jobs.append((p.name(layout.spec, i),
-                         lambda p=p, layer=layer: fuse(p, {r: roles(r, layer, tp_rank) for r in p.roles}, ng_local)))
+            jobs.append((p.name(layout.spec, i), lambda p=p, layer=layer: params(p, layer, tp_rank)))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        tensors = pool.map(lambda job: job[1]().contiguous(), jobs)
+        tensors = pool.map(lambda job: own_storage(job[1]()), jobs)
         sd: dict[str, Any] = dict(zip((name for name, _ in jobs), tensors))
     for i in range(layout.layers_per_stage):
         sd.update({t.format(i): None for t in EXTRA_STATE[layout.spec] if "{}" in t})
@@ -617,17 +716,26 @@ def build_shard(layout: Layout, roles: RoleFn, tp_rank: int, pp_rank: int, worke
     return sd
 
 
-def write_checkpoint(out: Path, layout: Layout, roles: RoleFn, args: argparse.Namespace,
+def save_shard(obj: Mapping[str, Any], path: Path) -> None:
+    """``torch.save`` without zip CRC-32s: torch.load never verifies them (a corrupted record loads silently
+    either way) and computing them took most of torch.save's CPU time; the file is an ordinary torch checkpoint."""
+    from torch.utils.serialization import config
+
+    with config.patch("save.compute_crc32", False):
+        torch.save(obj, path)
+
+
+def write_checkpoint(out: Path, layout: Layout, params: ParamFn, args: argparse.Namespace,
                      order: Sequence[tuple[int, int]] | None = None, release: Callable[[], None] = lambda: None,
                      progress: bool = True) -> None:
     """Write every shard of ``layout`` into ``out`` (an existing empty folder), one shard in memory at a time."""
     iter_dir = out / "iter_0000000"
     keys = list(order or [(t, p) for t in range(layout.tp) for p in range(layout.pp)])
     for t, p in tqdm(keys, desc="writing shards", unit="shard", disable=not progress):
-        sd = build_shard(layout, roles, t, p)
+        sd = build_shard(layout, params, t, p)
         path = iter_dir / shard_dir_name(t, p, layout.pp) / MODEL_FILE
         path.parent.mkdir(parents=True)
-        torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": sd}, path)
+        save_shard({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": sd}, path)
         del sd
         release()
     (out / TRACKER).write_text("0")
@@ -650,7 +758,7 @@ def _has_tokenizer(folder: Path | None) -> bool:
 
 
 def _save(src: Any, plan: PrunePlan, output: Path, tp: int, pp: int, spec: str, divisible_by: int,
-          roles_fn: Callable[[Any, PrunePlan, Layout], RoleFn], base_args: argparse.Namespace | None,
+          params_fn: Callable[[Any, PrunePlan, Layout], ParamFn], base_args: argparse.Namespace | None,
           side_files: Path | None, overwrite: bool, progress: bool, save_plan: bool,
           order: Sequence[tuple[int, int]] | None = None) -> Path:
     """Shared body of convert, reshard and prune: write ``plan`` applied to ``src`` as a Megatron checkpoint."""
@@ -665,7 +773,7 @@ def _save(src: Any, plan: PrunePlan, output: Path, tp: int, pp: int, spec: str, 
     args = args_for_shape(base_args, target, tp, pp, layout.padded_vocab, divisible_by,
                           getattr(src, "dtype", None) or _hf_dtype(src), spec, src_hf_config(src), tokenizer)
     with atomic_output(output, overwrite) as tmp:
-        write_checkpoint(tmp, layout, roles_fn(src, plan, layout), args, order, getattr(src, "release", lambda: None),
+        write_checkpoint(tmp, layout, params_fn(src, plan, layout), args, order, getattr(src, "release", lambda: None),
                          progress)
         write_meta(tmp, side_files, src_hf_config(src), target)
         if save_plan:
@@ -693,7 +801,7 @@ def hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, tp: int = 1, pp: int
     check_tp_pp(src.shape, tp, pp)
     check_output_path(hf_dir, out_dir, overwrite)
     return _save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec, make_vocab_size_divisible_by,
-                 global_roles, None, Path(hf_dir), overwrite, progress, save_plan=False)
+                 global_params, None, Path(hf_dir), overwrite, progress, save_plan=False)
 
 
 def reshard(mg_dir: Path | str, out_dir: Path | str, tp: int | None = None, pp: int | None = None,
@@ -706,7 +814,7 @@ def reshard(mg_dir: Path | str, out_dir: Path | str, tp: int | None = None, pp: 
     check_output_path(mg_dir, out_dir, overwrite)
     div = make_vocab_size_divisible_by or int(getattr(src.args, "make_vocab_size_divisible_by", 128))
     plan_file = src.folder / PLAN_FILE
-    out = _save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec or src.spec, div, global_roles,
+    out = _save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec or src.spec, div, global_params,
                 src.args, src.folder / META_DIR, overwrite, progress, save_plan=False)
     if plan_file.is_file():
         shutil.copy2(plan_file, out / PLAN_FILE)  # keep the record of how this checkpoint was pruned
@@ -806,11 +914,11 @@ def prune_megatron(src: MegatronCheckpoint, plan: PrunePlan, output: Path | str,
         tp = src.tp
         check_balanced(plan, tp, src.padded_vocab)
         # torch_dist input has no per-rank files: gather, prune, re-split (the same result)
-        roles_fn: Callable[[Any, PrunePlan, Layout], RoleFn] = (
-            balanced_roles if isinstance(src, MegatronCheckpoint) else global_roles)
+        params_fn: Callable[[Any, PrunePlan, Layout], ParamFn] = (
+            balanced_params if isinstance(src, MegatronCheckpoint) else global_params)
     elif prune_type == "unbalance":
         tp = tp or src.tp
-        roles_fn = global_roles
+        params_fn = global_params
     else:
         raise PruneError(f"--prune-type {prune_type!r}: choose balance or unbalance")
     if plan.target.num_layers % pp:
@@ -824,7 +932,7 @@ def prune_megatron(src: MegatronCheckpoint, plan: PrunePlan, output: Path | str,
     # rank-major order: each input shard is read while writing its own output shard, then released
     order = [(t, p) for t in range(tp) for p in range(pp)]
     src.release()
-    out = _save(src, plan, Path(output), tp, pp, src.spec, div, roles_fn, src.args, src.folder / META_DIR,
+    out = _save(src, plan, Path(output), tp, pp, src.spec, div, params_fn, src.args, src.folder / META_DIR,
                 overwrite, progress, save_plan=True, order=order)
     print(f"note: {NOT_CARRIED}")
     return out
