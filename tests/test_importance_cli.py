@@ -54,7 +54,7 @@ def test_score_then_prune_with_scores_and_auto_layers(tok_model, calib_file, tmp
     out = capsys.readouterr().out
     assert "scored 128 tokens" in out and "first dropped): layers 2" in out
     meta = torch.load(scores, weights_only=True)["meta"]
-    assert meta["tokens"] == 128 and meta["aggregation"] == "mean-l2"
+    assert meta["tokens"] == 128 and meta["aggregation"] == "rms"
 
     pruned = tmp_path / "pruned"
     assert main(["prune", "--input", str(tok_model), "--output", str(pruned), "--method", "activation",

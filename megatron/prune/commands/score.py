@@ -3,8 +3,8 @@
 Collects, per layer: hidden-channel importance (|x| of the RMSNorm outputs feeding attention and MLP),
 query-head and KV-group importance (L2 norm of each head's attention output before o_proj), FFN-channel
 importance (|x| of the input of down_proj) and block influence (1 - cos(layer input, layer output)).
-Tokens and samples are aggregated as Minitron does (mean over the sequence, L2 over samples) unless
---aggregation says otherwise. The scores file feeds `prune --method activation --scores FILE`, for the HF
+Tokens and samples are aggregated by --aggregation: rms (L2 over all tokens; the default, measured better
+in bench/quality.py), mean, or mean-l2 (Minitron: mean over the sequence, L2 over samples). The scores file feeds `prune --method activation --scores FILE`, for the HF
 checkpoint and for the Megatron checkpoint of the same model alike.
 
 Examples:
