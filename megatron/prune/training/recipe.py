@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from ..cpu import CPU_FLAGS, apply_cpu_shims, skip_compile_helpers
 from ..data import validate_dataset_prefix
+from ..megatron_ckpt import META_DIR
 from ..shape import PruneError
 from . import kd
 
@@ -106,6 +109,24 @@ def validate_inputs(args: Any) -> None:
             raise PruneError(f"--kd-temperature {args.kd_temperature}: must be > 0")
         ref = kd.find_checkpoint(args.kd_teacher_load, "--kd-teacher-load")
         kd.check_teacher(kd.checkpoint_args(ref), args)
+
+
+def carry_hf_meta(args: Any) -> Path | None:
+    """Copy ``LOAD/hf_meta`` (HF config + tokenizer, written by our converter) into ``SAVE`` once, on rank 0.
+
+    Training keeps the model's shape, so the saved checkpoints export with ``megatron-to-hf`` to a
+    complete HF folder (tokenizer included) that ``megatron-prune eval`` reads directly.
+    """
+    if not (args.load and args.save) or os.environ.get("RANK", "0") != "0":
+        return None
+    src, dst = Path(args.load) / META_DIR, Path(args.save) / META_DIR
+    if not src.is_dir() or dst.exists() or src.resolve() == dst.resolve():
+        return None
+    tmp = dst.with_name(f".{META_DIR}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, dst)
+    return dst
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PruneError as e:
         print(f"pretrain_llama.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    carry_hf_meta(args)
     cfg = pretrain_cfg_container_from_args(args)
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step,
              model_provider=model_provider)

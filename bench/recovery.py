@@ -1,0 +1,200 @@
+"""Recovery benchmark (CPU): how fast does training win back what pruning lost, LM loss vs distillation?
+
+Prunes the embedded SmolLM2-135M to the demo shape with ``--method activation``, converts it (and the
+unpruned teacher) to Megatron, tokenizes the built-in calibration text, then runs the stock Megatron loop
+through ``scripts/check_model.sh`` twice for the same fixed budget:
+  (a) ``lm``: plain next-token loss;
+  (b) ``kd``: distillation from the unpruned model (``--kd-alpha 1``, T=1: pure logit KL).
+Every ``--eval-every`` iterations the loop saves the model; each saved iteration is exported with
+``megatron_to_hf`` and its perplexity measured on the built-in held-out text with
+``megatron.prune.evaluate.perplexity`` (the same number ``megatron-prune eval``/``demo`` print).
+
+    .venv/bin/python bench/recovery.py               # ~10-15 min on 2 CPU cores
+    .venv/bin/python bench/recovery.py --iters 4 --eval-every 2   # smoke run
+
+Writes bench/results/recovery.json and assets/recovery.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from megatron.prune.commands.demo import DEMO_SHAPE
+from megatron.prune.evaluate import load_hf, perplexity, tokenize
+from megatron.prune.megatron_ckpt import hf_to_megatron, megatron_to_hf
+from megatron.prune.models import cache_root, embedded_model_dir
+from megatron.prune.text import builtin_text
+
+ROOT = Path(__file__).resolve().parent.parent
+ITER_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+\-]+) \|(?:.*?kd loss: ([0-9.E+\-]+) \|)?")
+MODES = {"lm": {}, "kd": {"KD_ALPHA": "1", "KD_TEMPERATURE": "1.0"}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iters", type=int, default=30, help="training iterations per run (default %(default)s)")
+    p.add_argument("--eval-every", type=int, default=10, help="iterations between perplexity points")
+    p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
+    p.add_argument("--global-batch", type=int, default=4, help="sequences per iteration")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak LR (cosine to LR/10, 2 warm-up iterations)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="perplexity window (as the demo)")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default <cache>/recovery-bench)")
+    p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
+    a = p.parse_args(argv)
+    if a.iters < 1 or a.eval_every < 1 or a.iters % a.eval_every:
+        p.error(f"--iters {a.iters} must be a positive multiple of --eval-every {a.eval_every}")
+    return a
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(work: Path) -> dict[str, Path]:
+    """Pruned HF model (activation), pruned + teacher Megatron checkpoints, calibration dataset."""
+    from megatron.prune.cli import build_parser
+    from megatron.prune.data import preprocess
+
+    src = embedded_model_dir()
+    pruned_hf = work / "pruned_hf"
+    flags = [x for k, v in DEMO_SHAPE.items() for x in (f"--{k}", str(v))]
+    args = build_parser(["prune"]).parse_args(["prune", "--input", str(src), "--output", str(pruned_hf),
+                                               "--method", "activation", "--overwrite", "--no-progress", *flags])
+    args._run(args)
+    pruned_mg = hf_to_megatron(pruned_hf, work / "pruned_mg", overwrite=True, progress=False)
+    teacher_mg = hf_to_megatron(src, work / "teacher_mg", overwrite=True, progress=False)
+    (work / "calib.txt").write_text(builtin_text("calib"))
+    summary = preprocess(work / "calib.txt", work / "calib", pruned_hf, overwrite=True, progress=False)
+    print(f"calibration data: {summary}")
+    return {"src": src, "pruned_hf": pruned_hf, "pruned_mg": pruned_mg, "teacher_mg": teacher_mg,
+            "data": Path(str(summary.bin_path)[: -len(".bin")])}
+
+
+def train(mode: str, paths: dict[str, Path], a: argparse.Namespace, save: Path) -> tuple[dict[int, dict], float]:
+    """One recovery run through scripts/check_model.sh; iteration -> printed losses, and seconds taken."""
+    env = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(_free_port()),
+           "LOAD": str(paths["pruned_mg"]), "SAVE": str(save), "DATA": str(paths["data"]),
+           "TOKENIZER": str(paths["pruned_hf"]), "TRAIN_ITERS": str(a.iters), "SAVE_INTERVAL": str(a.eval_every),
+           "SEQ_LEN": str(a.seq_len), "MICRO_BATCH": str(min(2, a.global_batch)), "GLOBAL_BATCH": str(a.global_batch),
+           "LR": str(a.lr), "WARMUP": "2", **MODES[mode]}
+    if mode == "kd":
+        env["KD_TEACHER"] = str(paths["teacher_mg"])
+    cmd = ["bash", str(ROOT / "scripts/check_model.sh"), "--no-save-optim", "--no-save-rng",
+           "--data-cache-path", str(save.parent / f"cache_{mode}")]
+    t0, losses = time.time(), {}
+    with subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+        tail = []
+        for line in p.stdout:
+            tail = (tail + [line])[-60:]
+            m = ITER_RE.search(line)
+            if m:
+                it, lm, kd = int(m.group(1)), float(m.group(2)), m.group(3)
+                losses[it] = {"lm": lm, **({"kd": float(kd)} if kd else {})}
+                print(f"  [{mode}] iteration {it}: lm loss {lm:.4f}" + (f", kd loss {float(kd):.4f}" if kd else ""),
+                      flush=True)
+    if p.returncode:
+        raise SystemExit(f"{mode} run failed (exit {p.returncode}):\n" + "".join(tail))
+    return losses, time.time() - t0
+
+
+def iteration_view(save: Path, it: int, view: Path) -> Path:
+    """A checkpoint folder whose tracker names iteration ``it`` of ``save`` (symlinks; nothing copied)."""
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    (view / f"iter_{it:07d}").symlink_to(save / f"iter_{it:07d}", target_is_directory=True)
+    (view / "latest_checkpointed_iteration.txt").write_text(str(it))
+    if (save / "hf_meta").is_dir():  # HF config + tokenizer, carried over from LOAD by pretrain_llama.py
+        (view / "hf_meta").symlink_to(save / "hf_meta", target_is_directory=True)
+    return view
+
+
+def hf_perplexity(folder: Path, ids: torch.Tensor, a: argparse.Namespace) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    return perplexity(model, ids, a.eval_seq_len, progress=False).perplexity
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, run in result["runs"].items():
+        its = sorted(int(i) for i in run["perplexity"])
+        ax1.plot(its, [run["perplexity"][str(i)] for i in its], marker="o", label=f"{mode} (recovering)")
+        lits = sorted(int(i) for i in run["train_loss"])
+        ax2.plot(lits, [run["train_loss"][str(i)]["lm"] for i in lits], label=f"{mode}: train LM loss")
+    ax1.axhline(result["perplexity_unpruned"], color="gray", ls="--", label="unpruned 135M")
+    ax1.set(xlabel="iteration", ylabel="held-out perplexity", yscale="log",
+            title=f"SmolLM2-135M pruned to {result['pruned_params'] / 1e6:.0f}M: recovery")
+    ax2.set(xlabel="iteration", ylabel="LM loss (training batches)", title="training LM loss")
+    ax1.legend()
+    ax2.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    work = a.work or cache_root() / "recovery-bench"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    paths = prepare(work)
+    model, tok = load_hf(paths["pruned_hf"])
+    ids = tokenize(tok, builtin_text("eval"), a.eval_tokens)
+    ppl0 = perplexity(model, ids, a.eval_seq_len, progress=False).perplexity
+    pruned_params = sum(p.numel() for p in model.parameters())
+    del model
+    ppl_src = hf_perplexity(paths["src"], ids, a)
+    print(f"unpruned perplexity {ppl_src:.2f}; pruned ({pruned_params / 1e6:.1f}M) before training {ppl0:.2f} "
+          f"[prep {time.time() - t0:.0f}s]", flush=True)
+    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+              "shape": DEMO_SHAPE, "method": "activation", "tokens_per_iteration": a.seq_len * a.global_batch,
+              "pruned_params": pruned_params, "perplexity_unpruned": ppl_src, "runs": {}}
+    for mode in a.modes:
+        save = work / f"run_{mode}"
+        shutil.rmtree(save, ignore_errors=True)
+        losses, seconds = train(mode, paths, a, save)
+        ppl = {"0": ppl0}
+        for it in range(a.eval_every, a.iters + 1, a.eval_every):
+            view = iteration_view(save, it, work / "view")
+            hf = megatron_to_hf(view, work / "export", overwrite=True, progress=False)
+            ppl[str(it)] = hf_perplexity(hf, ids, a)
+            print(f"  [{mode}] iteration {it}: held-out perplexity {ppl[str(it)]:.2f}", flush=True)
+        result["runs"][mode] = {"seconds": round(seconds, 1), "perplexity": ppl,
+                                "train_loss": {str(k): v for k, v in sorted(losses.items())}}
+    result["total_seconds"] = round(time.time() - t0, 1)
+    out = ROOT / "bench" / "results" / "recovery.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, ROOT / "assets" / "recovery.png")
+    print(f"\nheld-out perplexity (unpruned {ppl_src:.2f}), {a.seq_len * a.global_batch} tokens/iteration:")
+    its = sorted({int(i) for run in result["runs"].values() for i in run["perplexity"]})
+    print(f"{'iteration':>10} " + " ".join(f"{m:>10}" for m in result["runs"]))
+    for i in its:
+        print(f"{i:>10} " + " ".join(f"{result['runs'][m]['perplexity'].get(str(i), float('nan')):>10.2f}"
+                                     for m in result["runs"]))
+    print(f"wrote {out} and assets/recovery.png in {result['total_seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
