@@ -13,7 +13,9 @@ from megatron.prune.cli import main
 
 CASES = {
     "larger than source": (["--ffn-hidden-size", "100"], "--ffn-hidden-size 100", "1..64"),
-    "heads not multiple of groups": (["--num-attention-heads", "6"], "not a multiple of the 4", "[4, 8]"),
+    "heads not multiple of groups": (["--num-query-groups", "4", "--num-attention-heads", "6"],
+                                     "not a multiple of the 4", "[4, 8]"),
+    "drop-groups needs whole groups": (["--num-attention-heads", "5"], "multiple of 2", "--gqa trim-heads"),
     "too many heads per group": (["--num-query-groups", "2", "--num-attention-heads", "6"], "heads per group",
                                  "multiples of 2 up to 4"),
     "balance not divisible by tp": (["--tp", "2", "--ffn-hidden-size", "33"], "not divisible by --tp 2", "[32, 34]"),

@@ -47,7 +47,8 @@ def test_pruned_output_loads_and_matches_shape(tiny_hf, tmp_path, family):
     src = tiny_hf(family)
     shape = HFCheckpoint.open(src).shape
     heads = shape.num_query_groups * (shape.heads_per_group - 1 if shape.heads_per_group > 1 else 1)
-    flags = ["--hidden-size", str(heads * 4), "--num-attention-heads", str(heads), "--ffn-hidden-size", "40",
+    flags = ["--hidden-size", str(heads * 4), "--num-attention-heads", str(heads), "--gqa", "trim-heads",
+             "--ffn-hidden-size", "40",
              "--num-layers", "3", "--method", "magnitude"]
     assert prune_cli(src, tmp_path / "out", *flags) == 0
     from transformers import AutoModelForCausalLM
@@ -258,3 +259,14 @@ def test_bf16_checkpoint_streams_exactly(tmp_path):
     plan = PrunePlan.load(tmp_path / "small")
     kept = list(plan.layers[0].ffn)
     assert torch.equal(c["model.layers.0.mlp.down_proj.weight"], a["model.layers.0.mlp.down_proj.weight"][:, kept])
+
+
+def test_gqa_default_drops_whole_groups(tiny_hf, tmp_path):
+    """--num-attention-heads alone drops whole KV groups (measured better); --gqa trim-heads keeps every group."""
+    src = tiny_hf("llama-gqa")  # 8 heads in 4 groups
+    assert prune_cli(src, tmp_path / "drop", "--num-attention-heads", "4", "--hidden-size", "40") == 0
+    assert prune_cli(src, tmp_path / "trim", "--num-attention-heads", "4", "--hidden-size", "40",
+                     "--gqa", "trim-heads") == 0
+    drop, trim = PrunePlan.load(tmp_path / "drop").target, PrunePlan.load(tmp_path / "trim").target
+    assert (drop.num_query_groups, drop.heads_per_group) == (2, 2)
+    assert (trim.num_query_groups, trim.heads_per_group) == (4, 1)

@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="balance: keep the same number of heads/groups/FFN channels inside each of the --tp "
                         "slices, so each TP shard can be pruned on its own; unbalance: select globally")
     s.add_argument("--plan", type=Path, help="re-apply a saved prune_plan.json instead of selecting")
-    s.add_argument("--gqa", choices=importance.GQA_MODES, default=importance.GQA_MODES[0],
+    s.add_argument("--gqa", choices=importance.GQA_MODES, default="drop-groups",
                    help="when only --num-attention-heads is given on a GQA model: trim-heads keeps every KV group "
                         "and fewer heads per group; drop-groups drops whole KV groups (default %(default)s, "
                         "the better by bench/quality.py)")
