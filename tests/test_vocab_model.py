@@ -100,7 +100,8 @@ def test_hf_vocab_prune_bad_inputs(bbpe, tmp_path, tiny_hf):
 
 @pytest.mark.slow
 def test_smollm2_vocab_8k(real_model, tmp_path):
-    """Real model: logits over kept tokens unchanged, perplexity within 1%, (V - N) x hidden fewer parameters."""
+    """Real model: logits over kept tokens unchanged, perplexity change explained exactly (and < 1% once the
+    dropped tokens carry little mass), (V - N) x hidden fewer parameters."""
     docs = calib_docs()
     counts = count_tokens(real_model, [write_docs(tmp_path / "d.jsonl", docs)], open_tokenizer(real_model).rules,
                           workers=2, progress=False)
@@ -127,6 +128,12 @@ def test_smollm2_vocab_8k(real_model, tmp_path):
     assert (math.exp(l0) - math.exp(l1)) / math.exp(l0) < 0.06
     assert plan.source.num_params() - plan.target.num_params() == (49152 - 8000) * 576
     assert n_params(real_model) - n_params(out) == (49152 - 8000) * 576
+
+    # With 32k kept tokens the dropped ones carry < 1% of the mass: perplexity changes by < 1% (measured -0.8%).
+    prune_hf_vocab(real_model, tmp_path / "out32", keep=32000, counts=counts, progress=False)
+    l32 = log_ppl(logits(tmp_path / "out32", encode(tmp_path / "out32", docs[3:40], 96)[:4]),
+                  encode(tmp_path / "out32", docs[3:40], 96)[:4])
+    assert abs(math.exp(l32) - math.exp(l0)) / math.exp(l0) < 0.01
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "llama-tied"])

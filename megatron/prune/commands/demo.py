@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="selection methods to compare (default: all available)")
     p.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens for perplexity (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window (default %(default)s)")
+    p.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration windows of 256 tokens for --method activation (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     for method in args.methods:
         out = out_root / f"smollm2-{method}"
         t0 = time.time()
+        extra = ["--samples", str(args.calib_samples)] if method == "activation" else []
         prune_args = parser.parse_args(["prune", "--input", str(src), "--output", str(out), "--method", method,
-                                        "--overwrite", "--no-progress", *shape_flags])
+                                        "--overwrite", "--no-progress", *shape_flags, *extra])
         prune_args._run(prune_args)
         measure(f"pruned ({method})", out, time.time() - t0)
 
