@@ -74,11 +74,13 @@ def test_tp_axis_declared_once_and_consistent_with_role_axes():
     assert set(mc.PARAM_OF_ROLE) == set(ROLE_AXES)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_param_gather_equals_unfuse_slice_fuse(dtype):
-    """The one-row-gather-one-column-gather shortcut of balanced pruning == unfuse -> slice_role -> fuse."""
+@pytest.mark.parametrize("dtype,block", [(torch.bfloat16, 1 << 17), (torch.bfloat16, 24), (torch.float32, 1)])
+def test_param_gather_equals_unfuse_slice_fuse(dtype, block, monkeypatch):
+    """The one-row-gather-one-column-gather shortcut of balanced pruning == unfuse -> slice_role -> fuse
+    (with the row blocks of the gather as large as the tensor, a few rows, one row)."""
     from megatron.prune.slicing import AxisIndex, slice_role
 
+    monkeypatch.setattr(mc, "_GATHER_BLOCK_BYTES", block)
     g = torch.Generator().manual_seed(0)
     ng, np_, hn, h, f = 4, 8, 3, 10, 12  # one rank's source: 4 groups of 2 heads
     index = AxisIndex(hidden=(0, 2, 3, 7, 9), groups=(1, 3), heads=(2, 3, 6, 7), ffn=(0, 4, 5, 11))
