@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         if req.num_layers:
             row["random_spread_middle"] = run(req, random_scores(shape, 0))["ppl"]  # the CLI's random: seed rule
         row["magnitude"] = run(req, mag)["ppl"]
-        act = run(req, scores["mean-l2"])
+        act = run(req, scores[imp.DEFAULT_AGGREGATION])  # what `prune --method activation` does
         row["activation"], row["params"], row["activation_dropped_layers"] = act["ppl"], act["params"], act["dropped_layers"]
         row["ratio_vs_random"] = row["activation"] / row["random"]
         row["ratio_vs_best_random_seed"] = row["activation"] / min(row["random_seeds"])
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         req = SHAPES[name][1]
         ab[f"{name}: aggregation"] = {agg: run(req, scores[agg])["ppl"] for agg in ("mean-l2", "mean", "rms")}
         ab[f"{name}: norm rescale"] = {"sqrt": results["shapes"][name]["activation"],
-                                       "none": run(req, scores["mean-l2"], "none")["ppl"]}
+                                       "none": run(req, scores[imp.DEFAULT_AGGREGATION], "none")["ppl"]}
         if name == "width":
             ab[f"{name}: norm rescale (random seed 0)"] = {
                 "sqrt": results["shapes"][name]["random_seeds"][0],
@@ -169,8 +169,8 @@ def main(argv=None) -> int:
         print(f"{name}: {ab[f'{name}: aggregation']} {ab[f'{name}: norm rescale']}", flush=True)
     greq = TargetRequest(**GQA_SHAPE[1])
     ab["gqa"] = {"description": GQA_SHAPE[0],
-                 "trim-heads (3 groups x 2 heads)": run(greq, scores["mean-l2"], groups=3)["ppl"],
-                 "drop-groups (2 groups x 3 heads)": run(greq, scores["mean-l2"], groups=2)["ppl"],
+                 "trim-heads (3 groups x 2 heads)": run(greq, scores[imp.DEFAULT_AGGREGATION], groups=3)["ppl"],
+                 "drop-groups (2 groups x 3 heads)": run(greq, scores[imp.DEFAULT_AGGREGATION], groups=2)["ppl"],
                  "random trim-heads (seed 0)": run(greq, random_with_layers(shape, 0), groups=3)["ppl"]}
     print(f"gqa: {ab['gqa']}", flush=True)
     results["targets"] = {
