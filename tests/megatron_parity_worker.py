@@ -2,7 +2,7 @@
 strictly, and compare its logits with transformers' for the matching HF checkpoint.
 
 Usage: torchrun --nproc_per_node=2 tests/megatron_parity_worker.py JOBS.json RESULTS.json
-JOBS.json: [{"name", "mg", "hf", "tp"}]; jobs run grouped by TP so each process group starts once.
+JOBS.json: [{"name", "mg", "hf", "tp"[, "dist"]}]; jobs run grouped by TP so each process group starts once.
 """
 
 from __future__ import annotations
@@ -58,7 +58,14 @@ def main(jobs_path: str, out_path: str) -> None:
         ckpt = MegatronCheckpoint.open(job["mg"])
         assert ckpt.tp == job["tp"], (ckpt.tp, job["tp"])
         model = build_gpt(ckpt.args)
-        sd = load_shard(ckpt.files[(rank, 0)])["model"]
+        if job.get("dist"):  # torch_dist: megatron-core's own loader, then a strict load as Megatron-LM does
+            from megatron.core import dist_checkpointing
+
+            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.iter_dir))
+            assert loaded["args"].ckpt_format == "torch_dist" and loaded["iteration"] == 0  # the common state
+            sd = loaded["model"]
+        else:
+            sd = load_shard(ckpt.files[(rank, 0)])["model"]
         model.load_state_dict(sd, strict=True)  # raises on any missing or unexpected key
         ids = sample_ids(ckpt.shape.vocab_size)
         b, s = ids.shape

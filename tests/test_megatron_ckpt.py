@@ -173,6 +173,30 @@ def test_cli_convert_and_reshard(tiny_hf, tmp_path):
     assert (tmp_path / "mg" / "hf_meta" / "config.json").is_file()
 
 
+def test_torch_dist_output_round_trips_and_reshards(tiny_hf, tmp_path):
+    """hf -> torch_dist (TP=2, PP=2, megatron-core's saver) -> hf is bit-exact; CLI reshard of it to torch TP=1
+    is too. (megatron-core's own loader at TP=2 is checked in test_megatron_parity.py.)"""
+    from megatron.prune.megatron_dist import TorchDistCheckpoint
+
+    hf = tiny_hf("qwen2-bias")
+    out = mc.hf_to_megatron(hf, tmp_path / "dist", tp=2, pp=2, progress=False, ckpt_format="torch_dist")
+    ck = mc.MegatronCheckpoint.open(out)
+    assert isinstance(ck, TorchDistCheckpoint) and (ck.tp, ck.pp) == (2, 2)
+    assert ck.args.ckpt_format == "torch_dist" and not list(ck.iter_dir.glob("mp_rank_*"))
+    assert_same_tensors(hf_tensors(hf), hf_tensors(mc.megatron_to_hf(out, tmp_path / "back", progress=False)))
+    assert cli_main(["reshard", "--input", str(out), "--output", str(tmp_path / "tp1"), "--tp", "1", "--pp", "1",
+                     "--no-progress"]) == 0
+    assert mc.MegatronCheckpoint.open(tmp_path / "tp1").tp == 1
+    assert_same_tensors(hf_tensors(hf), hf_tensors(mc.megatron_to_hf(tmp_path / "tp1", tmp_path / "b1",
+                                                                     progress=False)))
+
+
+def test_refuses_unknown_ckpt_format(tp2, tmp_path):
+    with pytest.raises(PruneError, match="'zarr'.*torch, torch_dist"):
+        mc.reshard(tp2, tmp_path / "y", ckpt_format="zarr", progress=False)
+    assert not (tmp_path / "y").exists()
+
+
 # ---- pruning ----------------------------------------------------------------------------------
 
 

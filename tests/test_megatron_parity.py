@@ -19,6 +19,7 @@ from megatron.prune.hf import HFCheckpoint, prune_hf
 from megatron.prune.selectors import make_plan, random_scores
 
 FAMILIES = ("llama-gqa", "qwen2-bias", "llama-tied")
+DIST_OUTPUT = {"qwen2-bias": "convert", "llama-gqa": "prune"}  # torch_dist output checked per family
 WORKER = Path(__file__).with_name("megatron_parity_worker.py")
 
 
@@ -47,6 +48,14 @@ def parity(tiny_hf, tmp_path_factory) -> dict[str, list[dict]]:
         for tp in (1, 2):
             pruned = mc.prune(root / f"{family}-tp{tp}", root / f"{family}-pruned-tp{tp}", plan, progress=False)
             jobs.append({"name": f"prune-{family}-tp{tp}", "mg": str(pruned), "hf": str(ref), "tp": tp})
+        if family in DIST_OUTPUT:  # torch_dist output, loaded by megatron-core's dist_checkpointing at TP=2
+            if DIST_OUTPUT[family] == "convert":
+                out = mc.hf_to_megatron(hf, root / f"{family}-dist", tp=2, progress=False, ckpt_format="torch_dist")
+                jobs.append({"name": f"dist-convert-{family}", "mg": str(out), "hf": str(hf), "tp": 2, "dist": True})
+            else:
+                out = mc.prune(root / f"{family}-tp2", root / f"{family}-pruned-dist", plan, progress=False,
+                               ckpt_format="torch_dist")
+                jobs.append({"name": f"dist-prune-{family}", "mg": str(out), "hf": str(ref), "tp": 2, "dist": True})
     (root / "jobs.json").write_text(json.dumps(jobs))
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1")
@@ -87,3 +96,15 @@ def test_torch_dist_input_matches_and_prunes_like_hf(parity, tmp_path):
     assert mc.MegatronCheckpoint.open(pruned).tp == 2
     ref = prune_hf(hf, tmp_path / "ref", plan, progress=False)
     assert_same_tensors(hf_tensors(ref), hf_tensors(mc.megatron_to_hf(pruned, tmp_path / "back", progress=False)))
+
+
+@pytest.mark.parametrize("name", [f"dist-{kind}-{family}" for family, kind in DIST_OUTPUT.items()])
+def test_torch_dist_output_loads_in_megatron_core(parity, name):
+    """Our torch_dist output (convert, balanced prune; TP=2) loads through megatron-core's dist_checkpointing
+    into GPTModel's sharded state dict, then strictly, and gives transformers' logits."""
+    ranks = parity[name]
+    assert len(ranks) == 2 and {r["rank"] for r in ranks} == {0, 1}
+    for r in ranks:
+        assert r["strict_load"] and r["tp"] == 2
+        assert r["close"], r.get("error")
+        assert r["max_abs_diff"] < 1e-4 * max(1.0, r["ref_scale"])

@@ -43,6 +43,7 @@ MODEL_FILE = "model_optim_rng.pt"
 META_DIR = "hf_meta"  # HF config.json + tokenizer of the model, for megatron-to-hf and for training
 CHECKPOINT_VERSION = 3.0
 SPECS = ("local", "transformer_engine")
+CKPT_FORMATS = ("torch", "torch_dist")  # output formats; both are read
 WORKERS = min(4, os.cpu_count() or 1)  # threads building one shard's tensors
 TP_AXES = ("heads", "groups", "ffn", "vocab")  # logical axes megatron-core splits across TP ranks
 NOT_CARRIED = ("optimizer state and RNG state are not carried over and the iteration is reset to 0: "
@@ -770,10 +771,11 @@ def _has_tokenizer(folder: Path | None) -> bool:
 def _save(src: Any, plan: PrunePlan, output: Path, tp: int, pp: int, spec: str, divisible_by: int,
           params_fn: Callable[[Any, PrunePlan, Layout], ParamFn], base_args: argparse.Namespace | None,
           side_files: Path | None, overwrite: bool, progress: bool, save_plan: bool,
-          order: Sequence[tuple[int, int]] | None = None) -> Path:
+          order: Sequence[tuple[int, int]] | None = None, ckpt_format: str = "torch") -> Path:
     """Shared body of convert, reshard and prune: write ``plan`` applied to ``src`` as a Megatron checkpoint."""
     if spec not in SPECS:
         raise PruneError(f"layer spec {spec!r} unknown; choose one of {', '.join(SPECS)}")
+    check_ckpt_format(ckpt_format)
     target = plan.target
     check_tp_pp(target, tp, pp, what="output: ")
     layout = Layout(target, tp, pp, spec, padded_vocab_size(target.vocab_size, divisible_by, tp))
@@ -786,9 +788,18 @@ def _save(src: Any, plan: PrunePlan, output: Path, tp: int, pp: int, spec: str, 
         write_checkpoint(tmp, layout, params_fn(src, plan, layout), args, order, getattr(src, "release", lambda: None),
                          progress)
         write_meta(tmp, side_files, src_hf_config(src), target)
+        if ckpt_format == "torch_dist":
+            from .megatron_dist import torch_to_dist
+
+            torch_to_dist(tmp, progress)
         if save_plan:
             plan.save(tmp)
     return output
+
+
+def check_ckpt_format(ckpt_format: str) -> None:
+    if ckpt_format not in CKPT_FORMATS:
+        raise PruneError(f"--ckpt-format {ckpt_format!r}: choose one of {', '.join(CKPT_FORMATS)}")
 
 
 def src_hf_config(src: Any) -> dict[str, Any]:
@@ -803,20 +814,21 @@ def _hf_dtype(src: Any) -> torch.dtype:
 
 
 def hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, tp: int = 1, pp: int = 1, spec: str = "local",
-                   make_vocab_size_divisible_by: int = 128, overwrite: bool = False, progress: bool = True) -> Path:
-    """Convert an HF LLaMA-family checkpoint into a Megatron-LM torch checkpoint of TP ``tp`` and PP ``pp``."""
+                   make_vocab_size_divisible_by: int = 128, overwrite: bool = False, progress: bool = True,
+                   ckpt_format: str = "torch") -> Path:
+    """Convert an HF LLaMA-family checkpoint into a Megatron-LM checkpoint of TP ``tp`` and PP ``pp``."""
     from .hf import HFCheckpoint
 
     src = HFCheckpoint.open(hf_dir)
     check_tp_pp(src.shape, tp, pp)
     check_output_path(hf_dir, out_dir, overwrite)
     return _save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec, make_vocab_size_divisible_by,
-                 global_params, None, Path(hf_dir), overwrite, progress, save_plan=False)
+                 global_params, None, Path(hf_dir), overwrite, progress, save_plan=False, ckpt_format=ckpt_format)
 
 
 def reshard(mg_dir: Path | str, out_dir: Path | str, tp: int | None = None, pp: int | None = None,
             spec: str | None = None, make_vocab_size_divisible_by: int | None = None, overwrite: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, ckpt_format: str = "torch") -> Path:
     """Rewrite a Megatron checkpoint at another TP/PP size (and/or layer spec); weights unchanged."""
     src = MegatronCheckpoint.open(mg_dir)
     tp, pp = tp or src.tp, pp or src.pp
@@ -825,7 +837,7 @@ def reshard(mg_dir: Path | str, out_dir: Path | str, tp: int | None = None, pp: 
     div = make_vocab_size_divisible_by or int(getattr(src.args, "make_vocab_size_divisible_by", 128))
     plan_file = src.folder / PLAN_FILE
     out = _save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec or src.spec, div, global_params,
-                src.args, src.folder / META_DIR, overwrite, progress, save_plan=False)
+                src.args, src.folder / META_DIR, overwrite, progress, save_plan=False, ckpt_format=ckpt_format)
     if plan_file.is_file():
         shutil.copy2(plan_file, out / PLAN_FILE)  # keep the record of how this checkpoint was pruned
     return out
@@ -906,7 +918,7 @@ def check_balanced(plan: PrunePlan, tp: int, padded: int) -> None:
 
 def prune_megatron(src: MegatronCheckpoint, plan: PrunePlan, output: Path | str, overwrite: bool = False,
                    prune_type: str = "balance", tp: int | None = None, pp: int | None = None,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, ckpt_format: str = "torch") -> Path:
     """Apply ``plan`` to a Megatron checkpoint.
 
     ``balance`` prunes each TP shard on its own (output TP = input TP, one input and one output shard in
@@ -943,7 +955,7 @@ def prune_megatron(src: MegatronCheckpoint, plan: PrunePlan, output: Path | str,
     order = [(t, p) for t in range(tp) for p in range(pp)]
     src.release()
     out = _save(src, plan, Path(output), tp, pp, src.spec, div, params_fn, src.args, src.folder / META_DIR,
-                overwrite, progress, save_plan=True, order=order)
+                overwrite, progress, save_plan=True, order=order, ckpt_format=ckpt_format)
     print(f"note: {NOT_CARRIED}")
     return out
 
@@ -967,6 +979,7 @@ def format_adapter():
     def write(src: MegatronCheckpoint, plan: PrunePlan, output: Path, overwrite: bool = False, progress: bool = True,
               args: argparse.Namespace | None = None, **_: Any) -> Path:
         return prune_megatron(src, plan, output, overwrite, prune_type=getattr(args, "prune_type", None) or "balance",
-                              tp=getattr(args, "tp", None), pp=getattr(args, "pp", None), progress=progress)
+                              tp=getattr(args, "tp", None), pp=getattr(args, "pp", None), progress=progress,
+                              ckpt_format=getattr(args, "ckpt_format", None) or "torch")
 
     return FormatAdapter("megatron", is_megatron_dir, MegatronCheckpoint.open, lambda target: None, write)

@@ -1,4 +1,5 @@
-"""Reading Megatron ``torch_dist`` checkpoints (megatron.core.dist_checkpointing) as a TensorSource.
+"""Megatron ``torch_dist`` checkpoints (megatron.core.dist_checkpointing): read as a TensorSource, written
+from a torch-format checkpoint with megatron-core's own saver.
 
 In this format every tensor is stored once, globally: per-layer parameters are stacked on a leading layer
 axis (``decoder.layers.self_attention.linear_qkv.weight`` is ``[L, ng*(np/ng+2)*hn, h]``), ``linear_qkv``
@@ -11,15 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
+from tqdm import tqdm
 
-from .megatron_ckpt import (META_DIR, PARAM_BY_KEY, PARAM_OF_ROLE, PARAMS, Param, check_tp_pp, hf_config_from_args,
-                            shape_from_args, unfuse)
+from .megatron_ckpt import (CHECKPOINT_VERSION, META_DIR, PARAM_BY_KEY, PARAM_OF_ROLE, PARAMS, Param, check_tp_pp,
+                            hf_config_from_args, params_for, shape_from_args, unfuse)
 from .shape import ModelShape, PruneError
 from .slicing import ROLE_AXES
 
@@ -158,3 +165,117 @@ class TorchDistCheckpoint:
 
     def itemsize(self, role: str, layer: int | None = None) -> int:
         return self.dtype.itemsize
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+
+def dist_extra_state_names(spec: str) -> list[str]:
+    """Per-layer ``_extra_state`` keys megatron-core's sharded state dict has (GPTModel drops the output layer's)."""
+    from .megatron_ckpt import EXTRA_STATE
+
+    return [t.replace("decoder.layers.{}.", "decoder.layers.") for t in EXTRA_STATE[spec] if "{}" in t]
+
+
+def sharded_state_dict(ckpt: Any, shard: Mapping[str, Any], tp_rank: int, pp_rank: int) -> dict[str, Any]:
+    """megatron-core's sharded state dict for one torch-format shard, built the way its layers build theirs:
+    per-layer tensors get a leading layer axis, TP-split tensors their rank's offset on the split axis,
+    ``linear_fc1`` two pieces (gate and up parts of ``[gate; up]``), replicated tensors only from TP rank 0
+    (the main replica), ``_extra_state`` one ShardedObject per layer."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    s, tp = ckpt.shape, ckpt.tp
+    L = s.num_layers
+    out: dict[str, Any] = {}
+
+    def add(param: Param, t: torch.Tensor, layer: int | None, tag: str) -> None:
+        pre = () if layer is None else ((0, layer, L),)
+        n = len(pre)
+        key = dist_name(param)
+        if param.tp_axis is None:
+            if tp_rank == 0:
+                out[tag] = ShardedTensor.from_rank_offsets(key, t, *pre, replica_id=0, prepend_axis_num=n)
+        elif param.key == "fc1":  # swiglu: rank r holds chunks r (gate) and tp + r (up) of 2*tp
+            gate, up = t.chunk(2, dim=0)
+            out[tag + ".gate"] = ShardedTensor.from_rank_offsets(key, gate, *pre, (n, tp_rank, 2 * tp),
+                                                                 replica_id=0, prepend_axis_num=n)
+            out[tag + ".up"] = ShardedTensor.from_rank_offsets(key, up, *pre, (n, tp + tp_rank, 2 * tp),
+                                                               replica_id=0, prepend_axis_num=n)
+        else:
+            out[tag] = ShardedTensor.from_rank_offsets(key, t, *pre, (n + param.tp_axis, tp_rank, tp),
+                                                       replica_id=0, prepend_axis_num=n)
+
+    first, last = pp_rank == 0, pp_rank == ckpt.pp - 1
+    model_params, layer_params = params_for(s, first, last)
+    for p in model_params:
+        if p.key == "lm_head" and s.tied_embeddings:
+            continue  # a tied output layer is the embedding (megatron-core saves it once)
+        add(p, shard[p.name(ckpt.spec)], None, f"{tp_rank}:{p.name(ckpt.spec)}")
+    for i in range(ckpt.layers_per_stage):
+        g = pp_rank * ckpt.layers_per_stage + i
+        for p in layer_params:
+            add(p, shard[p.name(ckpt.spec, i)], g, f"{tp_rank}:{p.name(ckpt.spec, g)}")
+        if tp_rank == 0:
+            for key in dist_extra_state_names(ckpt.spec):
+                out[f"{key}.{g}"] = ShardedObject(key, None, (L,), (g,), replica_id=0)
+    return out
+
+
+@contextmanager
+def single_process_group(scratch: Path) -> Iterator[None]:
+    """A one-process gloo group for megatron-core's saver (a file store: no port, no network)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise PruneError("writing torch_dist here needs a single process; run it outside torchrun")
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.FileStore(str(scratch / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def torch_to_dist(folder: Path, progress: bool = True) -> None:
+    """Rewrite the torch-format checkpoint in ``folder`` as torch_dist, in place, with megatron-core's own saver.
+
+    The saver assumes CUDA in places, so it runs in a child process that installs the CPU shims
+    (:mod:`megatron.prune.cpu`) without leaking them into this one.
+    """
+    cmd = [sys.executable, "-m", "megatron.prune.megatron_dist", str(folder)] + ([] if progress else ["--no-progress"])
+    proc = subprocess.run(cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise PruneError(f"writing torch_dist failed: {proc.stderr.strip()[-2000:]}")
+
+
+def _torch_to_dist_here(folder: Path, progress: bool) -> None:
+    """The body of :func:`torch_to_dist`. The torch shards are memory-mapped (file pages, not anonymous
+    memory) and removed once the torch_dist iteration folder is complete."""
+    from megatron.core import dist_checkpointing
+
+    from .cpu import apply_cpu_shims
+    from .megatron_ckpt import MegatronCheckpoint, load_shard
+
+    apply_cpu_shims()  # no-op with a GPU
+    ckpt = MegatronCheckpoint.open(folder)
+    args = argparse.Namespace(**vars(ckpt.args))
+    args.ckpt_format = "torch_dist"
+    state: dict[str, Any] = {}
+    for (t, p), path in tqdm(sorted(ckpt.files.items()), desc="collecting shards", unit="shard",
+                             disable=not progress):
+        state.update(sharded_state_dict(ckpt, load_shard(path)["model"], t, p))
+    target = ckpt.iter_dir.with_name(ckpt.iter_dir.name + ".dist")
+    target.mkdir()
+    with tempfile.TemporaryDirectory(prefix="mp-dist-") as scratch, single_process_group(Path(scratch)):
+        dist_checkpointing.save({"model": state, "args": args, "checkpoint_version": CHECKPOINT_VERSION,
+                                 "iteration": 0}, str(target))
+    del state
+    ckpt.release()
+    shutil.rmtree(ckpt.iter_dir)
+    target.rename(ckpt.iter_dir)
+
+
+if __name__ == "__main__":
+    _torch_to_dist_here(Path(sys.argv[1]), "--no-progress" not in sys.argv[2:])

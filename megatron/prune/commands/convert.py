@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "match the --transformer-impl you train with)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="hf-to-megatron: vocab padding unit before the TP factor (default %(default)s)")
+    p.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
+                   help="hf-to-megatron: output format: torch (mp_rank_* files) or torch_dist (megatron.core.dist_checkpointing; "
+                        "written with megatron-core's saver in a child process) (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -38,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.direction == "hf-to-megatron":
         hf_to_megatron(args.input, args.output, args.tp, args.pp, args.transformer_impl,
-                       args.make_vocab_size_divisible_by, args.overwrite, not args.no_progress)
-        print(f"wrote Megatron checkpoint {args.output} (TP={args.tp}, PP={args.pp}, {args.transformer_impl} spec)")
+                       args.make_vocab_size_divisible_by, args.overwrite, not args.no_progress, args.ckpt_format)
+        print(f"wrote Megatron checkpoint {args.output} (TP={args.tp}, PP={args.pp}, {args.transformer_impl} spec, "
+              f"{args.ckpt_format} format)")
     else:
         megatron_to_hf(args.input, args.output, args.overwrite, not args.no_progress)
         print(f"wrote HF checkpoint {args.output}")

@@ -94,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     o.add_argument("--max-shard-size", type=parse_size, default="5GB",
                    help="split HF safetensors output above this size (default 5GB)")
+    o.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
+                   help="Megatron input only: write the pruned checkpoint as torch or torch_dist (default torch)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, help="new pipeline-parallel size (default: keep)")
     p.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
                    help="layer spec whose parameter names to write (default: keep)")
+    p.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
+                   help="output format: torch (mp_rank_* files) or torch_dist (megatron.core.dist_checkpointing; "
+                        "written with megatron-core's saver in a child process) (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from ..megatron_ckpt import MegatronCheckpoint, reshard
 
     reshard(args.input, args.output, args.tp, args.pp, args.transformer_impl, overwrite=args.overwrite,
-            progress=not args.no_progress)
+            progress=not args.no_progress, ckpt_format=args.ckpt_format)
     out = MegatronCheckpoint.open(args.output)
-    print(f"wrote {args.output} (TP={out.tp}, PP={out.pp}, {out.spec} spec)")
+    print(f"wrote {args.output} (TP={out.tp}, PP={out.pp}, {out.spec} spec, {args.ckpt_format} format)")
     return 0
