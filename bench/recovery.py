@@ -45,9 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=30, help="training iterations per run (default %(default)s)")
     p.add_argument("--eval-every", type=int, default=10, help="iterations between perplexity points")
-    p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
+    p.add_argument("--seq-len", type=int, default=128, help="training sequence length")
     p.add_argument("--global-batch", type=int, default=4, help="sequences per iteration")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak LR (cosine to LR/10, 2 warm-up iterations)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak LR (cosine to LR/10, 2 warm-up iterations)")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity")
     p.add_argument("--eval-seq-len", type=int, default=512, help="perplexity window (as the demo)")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default <cache>/recovery-bench)")
@@ -89,7 +89,7 @@ def train(mode: str, paths: dict[str, Path], a: argparse.Namespace, save: Path) 
     env = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(_free_port()),
            "LOAD": str(paths["pruned_mg"]), "SAVE": str(save), "DATA": str(paths["data"]),
            "TOKENIZER": str(paths["pruned_hf"]), "TRAIN_ITERS": str(a.iters), "SAVE_INTERVAL": str(a.eval_every),
-           "SEQ_LEN": str(a.seq_len), "MICRO_BATCH": str(min(2, a.global_batch)), "GLOBAL_BATCH": str(a.global_batch),
+           "SEQ_LEN": str(a.seq_len), "MICRO_BATCH": str(a.global_batch), "GLOBAL_BATCH": str(a.global_batch),
            "LR": str(a.lr), "WARMUP": "2", **MODES[mode]}
     if mode == "kd":
         env["KD_TEACHER"] = str(paths["teacher_mg"])
