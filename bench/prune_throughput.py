@@ -84,7 +84,8 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | Non
 
 
 def shard_sizes(folder: Path) -> list[int]:
-    return [p.stat().st_size for p in folder.rglob("model_optim_rng.pt")]
+    """Sizes of the shard files (torch format) or of the .distcp files (torch_dist: one per writer)."""
+    return [p.stat().st_size for p in folder.rglob("*") if p.name == "model_optim_rng.pt" or p.suffix == ".distcp"]
 
 
 def baseline_tree(rev: str, into: Path) -> Path:
@@ -105,6 +106,7 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     p.add_argument("--repeat", type=int, default=1, help="rounds of (cp, prune[, baseline prune]); medians reported")
     p.add_argument("--baseline-rev", help="also time megatron.prune as of this git revision, interleaved")
+    p.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch", help="prune output format")
     a = p.parse_args()
     work = a.workdir or Path(tempfile.mkdtemp(prefix="prune-bench-"))
     src, copy, out = work / "llama7b_tp2", work / "copy", work / "pruned"
@@ -119,6 +121,8 @@ def main() -> int:
         prune_args = ["-m", "megatron.prune", "prune", "--input", str(src), "--output", str(out), "--hidden-size",
                       "3072", "--num-attention-heads", "24", "--ffn-hidden-size", "8192", "--num-layers",
                       str(keep_layers), "--no-progress"]
+        if a.ckpt_format != "torch":  # (older revisions have no --ckpt-format)
+            prune_args += ["--ckpt-format", a.ckpt_format]
         repo = Path(__file__).resolve().parents[1]
         variants: dict[str, tuple[list[str], dict[str, str] | None, Path | None]] = {
             "cp": (["cp", "-r", str(src), str(copy)], None, None),

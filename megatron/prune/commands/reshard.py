@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
                    help="layer spec whose parameter names to write (default: keep)")
     p.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
-                   help="output format: torch (mp_rank_* files) or torch_dist (megatron.core.dist_checkpointing; "
-                        "written with megatron-core's saver in a child process) (default %(default)s)")
+                   help="output format: torch (mp_rank_* files) or torch_dist "
+                        "(megatron.core.dist_checkpointing, written by megatron-core's saver) (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
