@@ -281,10 +281,16 @@ def _progress(desc: str, quiet: bool):
     return lambda it: tqdm(it, desc=desc, unit="layer", disable=quiet)
 
 
+def _activation_scores(src: TensorSource, opt: dict[str, Any]) -> Scores:
+    """Activations on calibration text + block influence; imported lazily (it needs transformers)."""
+    from .importance import activation_scorer
+
+    return activation_scorer(src, opt)
+
+
 # method name -> scorer(source, options); options are the CLI's flags as a dict.
 SCORERS: dict[str, Callable[[TensorSource, dict[str, Any]], Scores]] = {
     "random": lambda src, opt: random_scores(src.shape, int(opt.get("seed", 0))),
     "magnitude": lambda src, opt: magnitude_scores(src, _progress("magnitude", bool(opt.get("no_progress")))),
-    # activations on calibration text + block influence (megatron.prune.importance; imported lazily)
-    "activation": lambda src, opt: __import__("megatron.prune.importance", fromlist=["x"]).activation_scorer(src, opt),
+    "activation": _activation_scores,
 }
