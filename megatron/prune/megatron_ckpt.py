@@ -363,12 +363,8 @@ def is_megatron_dir(path: Path) -> bool:
 
 
 @dataclass
-class MegatronCheckpoint:
-    """A Megatron-LM torch-format checkpoint, opened lazily: implements the selectors' TensorSource.
-
-    ``get`` returns full logical tensors (TP shards gathered, fused tensors split, vocab padding removed);
-    shards are memory-mapped and at most ``tp`` of them are held open at once.
-    """
+class CheckpointHeader:
+    """What every Megatron checkpoint reader knows once it is open, whatever the on-disk format."""
 
     folder: Path
     iter_dir: Path
@@ -380,6 +376,16 @@ class MegatronCheckpoint:
     padded_vocab: int
     dtype: torch.dtype
     hf_config: dict[str, Any]
+
+
+@dataclass
+class MegatronCheckpoint(CheckpointHeader):
+    """A Megatron-LM torch-format checkpoint, opened lazily: implements the selectors' TensorSource.
+
+    ``get`` returns full logical tensors (TP shards gathered, fused tensors split, vocab padding removed);
+    shards are memory-mapped and at most ``tp`` of them are held open at once.
+    """
+
     files: dict[tuple[int, int], Path]
     _open: "OrderedDict[tuple[int, int], dict[str, Any]]" = field(default_factory=OrderedDict, repr=False)
     _parts: "OrderedDict[tuple, dict[str, torch.Tensor]]" = field(default_factory=OrderedDict, repr=False)
@@ -536,9 +542,6 @@ class MegatronCheckpoint:
             return self.get_local(role, layer, 0)
         t = torch.cat([self.get_local(role, layer, r) for r in range(self.tp)], dim=param.tp_axis)
         return t[: self.shape.vocab_size] if role in ("embed", "lm_head") else t
-
-    def itemsize(self, role: str, layer: int | None = None) -> int:
-        return self.dtype.itemsize
 
 
 # ---- writing ------------------------------------------------------------------------------------

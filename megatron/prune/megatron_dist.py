@@ -25,8 +25,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from tqdm import tqdm
 
-from .megatron_ckpt import (CHECKPOINT_VERSION, META_DIR, PARAM_BY_KEY, PARAM_OF_ROLE, PARAMS, Param, check_tp_pp,
-                            hf_config_from_args, params_for, shape_from_args, unfuse)
+from .megatron_ckpt import (CHECKPOINT_VERSION, META_DIR, PARAM_BY_KEY, PARAM_OF_ROLE, PARAMS, CheckpointHeader,
+                            Param, check_tp_pp, hf_config_from_args, params_for, shape_from_args, unfuse)
 from .shape import ModelShape, PruneError
 from .slicing import ROLE_AXES
 
@@ -50,19 +50,9 @@ def dist_name(param: Param) -> str:
 
 
 @dataclass
-class TorchDistCheckpoint:
+class TorchDistCheckpoint(CheckpointHeader):
     """A torch_dist checkpoint opened lazily; ``get`` returns full logical tensors like MegatronCheckpoint's."""
 
-    folder: Path
-    iter_dir: Path
-    args: argparse.Namespace
-    shape: ModelShape
-    tp: int
-    pp: int
-    spec: str
-    padded_vocab: int
-    dtype: torch.dtype
-    hf_config: dict[str, Any]
     metadata: Any
     _cache: tuple[str | None, torch.Tensor | None] = field(default=(None, None), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -162,9 +152,6 @@ class TorchDistCheckpoint:
         part = unfuse(param, t, s.num_query_groups, s.num_attention_heads, s.head_dim)
         out = part["embed" if param.key == "embed" else role]
         return out[: s.vocab_size].contiguous() if role in ("embed", "lm_head") else out.contiguous()
-
-    def itemsize(self, role: str, layer: int | None = None) -> int:
-        return self.dtype.itemsize
 
 
 # ---- writing -------------------------------------------------------------------------------------

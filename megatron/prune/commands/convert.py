@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import add_ckpt_format_argument
+
 HELP = "convert HF <-> Megatron checkpoints (hf-to-megatron with --tp/--pp, megatron-to-hf)"
 DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
 
@@ -29,9 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "match the --transformer-impl you train with)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="hf-to-megatron: vocab padding unit before the TP factor (default %(default)s)")
-    p.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
-                   help="hf-to-megatron: output format: torch (mp_rank_* files) or torch_dist "
-                        "(megatron.core.dist_checkpointing, written by megatron-core's saver) (default %(default)s)")
+    add_ckpt_format_argument(p, "hf-to-megatron: ")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -23,6 +23,7 @@ from .. import importance
 from ..selectors import SCORERS, TargetRequest, make_plan, resolve_target
 from ..shape import PruneError
 from .score import add_calibration_arguments
+from . import add_ckpt_format_argument
 
 HELP = "prune a checkpoint to a smaller shape (layers, hidden, heads, KV groups, FFN)"
 
@@ -94,8 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     o.add_argument("--max-shard-size", type=parse_size, default="5GB",
                    help="split HF safetensors output above this size (default 5GB)")
-    o.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
-                   help="Megatron input only: write the pruned checkpoint as torch or torch_dist (default torch)")
+    add_ckpt_format_argument(o, "Megatron input only: ")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

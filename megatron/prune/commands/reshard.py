@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import add_ckpt_format_argument
+
 HELP = "change a Megatron checkpoint's TP/PP size (or layer spec)"
 
 
@@ -20,9 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, help="new pipeline-parallel size (default: keep)")
     p.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
                    help="layer spec whose parameter names to write (default: keep)")
-    p.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
-                   help="output format: torch (mp_rank_* files) or torch_dist "
-                        "(megatron.core.dist_checkpointing, written by megatron-core's saver) (default %(default)s)")
+    add_ckpt_format_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
