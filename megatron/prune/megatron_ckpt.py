@@ -377,6 +377,14 @@ class CheckpointHeader:
     dtype: torch.dtype
     hf_config: dict[str, Any]
 
+    def has(self, role: str, layer: int | None = None) -> bool:
+        """Which logical tensors exist follows from the shape alone (tied embeddings, q/k/v bias)."""
+        if role == "lm_head":
+            return not self.shape.tied_embeddings
+        if role.endswith("_bias"):
+            return self.shape.qkv_bias
+        return role in ROLE_AXES
+
 
 @dataclass
 class MegatronCheckpoint(CheckpointHeader):
@@ -507,12 +515,6 @@ class MegatronCheckpoint(CheckpointHeader):
         return param, layer // self.layers_per_stage, param.name(self.spec, layer % self.layers_per_stage)
 
     # -- TensorSource ----------------------------------------------------------------------------
-    def has(self, role: str, layer: int | None = None) -> bool:
-        if role == "lm_head":
-            return not self.shape.tied_embeddings
-        if role.endswith("_bias"):
-            return self.shape.qkv_bias
-        return role in ROLE_AXES
 
     def stored(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
         """The megatron-core tensor holding ``role`` in TP shard ``tp_rank``, as stored (memory-mapped, fused)."""

@@ -28,7 +28,6 @@ from tqdm import tqdm
 from .megatron_ckpt import (CHECKPOINT_VERSION, META_DIR, PARAM_BY_KEY, PARAM_OF_ROLE, PARAMS, CheckpointHeader,
                             Param, check_tp_pp, hf_config_from_args, params_for, shape_from_args, unfuse)
 from .shape import ModelShape, PruneError
-from .slicing import ROLE_AXES
 
 METADATA_FILE = "metadata.json"
 SKIPPED = ("optimizer.", "rng_state", "rerun_state_machine", "common_state")  # not carried over
@@ -129,13 +128,6 @@ class TorchDistCheckpoint(CheckpointHeader):
 
     def release(self) -> None:
         self._cache = (None, None)
-
-    def has(self, role: str, layer: int | None = None) -> bool:
-        if role == "lm_head":
-            return not self.shape.tied_embeddings
-        if role.endswith("_bias"):
-            return self.shape.qkv_bias
-        return role in ROLE_AXES
 
     def get(self, role: str, layer: int | None = None) -> torch.Tensor:
         with self._lock:  # the writer's threads share the one cached tensor
