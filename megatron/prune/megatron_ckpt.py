@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
 import re
 import shutil
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from .plan import PLAN_FILE, PrunePlan
 from .shape import ModelShape, PruneError, hf_config_for_shape, nearest_multiples
 from .slicing import (NORM_ROLES, ROLE_AXES, AxisIndex, layer_index, model_index, slice_role,
                       tp_slice_index)
+from .torch_stream import TorchStreamWriter
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -670,13 +672,6 @@ def param_gather(param: Param, index: AxisIndex, size: tuple[int, ...], ng: tupl
     return Gather(_kept_positions(param, index, size, 0, ng, np_src, hn), cols)
 
 
-def own_storage(t: torch.Tensor) -> torch.Tensor:
-    """``t`` contiguous and alone in its storage (torch.save writes whole storages)."""
-    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
-
-
 def balanced_params(src: MegatronCheckpoint, plan: PrunePlan, layout: Layout) -> ParamFn:
     """Prune TP shard r on its own (same TP): the plan's kept indices inside rank r's slice, re-based, taken
     from each stored tensor by one row and one column gather (:func:`param_gather`)."""
@@ -707,12 +702,29 @@ def balanced_params(src: MegatronCheckpoint, plan: PrunePlan, layout: Layout) ->
     return get
 
 
-def build_shard(layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int,
-                workers: int = WORKERS) -> dict[str, Any]:
-    """The state dict of output shard (tp_rank, pp_rank).
+def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, ahead: int) -> Iterator[Any]:
+    """``map(fn, items)`` computed by ``workers`` threads, in order, with at most ``ahead`` results computed and
+    not yet consumed (the memory bound)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: deque = deque()
+        todo = iter(items)
+        try:
+            for item in itertools.islice(todo, max(1, ahead)):
+                pending.append(pool.submit(fn, item))
+            while pending:
+                result = pending.popleft().result()
+                for item in itertools.islice(todo, 1):
+                    pending.append(pool.submit(fn, item))
+                yield result
+        finally:
+            for f in pending:
+                f.cancel()
 
-    Parameters are computed by ``workers`` threads (torch and numpy release the GIL while copying).
-    """
+
+def shard_jobs(layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int
+               ) -> tuple[list[tuple[str, Callable[[], torch.Tensor]]], list[str]]:
+    """Output shard (tp_rank, pp_rank) as (name, compute) pairs in state-dict order, and its ``_extra_state``
+    names (stored as None, as megatron-core saves them for the local spec)."""
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
     model_params, layer_params = params_for(layout.shape, first, last)
     jobs: list[tuple[str, Callable[[], torch.Tensor]]] = []
@@ -722,37 +734,40 @@ def build_shard(layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int,
         layer = pp_rank * layout.layers_per_stage + i
         for p in layer_params:
             jobs.append((p.name(layout.spec, i), lambda p=p, layer=layer: params(p, layer, tp_rank)))
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        tensors = pool.map(lambda job: own_storage(job[1]()), jobs)
-        sd: dict[str, Any] = dict(zip((name for name, _ in jobs), tensors))
-    for i in range(layout.layers_per_stage):
-        sd.update({t.format(i): None for t in EXTRA_STATE[layout.spec] if "{}" in t})
+    extra = [t.format(i) for i in range(layout.layers_per_stage) for t in EXTRA_STATE[layout.spec] if "{}" in t]
     if last:
-        sd.update({t: None for t in EXTRA_STATE[layout.spec] if "{}" not in t})
-    return sd
+        extra += [t for t in EXTRA_STATE[layout.spec] if "{}" not in t]
+    return jobs, extra
 
 
-def save_shard(obj: Mapping[str, Any], path: Path) -> None:
-    """``torch.save`` without zip CRC-32s: torch.load never verifies them (a corrupted record loads silently
-    either way) and computing them took most of torch.save's CPU time; the file is an ordinary torch checkpoint."""
-    from torch.utils.serialization import config
+def write_shard(path: Path, layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int, args: argparse.Namespace,
+                workers: int = WORKERS) -> None:
+    """Write output shard (tp_rank, pp_rank) as a Megatron-LM ``model_optim_rng.pt``.
 
-    with config.patch("save.compute_crc32", False):
-        torch.save(obj, path)
+    ``workers`` threads compute the tensors while this thread streams each finished one into the file
+    (:class:`TorchStreamWriter`), so compute and writing overlap and only a few tensors are in memory at once.
+    """
+    jobs, extra = shard_jobs(layout, params, tp_rank, pp_rank)
+    model: dict[str, Any] = {}
+    with TorchStreamWriter(path) as out:
+        tensors = ordered_map(lambda job: job[1](), jobs, workers, ahead=2 * workers)
+        for (name, _), tensor in zip(jobs, tensors):
+            model[name] = out.tensor(tensor)
+            del tensor
+        model.update(dict.fromkeys(extra))
+        out.finish({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": model})
 
 
 def write_checkpoint(out: Path, layout: Layout, params: ParamFn, args: argparse.Namespace,
                      order: Sequence[tuple[int, int]] | None = None, release: Callable[[], None] = lambda: None,
                      progress: bool = True) -> None:
-    """Write every shard of ``layout`` into ``out`` (an existing empty folder), one shard in memory at a time."""
+    """Write every shard of ``layout`` into ``out`` (an existing empty folder), one shard at a time."""
     iter_dir = out / "iter_0000000"
     keys = list(order or [(t, p) for t in range(layout.tp) for p in range(layout.pp)])
     for t, p in tqdm(keys, desc="writing shards", unit="shard", disable=not progress):
-        sd = build_shard(layout, params, t, p)
         path = iter_dir / shard_dir_name(t, p, layout.pp) / MODEL_FILE
         path.parent.mkdir(parents=True)
-        save_shard({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": sd}, path)
-        del sd
+        write_shard(path, layout, params, t, p, args)
         release()
     (out / TRACKER).write_text("0")
 
