@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.prune.megatron_ckpt import ordered_map
+from megatron.prune.memory import ordered_map
 from megatron.prune.torch_stream import TorchStreamWriter
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import os
 import re
 import shutil
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from .io import atomic_output, check_output_path, copy_side_files
+from .memory import BufferPool, drop_mapped_pages, file_mappings, ordered_map
 from .plan import PLAN_FILE, PrunePlan
 from .shape import ModelShape, PruneError, hf_config_for_shape, nearest_multiples
 from .slicing import (NORM_ROLES, ROLE_AXES, AxisIndex, layer_index, model_index, slice_role,
@@ -399,6 +399,7 @@ class MegatronCheckpoint(CheckpointHeader):
     files: dict[tuple[int, int], Path]
     _open: "OrderedDict[tuple[int, int], dict[str, Any]]" = field(default_factory=OrderedDict, repr=False)
     _parts: "OrderedDict[tuple, dict[str, torch.Tensor]]" = field(default_factory=OrderedDict, repr=False)
+    _maps: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -497,8 +498,9 @@ class MegatronCheckpoint(CheckpointHeader):
         key = (tp_rank, pp_rank)
         if key not in self._open:
             while len(self._open) >= self.tp:
-                self._open.popitem(last=False)
+                self._maps.pop(self._open.popitem(last=False)[0], None)
             self._open[key] = load_shard(self.files[key])["model"]
+            self._maps[key] = file_mappings(self.files[key])
         self._open.move_to_end(key)
         return self._open[key]
 
@@ -506,6 +508,14 @@ class MegatronCheckpoint(CheckpointHeader):
         """Drop every open shard (unmaps its pages)."""
         self._open.clear()
         self._parts.clear()
+        self._maps.clear()
+
+    def done_reading(self, t: torch.Tensor) -> None:
+        """A tensor from :meth:`stored` has been read: its mapped pages leave the resident set (they read back
+        the same if touched again), so RSS stays a few tensors however much of a shard has been read."""
+        with self._lock:
+            maps = [m for ranges in self._maps.values() for m in ranges]
+        drop_mapped_pages(t, maps)
 
     def _where(self, role: str, layer: int | None) -> tuple[Param, int, str]:
         param = PARAM_OF_ROLE[role]
@@ -615,6 +625,15 @@ _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _GATHER_BLOCK_BYTES = 128 * 1024  # rows gathered per step: about an L2 cache's worth
 
 
+GATHER_BUFFERS = BufferPool()  # shared by balanced pruning (takes) and write_shard (gives back)
+
+
+def _check_range(index: np.ndarray, n: int) -> None:
+    """``np.take(mode="clip")`` clamps instead of raising; raise as index_select would."""
+    if index.size and not 0 <= index.min() <= index.max() < n:
+        raise IndexError(f"index out of range for an axis of size {n}")
+
+
 @dataclass(frozen=True)
 class Gather:
     """The rows, then the columns, of a stored tensor that an output tensor keeps (None: the whole axis)."""
@@ -622,11 +641,10 @@ class Gather:
     rows: torch.Tensor | None
     cols: torch.Tensor | None
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, t: torch.Tensor, pool: BufferPool | None = None) -> torch.Tensor:
         """Bit-exact gather through numpy on a same-size integer view: numpy's take beats index_select on both
-        axes and its large outputs are huge-page backed (far fewer page faults). Rows are taken a few at a time
-        and their columns gathered straight into the output while the rows are still in cache, so memory is
-        read and written about once."""
+        axes. Rows are taken a few at a time and their columns gathered straight into the output while the rows
+        are still in cache, so memory is read and written about once. The output comes from ``pool`` if given."""
         if self.rows is None and self.cols is None:
             return t
         if t.dtype.itemsize not in _INT_OF_SIZE or t.requires_grad:
@@ -634,16 +652,25 @@ class Gather:
             return out if self.cols is None else out.index_select(1, self.cols)
         a = t.view(_INT_OF_SIZE[t.dtype.itemsize]).numpy()
         rows = None if self.rows is None else self.rows.numpy()
-        if self.cols is None:
-            return torch.from_numpy(a.take(rows, axis=0)).view(t.dtype)
-        cols = self.cols.numpy()
-        if cols.size and not 0 <= cols.min() <= cols.max() < a.shape[1]:  # mode="clip" below would not raise
-            raise IndexError(f"column index out of range for {tuple(a.shape)}")
-        out = np.empty((a.shape[0] if rows is None else len(rows), len(cols)), dtype=a.dtype)
+        cols = None if self.cols is None else self.cols.numpy()
+        for index, n in ((rows, a.shape[0]), (cols, a.shape[1] if a.ndim > 1 else 0)):
+            if index is not None:
+                _check_range(index, n)
+        shape = (a.shape[0] if rows is None else len(rows), *(() if a.ndim == 1 else
+                                                              (a.shape[1] if cols is None else len(cols),)))
+        out = pool.empty(shape, a.dtype) if pool is not None else np.empty(shape, dtype=a.dtype)
+        if cols is None:
+            np.take(a, rows, axis=0, out=out, mode="clip")  # "raise" would buffer ``out``
+            return torch.from_numpy(out).view(t.dtype)
         step = max(1, _GATHER_BLOCK_BYTES // max(1, a.shape[1] * a.itemsize))
+        block = None if rows is None else np.empty((min(step, len(rows)), a.shape[1]), dtype=a.dtype)
         for i in range(0, out.shape[0], step):
-            block = a[i:i + step] if rows is None else a.take(rows[i:i + step], axis=0)
-            np.take(block, cols, axis=1, out=out[i:i + step], mode="clip")  # "raise" would buffer ``out``
+            if rows is None:
+                src = a[i:i + step]
+            else:
+                src = block[: len(rows[i:i + step])]
+                np.take(a, rows[i:i + step], axis=0, out=src, mode="clip")
+            np.take(src, cols, axis=1, out=out[i:i + step], mode="clip")
         return torch.from_numpy(out).view(t.dtype)
 
 
@@ -697,28 +724,12 @@ def balanced_params(src: MegatronCheckpoint, plan: PrunePlan, layout: Layout) ->
             return slice_role(role, stored, index(layer, r), hn, plan.norm_scale)
         holder = PARAM_OF_ROLE[role]
         gather = param_gather(holder, index(layer, r), tuple(stored.shape), ng, s.num_attention_heads // src.tp, hn)
-        return gather(stored)
+        out = gather(stored, GATHER_BUFFERS)
+        if out is not stored:
+            src.done_reading(stored)
+        return out
 
     return get
-
-
-def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, ahead: int) -> Iterator[Any]:
-    """``map(fn, items)`` computed by ``workers`` threads, in order, with at most ``ahead`` results computed and
-    not yet consumed (the memory bound)."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: deque = deque()
-        todo = iter(items)
-        try:
-            for item in itertools.islice(todo, max(1, ahead)):
-                pending.append(pool.submit(fn, item))
-            while pending:
-                result = pending.popleft().result()
-                for item in itertools.islice(todo, 1):
-                    pending.append(pool.submit(fn, item))
-                yield result
-        finally:
-            for f in pending:
-                f.cancel()
 
 
 def shard_jobs(layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int
@@ -753,22 +764,39 @@ def write_shard(path: Path, layout: Layout, params: ParamFn, tp_rank: int, pp_ra
         tensors = ordered_map(lambda job: job[1](), jobs, workers, ahead=2 * workers)
         for (name, _), tensor in zip(jobs, tensors):
             model[name] = out.tensor(tensor)
+            GATHER_BUFFERS.give_back(tensor)
             del tensor
         model.update(dict.fromkeys(extra))
         out.finish({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": model})
 
 
 def write_checkpoint(out: Path, layout: Layout, params: ParamFn, args: argparse.Namespace,
-                     order: Sequence[tuple[int, int]] | None = None, release: Callable[[], None] = lambda: None,
-                     progress: bool = True) -> None:
-    """Write every shard of ``layout`` into ``out`` (an existing empty folder), one shard at a time."""
+                     release: Callable[[], None] = lambda: None, progress: bool = True,
+                     files_at_once: int | None = None) -> None:
+    """Write every shard of ``layout`` into ``out`` (an existing empty folder).
+
+    The TP shards of one pipeline stage are written at once (at most ``files_at_once``, default one per CPU):
+    each streams a few tensors at a time, so memory stays small, and writes to separate files run in parallel
+    where one file's writes would queue on its lock. ``release`` runs after each stage.
+    """
     iter_dir = out / "iter_0000000"
-    keys = list(order or [(t, p) for t in range(layout.tp) for p in range(layout.pp)])
-    for t, p in tqdm(keys, desc="writing shards", unit="shard", disable=not progress):
-        path = iter_dir / shard_dir_name(t, p, layout.pp) / MODEL_FILE
+    at_once = max(1, min(files_at_once or os.cpu_count() or 1, layout.tp))
+    workers = max(1, WORKERS // at_once)
+
+    def write(key: tuple[int, int]) -> None:
+        path = iter_dir / shard_dir_name(*key, layout.pp) / MODEL_FILE
         path.parent.mkdir(parents=True)
-        write_shard(path, layout, params, t, p, args)
-        release()
+        write_shard(path, layout, params, *key, args, workers)
+
+    with tqdm(total=layout.tp * layout.pp, desc="writing shards", unit="shard", disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=at_once) as pool:
+        for p in range(layout.pp):
+            for t0 in range(0, layout.tp, at_once):
+                for f in [pool.submit(write, (t, p)) for t in range(t0, min(t0 + at_once, layout.tp))]:
+                    f.result()
+                    bar.update()
+            release()
+    GATHER_BUFFERS.clear()
     (out / TRACKER).write_text("0")
 
 
@@ -791,7 +819,7 @@ def _has_tokenizer(folder: Path | None) -> bool:
 def _save(src: Any, plan: PrunePlan, output: Path, tp: int, pp: int, spec: str, divisible_by: int,
           params_fn: Callable[[Any, PrunePlan, Layout], ParamFn], base_args: argparse.Namespace | None,
           side_files: Path | None, overwrite: bool, progress: bool, save_plan: bool,
-          order: Sequence[tuple[int, int]] | None = None, ckpt_format: str = "torch") -> Path:
+          ckpt_format: str = "torch") -> Path:
     """Shared body of convert, reshard and prune: write ``plan`` applied to ``src`` as a Megatron checkpoint."""
     if spec not in SPECS:
         raise PruneError(f"layer spec {spec!r} unknown; choose one of {', '.join(SPECS)}")
@@ -805,7 +833,7 @@ def _save(src: Any, plan: PrunePlan, output: Path, tp: int, pp: int, spec: str, 
     args = args_for_shape(base_args, target, tp, pp, layout.padded_vocab, divisible_by,
                           getattr(src, "dtype", None) or _hf_dtype(src), spec, src_hf_config(src), tokenizer)
     with atomic_output(output, overwrite) as tmp:
-        write_checkpoint(tmp, layout, params_fn(src, plan, layout), args, order, getattr(src, "release", lambda: None),
+        write_checkpoint(tmp, layout, params_fn(src, plan, layout), args, getattr(src, "release", lambda: None),
                          progress)
         write_meta(tmp, side_files, src_hf_config(src), target)
         if ckpt_format == "torch_dist":
@@ -971,11 +999,9 @@ def prune_megatron(src: MegatronCheckpoint, plan: PrunePlan, output: Path | str,
                          f"`megatron-prune reshard --pp 1`")
     check_tp_pp(plan.target, tp, pp, what="target: ")
     check_output_path(src.folder, output, overwrite)
-    # rank-major order: each input shard is read while writing its own output shard, then released
-    order = [(t, p) for t in range(tp) for p in range(pp)]
     src.release()
     out = _save(src, plan, Path(output), tp, pp, src.spec, div, params_fn, src.args, src.folder / META_DIR,
-                overwrite, progress, save_plan=True, order=order, ckpt_format=ckpt_format)
+                overwrite, progress, save_plan=True, ckpt_format=ckpt_format)
     print(f"note: {NOT_CARRIED}")
     return out
 
