@@ -129,7 +129,7 @@ class PrunePlan:
         ).validate()
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        return _dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str) -> "PrunePlan":
@@ -149,6 +149,19 @@ class PrunePlan:
             return cls.from_json(path.read_text())
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise PruneError(f"cannot read plan {path}: {e}") from e
+
+
+def _dumps(obj: Any, indent: str = "") -> str:
+    """JSON with one key per line and every list of numbers on one line: readable and diffable, and written by
+    json's C encoder (``indent=`` would put each of a 7B plan's 250k indices on a line of its own, in Python)."""
+    if isinstance(obj, dict) and obj:
+        inner = indent + " "
+        items = (f"{inner}{json.dumps(k)}: {_dumps(v, inner)}" for k, v in obj.items())
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        inner = indent + " "
+        return "[\n" + ",\n".join(inner + _dumps(v, inner) for v in obj) + f"\n{indent}]"
+    return json.dumps(obj)
 
 
 def _check_indices(name: str, idx: Sequence[int], source_n: int, target_n: int) -> None:

@@ -226,7 +226,7 @@ def top_k(score: torch.Tensor, k: int, slices: int = 1) -> tuple[int, ...]:
     for s in range(slices):
         part = score[s * per_n : (s + 1) * per_n].double()
         order = torch.argsort(-part, stable=True)[:per_k]
-        kept.extend(int(i) + s * per_n for i in order)
+        kept.extend((order + s * per_n).tolist())
     return tuple(sorted(kept))
 
 

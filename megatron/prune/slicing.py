@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .plan import LayerPlan, PrunePlan
@@ -106,7 +107,8 @@ def shift(index: Sequence[int] | None, lo: int, hi: int) -> tuple[int, ...] | No
     """Indices inside [lo, hi) re-based to start at 0: the kept part of one tensor-parallel slice."""
     if index is None:
         return None
-    return tuple(i - lo for i in index if lo <= i < hi)
+    a = np.asarray(index, dtype=np.int64)
+    return tuple((a[(a >= lo) & (a < hi)] - lo).tolist())
 
 
 def tp_slice_index(index: AxisIndex, shape_units: Mapping[str, int], tp: int, rank: int) -> AxisIndex:
