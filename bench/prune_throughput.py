@@ -138,6 +138,7 @@ def main() -> int:
         for i in range(a.repeat):
             for name in names[i % len(names):] + names[: i % len(names)]:  # rotate the order every round
                 cmd, env, cwd = variants[name]
+                os.sync()  # the previous run's write-back must not throttle this one (untimed)
                 runs[name].append(run_child(cmd, env, cwd))
                 if name == "cp":
                     shutil.rmtree(copy)

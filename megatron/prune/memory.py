@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from .direct_io import aligned_empty
+
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, ahead: int) -> Iterator[Any]:
     """``map(fn, items)`` computed by ``workers`` threads, in order, with at most ``ahead`` results computed and
@@ -64,7 +66,7 @@ class BufferPool:
                     del self._idle[key]
                     break
             else:
-                arr = np.empty(shape, dtype=dtype)
+                arr = aligned_empty(shape, dtype)  # block aligned: written to disk without a copy
             self._lent[arr.ctypes.data] = arr
             return arr
 

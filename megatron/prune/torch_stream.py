@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-STORAGE_ALIGNMENT = 64  # torch.save's default record alignment: mmap=True loads need it
+from .direct_io import ALIGN, SequentialFile
+
+STORAGE_ALIGNMENT = ALIGN  # records start on disk blocks (torch.save uses 64; loaders read the recorded value)
 PICKLE_PROTOCOL = torch.serialization.DEFAULT_PROTOCOL
 
 
@@ -62,7 +64,7 @@ class TorchStreamWriter:
     """
 
     def __init__(self, path: Path | str) -> None:
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in __exit__
+        self._file = SequentialFile(path)  # O_DIRECT where possible; closed in __exit__
         self._zip = torch._C.PyTorchFileWriter(self._file, False, STORAGE_ALIGNMENT)  # no CRC: torch.load ignores it
         self._count = 0
         self._finished = False
