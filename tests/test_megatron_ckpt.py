@@ -13,6 +13,7 @@ from conftest import tree_hash
 from megatron.prune import megatron_ckpt as mc
 from megatron.prune.cli import main as cli_main
 from megatron.prune.hf import HFCheckpoint, expected_roles, prune_hf
+from megatron.prune.memory import BufferPool
 from megatron.prune.plan import PrunePlan
 from megatron.prune.selectors import magnitude_scores, make_plan, random_scores
 from megatron.prune.shape import PruneError
@@ -91,11 +92,26 @@ def test_param_gather_equals_unfuse_slice_fuse(dtype, block, monkeypatch):
         t = torch.randn(size, generator=g).to(dtype)
         parts = mc.unfuse(p, t, ng, np_, hn)
         want = mc.fuse(p, {r: slice_role(r, x, index, hn) for r, x in parts.items()}, 2)
-        got = mc.param_gather(p, index, size, (ng, 2), np_, hn)(t)
+        gather = mc.param_gather(p, index, size, (ng, 2), np_, hn)
+        got = gather(t)
         assert got.shape == want.shape and got.dtype == dtype and torch.equal(got, want), key
         assert got.data_ptr() != t.data_ptr()
+        pool = BufferPool()
+        for _ in range(2):  # the second time into the buffer handed back by the first
+            pooled = gather(t, pool)
+            assert torch.equal(pooled, want), key
+            pool.give_back(pooled)
     keep_all = mc.param_gather(mc.PARAM_BY_KEY["qkv"], AxisIndex(), stored["qkv"], (ng, ng), np_, hn)
     assert keep_all.rows is None and keep_all.cols is None  # identity: no copy at all
+
+
+@pytest.mark.parametrize("rows,cols", [([0, 5], None), (None, [1, 4]), ([-1], [0]), ([0], [-2])])
+def test_gather_refuses_out_of_range_like_index_select(rows, cols):
+    """The fast take mode would wrap an out-of-range index around silently; the gather raises instead."""
+    t = torch.arange(20, dtype=torch.bfloat16).reshape(5, 4)
+    as_index = lambda x: None if x is None else torch.tensor(x)  # noqa: E731
+    with pytest.raises(IndexError):
+        mc.Gather(as_index(rows), as_index(cols))(t)
 
 
 def test_fc1_shard_is_gate_shard_then_up_shard(tiny_hf, tmp_path):

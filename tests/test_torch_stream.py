@@ -1,16 +1,13 @@
-"""The streaming torch.save writer and the ordered thread map that feeds it."""
+"""The streaming torch.save writer."""
 
 from __future__ import annotations
 
 import argparse
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron.prune.memory import ordered_map
 from megatron.prune.torch_stream import TorchStreamWriter
 
 
@@ -72,39 +69,6 @@ def test_unfinished_writer_raises(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="finish"):
         with TorchStreamWriter(tmp_path / "x.pt") as out:
             out.tensor(torch.ones(2))
-
-
-def test_ordered_map_keeps_order_and_bounds_lookahead() -> None:
-    """Results come in input order however long each takes, and no more than ``ahead`` wait unconsumed."""
-    lock, state = threading.Lock(), {"done": 0, "taken": 0, "max_waiting": 0}
-
-    def fn(i: int) -> int:
-        time.sleep(0.001 * ((7 * i) % 5))
-        with lock:
-            state["done"] += 1
-            state["max_waiting"] = max(state["max_waiting"], state["done"] - state["taken"])
-        return i
-
-    got = []
-    for x in ordered_map(fn, range(40), workers=3, ahead=4):
-        got.append(x)
-        with lock:
-            state["taken"] += 1
-    assert got == list(range(40))
-    assert 1 <= state["max_waiting"] <= 4
-
-
-def test_ordered_map_raises_worker_error() -> None:
-    def fn(i: int) -> int:
-        if i == 5:
-            raise ValueError("boom at 5")
-        return i
-
-    got = []
-    with pytest.raises(ValueError, match="boom at 5"):
-        for x in ordered_map(fn, range(20), workers=2, ahead=3):
-            got.append(x)
-    assert got == list(range(5))
 
 
 def test_error_while_streaming_propagates(tmp_path: Path) -> None:

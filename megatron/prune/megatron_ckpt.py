@@ -622,14 +622,15 @@ def global_params(src: Any, plan: PrunePlan, layout: Layout) -> ParamFn:
 
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_GATHER_BLOCK_BYTES = 128 * 1024  # rows gathered per step: about an L2 cache's worth
+_GATHER_BLOCK_BYTES = 512 * 1024  # rows gathered per step: a quarter of a 2 MiB L2 (measured best)
 
 
 GATHER_BUFFERS = BufferPool()  # shared by balanced pruning (takes) and write_shard (gives back)
 
 
 def _check_range(index: np.ndarray, n: int) -> None:
-    """``np.take(mode="clip")`` clamps instead of raising; raise as index_select would."""
+    """``np.take(mode="wrap")`` (its fastest mode; the same as the others for in-range indices) does not raise on
+    an index out of range: raise as index_select would."""
     if index.size and not 0 <= index.min() <= index.max() < n:
         raise IndexError(f"index out of range for an axis of size {n}")
 
@@ -660,7 +661,7 @@ class Gather:
                                                               (a.shape[1] if cols is None else len(cols),)))
         out = pool.empty(shape, a.dtype) if pool is not None else np.empty(shape, dtype=a.dtype)
         if cols is None:
-            np.take(a, rows, axis=0, out=out, mode="clip")  # "raise" would buffer ``out``
+            np.take(a, rows, axis=0, out=out, mode="wrap")  # "raise" would buffer ``out``
             return torch.from_numpy(out).view(t.dtype)
         step = max(1, _GATHER_BLOCK_BYTES // max(1, a.shape[1] * a.itemsize))
         block = None if rows is None else np.empty((min(step, len(rows)), a.shape[1]), dtype=a.dtype)
@@ -669,8 +670,8 @@ class Gather:
                 src = a[i:i + step]
             else:
                 src = block[: len(rows[i:i + step])]
-                np.take(a, rows[i:i + step], axis=0, out=src, mode="clip")
-            np.take(src, cols, axis=1, out=out[i:i + step], mode="clip")
+                np.take(a, rows[i:i + step], axis=0, out=src, mode="wrap")
+            np.take(src, cols, axis=1, out=out[i:i + step], mode="wrap")
         return torch.from_numpy(out).view(t.dtype)
 
 
