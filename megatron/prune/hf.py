@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from .direct_io import SequentialFile
 from .io import atomic_output, check_output_path, copy_side_files
 from .plan import PrunePlan
 from .shape import ModelShape, PruneError, hf_config_for_shape, nearest_multiples, shape_from_hf_config
@@ -242,13 +243,13 @@ def write_safetensors(path: Path, specs: list[tuple[str, str, tuple[int, ...]]],
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
-    with open(path, "wb") as f:
+    with SequentialFile(path) as f:  # O_DIRECT where the filesystem allows: no page-cache copy
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for (name, code, shape), t in zip(specs, tensors, strict=True):
             if tuple(t.shape) != tuple(shape) or _DTYPE_CODES.get(t.dtype) != code:
                 raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, header promised {shape} {code}")
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def write_pruned(ckpt: HFCheckpoint, plan: PrunePlan, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
