@@ -46,7 +46,7 @@ META_DIR = "hf_meta"  # HF config.json + tokenizer of the model, for megatron-to
 CHECKPOINT_VERSION = 3.0
 SPECS = ("local", "transformer_engine")
 CKPT_FORMATS = ("torch", "torch_dist")  # output formats; both are read
-WORKERS = min(4, os.cpu_count() or 1)  # threads building one shard's tensors
+WORKERS = 4  # most threads computing one output file's tensors (the writer, not compute, soon limits)
 TP_AXES = ("heads", "groups", "ffn", "vocab")  # logical axes megatron-core splits across TP ranks
 NOT_CARRIED = ("optimizer state and RNG state are not carried over and the iteration is reset to 0: "
                "load it with --finetune (or --no-load-optim --no-load-rng)")
@@ -781,8 +781,9 @@ def write_checkpoint(out: Path, layout: Layout, params: ParamFn, args: argparse.
     where one file's writes would queue on its lock. ``release`` runs after each stage.
     """
     iter_dir = out / "iter_0000000"
-    at_once = max(1, min(files_at_once or os.cpu_count() or 1, layout.tp))
-    workers = max(1, WORKERS // at_once)
+    cpus = os.cpu_count() or 1
+    at_once = max(1, min(files_at_once or cpus, layout.tp))
+    workers = max(1, min(WORKERS, cpus // at_once))
 
     def write(key: tuple[int, int]) -> None:
         path = iter_dir / shard_dir_name(*key, layout.pp) / MODEL_FILE
