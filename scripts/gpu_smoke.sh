@@ -1,64 +1,107 @@
 #!/usr/bin/env bash
-# One short single-GPU smoke run (a few minutes): prune the embedded SmolLM2-135M to the demo shape,
-# convert it to Megatron (TP=1), tokenize the built-in text, then 50 iterations of recovery in bf16
-# on the stock loop; prints tokens/s and model FLOPs utilisation (MFU) from the loop's own timing.
-#   bash scripts/gpu_smoke.sh            (WORK=/tmp/mp-gpu-smoke ITERS=50 SEQ_LEN=2048 GLOBAL_BATCH=16)
+# One short single-GPU smoke run (a few minutes): 50 iterations of recovery in bf16 on the stock loop for the
+# embedded SmolLM2-135M pruned to the demo shape, TP=1; prints tokens/s and model FLOPs utilisation (MFU) from
+# the loop's own timing.
+#
+#   bash scripts/gpu_smoke.sh       (WORK=/tmp/mp-gpu-smoke ITERS=50 SEQ_LEN=2048 MICRO_BATCH=4 GLOBAL_BATCH=16)
+#
+# Stage 1 (prepare, skipped when $WORK/ready exists) needs the embedded model: it prunes it to the demo shape,
+# converts it to Megatron, tokenizes the built-in text and writes the tokenizer, config.json and the model's
+# shape flags. With SMOKE_WEIGHTS=0 it keeps no weights (a 142 MB model does not travel to a lent GPU machine);
+# stage 2 then starts from random weights of the same shape, which trains at the same tokens/s and MFU.
+# PREPARE_ONLY=1 stops after stage 1. For the `device` tool (64 MiB of files travel, no network there):
+#   here:  WORK=.gpu_smoke SMOKE_WEIGHTS=0 PREPARE_ONLY=1 bash scripts/gpu_smoke.sh
+#          python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#            --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2
+#   there: (carry .gpu_smoke and .whl)
+#          python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#          PYTHONPATH=/tmp/site:$PWD WORK=.gpu_smoke PYTHON=python3 bash scripts/gpu_smoke.sh
+# Transformer Engine is used when installed; else megatron-core's local spec (pretrain_llama.py says which).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 WORK="${WORK:-/tmp/mp-gpu-smoke}"; ITERS="${ITERS:-50}"; SEQ_LEN="${SEQ_LEN:-2048}"
 MICRO_BATCH="${MICRO_BATCH:-4}"; GLOBAL_BATCH="${GLOBAL_BATCH:-16}"
 mkdir -p "$WORK"
+WORK="$(cd "$WORK" && pwd)"
 
-"$PYTHON" - "$WORK" <<'PY'
-import sys
+if [[ ! -f "$WORK/ready" ]]; then
+"$PYTHON" - "$WORK" "${SMOKE_WEIGHTS:-1}" <<'PY'
+import shutil, sys
 from pathlib import Path
 from megatron.prune.cli import main
 from megatron.prune.commands.demo import DEMO_SHAPE
+from megatron.prune.hf import HFCheckpoint
 from megatron.prune.megatron_ckpt import hf_to_megatron
 from megatron.prune.models import embedded_model_dir
 from megatron.prune.text import builtin_text
 
-work = Path(sys.argv[1])
-src = embedded_model_dir()
-pruned, mg = work / "pruned_hf", work / "pruned_mg"
+work, keep_weights = Path(sys.argv[1]), sys.argv[2] != "0"
+pruned = work / "pruned_hf"
 if not pruned.exists():
     shape = [x for k, v in DEMO_SHAPE.items() for x in (f"--{k}", str(v))]
-    assert main(["prune", "--input", str(src), "--output", str(pruned), *shape]) == 0
-if not mg.exists():
-    hf_to_megatron(pruned, mg, tp=1)
+    assert main(["prune", "--input", str(embedded_model_dir()), "--output", str(pruned), *shape]) == 0
+s = HFCheckpoint.open(pruned).shape
+flags = ["--num-layers", s.num_layers, "--hidden-size", s.hidden_size, "--ffn-hidden-size", s.ffn_hidden_size,
+         "--num-attention-heads", s.num_attention_heads, "--group-query-attention",
+         "--num-query-groups", s.num_query_groups, "--kv-channels", s.head_dim]
+if not s.tied_embeddings:
+    flags.append("--untie-embeddings-and-output-weights")
+(work / "model_flags.txt").write_text(" ".join(map(str, flags)) + "\n")
+tokenizer = work / "tokenizer"
+tokenizer.mkdir(exist_ok=True)
+for f in pruned.iterdir():
+    if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or f.name == "config.json":
+        shutil.copy2(f, tokenizer / f.name)
 text = work / "text.txt"
 text.write_text(builtin_text("calib"))
-if not (work / "text_text_document.bin").exists():
-    assert main(["data", "--input", str(text), "--output-prefix", str(work / "text"),
-                 "--tokenizer", str(pruned), "--no-progress"]) == 0
+assert main(["data", "--input", str(text), "--output-prefix", str(work / "text"),
+             "--tokenizer", str(tokenizer), "--no-progress"]) == 0
+text.unlink()
+if keep_weights:
+    hf_to_megatron(pruned, work / "pruned_mg", tp=1)
+else:
+    shutil.rmtree(pruned)
+(work / "ready").write_text("")
 PY
+fi
+[[ "${PREPARE_ONLY:-0}" == 1 ]] && { echo "prepared $WORK"; exit 0; }
+
+if [[ -d "$WORK/pruned_mg" ]]; then
+  model=(env LOAD="$WORK/pruned_mg"); extra=()
+else
+  echo "no pruned weights in $WORK: random weights of the pruned shape ($(cat "$WORK/model_flags.txt"))"
+  model=(env); read -r -a extra < "$WORK/model_flags.txt"
+fi
+impl=local; "$PYTHON" -c "import transformer_engine" 2>/dev/null && impl=transformer_engine
 
 log="$WORK/train.log"
-LOAD="$WORK/pruned_mg" DATA="$WORK/text_text_document" TOKENIZER="$WORK/pruned_hf" TP=1 \
+"${model[@]}" DATA="$WORK/text_text_document" TOKENIZER="$WORK/tokenizer" TP=1 \
   TRAIN_ITERS="$ITERS" SEQ_LEN="$SEQ_LEN" MICRO_BATCH="$MICRO_BATCH" GLOBAL_BATCH="$GLOBAL_BATCH" \
   LR=1e-4 LOG_INTERVAL=1 PRECISION=bf16 PYTHON="$PYTHON" \
-  bash "$here/scripts/check_model.sh" --transformer-impl transformer_engine \
+  bash "$here/scripts/check_model.sh" "${extra[@]}" --transformer-impl "$impl" \
   --max-position-embeddings "$SEQ_LEN" --seq-length "$SEQ_LEN" 2>&1 | tee "$log"
 
-"$PYTHON" - "$log" "$WORK/pruned_hf" "$SEQ_LEN" "$GLOBAL_BATCH" <<'PY'
+"$PYTHON" - "$log" "$WORK/tokenizer/config.json" "$SEQ_LEN" "$GLOBAL_BATCH" "$impl" <<'PY'
 import json, re, sys
 import torch
-log, hf, seq, gbs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+log, config, seq, gbs, impl = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 ms = [float(x) for x in re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", open(log).read())]
+if not ms:
+    sys.exit("no iteration timings in the training log")
 steady = ms[5:] or ms  # skip warm-up iterations
 step_s = sum(steady) / len(steady) / 1000.0
-cfg = json.load(open(f"{hf}/config.json"))
+cfg = json.load(open(config))
 h, L, f, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
 heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
 hd = cfg.get("head_dim") or h // heads
 n_matmul = L * (h * hd * (heads + 2 * kv) + heads * hd * h + 3 * h * f) + v * h  # + lm head
 flops_per_token = 6 * n_matmul + 6 * L * seq * heads * hd  # causal attention (fwd+bwd, halved)
 tokens_s = gbs * seq / step_s
-name = torch.cuda.get_device_name(0)
+name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no GPU: not a GPU figure)"
 peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 peak_flops = next((p for k, p in peak.items() if k in name), None)
-print(f"device: {name}")
+print(f"device: {name}; layer spec: {impl}")
 print(f"steady step time: {step_s * 1000:.1f} ms over {len(steady)} iterations")
 print(f"tokens/s: {tokens_s:,.0f}")
 if peak_flops:

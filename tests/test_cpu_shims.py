@@ -122,5 +122,30 @@ def test_apply_cpu_shims_is_a_noop_with_cuda(monkeypatch):
     assert torch.cuda.current_device is current_device and not cpu.shims_active()
 
 
+@pytest.mark.parametrize("te", [False, True])
+def test_gpu_without_transformer_engine_gets_the_local_spec_flags(monkeypatch, te):
+    """On a GPU (no CPU shims) without TE, pretrain_llama.py selects megatron-core's local spec and plain ops
+    before the user's flags (which still win); with TE the stock defaults are left alone."""
+    import megatron.training.arguments as margs
+
+    from megatron.prune.cpu import WITHOUT_TE_FLAGS
+    from megatron.prune.training import recipe
+
+    seen: list[str] = []
+
+    def parse(*_a, **_k):
+        seen.extend(sys.argv[1:])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(recipe, "apply_cpu_shims", lambda: False)
+    monkeypatch.setattr(recipe, "have_transformer_engine", lambda: te)
+    monkeypatch.setattr(margs, "parse_and_validate_args", parse)
+    monkeypatch.setattr(sys, "argv", ["pretrain_llama.py"])
+    with pytest.raises(SystemExit):
+        recipe.main(["--transformer-impl", "transformer_engine"])
+    want = [] if te else list(WITHOUT_TE_FLAGS)
+    assert seen == [*want, "--transformer-impl", "transformer_engine"]
+
+
 if __name__ == "__main__":
     _child()

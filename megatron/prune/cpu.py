@@ -26,14 +26,19 @@ from torch.overrides import TorchFunctionMode
 _APPLIED = False
 _MODE: "_CudaToCpuMode | None" = None
 
-# Stock-loop flags that select CPU-capable code paths (fused kernels need CUDA / apex / TE).
-CPU_FLAGS: tuple[str, ...] = (
-    "--distributed-backend", "gloo",
+# Stock-loop flags for a GPU without Transformer Engine (or apex): the defaults select TE layers and fused
+# kernels from TE/apex; these select megatron-core's local spec and plain PyTorch ops. (Not a CPU shim.)
+WITHOUT_TE_FLAGS: tuple[str, ...] = (
     "--transformer-impl", "local",
     "--no-rope-fusion",
     "--no-persist-layer-norm",
     "--no-gradient-accumulation-fusion",
     "--no-masked-softmax-fusion",
+)
+# Stock-loop flags that select CPU-capable code paths (fused kernels need CUDA / apex / TE).
+CPU_FLAGS: tuple[str, ...] = (
+    "--distributed-backend", "gloo",
+    *WITHOUT_TE_FLAGS,
     "--no-bias-swiglu-fusion",
     "--no-bias-dropout-fusion",
 )

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..cpu import CPU_FLAGS, apply_cpu_shims, skip_compile_helpers
+from ..cpu import CPU_FLAGS, WITHOUT_TE_FLAGS, apply_cpu_shims, skip_compile_helpers
 from ..data import validate_dataset_prefix
 from ..megatron_ckpt import META_DIR
 from ..shape import PruneError
@@ -132,6 +132,12 @@ def carry_hf_meta(args: Any) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
+def have_transformer_engine() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
 def _layer_spec(args: Any, config: Any):
     """Transformer Engine spec when TE is importable and selected; megatron-core's local spec else."""
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -309,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if apply_cpu_shims():
         argv = [*CPU_FLAGS, *argv]  # later user flags still win
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    elif not have_transformer_engine():
+        print("pretrain_llama.py: Transformer Engine is not installed: megatron-core's local spec, unfused "
+              "kernels", flush=True)
+        argv = [*WITHOUT_TE_FLAGS, *argv]
     sys.argv = [sys.argv[0], *argv]
     try:
         args = parse_and_validate_args(add_recovery_args)
