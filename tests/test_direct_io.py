@@ -49,8 +49,12 @@ def test_aligned_empty_is_aligned() -> None:
         assert a.shape == shape and a.dtype == dtype and (a.size == 0 or a.ctypes.data % ALIGN == 0)
 
 
-def test_plain_writes_when_direct_io_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(direct_io, "_open_direct", lambda path: None)
+@pytest.mark.parametrize("how", ["refused", "switched off"])
+def test_plain_writes_when_direct_io_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    if how == "refused":
+        monkeypatch.setattr(direct_io, "_open_direct", lambda path: None)
+    else:
+        monkeypatch.setenv(direct_io.ENV_SWITCH, "0")
     parts = pieces()
     f = write_all(tmp_path / "f.bin", parts, 1 << 16)
     assert not f.direct

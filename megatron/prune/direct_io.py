@@ -4,7 +4,8 @@ Buffered ``write()`` copies every byte into the page cache one page at a time; o
 costs a CPU core about a second per GB, more than the pruning itself. Direct I/O hands whole aligned blocks
 to the device with almost no CPU, so a prune runs at disk speed. Bytes are gathered into two page-aligned
 staging buffers: one fills while a background thread writes the other. Where direct I/O is refused (tmpfs,
-some network filesystems, an unaligned device) the file falls back to ordinary writes, with the same result.
+some network filesystems, an unaligned device) the file falls back to ordinary writes, with the same result;
+``MEGATRON_PRUNE_DIRECT_IO=0`` asks for ordinary writes everywhere.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
+ENV_SWITCH = "MEGATRON_PRUNE_DIRECT_IO"  # "0": always ordinary buffered writes
+
+
 def _open_direct(path: Path) -> int | None:
     flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
+    if not flag or os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     try:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
