@@ -241,6 +241,28 @@ def test_balanced_prune_of_tp2_equals_pruning_hf(tiny_hf, tmp_path, family, pp, 
     assert_same_tensors(hf_tensors(ref), hf_tensors(back))
 
 
+def test_shards_written_at_once_equal_shards_written_in_turn(tiny_hf, tmp_path):
+    """Writing a stage's TP shards concurrently (and several compute threads per file) changes no byte of any
+    shard's pickle and no tensor."""
+    hf = tiny_hf("llama-gqa")
+    plan = small_plan(HFCheckpoint.open(hf).shape, 2, True)
+    src = mc.MegatronCheckpoint.open(mc.hf_to_megatron(hf, tmp_path / "mg", tp=2, pp=1, progress=False))
+    layout = mc.Layout(plan.target, 2, 1, src.spec, src.padded_vocab)
+    args = argparse.Namespace(tensor_model_parallel_size=2)
+    for n, workers in ((1, 1), (2, 4)):
+        (tmp_path / f"out{n}").mkdir()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(mc, "WORKERS", workers)
+            m.setattr(mc.os, "cpu_count", lambda: 8)  # so that two files at once still get 4 threads each
+            mc.write_checkpoint(tmp_path / f"out{n}", layout, mc.balanced_params(src, plan, layout), args,
+                                src.release, progress=False, files_at_once=n)
+    for rank in ("mp_rank_00", "mp_rank_01"):
+        a, b = (tmp_path / f"out{n}" / "iter_0000000" / rank / mc.MODEL_FILE for n in (1, 2))
+        assert torch._C.PyTorchFileReader(str(a)).get_record("data.pkl") == torch._C.PyTorchFileReader(
+            str(b)).get_record("data.pkl")
+        assert_same_tensors(mc.load_shard(a)["model"], mc.load_shard(b)["model"])
+
+
 def test_unbalanced_prune_changes_tp_and_equals_pruning_hf(tiny_hf, tmp_path):
     hf = tiny_hf("llama-gqa")
     src = HFCheckpoint.open(hf)
