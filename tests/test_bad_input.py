@@ -119,6 +119,40 @@ def test_failure_mid_write_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
     assert tree_hash(src) == before
 
 
+def test_interrupt_while_writing_megatron_shards_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a Megatron prune (two shards being written at once): no output, no temp folder,
+    the input untouched, and the other shard's writer stops too instead of finishing its file."""
+    import threading
+    import time
+
+    from megatron.prune import megatron_ckpt as mc
+
+    mg = mc.hf_to_megatron(tiny_hf("llama-gqa"), tmp_path / "mg", tp=2, progress=False)
+    before = tree_hash(mg)
+    real = mc.TorchStreamWriter.tensor
+    lock, written = threading.Lock(), []
+
+    def tensor(self, t):
+        with lock:
+            written.append(1)
+            n = len(written)
+        if n == 5:
+            raise KeyboardInterrupt  # what Ctrl-C looks like mid-run (here in a writer thread)
+        time.sleep(0.01)  # tiny tensors: give the main thread time to see the interrupt
+        return real(self, t)
+
+    monkeypatch.setattr(mc.TorchStreamWriter, "tensor", tensor)
+    monkeypatch.setattr(mc.os, "cpu_count", lambda: 2)  # both TP shards at once
+    with pytest.raises(KeyboardInterrupt):
+        main(["prune", "--input", str(mg), "--output", str(tmp_path / "out"), "--hidden-size", "40",
+              "--no-progress"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mg"]
+    assert tree_hash(mg) == before
+    per_shard = len(mc.shard_jobs(mc.Layout(mc.MegatronCheckpoint.open(mg).shape, 2, 1, "local", 128),
+                                  lambda *a: None, 0, 0)[0])
+    assert len(written) < per_shard  # the other writer gave up early instead of finishing its shard
+
+
 def test_plan_for_another_model_refused(tiny_hf, tmp_path, capsys):
     assert main(["prune", "--input", str(tiny_hf("mistral")), "--output", str(tmp_path / "a"), "--num-layers", "2",
                  "--no-progress"]) == 0

@@ -23,7 +23,7 @@ import re
 import shutil
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -752,18 +752,25 @@ def shard_jobs(layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int
     return jobs, extra
 
 
+class Stopped(Exception):
+    """Another shard's writer failed (or the run was interrupted): this one stops too."""
+
+
 def write_shard(path: Path, layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int, args: argparse.Namespace,
-                workers: int = WORKERS) -> None:
+                workers: int = WORKERS, stop: threading.Event | None = None) -> None:
     """Write output shard (tp_rank, pp_rank) as a Megatron-LM ``model_optim_rng.pt``.
 
     ``workers`` threads compute the tensors while this thread streams each finished one into the file
     (:class:`TorchStreamWriter`), so compute and writing overlap and only a few tensors are in memory at once.
+    Once ``stop`` is set the shard is abandoned (:class:`Stopped`) at the next tensor.
     """
     jobs, extra = shard_jobs(layout, params, tp_rank, pp_rank)
     model: dict[str, Any] = {}
     with TorchStreamWriter(path) as out:
         tensors = ordered_map(lambda job: job[1](), jobs, workers, ahead=2 * workers)
         for (name, _), tensor in zip(jobs, tensors):
+            if stop is not None and stop.is_set():
+                raise Stopped(f"{path}: stopped")
             model[name] = out.tensor(tensor)
             GATHER_BUFFERS.give_back(tensor)
             del tensor
@@ -785,19 +792,28 @@ def write_checkpoint(out: Path, layout: Layout, params: ParamFn, args: argparse.
     at_once = max(1, min(files_at_once or cpus, layout.tp))
     workers = max(1, min(WORKERS, cpus // at_once))
 
+    stop = threading.Event()  # set on any failure or Ctrl-C: the other shards' writers give up at once
+
     def write(key: tuple[int, int]) -> None:
         path = iter_dir / shard_dir_name(*key, layout.pp) / MODEL_FILE
         path.parent.mkdir(parents=True)
-        write_shard(path, layout, params, *key, args, workers)
+        write_shard(path, layout, params, *key, args, workers, stop)
 
     with tqdm(total=layout.tp * layout.pp, desc="writing shards", unit="shard", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=at_once) as pool:
-        for p in range(layout.pp):
-            for t0 in range(0, layout.tp, at_once):
-                for f in [pool.submit(write, (t, p)) for t in range(t0, min(t0 + at_once, layout.tp))]:
-                    f.result()
-                    bar.update()
-            release()
+        try:
+            for p in range(layout.pp):
+                for t0 in range(0, layout.tp, at_once):
+                    futures = [pool.submit(write, (t, p)) for t in range(t0, min(t0 + at_once, layout.tp))]
+                    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                    for f in done:
+                        if f.exception() is not None:
+                            raise f.exception()
+                    bar.update(len(futures))
+                release()
+        except BaseException:
+            stop.set()
+            raise
     GATHER_BUFFERS.clear()
     (out / TRACKER).write_text("0")
 
