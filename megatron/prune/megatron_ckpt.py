@@ -555,7 +555,16 @@ class MegatronCheckpoint(CheckpointHeader):
         if param.tp_axis is None:
             return self.get_local(role, layer, 0)
         t = torch.cat([self.get_local(role, layer, r) for r in range(self.tp)], dim=param.tp_axis)
+        self._done_with(role, layer)  # ``t`` is a copy: the pages it was read from can leave the resident set
         return t[: self.shape.vocab_size] if role in ("embed", "lm_head") else t
+
+    def _done_with(self, role: str, layer: int | None) -> None:
+        """:meth:`done_reading` for every open TP shard's stored tensor of ``role`` (opens nothing)."""
+        _, stage, name = self._where(role, layer)
+        with self._lock:
+            stored = [self._open[(r, stage)][name] for r in range(self.tp) if (r, stage) in self._open]
+        for t in stored:
+            self.done_reading(t)
 
 
 # ---- writing ------------------------------------------------------------------------------------
