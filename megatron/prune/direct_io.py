@@ -70,8 +70,8 @@ class SequentialFile:
         if not self._staged:
             return
         size = max(ALIGN, staging_bytes // ALIGN * ALIGN)
-        self._maps = [mmap.mmap(-1, size), mmap.mmap(-1, size)]  # anonymous maps are page aligned
-        self._bufs = [np.frombuffer(m, dtype=np.uint8) for m in self._maps]
+        # anonymous maps are page aligned; each array keeps its map alive
+        self._bufs = [np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8) for _ in range(2)]
         self._fill = 0  # which buffer fills
         self._used = 0  # bytes in it
         self._offset = 0  # file offset of the filling buffer's first byte
