@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One short single-GPU smoke run (a few minutes): 50 iterations of recovery in bf16 on the stock loop for the
 # embedded SmolLM2-135M pruned to the demo shape, TP=1; prints tokens/s and model FLOPs utilisation (MFU) from
-# the loop's own timing.
+# the loop's own timing (megatron.prune.training.throughput; Megatron's --log-throughput figure beside it).
 #
 #   bash scripts/gpu_smoke.sh       (WORK=/tmp/mp-gpu-smoke ITERS=50 SEQ_LEN=2048 MICRO_BATCH=4 GLOBAL_BATCH=16)
 #
-# Stage 1 (prepare, skipped when $WORK/ready exists) needs the embedded model: it prunes it to the demo shape,
-# converts it to Megatron, tokenizes the built-in text and writes the tokenizer, config.json and the model's
-# shape flags. With SMOKE_WEIGHTS=0 it keeps no weights (a 142 MB model does not travel to a lent GPU machine);
+# Stage 1 (prepare, skipped when $WORK/ready exists) needs the embedded model: it prunes it to the demo shape
+# (unless $WORK/pruned_hf exists), converts it to Megatron, tokenizes the built-in text and writes the tokenizer,
+# config.json and the model's shape flags. With SMOKE_WEIGHTS=0 it keeps no weights (a 142 MB model does not travel to a lent GPU machine);
 # stage 2 then starts from random weights of the same shape, which trains at the same tokens/s and MFU.
 # PREPARE_ONLY=1 stops after stage 1. For the `device` tool (64 MiB of files travel, no network there):
 #   here:  WORK=.gpu_smoke SMOKE_WEIGHTS=0 PREPARE_ONLY=1 bash scripts/gpu_smoke.sh
@@ -80,30 +80,8 @@ log="$WORK/train.log"
   TRAIN_ITERS="$ITERS" SEQ_LEN="$SEQ_LEN" MICRO_BATCH="$MICRO_BATCH" GLOBAL_BATCH="$GLOBAL_BATCH" \
   LR=1e-4 LOG_INTERVAL=1 PRECISION=bf16 PYTHON="$PYTHON" \
   bash "$here/scripts/check_model.sh" "${extra[@]}" --transformer-impl "$impl" \
-  --max-position-embeddings "$SEQ_LEN" --seq-length "$SEQ_LEN" 2>&1 | tee "$log"
+  --max-position-embeddings "$SEQ_LEN" --seq-length "$SEQ_LEN" --log-throughput 2>&1 | tee "$log"
 
-"$PYTHON" - "$log" "$WORK/tokenizer/config.json" "$SEQ_LEN" "$GLOBAL_BATCH" "$impl" <<'PY'
-import json, re, sys
-import torch
-log, config, seq, gbs, impl = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-ms = [float(x) for x in re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", open(log).read())]
-if not ms:
-    sys.exit("no iteration timings in the training log")
-steady = ms[5:] or ms  # skip warm-up iterations
-step_s = sum(steady) / len(steady) / 1000.0
-cfg = json.load(open(config))
-h, L, f, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
-heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-hd = cfg.get("head_dim") or h // heads
-n_matmul = L * (h * hd * (heads + 2 * kv) + heads * hd * h + 3 * h * f) + v * h  # + lm head
-flops_per_token = 6 * n_matmul + 6 * L * seq * heads * hd  # causal attention (fwd+bwd, halved)
-tokens_s = gbs * seq / step_s
-name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no GPU: not a GPU figure)"
-peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-peak_flops = next((p for k, p in peak.items() if k in name), None)
-print(f"device: {name}; layer spec: {impl}")
-print(f"steady step time: {step_s * 1000:.1f} ms over {len(steady)} iterations")
-print(f"tokens/s: {tokens_s:,.0f}")
-if peak_flops:
-    print(f"MFU: {100 * tokens_s * flops_per_token / peak_flops:.1f}% (bf16 dense peak {peak_flops / 1e12:.0f} TFLOP/s)")
-PY
+"$PYTHON" -m megatron.prune.training.throughput --log "$log" --config "$WORK/tokenizer/config.json" \
+  --seq-len "$SEQ_LEN" --global-batch "$GLOBAL_BATCH"
+echo "layer spec: $impl"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from argparse import Namespace
@@ -30,6 +29,7 @@ import torch
 
 from megatron.prune.shape import PruneError
 from megatron.prune.training import kd
+from tests.procs import free_port
 from tests.tiny_corpus import make_hf_tokenizer, pydoc_documents, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +40,6 @@ PRUNE_FLAGS = ["--hidden-size", "40", "--num-attention-heads", "4", "--num-query
 VOCAB, DIVISIBLE_BY = 300, 192  # padded vocab 384 at TP=1 and TP=2: the same model at both TPs
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_losses(log: str, key: str = "lm loss") -> dict[int, str]:
@@ -60,7 +54,7 @@ def parse_losses(log: str, key: str = "lm loss") -> dict[int, str]:
 
 def start_check_model(env: dict[str, str], *extra: str) -> subprocess.Popen:
     """``scripts/check_model.sh`` in the background (tiny batch settings; each run its own data cache)."""
-    full = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(_free_port()),
+    full = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()),
             "SEQ_LEN": "32", "MICRO_BATCH": "2", "GLOBAL_BATCH": "4", "LR": "3e-3", **env}
     cache = ["--data-cache-path", env["CACHE"]] if "CACHE" in env else []
     return subprocess.Popen(["bash", str(ROOT / "scripts/check_model.sh"), *cache, *extra], env=full,
@@ -141,7 +135,7 @@ def _run_cases(spec_path: str) -> None:
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
                 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
                 code = 1
                 try:
                     code = recipe.main(case["argv"])
@@ -188,7 +182,7 @@ def case_result(case: dict) -> subprocess.CompletedProcess:
 
 def start_kl_worker(out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                             "--master-port", str(_free_port()), __file__, "kl", str(out)],
+                             "--master-port", str(free_port()), __file__, "kl", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
 
