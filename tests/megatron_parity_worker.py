@@ -2,7 +2,7 @@
 strictly, and compare its logits with transformers' for the matching HF checkpoint.
 
 Usage: torchrun --nproc_per_node=2 tests/megatron_parity_worker.py JOBS.json RESULTS.json
-JOBS.json: [{"name", "mg", "hf", "tp"[, "dist"]}]; jobs run grouped by TP so each process group starts once.
+JOBS.json: [{"name", "mg", "hf", "tp"[, "dist", "seq"]}]; jobs run grouped by TP so each process group starts once.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ import torch.nn.functional as F
 
 
 def build_gpt(a):
-    """A GPTModel from a Megatron-LM args Namespace: exactly what --use-checkpoint-args would build."""
+    """A GPTModel from a Megatron-LM args Namespace: what --use-checkpoint-args builds (GPTModel's own arguments
+    come from the training recipe's ``gpt_model_kwargs``)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
+
+    from megatron.prune.training.recipe import gpt_model_kwargs
 
     cfg = TransformerConfig(
         num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
@@ -32,13 +35,8 @@ def build_gpt(a):
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False,
     )
-    return GPTModel(
-        config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization=a.normalization),
-        vocab_size=a.padded_vocab_size, max_sequence_length=a.max_position_embeddings,
-        position_embedding_type=a.position_embedding_type, rotary_base=int(a.rotary_base),
-        rotary_percent=a.rotary_percent, share_embeddings_and_output_weights=not a.untie_embeddings_and_output_weights,
-        parallel_output=False,
-    ).eval()
+    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization=a.normalization),
+                    parallel_output=False, **gpt_model_kwargs(a)).eval()
 
 
 def main(jobs_path: str, out_path: str) -> None:
@@ -67,7 +65,7 @@ def main(jobs_path: str, out_path: str) -> None:
         else:
             sd = load_shard(ckpt.files[(rank, 0)])["model"]
         model.load_state_dict(sd, strict=True)  # raises on any missing or unexpected key
-        ids = sample_ids(ckpt.shape.vocab_size)
+        ids = sample_ids(ckpt.shape.vocab_size, seq=job.get("seq", 12))
         b, s = ids.shape
         pos = torch.arange(s)[None].expand(b, s)
         mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]

@@ -17,10 +17,13 @@ import pytest
 from megatron.prune import megatron_ckpt as mc
 from megatron.prune.hf import HFCheckpoint, prune_hf
 from megatron.prune.selectors import make_plan, random_scores
+from tests.tiny import LLAMA3_ROPE, llama3_rope, logits, make_tiny_hf, make_tiny_model, sample_ids
 
 FAMILIES = ("llama-gqa", "qwen2-bias", "llama-tied")
 DIST_OUTPUT = {"qwen2-bias": "convert", "llama-gqa": "prune"}  # torch_dist output checked per family
 WORKER = Path(__file__).with_name("megatron_parity_worker.py")
+ROPE_SEQ = 64
+
 
 
 def prune_target(shape):
@@ -56,6 +59,10 @@ def parity(tiny_hf, tmp_path_factory) -> dict[str, list[dict]]:
                 out = mc.prune(root / f"{family}-tp2", root / f"{family}-pruned-dist", plan, progress=False,
                                ckpt_format="torch_dist")
                 jobs.append({"name": f"dist-prune-{family}", "mg": str(out), "hf": str(ref), "tp": 2, "dist": True})
+    # LLaMA-3.x RoPE scaling: carried in args, and applied with the checkpoint's factor (not the default 8)
+    rope = make_tiny_hf(root / "llama3-rope-hf", "llama-gqa", **LLAMA3_ROPE)
+    jobs.append({"name": "llama3-rope", "mg": str(mc.hf_to_megatron(rope, root / "llama3-rope", tp=2, progress=False)),
+                 "hf": str(rope), "tp": 2, "seq": ROPE_SEQ})
     (root / "jobs.json").write_text(json.dumps(jobs))
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1")
@@ -108,3 +115,17 @@ def test_torch_dist_output_loads_in_megatron_core(parity, name):
         assert r["strict_load"] and r["tp"] == 2
         assert r["close"], r.get("error")
         assert r["max_abs_diff"] < 1e-4 * max(1.0, r["ref_scale"])
+
+
+def test_llama3_rope_scaling_matches_transformers(parity):
+    """A LLaMA-3.x checkpoint (RoPE scaling, factor 32) gives transformers' logits at TP=2; the control shows the
+    check would catch scaling left off or left at megatron-core's default factor 8."""
+    for r in parity["llama3-rope"]:
+        assert r["close"], r.get("error")
+        assert r["max_abs_diff"] < 1e-4 * max(1.0, r["ref_scale"])
+    ids = sample_ids(96, seq=ROPE_SEQ)
+    ref = logits(make_tiny_model("llama-gqa", **LLAMA3_ROPE), ids)
+    tol = 1e-4 * max(1.0, float(ref.abs().max()))
+    unscaled = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_scaling"}
+    for other in (unscaled, llama3_rope(8.0)):
+        assert float((logits(make_tiny_model("llama-gqa", **other), ids) - ref).abs().max()) > 10 * tol

@@ -30,6 +30,7 @@ import torch
 from megatron.prune.shape import PruneError
 from megatron.prune.training import kd
 from tests.procs import free_port
+from tests.tiny import LLAMA3_ROPE
 from tests.tiny_corpus import make_hf_tokenizer, pydoc_documents, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,8 +105,11 @@ def inputs(tmp_path_factory):
     assert cli_main(["prune", "--input", str(conv[2]), "--output", str(d / "pruned_tp2"), "--plan",
                      str(d / "pruned_tp1" / "prune_plan.json"), "--prune-type", "unbalance", "--tp", "2",
                      "--no-progress"]) == 0
+    rope = make_tiny_hf(d / "rope_hf", "llama-gqa", vocab_size=VOCAB, **LLAMA3_ROPE)
     return {"dir": d, "TOKENIZER": str(tok), "DATA": str(s.bin_path)[: -len(".bin")],
-            "conv": conv, "pruned": {tp: d / f"pruned_tp{tp}" for tp in (1, 2)}}
+            "conv": conv, "pruned": {tp: d / f"pruned_tp{tp}" for tp in (1, 2)},
+            "rope": hf_to_megatron(rope, d / "rope_tp1", tp=1, make_vocab_size_divisible_by=DIVISIBLE_BY,
+                                   progress=False)}
 
 
 # ---- single-process cases in one interpreter: megatron imported once, each case a forked child ----
@@ -165,6 +169,7 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
          "teacher was saved at TP=2"),
         ("converted_tp1", driver_argv(inputs, "--lr", "0", "--min-lr", "0", "--save", str(d / "conv_tp1_out"),
                                       "--save-interval", "2", load=conv[1]), None),
+        ("llama3_rope", driver_argv(inputs, iters=1, load=inputs["rope"]), None),
     ]
     spec = [{"name": n, "argv": a, "log": str(d / f"case_{n}"), "message": m} for n, a, m in cases]
     (d / "cases.json").write_text(json.dumps(spec))
@@ -284,6 +289,31 @@ def test_kd_teacher_equal_to_student_gives_zero_kd_loss_and_gradient_at_tp2(runs
     conv = inputs["conv"][2]
     src = next(conv.glob("iter_*")) if not (conv / "release").is_dir() else conv / "release"
     assert same_tensors(model_tensors(src), model_tensors(inputs["dir"] / "kd_out" / "iter_0000002"))
+
+
+def test_llama3_rope_scaling_is_taken_from_the_checkpoint(runs):
+    """The stock --use-checkpoint-args loader leaves RoPE scaling out; the recipe adopts it (factor 32, not the
+    default 8), and the model built from those args matches transformers (test_megatron_parity)."""
+    ok(runs["driver"])
+    r = ok(case_result(next(c for c in runs["cases"] if c["name"] == "llama3_rope")))
+    assert "Setting use_rope_scaling to True from checkpoint" in r.stdout
+    assert "Setting rope_scaling_factor to 32.0 from checkpoint" in r.stdout
+    assert sorted(parse_losses(r.stdout)) == [1]
+
+
+def test_checkpoint_args_the_stock_loader_leaves_out():
+    from megatron.prune.training.recipe import adopt_checkpoint_args, check_checkpoint_shape
+
+    ckpt = Namespace(norm_epsilon=1e-6, use_rope_scaling=True, rope_scaling_factor=32.0, padded_vocab_size=384)
+    flags = Namespace(norm_epsilon=1e-5, use_rope_scaling=False, rope_scaling_factor=8.0, padded_vocab_size=384,
+                      load="ck")
+    with pytest.raises(PruneError) as e:  # without --use-checkpoint-args: refused, each difference named
+        check_checkpoint_shape(ckpt, flags, "--load")
+    assert "use_rope_scaling: checkpoint True vs flags False" in str(e.value)
+    assert "rope_scaling_factor: checkpoint 32.0 vs flags 8.0" in str(e.value) and "norm_epsilon" in str(e.value)
+    adopt_checkpoint_args(ckpt, flags)
+    check_checkpoint_shape(ckpt, flags, "--load")
+    assert (flags.norm_epsilon, flags.use_rope_scaling, flags.rope_scaling_factor) == (1e-6, True, 32.0)
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -15,6 +15,16 @@ FAMILIES: dict[str, dict] = {
 }
 
 
+def llama3_rope(factor: float) -> dict:
+    """Config overrides for LLaMA-3.x RoPE scaling (megatron-core's fixed low/high factors and original length)."""
+    return dict(rope_theta=500000.0, max_position_embeddings=131072,
+                rope_scaling={"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+
+
+LLAMA3_ROPE = llama3_rope(32.0)  # as Llama-3.2
+
+
 def tiny_config(family: str, **overrides):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 

@@ -232,7 +232,7 @@ _SHARD_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 def rope_scaling_args(hf_config: Mapping[str, Any]) -> dict[str, Any]:
     """Megatron's RoPE scaling flags for an HF config; only LLaMA-3 scaling with megatron-core's fixed factors.
 
-    Note: Megatron-LM does not read ``use_rope_scaling`` from checkpoint args; pass ``--use-rope-scaling``.
+    The stock ``--use-checkpoint-args`` loader does not read these; ``pretrain_llama.py`` adopts them itself.
     """
     rs = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
     kind = rs.get("rope_type") or rs.get("type") or "default"

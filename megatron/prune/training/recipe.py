@@ -26,11 +26,14 @@ from . import kd
 
 _TEACHER: torch.nn.Module | None = None
 
-# Shape flags a checkpoint must agree with (checked before training; name -> megatron arg).
-SHAPE_ARGS: tuple[str, ...] = (
+# Megatron args that the stock --use-checkpoint-args loader leaves out (megatron-core 0.19.2) but that change
+# the model's outputs: adopted from the checkpoint by adopt_checkpoint_args.
+UNLOADED_MODEL_ARGS: tuple[str, ...] = ("norm_epsilon", "use_rope_scaling", "rope_scaling_factor")
+# Model args a checkpoint must agree with (checked before training).
+MODEL_ARGS: tuple[str, ...] = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "kv_channels", "swiglu", "normalization", "untie_embeddings_and_output_weights",
-    "position_embedding_type", "padded_vocab_size",
+    "position_embedding_type", "padded_vocab_size", "rotary_base", *UNLOADED_MODEL_ARGS,
 )
 
 
@@ -64,7 +67,7 @@ def check_checkpoint_shape(ckpt_args: Any, args: Any, flag: str) -> None:
     """Clear error when a checkpoint's model shape disagrees with the flags."""
     diffs = [
         f"{name}: checkpoint {getattr(ckpt_args, name)!r} vs flags {getattr(args, name)!r}"
-        for name in SHAPE_ARGS
+        for name in MODEL_ARGS
         if hasattr(ckpt_args, name) and getattr(ckpt_args, name) != getattr(args, name)
     ]
     if diffs:
@@ -73,10 +76,12 @@ def check_checkpoint_shape(ckpt_args: Any, args: Any, flag: str) -> None:
 
 
 def adopt_checkpoint_args(ckpt_args: Any, args: Any) -> None:
-    """With --use-checkpoint-args also take what the stock loader leaves out (eps, padded vocab)."""
-    for name in ("norm_epsilon", "rotary_base"):
-        if hasattr(ckpt_args, name):
+    """With --use-checkpoint-args also take what the stock loader leaves out (eps, RoPE scaling, padded vocab)."""
+    for name in UNLOADED_MODEL_ARGS:
+        if hasattr(ckpt_args, name) and getattr(ckpt_args, name) != getattr(args, name, None):
             setattr(args, name, getattr(ckpt_args, name))
+            if os.environ.get("RANK", "0") == "0":  # worded like the stock loader's own lines
+                print(f"Setting {name} to {getattr(args, name)} from checkpoint", flush=True)
     padded = getattr(ckpt_args, "padded_vocab_size", None)
     if padded is not None and padded != args.padded_vocab_size:
         from megatron.training import get_tokenizer
@@ -155,6 +160,22 @@ def _layer_spec(args: Any, config: Any):
     return get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
 
 
+def gpt_model_kwargs(args: Any) -> dict[str, Any]:
+    """``GPTModel`` arguments besides config and layer spec, from Megatron args or a checkpoint's saved args."""
+    kwargs = dict(
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
+    )
+    if kwargs["rope_scaling"]:  # the stock builder leaves the factor at its default 8 (megatron-core 0.19.2)
+        kwargs["rope_scaling_factor"] = args.rope_scaling_factor
+    return kwargs
+
+
 def build_gpt(args: Any, pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
               config: Any = None, pg_collection: Any = None):
     """A LLaMA-family ``GPTModel`` (RMSNorm, SwiGLU, RoPE, GQA: all from Megatron flags)."""
@@ -165,19 +186,13 @@ def build_gpt(args: Any, pre_process: bool = True, post_process: bool = True, vp
     return GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(args, config),
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
         parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
-        rope_scaling=args.use_rope_scaling,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
+        **gpt_model_kwargs(args),
     )
 
 
