@@ -9,6 +9,8 @@ Proves, with the stock ``megatron.training.checkpointing`` loader doing the load
 - converted TP=1 (LR 0) and TP=2 (KD, alpha 1, teacher == student) checkpoints come back unchanged
   from the loop's own save: every tensor was loaded, the KD loss is 0 and its gradient is 0;
 - the vocab-parallel KL at TP=2 equals a plain-torch KL on gathered logits (values and gradients);
+- LLaMA-3.x RoPE scaling comes from the checkpoint; a checkpoint written for the other layer spec, or one that
+  does not fit the model, is refused (the stock loader would load what fits and go on);
 - bad inputs fail before training.
 Start-up (~10-20 s per process) dominates, so the launches are few and two single-process ones
 run side by side (see ``runs``).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from argparse import Namespace
@@ -106,9 +109,17 @@ def inputs(tmp_path_factory):
                      str(d / "pruned_tp1" / "prune_plan.json"), "--prune-type", "unbalance", "--tp", "2",
                      "--no-progress"]) == 0
     rope = make_tiny_hf(d / "rope_hf", "llama-gqa", vocab_size=VOCAB, **LLAMA3_ROPE)
+    te = hf_to_megatron(hf, d / "conv_te", tp=1, spec="transformer_engine", make_vocab_size_divisible_by=DIVISIBLE_BY,
+                        progress=False)
+    unnamed = d / "conv_te_unnamed"  # TE names, but args that do not say so: only the load itself can tell
+    shutil.copytree(te, unnamed)
+    for f in unnamed.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(f, weights_only=False)
+        del state["args"].transformer_impl
+        torch.save(state, f)
     return {"dir": d, "TOKENIZER": str(tok), "DATA": str(s.bin_path)[: -len(".bin")],
             "conv": conv, "pruned": {tp: d / f"pruned_tp{tp}" for tp in (1, 2)},
-            "rope": hf_to_megatron(rope, d / "rope_tp1", tp=1, make_vocab_size_divisible_by=DIVISIBLE_BY,
+            "te": te, "te_unnamed": unnamed, "rope": hf_to_megatron(rope, d / "rope_tp1", tp=1, make_vocab_size_divisible_by=DIVISIBLE_BY,
                                    progress=False)}
 
 
@@ -170,6 +181,9 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
         ("converted_tp1", driver_argv(inputs, "--lr", "0", "--min-lr", "0", "--save", str(d / "conv_tp1_out"),
                                       "--save-interval", "2", load=conv[1]), None),
         ("llama3_rope", driver_argv(inputs, iters=1, load=inputs["rope"]), None),
+        ("other_spec", driver_argv(inputs, load=inputs["te"]),
+         "has transformer_engine-spec parameter names, but this run builds the local spec"),
+        ("partial_load", driver_argv(inputs, load=inputs["te_unnamed"]), "the checkpoint does not fit the model"),
     ]
     spec = [{"name": n, "argv": a, "log": str(d / f"case_{n}"), "message": m} for n, a, m in cases]
     (d / "cases.json").write_text(json.dumps(spec))
@@ -316,11 +330,38 @@ def test_checkpoint_args_the_stock_loader_leaves_out():
     assert (flags.norm_epsilon, flags.use_rope_scaling, flags.rope_scaling_factor) == (1e-6, True, 32.0)
 
 
+def test_layer_spec_mismatch_is_refused(monkeypatch):
+    from megatron.prune.training import recipe
+
+    run = Namespace(transformer_impl="transformer_engine")  # selected, but TE is not installed here
+    assert recipe.layer_spec_name(run) == "local"
+    recipe.check_layer_spec(Namespace(transformer_impl="local"), run, "--load", "ck")
+    recipe.check_layer_spec(Namespace(), run, "--load", "ck")  # args that do not say: the load hook decides
+    with pytest.raises(PruneError, match="reshard --input ck --output ck-local --transformer-impl local$"):
+        recipe.check_layer_spec(Namespace(transformer_impl="transformer_engine"), run, "--load", "ck")
+    monkeypatch.setattr(recipe, "have_transformer_engine", lambda: True)  # a GPU machine with TE
+    with pytest.raises(PruneError, match="--transformer-impl transformer_engine, or pass --transformer-impl local"):
+        recipe.check_layer_spec(Namespace(transformer_impl="local"), run, "--load", "ck/")
+
+
+def test_partial_loads_are_refused():
+    from megatron.prune.training.recipe import refuse_partial_loads
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    refuse_partial_loads(model)
+    full = model.state_dict()
+    model.load_state_dict(full)
+    model.load_state_dict({**full, "1._extra_state": torch.zeros(1)}, strict=False)  # TE metadata may differ
+    renamed = {("1.w" if k == "1.weight" else k): v for k, v in full.items()}
+    with pytest.raises(PruneError, match=r"1 missing \['1.weight'\], 1 unexpected \['1.w'\]"):
+        model.load_state_dict(renamed, strict=False)  # what the stock loader's fallback does
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 def test_bad_inputs_fail_before_training(runs):
     ok(runs["driver"])
     bad = [c for c in runs["cases"] if c["message"]]
-    assert len(bad) == 4
+    assert len(bad) == 6
     for case in bad:
         r = case_result(case)
         assert r.returncode == 2 and case["message"] in r.stderr, (case["name"], r.stderr[-3000:])

@@ -92,6 +92,20 @@ def adopt_checkpoint_args(ckpt_args: Any, args: Any) -> None:
         args.padded_vocab_size = padded
 
 
+def check_layer_spec(ckpt_args: Any, args: Any, flag: str, path: str) -> None:
+    """Refuse a checkpoint written for the other layer spec: its norm weights have other names, and the stock
+    loader, after a failed strict load, loads what fits and goes on (megatron-core 0.19.2)."""
+    saved, built = getattr(ckpt_args, "transformer_impl", None), layer_spec_name(args)
+    if saved not in ("local", "transformer_engine") or saved == built:
+        return
+    fixes = [f"convert it: megatron-prune reshard --input {path} --output {str(path).rstrip('/')}-{built} "
+             f"--transformer-impl {built}"]
+    if saved == "local":
+        fixes.append("or pass --transformer-impl local")
+    raise PruneError(f"{flag} {path}: the checkpoint has {saved}-spec parameter names, but this run builds the "
+                     f"{built} spec; " + ", ".join(fixes))
+
+
 def validate_inputs(args: Any) -> None:
     """Everything that can be wrong with the user's inputs, checked before the loop starts."""
     prefixes = data_prefixes(args)
@@ -104,6 +118,7 @@ def validate_inputs(args: Any) -> None:
         if args.use_checkpoint_args:
             adopt_checkpoint_args(ckpt_args, args)
         check_checkpoint_shape(ckpt_args, args, "--load")
+        check_layer_spec(ckpt_args, args, "--load", args.load)
     elif args.load and args.finetune:
         raise PruneError(f"--load {args.load}: --finetune needs a Megatron checkpoint folder "
                          "(no latest_checkpointed_iteration.txt)")
@@ -114,6 +129,7 @@ def validate_inputs(args: Any) -> None:
             raise PruneError(f"--kd-temperature {args.kd_temperature}: must be > 0")
         ref = kd.find_checkpoint(args.kd_teacher_load, "--kd-teacher-load")
         kd.check_teacher(kd.checkpoint_args(ref), args)
+        check_layer_spec(kd.checkpoint_args(ref), args, "--kd-teacher-load", args.kd_teacher_load)
 
 
 def carry_hf_meta(args: Any) -> Path | None:
@@ -143,6 +159,26 @@ def have_transformer_engine() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def layer_spec_name(args: Any) -> str:
+    """The layer spec this run builds: Transformer Engine's only when selected and installed."""
+    te = args.transformer_impl == "transformer_engine" and have_transformer_engine()
+    return "transformer_engine" if te else "local"
+
+
+def refuse_partial_loads(model: torch.nn.Module) -> None:
+    """Make a checkpoint that does not fit ``model`` an error. The stock loader retries a failed strict load with
+    ``strict=False`` and goes on with whatever fitted (megatron-core 0.19.2); TE's ``_extra_state`` may differ."""
+
+    def check(module: torch.nn.Module, incompatible: Any) -> None:
+        missing = [k for k in incompatible.missing_keys if not k.endswith("_extra_state")]
+        unexpected = [k for k in incompatible.unexpected_keys if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise PruneError(f"the checkpoint does not fit the model: {len(missing)} missing {missing[:4]}, "
+                             f"{len(unexpected)} unexpected {unexpected[:4]}")
+
+    model.register_load_state_dict_post_hook(check)
+
+
 def _layer_spec(args: Any, config: Any):
     """Transformer Engine spec when TE is importable and selected; megatron-core's local spec else."""
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -150,13 +186,8 @@ def _layer_spec(args: Any, config: Any):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if args.transformer_impl == "transformer_engine":
-        try:
-            import transformer_engine  # noqa: F401
-
-            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
-        except ImportError:
-            pass
+    if layer_spec_name(args) == "transformer_engine":
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
     return get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
 
 
@@ -224,8 +255,9 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     from megatron.training import get_args, print_rank_0
 
     args = get_args()
-    print_rank_0(f"building LLaMA-family GPTModel ({args.transformer_impl} spec) ...")
+    print_rank_0(f"building LLaMA-family GPTModel ({layer_spec_name(args)} spec) ...")
     model = build_gpt(args, pre_process, post_process, vp_stage, config, pg_collection)
+    refuse_partial_loads(model)
     if args.kd_teacher_load and _TEACHER is None:
         _TEACHER = build_teacher(args)
         print_rank_0(f"loaded KD teacher from {args.kd_teacher_load}")
@@ -343,6 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     carry_hf_meta(args)
     cfg = pretrain_cfg_container_from_args(args)
-    pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step,
-             model_provider=model_provider)
+    try:
+        pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step,
+                 model_provider=model_provider)
+    except PruneError as e:  # found while loading (refuse_partial_loads)
+        print(f"pretrain_llama.py: error: --load {args.load}: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
