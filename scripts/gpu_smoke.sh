@@ -58,8 +58,11 @@ text.write_text(builtin_text("calib"))
 assert main(["data", "--input", str(text), "--output-prefix", str(work / "text"),
              "--tokenizer", str(tokenizer), "--no-progress"]) == 0
 text.unlink()
-if keep_weights:
-    hf_to_megatron(pruned, work / "pruned_mg", tp=1)
+if keep_weights:  # parameter names of the layer spec stage 2 builds on this machine
+    from megatron.prune.training.recipe import have_transformer_engine
+
+    hf_to_megatron(pruned, work / "pruned_mg", tp=1,
+                   spec="transformer_engine" if have_transformer_engine() else "local")
 else:
     shutil.rmtree(pruned)
 (work / "ready").write_text("")
