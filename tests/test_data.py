@@ -11,7 +11,7 @@ import pytest
 from megatron.prune.cli import main
 from megatron.prune.data import TextTokenizer, dataset_paths, preprocess, validate_dataset_prefix
 from megatron.prune.shape import PruneError
-from tests.tiny_corpus import make_hf_tokenizer, make_spm_tokenizer, pydoc_documents, write_jsonl
+from tests.tiny_corpus import make_hf_tokenizer, make_spm_tokenizer, pydoc_documents, write_ids, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,24 @@ def test_bad_inputs_fail_before_output(tmp_path, hf_tok, capsys):
     validate_dataset_prefix(str(tmp_path / "o_text_document"))
     with pytest.raises(PruneError, match="did you mean"):
         validate_dataset_prefix(str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_token_id_check_exact_and_sampled(tmp_path, dtype):
+    from megatron.prune.data import check_token_ids, max_token_id, token_dtype
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 1000, size=n) for n in (500, 70_000, 3)]
+    docs[1][12_345] = 1500  # one foreign id: found by the exact scan, and only by it
+    prefix = write_ids(tmp_path / "d", docs, dtype)
+    assert token_dtype(prefix) == np.dtype(dtype)
+    assert max_token_id(prefix) == (1500, True)
+    check_token_ids(prefix, 1501)
+    with pytest.raises(PruneError, match="token id 1500 is outside the tokenizer's vocabulary of 1500"):
+        check_token_ids(prefix, 1500)
+    budget = 4 * 256 * np.dtype(dtype).itemsize  # 4 blocks of 256 ids: the lone 1500 is missed, the rest seen
+    top, exact = max_token_id(prefix, budget, blocks=4)
+    assert not exact and 990 <= top < 1000
+    foreign = write_ids(tmp_path / "f", [rng.integers(0, 5000, size=100_000)], dtype)  # another tokenizer's ids
+    with pytest.raises(PruneError, match=r"token id 4\d{3} \(in a sample of the file\) is outside .* of 1000"):
+        check_token_ids(foreign, 1000, budget, blocks=4)

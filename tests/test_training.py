@@ -27,6 +27,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,7 +35,7 @@ from megatron.prune.shape import PruneError
 from megatron.prune.training import kd
 from tests.procs import free_port
 from tests.tiny import LLAMA3_ROPE
-from tests.tiny_corpus import make_hf_tokenizer, pydoc_documents, write_jsonl
+from tests.tiny_corpus import make_hf_tokenizer, pydoc_documents, write_ids, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 ITER_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*")
@@ -119,6 +120,7 @@ def inputs(tmp_path_factory):
         torch.save(state, f)
     return {"dir": d, "TOKENIZER": str(tok), "DATA": str(s.bin_path)[: -len(".bin")],
             "conv": conv, "pruned": {tp: d / f"pruned_tp{tp}" for tp in (1, 2)},
+            "foreign": write_ids(d / "foreign_text_document", [np.arange(VOCAB - 50, DIVISIBLE_BY * 2)]),
             "te": te, "te_unnamed": unnamed, "rope": hf_to_megatron(rope, d / "rope_tp1", tp=1, make_vocab_size_divisible_by=DIVISIBLE_BY,
                                    progress=False)}
 
@@ -184,6 +186,8 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
         ("other_spec", driver_argv(inputs, load=inputs["te"]),
          "has transformer_engine-spec parameter names, but this run builds the local spec"),
         ("partial_load", driver_argv(inputs, load=inputs["te_unnamed"]), "the checkpoint does not fit the model"),
+        ("foreign_tokens", driver_argv({**inputs, "DATA": inputs["foreign"]}, load=pruned[1]),
+         f"token id {DIVISIBLE_BY * 2 - 1} is outside the tokenizer's vocabulary of {VOCAB}"),
     ]
     spec = [{"name": n, "argv": a, "log": str(d / f"case_{n}"), "message": m} for n, a, m in cases]
     (d / "cases.json").write_text(json.dumps(spec))
@@ -361,7 +365,7 @@ def test_partial_loads_are_refused():
 def test_bad_inputs_fail_before_training(runs):
     ok(runs["driver"])
     bad = [c for c in runs["cases"] if c["message"]]
-    assert len(bad) == 6
+    assert len(bad) == 7
     for case in bad:
         r = case_result(case)
         assert r.returncode == 2 and case["message"] in r.stderr, (case["name"], r.stderr[-3000:])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 
 def pydoc_documents(n: int = 60, max_chars: int = 2000) -> list[str]:
     """``n`` real English documents (pydoc topics), deterministic order."""
@@ -43,3 +45,15 @@ def make_spm_tokenizer(folder: Path, vocab_size: int = 200) -> Path:
 def write_jsonl(path: Path, docs: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
+
+
+def write_ids(prefix, documents: list[np.ndarray], dtype=np.uint16) -> str:
+    """An indexed dataset holding exactly these token ids (megatron-core's own builder)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for doc in documents:
+        builder.add_document(doc.astype(dtype), [doc.size])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+

@@ -119,6 +119,45 @@ def validate_dataset_prefix(prefix: str) -> None:
         raise PruneError(f"data prefix {prefix}: missing {', '.join(missing)}{hint}")
 
 
+# Bytes of token ids read per dataset to check them: all of a small file, else evenly spread blocks.
+CHECK_BYTES, CHECK_BLOCKS = 16 << 20, 16
+
+
+def token_dtype(prefix: str) -> np.dtype:
+    """The token dtype recorded in ``PREFIX.idx`` (megatron-core's index header)."""
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
+    with open(f"{prefix}.idx", "rb") as f:
+        head = f.read(len(_INDEX_HEADER) + 9)
+    if not head.startswith(_INDEX_HEADER) or len(head) < len(_INDEX_HEADER) + 9:
+        raise PruneError(f"data prefix {prefix}: {prefix}.idx is not a Megatron indexed-dataset index")
+    return np.dtype(DType.dtype_from_code(head[len(_INDEX_HEADER) + 8]))
+
+
+def max_token_id(prefix: str, budget: int = CHECK_BYTES, blocks: int = CHECK_BLOCKS) -> tuple[int, bool]:
+    """Largest token id in ``PREFIX.bin`` and whether that is exact: every id of a file up to ``budget`` bytes,
+    else the ids of ``blocks`` evenly spread blocks (one tokenizer's ids against another's differ everywhere)."""
+    ids = np.memmap(f"{prefix}.bin", dtype=token_dtype(prefix), mode="r")
+    if ids.size == 0:
+        return -1, True
+    if ids.nbytes <= budget:
+        return int(ids.max()), True
+    block = max(1, budget // blocks // ids.itemsize)
+    starts = np.linspace(0, ids.size - block, blocks).astype(np.int64)
+    return max(int(ids[s:s + block].max()) for s in starts), False
+
+
+def check_token_ids(prefix: str, vocab_size: int, budget: int = CHECK_BYTES, blocks: int = CHECK_BLOCKS) -> None:
+    """Refuse a dataset holding ids the model's tokenizer does not have. Out-of-range ids crash at TP=1, but at
+    TP>1 the vocab-parallel embedding and loss mask them to zero, so training would go on, silently wrong."""
+    top, exact = max_token_id(prefix, budget, blocks)
+    if top >= vocab_size:
+        where = "" if exact else " (in a sample of the file)"
+        raise PruneError(f"data prefix {prefix}: token id {top}{where} is outside the tokenizer's vocabulary of "
+                         f"{vocab_size}: it was tokenized with another tokenizer; run `megatron-prune data` again "
+                         f"with this model's tokenizer")
+
+
 _WORKER_TOKENIZER: TextTokenizer | None = None
 
 

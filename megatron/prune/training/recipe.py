@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from ..cpu import CPU_FLAGS, WITHOUT_TE_FLAGS, apply_cpu_shims, skip_compile_helpers
-from ..data import validate_dataset_prefix
+from ..data import check_token_ids, validate_dataset_prefix
 from ..megatron_ckpt import META_DIR
 from ..shape import PruneError
 from . import kd
@@ -113,6 +113,11 @@ def validate_inputs(args: Any) -> None:
         raise PruneError("no training data: pass --data-path PREFIX (from `megatron-prune data`)")
     for prefix in prefixes:
         validate_dataset_prefix(prefix)
+    if prefixes:
+        from megatron.training import get_tokenizer
+
+        for prefix in prefixes:
+            check_token_ids(prefix, get_tokenizer().vocab_size)
     if args.load and os.path.isfile(os.path.join(args.load, "latest_checkpointed_iteration.txt")):
         ckpt_args = kd.checkpoint_args(kd.find_checkpoint(args.load, "--load"))
         if args.use_checkpoint_args:
