@@ -9,6 +9,7 @@ Proves, with the stock ``megatron.training.checkpointing`` loader doing the load
 - converted TP=1 (LR 0) and TP=2 (KD, alpha 1, teacher == student) checkpoints come back unchanged
   from the loop's own save: every tensor was loaded, the KD loss is 0 and its gradient is 0;
 - the vocab-parallel KL at TP=2 equals a plain-torch KL on gathered logits (values and gradients);
+- a tied-embedding checkpoint converted at PP=2 gives the PP=1 first loss;
 - LLaMA-3.x RoPE scaling comes from the checkpoint; a checkpoint written for the other layer spec, or one that
   does not fit the model, is refused (the stock loader would load what fits and go on);
 - bad inputs fail before training.
@@ -110,6 +111,9 @@ def inputs(tmp_path_factory):
                      str(d / "pruned_tp1" / "prune_plan.json"), "--prune-type", "unbalance", "--tp", "2",
                      "--no-progress"]) == 0
     rope = make_tiny_hf(d / "rope_hf", "llama-gqa", vocab_size=VOCAB, **LLAMA3_ROPE)
+    tied = make_tiny_hf(d / "tied_hf", "llama-tied", vocab_size=VOCAB)  # 4 layers: 2 per stage at PP=2
+    tied_mg = {pp: hf_to_megatron(tied, d / f"tied_pp{pp}", tp=1, pp=pp, make_vocab_size_divisible_by=DIVISIBLE_BY,
+                                  progress=False) for pp in (1, 2)}
     te = hf_to_megatron(hf, d / "conv_te", tp=1, spec="transformer_engine", make_vocab_size_divisible_by=DIVISIBLE_BY,
                         progress=False)
     unnamed = d / "conv_te_unnamed"  # TE names, but args that do not say so: only the load itself can tell
@@ -121,7 +125,7 @@ def inputs(tmp_path_factory):
     return {"dir": d, "TOKENIZER": str(tok), "DATA": str(s.bin_path)[: -len(".bin")],
             "conv": conv, "pruned": {tp: d / f"pruned_tp{tp}" for tp in (1, 2)},
             "foreign": write_ids(d / "foreign_text_document", [np.arange(VOCAB - 50, DIVISIBLE_BY * 2)]),
-            "te": te, "te_unnamed": unnamed, "rope": hf_to_megatron(rope, d / "rope_tp1", tp=1, make_vocab_size_divisible_by=DIVISIBLE_BY,
+            "tied": tied_mg, "te": te, "te_unnamed": unnamed, "rope": hf_to_megatron(rope, d / "rope_tp1", tp=1, make_vocab_size_divisible_by=DIVISIBLE_BY,
                                    progress=False)}
 
 
@@ -183,6 +187,7 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
         ("converted_tp1", driver_argv(inputs, "--lr", "0", "--min-lr", "0", "--save", str(d / "conv_tp1_out"),
                                       "--save-interval", "2", load=conv[1]), None),
         ("llama3_rope", driver_argv(inputs, iters=1, load=inputs["rope"]), None),
+        ("tied_pp1", driver_argv(inputs, iters=1, load=inputs["tied"][1]), None),
         ("other_spec", driver_argv(inputs, load=inputs["te"]),
          "has transformer_engine-spec parameter names, but this run builds the local spec"),
         ("partial_load", driver_argv(inputs, load=inputs["te_unnamed"]), "the checkpoint does not fit the model"),
@@ -239,6 +244,9 @@ def runs(inputs):
                                          "SAVE": str(d / "s2"), "SAVE_INTERVAL": "5"}))
     r["tp2_resumed"] = finish(start_check_model({**train(2, "torch_dist"), "LOAD": str(d / "s2"),
                                                  "SAVE": str(d / "s2")}, "--ckpt-step", "5"))
+    # tied embeddings at PP=2: the last stage holds its own copy of the embedding
+    r["pp2"] = finish(start_check_model({**data, "PP": "2", "TRAIN_ITERS": "1", "LOAD": str(inputs["tied"][2]),
+                                         "CACHE": str(d / "cache_pp2")}, "--lr", "3e-3"))
     # KD with teacher == student == the converted TP=2 checkpoint, alpha 1: loss and gradient are 0
     r["kd"] = finish(start_check_model({**data, "TP": "2", "TRAIN_ITERS": "2", "LOAD": str(inputs["conv"][2]),
                                         "SAVE": str(d / "kd_out"), "KD_TEACHER": str(inputs["conv"][2]),
@@ -307,6 +315,15 @@ def test_kd_teacher_equal_to_student_gives_zero_kd_loss_and_gradient_at_tp2(runs
     conv = inputs["conv"][2]
     src = next(conv.glob("iter_*")) if not (conv / "release").is_dir() else conv / "release"
     assert same_tensors(model_tensors(src), model_tensors(inputs["dir"] / "kd_out" / "iter_0000002"))
+
+
+def test_tied_checkpoint_at_pp2_is_the_same_model_as_at_pp1(runs):
+    """Converted at PP=1 and PP=2 (the last stage's own copy of the tied embedding): loaded strictly, the same
+    first loss on the same batch."""
+    ok(runs["driver"])
+    pp1 = ok(case_result(next(c for c in runs["cases"] if c["name"] == "tied_pp1")))
+    assert parse_losses(ok(runs["pp2"]).stdout) == parse_losses(pp1.stdout)
+    assert len(parse_losses(pp1.stdout)) == 1
 
 
 def test_llama3_rope_scaling_is_taken_from_the_checkpoint(runs):
