@@ -389,6 +389,22 @@ def test_bad_inputs_fail_before_training(runs):
         assert not parse_losses(r.stdout), f"{case['name']}: training started despite bad input"
 
 
+def test_checkpoint_reads_are_memory_mapped(tmp_path):
+    """Reading a shard's args (done for --load and the teacher on every rank) maps the file instead of reading
+    every tensor into RAM; a legacy (non-zip) file is still read."""
+    from megatron.prune.memory import file_mappings
+
+    state = {"model": {"w": torch.arange(4096.0)}, "args": Namespace(num_layers=2)}
+    torch.save(state, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    loaded = kd.load_torch_shard(tmp_path / "zip.pt")
+    ptr = loaded["model"]["w"].data_ptr()
+    assert any(lo <= ptr < hi for lo, hi in file_mappings(tmp_path / "zip.pt"))
+    legacy = kd.load_torch_shard(tmp_path / "legacy.pt")
+    assert legacy["args"].num_layers == 2 and torch.equal(legacy["model"]["w"], state["model"]["w"])
+    assert not file_mappings(tmp_path / "legacy.pt")
+
+
 def test_teacher_checks():
     student = Namespace(tensor_model_parallel_size=2, padded_vocab_size=384, pipeline_model_parallel_size=1)
     kd.check_teacher(Namespace(tensor_model_parallel_size=2, padded_vocab_size=384), student)

@@ -101,6 +101,17 @@ def _rank_file(ref: CheckpointRef, tp_rank: int, pp_rank: int, pp_size: int) -> 
     return ref.folder / sub / "model_optim_rng.pt"
 
 
+def load_torch_shard(path: Path) -> dict[str, Any]:
+    """One ``model_optim_rng.pt``, memory-mapped: only the tensors used are read, so reading a 70B shard's
+    ``args`` costs milliseconds rather than the whole file in RAM. Legacy (non-zip) files are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def checkpoint_args(ref: CheckpointRef) -> Any:
     """The megatron ``args`` Namespace stored in a checkpoint (rank 0's copy)."""
     if ref.torch_dist:
@@ -111,7 +122,7 @@ def checkpoint_args(ref: CheckpointRef) -> Any:
         files = sorted(ref.folder.glob("mp_rank_00*/model_optim_rng.pt"))
         if not files:
             raise PruneError(f"checkpoint {ref.folder}: no mp_rank_00*/model_optim_rng.pt")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)
+        state = load_torch_shard(files[0])
     if "args" not in state:
         raise PruneError(f"checkpoint {ref.folder}: no 'args' saved; cannot check its shape")
     return state["args"]
@@ -154,7 +165,7 @@ def load_model_weights(model: torch.nn.Module, ref: CheckpointRef, tp_rank: int,
         path = _rank_file(ref, tp_rank, pp_rank, pp_size)
         if not path.is_file():
             raise PruneError(f"checkpoint {ref.root}: missing {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        state = load_torch_shard(path)["model"]
     state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
