@@ -167,8 +167,17 @@ def load_model_weights(model: torch.nn.Module, ref: CheckpointRef, tp_rank: int,
             raise PruneError(f"checkpoint {ref.root}: missing {path}")
         state = load_torch_shard(path)["model"]
     state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise PruneError(f"checkpoint {ref.root}: weights do not fit the model "
-                         f"(missing {missing[:5]}, unexpected {list(unexpected)[:5]})")
+    misfit = load_misfit(model.load_state_dict(state, strict=False))
+    if misfit:
+        raise PruneError(f"checkpoint {ref.root}: {misfit}")
+
+
+def load_misfit(incompatible: Any) -> str | None:
+    """What a ``load_state_dict`` result says does not fit, TE's ``_extra_state`` aside (its metadata may
+    differ); None when everything fits."""
+    missing = [k for k in incompatible.missing_keys if not k.endswith("_extra_state")]
+    unexpected = [k for k in incompatible.unexpected_keys if not k.endswith("_extra_state")]
+    if not (missing or unexpected):
+        return None
+    return (f"the checkpoint does not fit the model: {len(missing)} missing {missing[:4]}, "
+            f"{len(unexpected)} unexpected {unexpected[:4]}")

@@ -132,9 +132,9 @@ def validate_inputs(args: Any) -> None:
             raise PruneError(f"--kd-alpha {args.kd_alpha}: must be in [0, 1]")
         if args.kd_temperature <= 0:
             raise PruneError(f"--kd-temperature {args.kd_temperature}: must be > 0")
-        ref = kd.find_checkpoint(args.kd_teacher_load, "--kd-teacher-load")
-        kd.check_teacher(kd.checkpoint_args(ref), args)
-        check_layer_spec(kd.checkpoint_args(ref), args, "--kd-teacher-load", args.kd_teacher_load)
+        teacher = kd.checkpoint_args(kd.find_checkpoint(args.kd_teacher_load, "--kd-teacher-load"))
+        kd.check_teacher(teacher, args)
+        check_layer_spec(teacher, args, "--kd-teacher-load", args.kd_teacher_load)
 
 
 def carry_hf_meta(args: Any) -> Path | None:
@@ -175,11 +175,9 @@ def refuse_partial_loads(model: torch.nn.Module) -> None:
     ``strict=False`` and goes on with whatever fitted (megatron-core 0.19.2); TE's ``_extra_state`` may differ."""
 
     def check(module: torch.nn.Module, incompatible: Any) -> None:
-        missing = [k for k in incompatible.missing_keys if not k.endswith("_extra_state")]
-        unexpected = [k for k in incompatible.unexpected_keys if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise PruneError(f"the checkpoint does not fit the model: {len(missing)} missing {missing[:4]}, "
-                             f"{len(unexpected)} unexpected {unexpected[:4]}")
+        misfit = kd.load_misfit(incompatible)
+        if misfit:
+            raise PruneError(misfit)
 
     model.register_load_state_dict_post_hook(check)
 
