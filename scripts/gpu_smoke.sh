@@ -7,8 +7,9 @@
 #
 # Stage 1 (prepare, skipped when $WORK/ready exists) needs the embedded model: it prunes it to the demo shape
 # (unless $WORK/pruned_hf exists), converts it to Megatron, tokenizes the built-in text and writes the tokenizer,
-# config.json and the model's shape flags. With SMOKE_WEIGHTS=0 it keeps no weights (a 142 MB model does not travel to a lent GPU machine);
-# stage 2 then starts from random weights of the same shape, which trains at the same tokens/s and MFU.
+# config.json and the model's shape flags. With SMOKE_WEIGHTS=0 it keeps no weights (a 142 MB model does not
+# travel to a lent GPU machine); stage 2 then starts from random weights of the same shape, which trains at the
+# same tokens/s and MFU.
 # PREPARE_ONLY=1 stops after stage 1. For the `device` tool (64 MiB of files travel, no network there):
 #   here:  WORK=.gpu_smoke SMOKE_WEIGHTS=0 PREPARE_ONLY=1 bash scripts/gpu_smoke.sh
 #          python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

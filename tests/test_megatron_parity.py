@@ -25,7 +25,6 @@ WORKER = Path(__file__).with_name("megatron_parity_worker.py")
 ROPE_SEQ = 64
 
 
-
 def prune_target(shape):
     if shape.tied_embeddings:  # 6 heads / 2 groups
         return shape.replace(hidden_size=36, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,

@@ -57,7 +57,8 @@ def test_forward_flops_match_torch_flop_counter(family):
     forward = flops_per_token(_shape(model), seq, causal=False) / 3 * batch * seq
     assert counter.get_total_flops() == forward
     full, causal = (flops_per_token(_shape(model), seq, causal=c) for c in (False, True))
-    assert full - causal == 6 * model.config.num_hidden_layers * seq * model.config.num_attention_heads * model.config.head_dim
+    c = model.config
+    assert full - causal == 6 * c.num_hidden_layers * seq * c.num_attention_heads * c.head_dim
 
 
 def test_training_flops_match_megatron_own_count(monkeypatch):

@@ -110,7 +110,8 @@ def inputs(tmp_path_factory):
     assert cli_main(["prune", "--input", str(conv[2]), "--output", str(d / "pruned_tp2"), "--plan",
                      str(d / "pruned_tp1" / "prune_plan.json"), "--prune-type", "unbalance", "--tp", "2",
                      "--no-progress"]) == 0
-    rope = make_tiny_hf(d / "rope_hf", "llama-gqa", vocab_size=VOCAB, **LLAMA3_ROPE)
+    rope = hf_to_megatron(make_tiny_hf(d / "rope_hf", "llama-gqa", vocab_size=VOCAB, **LLAMA3_ROPE), d / "rope_tp1",
+                          tp=1, make_vocab_size_divisible_by=DIVISIBLE_BY, progress=False)
     tied = make_tiny_hf(d / "tied_hf", "llama-tied", vocab_size=VOCAB)  # 4 layers: 2 per stage at PP=2
     tied_mg = {pp: hf_to_megatron(tied, d / f"tied_pp{pp}", tp=1, pp=pp, make_vocab_size_divisible_by=DIVISIBLE_BY,
                                   progress=False) for pp in (1, 2)}
@@ -125,8 +126,7 @@ def inputs(tmp_path_factory):
     return {"dir": d, "TOKENIZER": str(tok), "DATA": str(s.bin_path)[: -len(".bin")],
             "conv": conv, "pruned": {tp: d / f"pruned_tp{tp}" for tp in (1, 2)},
             "foreign": write_ids(d / "foreign_text_document", [np.arange(VOCAB - 50, DIVISIBLE_BY * 2)]),
-            "tied": tied_mg, "te": te, "te_unnamed": unnamed, "rope": hf_to_megatron(rope, d / "rope_tp1", tp=1, make_vocab_size_divisible_by=DIVISIBLE_BY,
-                                   progress=False)}
+            "tied": tied_mg, "te": te, "te_unnamed": unnamed, "rope": rope}
 
 
 # ---- single-process cases in one interpreter: megatron imported once, each case a forked child ----
@@ -246,7 +246,7 @@ def runs(inputs):
                                                  "SAVE": str(d / "s2")}, "--ckpt-step", "5"))
     # tied embeddings at PP=2: the last stage holds its own copy of the embedding
     r["pp2"] = finish(start_check_model({**data, "PP": "2", "TRAIN_ITERS": "1", "LOAD": str(inputs["tied"][2]),
-                                         "CACHE": str(d / "cache_pp2")}, "--lr", "3e-3"))
+                                         "CACHE": str(d / "cache_pp2")}))
     # KD with teacher == student == the converted TP=2 checkpoint, alpha 1: loss and gradient are 0
     r["kd"] = finish(start_check_model({**data, "TP": "2", "TRAIN_ITERS": "2", "LOAD": str(inputs["conv"][2]),
                                         "SAVE": str(d / "kd_out"), "KD_TEACHER": str(inputs["conv"][2]),
