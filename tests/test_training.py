@@ -8,6 +8,7 @@ Proves, with the stock ``megatron.training.checkpointing`` loader doing the load
 - save then resume ⇒ the continuous run's losses, grad norms and (torch format) weights, exactly;
 - converted TP=1 (LR 0) and TP=2 (KD, alpha 1, teacher == student) checkpoints come back unchanged
   from the loop's own save: every tensor was loaded, the KD loss is 0 and its gradient is 0;
+- --tensorboard-dir gets each iteration's losses; validation reports the LM and KD losses;
 - the vocab-parallel KL at TP=2 equals a plain-torch KL on gathered logits (values and gradients);
 - a tied-embedding checkpoint converted at PP=2 gives the PP=1 first loss;
 - LLaMA-3.x RoPE scaling comes from the checkpoint; a checkpoint written for the other layer spec, or one that
@@ -230,7 +231,7 @@ def runs(inputs):
 
     # continuous run from the pruned checkpoint (--finetune, no shape flags), saving at 5 and 10
     tp1 = start_check_model({**train(1, "torch"), "LOAD": str(inputs["pruned"][1]), "SAVE": str(d / "s1"),
-                             "SAVE_INTERVAL": "5"})
+                             "SAVE_INTERVAL": "5"}, "--tensorboard-dir", str(d / "tb1"))
     driver, r["cases"] = start_driver(inputs)
     r["tp1"] = finish(tp1)
     r["driver"] = finish(driver)
@@ -247,10 +248,12 @@ def runs(inputs):
     # tied embeddings at PP=2: the last stage holds its own copy of the embedding
     r["pp2"] = finish(start_check_model({**data, "PP": "2", "TRAIN_ITERS": "1", "LOAD": str(inputs["tied"][2]),
                                          "CACHE": str(d / "cache_pp2")}))
-    # KD with teacher == student == the converted TP=2 checkpoint, alpha 1: loss and gradient are 0
+    # KD with teacher == student == the converted TP=2 checkpoint, alpha 1: loss and gradient are 0 (also on
+    # the validation split, evaluated after iteration 2)
     r["kd"] = finish(start_check_model({**data, "TP": "2", "TRAIN_ITERS": "2", "LOAD": str(inputs["conv"][2]),
                                         "SAVE": str(d / "kd_out"), "KD_TEACHER": str(inputs["conv"][2]),
-                                        "KD_ALPHA": "1", "CACHE": str(d / "cache_kd")}, "--weight-decay", "0"))
+                                        "KD_ALPHA": "1", "CACHE": str(d / "cache_kd"), "SPLIT": "90,10,0",
+                                        "EVAL_ITERS": "1"}, "--weight-decay", "0"))
     return r
 
 
@@ -267,6 +270,32 @@ def test_pruned_checkpoint_trains_and_resume_matches_continuous_run(runs, tp):
     assert {i: after[i] for i in (6, 8, 9, 10)} == {i: losses[i] for i in (6, 8, 9, 10)}
     # stock-loop logging quirk: a process's 2nd logged iteration prints the mean of its first two
     assert float(after[7]) == pytest.approx((float(losses[6]) + float(losses[7])) / 2, abs=2e-6)
+
+
+def test_tensorboard_dir_gets_the_logged_losses(runs, inputs):
+    """--tensorboard-dir writes each iteration's LM loss. At --log-interval 1 the stock log line for iteration 2
+    is the mean of iterations 1 and 2 (megatron-core 0.19.2 prints iteration 1 alone, then counts it again)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    printed = {k: float(v) for k, v in parse_losses(ok(runs["tp1"]).stdout).items()}
+    events = EventAccumulator(str(inputs["dir"] / "tb1"))
+    events.Reload()
+    tb = {e.step: e.value for e in events.Scalars("lm loss")}
+    assert sorted(tb) == sorted(printed) == list(range(1, 11))
+    tb[2] = (tb[1] + tb[2]) / 2
+    assert tb == pytest.approx(printed, rel=1e-6)
+    assert {"kd loss", "grad-norm", "learning-rate"} & set(events.Tags()["scalars"]) == {"grad-norm", "learning-rate"}
+
+
+def test_tensorboard_dir_without_tensorboard_is_refused(monkeypatch):
+    """Without the package the stock loop would only warn and write nothing."""
+    from megatron.prune.training.recipe import check_tensorboard
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    check_tensorboard(Namespace(tensorboard_dir=None))
+    with pytest.raises(PruneError, match="--tensorboard-dir tb: .*pip install tensorboard"):
+        check_tensorboard(Namespace(tensorboard_dir="tb"))
 
 
 def test_pruned_checkpoint_is_the_same_model_at_tp1_and_tp2(runs):
@@ -312,6 +341,9 @@ def test_kd_teacher_equal_to_student_gives_zero_kd_loss_and_gradient_at_tp2(runs
     assert sorted(kd_losses) == [1, 2] and all(float(v) == 0.0 for v in kd_losses.values()), kd_losses
     assert all(float(v) == 0.0 for v in norms.values()), norms
     assert float(parse_losses(r.stdout)[1]) > 6.0  # the LM loss is still reported (and not zero)
+    valid = re.search(r"validation loss at iteration 2 \| lm loss value: ([0-9.E+\-]+) \| .*"
+                      r"\| kd loss value: ([0-9.E+\-]+) \|", r.stdout)
+    assert valid and float(valid.group(1)) > 6.0 and float(valid.group(2)) == 0.0, r.stdout[-3000:]
     conv = inputs["conv"][2]
     src = next(conv.glob("iter_*")) if not (conv / "release").is_dir() else conv / "release"
     assert same_tensors(model_tensors(src), model_tensors(inputs["dir"] / "kd_out" / "iter_0000002"))

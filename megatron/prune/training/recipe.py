@@ -106,8 +106,20 @@ def check_layer_spec(ckpt_args: Any, args: Any, flag: str, path: str) -> None:
                      f"{built} spec; " + ", ".join(fixes))
 
 
+def check_tensorboard(args: Any) -> None:
+    """--tensorboard-dir needs the tensorboard package; without it the stock loop only warns and logs nothing."""
+    if not getattr(args, "tensorboard_dir", None):
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as e:
+        raise PruneError(f"--tensorboard-dir {args.tensorboard_dir}: TensorBoard logging needs the tensorboard "
+                         f"package ({e}); pip install tensorboard, or drop the flag") from None
+
+
 def validate_inputs(args: Any) -> None:
     """Everything that can be wrong with the user's inputs, checked before the loop starts."""
+    check_tensorboard(args)
     prefixes = data_prefixes(args)
     if not prefixes and not getattr(args, "mock_data", False):
         raise PruneError("no training data: pass --data-path PREFIX (from `megatron-prune data`)")
