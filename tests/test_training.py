@@ -9,6 +9,7 @@ Proves, with the stock ``megatron.training.checkpointing`` loader doing the load
 - converted TP=1 (LR 0) and TP=2 (KD, alpha 1, teacher == student) checkpoints come back unchanged
   from the loop's own save: every tensor was loaded, the KD loss is 0 and its gradient is 0;
 - --tensorboard-dir gets each iteration's losses; validation reports the LM and KD losses;
+- --bf16 with KD (as on a GPU) trains and saves bf16 weights;
 - the vocab-parallel KL at TP=2 equals a plain-torch KL on gathered logits (values and gradients);
 - a tied-embedding checkpoint converted at PP=2 gives the PP=1 first loss;
 - LLaMA-3.x RoPE scaling comes from the checkpoint; a checkpoint written for the other layer spec, or one that
@@ -187,6 +188,9 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
          "teacher was saved at TP=2"),
         ("converted_tp1", driver_argv(inputs, "--lr", "0", "--min-lr", "0", "--save", str(d / "conv_tp1_out"),
                                       "--save-interval", "2", load=conv[1]), None),
+        ("kd_bf16", driver_argv(inputs, "--bf16", "--kd-teacher-load", str(conv[1]), "--kd-alpha", "1",
+                                "--weight-decay", "0", "--save", str(d / "kd_bf16_out"), "--save-interval", "2",
+                                load=conv[1]), None),
         ("llama3_rope", driver_argv(inputs, iters=1, load=inputs["rope"]), None),
         ("tied_pp1", driver_argv(inputs, iters=1, load=inputs["tied"][1]), None),
         ("other_spec", driver_argv(inputs, load=inputs["te"]),
@@ -347,6 +351,23 @@ def test_kd_teacher_equal_to_student_gives_zero_kd_loss_and_gradient_at_tp2(runs
     conv = inputs["conv"][2]
     src = next(conv.glob("iter_*")) if not (conv / "release").is_dir() else conv / "release"
     assert same_tensors(model_tensors(src), model_tensors(inputs["dir"] / "kd_out" / "iter_0000002"))
+
+
+def test_bf16_kd_run_as_on_a_gpu(runs, inputs):
+    """--bf16 (the GPU default) with a teacher == student, alpha 1: the KD loss and its gradient are 0, the LM
+    loss is the fp32 run's to bf16 precision, and the saved weights are the checkpoint's in bf16."""
+    ok(runs["driver"])
+    r = ok(case_result(next(c for c in runs["cases"] if c["name"] == "kd_bf16")))
+    fp32 = ok(case_result(next(c for c in runs["cases"] if c["name"] == "converted_tp1")))
+    assert {k: float(v) for k, v in parse_losses(r.stdout, "kd loss").items()} == {1: 0.0, 2: 0.0}
+    assert all(float(v) == 0.0 for v in parse_losses(r.stdout, "grad norm").values())
+    bf16_loss, fp32_loss = float(parse_losses(r.stdout)[1]), float(parse_losses(fp32.stdout)[1])
+    assert bf16_loss != fp32_loss and bf16_loss == pytest.approx(fp32_loss, rel=1e-2)
+    conv = inputs["conv"][1]
+    src = model_tensors(next(conv.glob("iter_*")) if not (conv / "release").is_dir() else conv / "release")
+    saved = model_tensors(inputs["dir"] / "kd_bf16_out" / "iter_0000002")
+    assert all(saved[k].dtype == torch.bfloat16 for k in saved)
+    assert same_tensors({k: v.to(torch.bfloat16) for k, v in src.items()}, saved)
 
 
 def test_tied_checkpoint_at_pp2_is_the_same_model_as_at_pp1(runs):

@@ -265,7 +265,7 @@ def write_pruned(ckpt: HFCheckpoint, plan: PrunePlan, out: Path, max_shard_bytes
     groups = _shard_groups(sizes, max_shard_bytes)
     names = ([SINGLE_WEIGHTS] if len(groups) == 1
              else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
-    bar = tqdm(total=len(items), desc="pruning tensors", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(items), desc="writing tensors", unit="tensor", disable=not progress)
 
     def produce(group: list[int]) -> Iterator[torch.Tensor]:
         for i in group:
