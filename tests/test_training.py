@@ -355,7 +355,7 @@ def test_kd_teacher_equal_to_student_gives_zero_kd_loss_and_gradient_at_tp2(runs
 
 def test_bf16_kd_run_as_on_a_gpu(runs, inputs):
     """--bf16 (the GPU default) with a teacher == student, alpha 1: the KD loss and its gradient are 0, the LM
-    loss is the fp32 run's to bf16 precision, and the saved weights are the checkpoint's in bf16."""
+    loss is the fp32 run's to bf16 precision, the saved weights are the checkpoint's in bf16, and export says bf16."""
     ok(runs["driver"])
     r = ok(case_result(next(c for c in runs["cases"] if c["name"] == "kd_bf16")))
     fp32 = ok(case_result(next(c for c in runs["cases"] if c["name"] == "converted_tp1")))
@@ -368,6 +368,12 @@ def test_bf16_kd_run_as_on_a_gpu(runs, inputs):
     saved = model_tensors(inputs["dir"] / "kd_bf16_out" / "iter_0000002")
     assert all(saved[k].dtype == torch.bfloat16 for k in saved)
     assert same_tensors({k: v.to(torch.bfloat16) for k, v in src.items()}, saved)
+    # exported as bf16, and its config says so (the source's says float32): transformers loads what was written
+    from megatron.prune.megatron_ckpt import megatron_to_hf
+
+    assert json.loads((conv / "hf_meta" / "config.json").read_text())["dtype"] == "float32"
+    back = megatron_to_hf(inputs["dir"] / "kd_bf16_out", inputs["dir"] / "kd_bf16_hf", progress=False)
+    assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_tied_checkpoint_at_pp2_is_the_same_model_as_at_pp1(runs):

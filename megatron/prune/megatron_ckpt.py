@@ -931,7 +931,7 @@ def megatron_to_hf(mg_dir: Path | str, out_dir: Path | str, overwrite: bool = Fa
         if not side.is_dir():  # a checkpoint from elsewhere: config from args, no tokenizer to copy
             side = tmp / ".no-side-files"
             side.mkdir()
-        view = HFView(side, hf_config_for_shape(src.hf_config, src.shape), src)
+        view = HFView(side, config_with_dtype(hf_config_for_shape(src.hf_config, src.shape), src.dtype), src)
         hf.write_pruned(view, PrunePlan.keep_all(src.shape), tmp, max_shard_bytes or hf.DEFAULT_MAX_SHARD_BYTES,
                         progress)
         if side.parent == tmp:
@@ -940,6 +940,14 @@ def megatron_to_hf(mg_dir: Path | str, out_dir: Path | str, overwrite: bool = Fa
         if (src.folder / PLAN_FILE).is_file():
             shutil.copy2(src.folder / PLAN_FILE, tmp / PLAN_FILE)
     return Path(out_dir)
+
+
+def config_with_dtype(config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``config`` naming the dtype the weights are written in: after bf16 training the weights are bf16 even where
+    the source's config says float32, and transformers loads a checkpoint in its config's dtype."""
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    return {**config, **{k: name for k in keys}}
 
 
 @dataclass
