@@ -9,7 +9,9 @@
 # Variables (default):
 #   LOAD          Megatron checkpoint to start from (none: random init; then pass shape flags).
 #                 Its model shape is used (--use-checkpoint-args). LOAD != SAVE: --finetune
-#                 (iteration 0, fresh optimizer); LOAD == SAVE: resume where it stopped.
+#                 (iteration 0, fresh optimizer); LOAD == SAVE: resume where it stopped (a checkpoint
+#                 never trained, as converted or pruned, starts as with --finetune). To resume with
+#                 another TRAIN_ITERS or LR schedule, add --override-opt_param-scheduler.
 #   SAVE          where checkpoints go (none: no saving)
 #   DATA          dataset prefix from `megatron-prune data` (PREFIX_text_document), or a blend
 #                 "W1 P1 W2 P2" (required)

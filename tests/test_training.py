@@ -5,6 +5,7 @@ CPU (gloo + shims). Checkpoints come from our own tools: a tiny random HF model 
 Proves, with the stock ``megatron.training.checkpointing`` loader doing the loading:
 - pruned TP=1 and TP=2 checkpoints load with ``--use-checkpoint-args --finetune`` (no shape flags),
   give the same first loss at both TPs, and train (loss decreases over 10 iterations);
+- a never-trained checkpoint at LOAD == SAVE starts as with --finetune;
 - save then resume ⇒ the continuous run's losses, grad norms and (torch format) weights, exactly;
 - converted TP=1 (LR 0) and TP=2 (KD, alpha 1, teacher == student) checkpoints come back unchanged
   from the loop's own save: every tensor was loaded, the KD loss is 0 and its gradient is 0;
@@ -125,6 +126,7 @@ def inputs(tmp_path_factory):
         state = torch.load(f, weights_only=False)
         del state["args"].transformer_impl
         torch.save(state, f)
+    shutil.copytree(conv[1], d / "in_place")  # trained where it lies (LOAD == SAVE)
     return {"dir": d, "TOKENIZER": str(tok), "DATA": str(s.bin_path)[: -len(".bin")],
             "conv": conv, "pruned": {tp: d / f"pruned_tp{tp}" for tp in (1, 2)},
             "foreign": write_ids(d / "foreign_text_document", [np.arange(VOCAB - 50, DIVISIBLE_BY * 2)]),
@@ -191,6 +193,8 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
         ("kd_bf16", driver_argv(inputs, "--bf16", "--kd-teacher-load", str(conv[1]), "--kd-alpha", "1",
                                 "--weight-decay", "0", "--save", str(d / "kd_bf16_out"), "--save-interval", "2",
                                 load=conv[1]), None),
+        ("in_place", driver_argv(inputs, "--load", str(d / "in_place"), "--use-checkpoint-args", "--save",
+                                 str(d / "in_place"), "--save-interval", "1", iters=1), None),
         ("llama3_rope", driver_argv(inputs, iters=1, load=inputs["rope"]), None),
         ("tied_pp1", driver_argv(inputs, iters=1, load=inputs["tied"][1]), None),
         ("other_spec", driver_argv(inputs, load=inputs["te"]),
@@ -337,6 +341,21 @@ def test_converted_tp1_checkpoint_loads_with_finetune(runs, inputs):
     assert (out / "hf_meta" / "config.json").read_text() == (conv / "hf_meta" / "config.json").read_text()
     back = megatron_to_hf(out, inputs["dir"] / "conv_tp1_back", progress=False)
     assert json.loads((back / "config.json").read_text())["rms_norm_eps"] == 1e-5
+
+
+def test_never_trained_checkpoint_starts_without_finetune(runs, inputs):
+    """LOAD == SAVE on a converted checkpoint (check_model.sh then omits --finetune): it starts as with --finetune,
+    the same model (the converted run's first loss), instead of the stock loop stopping for missing optimizer
+    state. A checkpoint with training state is resumed as before."""
+    ok(runs["driver"])
+    r = ok(case_result(next(c for c in runs["cases"] if c["name"] == "in_place")))
+    first = ok(case_result(next(c for c in runs["cases"] if c["name"] == "converted_tp1")))
+    assert "has never been trained (iteration 0, no optimizer state): starting it as with --finetune" in r.stdout
+    assert parse_losses(r.stdout) == {1: parse_losses(first.stdout)[1]}
+    assert (inputs["dir"] / "in_place" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert kd.never_trained({"iteration": 0, "args": None})
+    assert not kd.never_trained({"iteration": 0, "args": None, "optimizer": {}})  # saved at iteration 0
+    assert not kd.never_trained({"iteration": 5, "args": None})  # trained, saved with --no-save-optim
 
 
 def test_kd_teacher_equal_to_student_gives_zero_kd_loss_and_gradient_at_tp2(runs, inputs):

@@ -112,8 +112,9 @@ def load_torch_shard(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def checkpoint_args(ref: CheckpointRef) -> Any:
-    """The megatron ``args`` Namespace stored in a checkpoint (rank 0's copy)."""
+def checkpoint_state(ref: CheckpointRef) -> dict[str, Any]:
+    """Rank 0's checkpoint dict (torch: memory-mapped; torch_dist: the common state): ``args``, ``iteration``,
+    and ``optimizer`` where the checkpoint holds training state."""
     if ref.torch_dist:
         from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
@@ -125,7 +126,17 @@ def checkpoint_args(ref: CheckpointRef) -> Any:
         state = load_torch_shard(files[0])
     if "args" not in state:
         raise PruneError(f"checkpoint {ref.folder}: no 'args' saved; cannot check its shape")
-    return state["args"]
+    return state
+
+
+def checkpoint_args(ref: CheckpointRef) -> Any:
+    """The megatron ``args`` Namespace stored in a checkpoint (rank 0's copy)."""
+    return checkpoint_state(ref)["args"]
+
+
+def never_trained(state: dict[str, Any]) -> bool:
+    """A converted or pruned checkpoint: iteration 0 and no optimizer state (nothing to resume)."""
+    return int(state.get("iteration", 0) or 0) == 0 and "optimizer" not in state
 
 
 # Shape fields a teacher takes from its own checkpoint (everything else: the student's flags).

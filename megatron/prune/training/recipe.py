@@ -117,6 +117,17 @@ def check_tensorboard(args: Any) -> None:
                          f"package ({e}); pip install tensorboard, or drop the flag") from None
 
 
+def start_untrained_checkpoint(state: dict[str, Any], args: Any) -> None:
+    """Resuming (no --finetune) from a checkpoint that never trained, e.g. LOAD == SAVE on a fresh pruned model:
+    start it as --finetune does. The stock loop would stop, looking for optimizer state that was never saved."""
+    if args.finetune or args.no_load_optim or not kd.never_trained(state):
+        return
+    args.finetune = True
+    if os.environ.get("RANK", "0") == "0":
+        print(f"pretrain_llama.py: --load {args.load} has never been trained (iteration 0, no optimizer state): "
+              "starting it as with --finetune", flush=True)
+
+
 def validate_inputs(args: Any) -> None:
     """Everything that can be wrong with the user's inputs, checked before the loop starts."""
     check_tensorboard(args)
@@ -131,7 +142,9 @@ def validate_inputs(args: Any) -> None:
         for prefix in prefixes:
             check_token_ids(prefix, get_tokenizer().vocab_size)
     if args.load and os.path.isfile(os.path.join(args.load, "latest_checkpointed_iteration.txt")):
-        ckpt_args = kd.checkpoint_args(kd.find_checkpoint(args.load, "--load"))
+        state = kd.checkpoint_state(kd.find_checkpoint(args.load, "--load"))
+        ckpt_args = state["args"]
+        start_untrained_checkpoint(state, args)
         if args.use_checkpoint_args:
             adopt_checkpoint_args(ckpt_args, args)
         check_checkpoint_shape(ckpt_args, args, "--load")
