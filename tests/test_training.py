@@ -39,7 +39,7 @@ from megatron.prune.shape import PruneError
 from megatron.prune.training import kd
 from tests.procs import free_port
 from tests.tiny import LLAMA3_ROPE
-from tests.tiny_corpus import make_hf_tokenizer, pydoc_documents, write_ids, write_jsonl
+from tests.tiny_corpus import make_hf_tokenizer, make_spm_tokenizer, pydoc_documents, write_ids, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 ITER_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*")
@@ -47,6 +47,7 @@ ITER_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*")
 PRUNE_FLAGS = ["--hidden-size", "40", "--num-attention-heads", "4", "--num-query-groups", "2",
                "--ffn-hidden-size", "32", "--num-layers", "3", "--method", "magnitude", "--no-progress"]
 VOCAB, DIVISIBLE_BY = 300, 192  # padded vocab 384 at TP=1 and TP=2: the same model at both TPs
+SPM_VOCAB = 200
 
 pytestmark = pytest.mark.slow
 
@@ -127,10 +128,15 @@ def inputs(tmp_path_factory):
         del state["args"].transformer_impl
         torch.save(state, f)
     shutil.copytree(conv[1], d / "in_place")  # trained where it lies (LOAD == SAVE)
+    spm = make_spm_tokenizer(d / "spm", vocab_size=SPM_VOCAB)  # LLaMA-2 style tokenizer.model
+    spm_data = preprocess(d / "c.jsonl", d / "c_spm", spm, progress=False)
+    spm_mg = hf_to_megatron(make_tiny_hf(d / "spm_hf", "llama-gqa", vocab_size=SPM_VOCAB), d / "spm_tp1", tp=1,
+                            progress=False)
     return {"dir": d, "TOKENIZER": str(tok), "DATA": str(s.bin_path)[: -len(".bin")],
             "conv": conv, "pruned": {tp: d / f"pruned_tp{tp}" for tp in (1, 2)},
             "foreign": write_ids(d / "foreign_text_document", [np.arange(VOCAB - 50, DIVISIBLE_BY * 2)]),
-            "tied": tied_mg, "te": te, "te_unnamed": unnamed, "rope": rope}
+            "tied": tied_mg, "te": te, "te_unnamed": unnamed, "rope": rope,
+            "spm": {"TOKENIZER": str(spm), "DATA": str(spm_data.bin_path)[: -len(".bin")], "mg": spm_mg}}
 
 
 # ---- single-process cases in one interpreter: megatron imported once, each case a forked child ----
@@ -195,6 +201,9 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
                                 load=conv[1]), None),
         ("in_place", driver_argv(inputs, "--load", str(d / "in_place"), "--use-checkpoint-args", "--save",
                                  str(d / "in_place"), "--save-interval", "1", iters=1), None),
+        ("spm", driver_argv(inputs, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                            inputs["spm"]["TOKENIZER"], "--data-path", inputs["spm"]["DATA"], iters=1,
+                            load=inputs["spm"]["mg"]), None),
         ("llama3_rope", driver_argv(inputs, iters=1, load=inputs["rope"]), None),
         ("tied_pp1", driver_argv(inputs, iters=1, load=inputs["tied"][1]), None),
         ("other_spec", driver_argv(inputs, load=inputs["te"]),
@@ -341,6 +350,14 @@ def test_converted_tp1_checkpoint_loads_with_finetune(runs, inputs):
     assert (out / "hf_meta" / "config.json").read_text() == (conv / "hf_meta" / "config.json").read_text()
     back = megatron_to_hf(out, inputs["dir"] / "conv_tp1_back", progress=False)
     assert json.loads((back / "config.json").read_text())["rms_norm_eps"] == 1e-5
+
+
+def test_sentencepiece_tokenizer_trains(runs, inputs):
+    """A SentencePiece .model (LLaMA-2 style; check_model.sh picks SentencePieceTokenizer for it): data made
+    with it passes the token-id check against the SentencePiece vocabulary and trains."""
+    ok(runs["driver"])
+    r = ok(case_result(next(c for c in runs["cases"] if c["name"] == "spm")))
+    assert sorted(parse_losses(r.stdout)) == [1] and 4.0 < float(parse_losses(r.stdout)[1]) < 8.0
 
 
 def test_never_trained_checkpoint_starts_without_finetune(runs, inputs):
