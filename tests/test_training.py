@@ -209,6 +209,10 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
         ("other_spec", driver_argv(inputs, load=inputs["te"]),
          "has transformer_engine-spec parameter names, but this run builds the local spec"),
         ("partial_load", driver_argv(inputs, load=inputs["te_unnamed"]), "the checkpoint does not fit the model"),
+        ("missing_tokenizer", driver_argv({**inputs, "TOKENIZER": str(d / "no_tok")}, load=pruned[1]),
+         f"--tokenizer-model {d / 'no_tok'}: no such file or folder"),
+        ("missing_load", driver_argv(inputs, "--load", str(d / "no_ckpt"), "--use-checkpoint-args"),
+         f"--load {d / 'no_ckpt'}: not a Megatron checkpoint folder"),
         ("foreign_tokens", driver_argv({**inputs, "DATA": inputs["foreign"]}, load=pruned[1]),
          f"token id {DIVISIBLE_BY * 2 - 1} is outside the tokenizer's vocabulary of {VOCAB}"),
     ]
@@ -477,7 +481,7 @@ def test_partial_loads_are_refused():
 def test_bad_inputs_fail_before_training(runs):
     ok(runs["driver"])
     bad = [c for c in runs["cases"] if c["message"]]
-    assert len(bad) == 7
+    assert len(bad) == 9
     for case in bad:
         r = case_result(case)
         assert r.returncode == 2 and case["message"] in r.stderr, (case["name"], r.stderr[-3000:])

@@ -106,6 +106,30 @@ def check_layer_spec(ckpt_args: Any, args: Any, flag: str, path: str) -> None:
                      f"{built} spec; " + ", ".join(fixes))
 
 
+# Tokenizer types whose --tokenizer-model is a file or folder (megatron-core 0.19.2).
+PATH_TOKENIZERS: tuple[str, ...] = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                                    "Llama2Tokenizer", "TikTokenizer")
+
+
+def check_paths_first(argv: Sequence[str]) -> None:
+    """Paths that Megatron's own start-up fails on obscurely, checked before it runs: a missing tokenizer folder
+    becomes a hub download (a network error, or another model's tokenizer), and a missing --load with
+    --use-checkpoint-args ends in "either num-layers or encoder-num-layers should be specified"."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--load", "--tokenizer-type", "--tokenizer-model", "--num-layers"):
+        p.add_argument(flag)
+    p.add_argument("--use-checkpoint-args", action="store_true")
+    ns, _ = p.parse_known_args(list(argv))
+    if ns.tokenizer_type in PATH_TOKENIZERS and ns.tokenizer_model and not os.path.exists(ns.tokenizer_model):
+        raise PruneError(f"--tokenizer-model {ns.tokenizer_model}: no such file or folder; pass the pruned model's "
+                         "own tokenizer: its HF folder (or the hf_meta/ folder of its Megatron checkpoint), or a "
+                         "SentencePiece .model")
+    tracker = os.path.join(ns.load or "", "latest_checkpointed_iteration.txt")
+    if ns.load and ns.use_checkpoint_args and ns.num_layers is None and not os.path.isfile(tracker):
+        raise PruneError(f"--load {ns.load}: not a Megatron checkpoint folder (no latest_checkpointed_iteration.txt); "
+                         "--use-checkpoint-args reads the model shape from it")
+
+
 def check_tensorboard(args: Any) -> None:
     """--tensorboard-dir needs the tensorboard package; without it the stock loop only warns and logs nothing."""
     if not getattr(args, "tensorboard_dir", None):
@@ -396,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = [*WITHOUT_TE_FLAGS, *argv]
     sys.argv = [sys.argv[0], *argv]
     try:
+        check_paths_first(argv)
         args = parse_and_validate_args(add_recovery_args)
         validate_inputs(args)
     except PruneError as e:
