@@ -464,6 +464,15 @@ def test_layer_spec_mismatch_is_refused(monkeypatch):
         recipe.check_layer_spec(Namespace(transformer_impl="local"), run, "--load", "ck/")
 
 
+def test_context_parallel_is_refused():
+    """get_batch gives every rank whole sequences: CP > 1 would not split them (and needs TE attention)."""
+    from megatron.prune.training.recipe import check_context_parallel
+
+    check_context_parallel(Namespace(context_parallel_size=1))
+    with pytest.raises(PruneError, match="--context-parallel-size 2: pretrain_llama.py supports only 1"):
+        check_context_parallel(Namespace(context_parallel_size=2))
+
+
 def test_partial_loads_are_refused():
     from megatron.prune.training.recipe import refuse_partial_loads
 

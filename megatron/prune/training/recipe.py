@@ -152,9 +152,19 @@ def start_untrained_checkpoint(state: dict[str, Any], args: Any) -> None:
               "starting it as with --finetune", flush=True)
 
 
+def check_context_parallel(args: Any) -> None:
+    """Context parallelism would need each rank's share of every sequence (and Transformer Engine attention);
+    get_batch hands every rank whole sequences, so refuse it rather than train on duplicated work."""
+    cp = getattr(args, "context_parallel_size", 1) or 1
+    if cp > 1:
+        raise PruneError(f"--context-parallel-size {cp}: pretrain_llama.py supports only 1 for now; use tensor or "
+                         "pipeline parallelism (--tensor-model-parallel-size, --pipeline-model-parallel-size)")
+
+
 def validate_inputs(args: Any) -> None:
     """Everything that can be wrong with the user's inputs, checked before the loop starts."""
     check_tensorboard(args)
+    check_context_parallel(args)
     prefixes = data_prefixes(args)
     if not prefixes and not getattr(args, "mock_data", False):
         raise PruneError("no training data: pass --data-path PREFIX (from `megatron-prune data`)")
