@@ -178,11 +178,11 @@ def validate_inputs(args: Any) -> None:
     if args.load and os.path.isfile(os.path.join(args.load, "latest_checkpointed_iteration.txt")):
         state = kd.checkpoint_state(kd.find_checkpoint(args.load, "--load"))
         ckpt_args = state["args"]
-        start_untrained_checkpoint(state, args)
         if args.use_checkpoint_args:
             adopt_checkpoint_args(ckpt_args, args)
         check_checkpoint_shape(ckpt_args, args, "--load")
         check_layer_spec(ckpt_args, args, "--load", args.load)
+        start_untrained_checkpoint(state, args)
     elif args.load and args.finetune:
         raise PruneError(f"--load {args.load}: --finetune needs a Megatron checkpoint folder "
                          "(no latest_checkpointed_iteration.txt)")
