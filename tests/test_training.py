@@ -522,7 +522,8 @@ def test_teacher_checks():
         kd.check_teacher(Namespace(tensor_model_parallel_size=2, padded_vocab_size=320), student)
 
 
-# ---- vocab-parallel KL vs plain torch at TP=2 (one torchrun group; this file is the worker) ----
+# ---- vocab-parallel KL (and LM loss) vs plain torch at TP=2, and what they keep for backward ----------
+# (one torchrun group; this file is the worker)
 def _kl_worker(out: str) -> None:
     import torch.nn.functional as F
 
@@ -549,6 +550,25 @@ def _kl_worker(out: str) -> None:
     same = kd.vocab_parallel_kl(t_full[..., shard], t_full[..., shard], T, group)
     assert torch.equal(same, torch.zeros_like(same))
     assert kl.min() > 0
+    # memory: the KL keeps one vocab-sized tensor for backward (q - p); at alpha 1 the LM loss keeps none
+    from torch.autograd.graph import saved_tensors_hooks
+
+    labels = torch.randint(0, 40, (3, 5), generator=g)
+
+    def distill(alpha: float) -> tuple[torch.Tensor, int]:
+        sizes: list[int] = []
+        x = s_full[..., shard].float().requires_grad_(True)
+        with saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t):
+            out = kd.distill_losses(x, t_full[..., shard].float(), labels, alpha, T, group)
+        return out, sum(sizes)
+
+    (only_kd, kept_kd), (mixed, kept_mixed) = distill(1.0), distill(0.5)
+    one = s_local.numel() * 4
+    assert kept_kd == one and kept_mixed > 2 * one, (kept_kd, kept_mixed, one)
+    assert torch.equal(only_kd, mixed)
+    lm_ref = F.cross_entropy(s_full.float().reshape(-1, 40), labels.reshape(-1), reduction="none").reshape(3, 5)
+    torch.testing.assert_close(only_kd[0], lm_ref)
+    torch.testing.assert_close(only_kd[1], ref.detach().float())
     Path(f"{out}.{rank}").write_text(json.dumps({"ok": True, "kl": kl.tolist()}))
 
 

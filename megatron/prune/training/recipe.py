@@ -387,7 +387,6 @@ def get_batch(data_iterator) -> dict[str, torch.Tensor]:
 def forward_step(data_iterator, model):
     """LM loss per token, plus the vocab-parallel KL to the teacher when distilling."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
     from megatron.training import get_args
 
     args = get_args()
@@ -401,12 +400,8 @@ def forward_step(data_iterator, model):
         t_logits = _TEACHER(b["tokens"], b["position_ids"], None)
     if not parallel_state.is_pipeline_last_stage():
         return logits, done
-    # Megatron's cross-entropy overwrites its input in place (minus max, then exp), and ``.float()`` of
-    # fp32 logits is the same tensor: hand it a copy so the KL below sees the real logits.
-    lm = vocab_parallel_cross_entropy(logits.to(torch.float32, copy=True), b["labels"])  # [b, s]
-    kl = kd.vocab_parallel_kl(logits, t_logits, args.kd_temperature,
-                              parallel_state.get_tensor_model_parallel_group())
-    return torch.stack([lm, kl]), done
+    return kd.distill_losses(logits, t_logits, b["labels"], args.kd_alpha, args.kd_temperature,
+                             parallel_state.get_tensor_model_parallel_group()), done
 
 
 # ---------------------------------------------------------------------------------------------
