@@ -3,8 +3,11 @@
 # embedded SmolLM2-135M pruned to the demo shape, TP=1; prints tokens/s and model FLOPs utilisation (MFU) from
 # the loop's own timing (megatron.prune.training.throughput; Megatron's --log-throughput figure beside it).
 #
-#   bash scripts/gpu_smoke.sh       (WORK=/tmp/mp-gpu-smoke ITERS=50 SEQ_LEN=2048 MICRO_BATCH=4 GLOBAL_BATCH=16)
+#   bash scripts/gpu_smoke.sh       (WORK=/tmp/mp-gpu-smoke ITERS=50 SEQ_LEN=2048 MICRO_BATCH=4 GLOBAL_BATCH=16
+#                                    KD_ITERS=10)
 #
+# Then KD_ITERS iterations of distillation (0: none) with the weights the run saved as both teacher and student:
+# the first KD loss is 0 up to kernel differences (checked), and tokens/s with the teacher's forward is printed.
 # Stage 1 (prepare, skipped when $WORK/ready exists) needs the embedded model: it prunes it to the demo shape
 # (unless $WORK/pruned_hf exists), converts it to Megatron, tokenizes the built-in text and writes the tokenizer,
 # config.json and the model's shape flags. With SMOKE_WEIGHTS=0 it keeps no weights (a 142 MB model does not
@@ -22,7 +25,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 WORK="${WORK:-/tmp/mp-gpu-smoke}"; ITERS="${ITERS:-50}"; SEQ_LEN="${SEQ_LEN:-2048}"
-MICRO_BATCH="${MICRO_BATCH:-4}"; GLOBAL_BATCH="${GLOBAL_BATCH:-16}"
+MICRO_BATCH="${MICRO_BATCH:-4}"; GLOBAL_BATCH="${GLOBAL_BATCH:-16}"; KD_ITERS="${KD_ITERS:-10}"
 mkdir -p "$WORK"
 WORK="$(cd "$WORK" && pwd)"
 
@@ -79,13 +82,26 @@ else
 fi
 impl=local; "$PYTHON" -c "import transformer_engine" 2>/dev/null && impl=transformer_engine
 
-log="$WORK/train.log"
-"${model[@]}" DATA="$WORK/text_text_document" TOKENIZER="$WORK/tokenizer" TP=1 \
-  TRAIN_ITERS="$ITERS" SEQ_LEN="$SEQ_LEN" MICRO_BATCH="$MICRO_BATCH" GLOBAL_BATCH="$GLOBAL_BATCH" \
-  LR=1e-4 LOG_INTERVAL=1 PRECISION=bf16 PYTHON="$PYTHON" \
-  bash "$here/scripts/check_model.sh" "${extra[@]}" --transformer-impl "$impl" \
-  --max-position-embeddings "$SEQ_LEN" --seq-length "$SEQ_LEN" --log-throughput 2>&1 | tee "$log"
+run=(DATA="$WORK/text_text_document" TOKENIZER="$WORK/tokenizer" TP=1 SEQ_LEN="$SEQ_LEN" MICRO_BATCH="$MICRO_BATCH"
+     GLOBAL_BATCH="$GLOBAL_BATCH" LR=1e-4 LOG_INTERVAL=1 PRECISION=bf16 PYTHON="$PYTHON")
+flags=(--transformer-impl "$impl" --max-position-embeddings "$SEQ_LEN" --seq-length "$SEQ_LEN" --log-throughput)
+throughput=("$PYTHON" -m megatron.prune.training.throughput --config "$WORK/tokenizer/config.json"
+            --seq-len "$SEQ_LEN" --global-batch "$GLOBAL_BATCH")
+rm -rf "$WORK/trained"
 
-"$PYTHON" -m megatron.prune.training.throughput --log "$log" --config "$WORK/tokenizer/config.json" \
-  --seq-len "$SEQ_LEN" --global-batch "$GLOBAL_BATCH"
+log="$WORK/train.log"
+"${model[@]}" "${run[@]}" TRAIN_ITERS="$ITERS" SAVE="$WORK/trained" \
+  bash "$here/scripts/check_model.sh" "${extra[@]}" "${flags[@]}" 2>&1 | tee "$log"
+"${throughput[@]}" --log "$log"
 echo "layer spec: $impl"
+
+if (( KD_ITERS > 0 )); then
+  kd_log="$WORK/kd.log"
+  env "${run[@]}" TRAIN_ITERS="$KD_ITERS" LOAD="$WORK/trained" KD_TEACHER="$WORK/trained" KD_ALPHA=1 \
+    bash "$here/scripts/check_model.sh" "${flags[@]}" 2>&1 | tee "$kd_log"
+  echo "distillation (teacher == student; the FLOP count leaves out the teacher's forward):"
+  "${throughput[@]}" --log "$kd_log" --warmup 2 | grep -v "^device"
+  first="$(grep -m1 -oE 'kd loss: [0-9.E+-]+' "$kd_log" | cut -d' ' -f3)"
+  "$PYTHON" -c "import sys; v = float(sys.argv[1]); print(f'first KD loss: {v:.3g} (teacher == student)');
+sys.exit(0 if v < 1e-3 else 'error: the teacher does not give the student\'s logits')" "${first:-nan}"
+fi

@@ -101,7 +101,8 @@ def test_measure_skips_warmup_and_refuses_an_empty_log():
 
 @pytest.mark.slow
 def test_gpu_smoke_script_runs_on_cpu(real_model, tmp_path):
-    """Stage 1 without weights (as prepared for the device tool), then stage 2 from random weights."""
+    """Stage 1 without weights (as prepared for the device tool), then stage 2 from random weights, then the
+    distillation leg with the weights stage 2 saved as teacher and student."""
     from megatron.prune.cli import main
     from megatron.prune.commands.demo import DEMO_SHAPE
 
@@ -111,7 +112,7 @@ def test_gpu_smoke_script_runs_on_cpu(real_model, tmp_path):
     assert main(["prune", "--input", str(real_model), "--output", str(work / "pruned_hf"), "--method", "random",
                  "--no-progress", *shape]) == 0
     env = {**os.environ, "PYTHON": sys.executable, "WORK": str(work), "SMOKE_WEIGHTS": "0", "ITERS": "3",
-           "SEQ_LEN": "64", "MICRO_BATCH": "1", "GLOBAL_BATCH": "2", "MASTER_PORT": str(free_port())}
+           "SEQ_LEN": "64", "MICRO_BATCH": "1", "GLOBAL_BATCH": "2", "KD_ITERS": "2", "MASTER_PORT": str(free_port())}
     r = subprocess.run(["bash", str(ROOT / "scripts/gpu_smoke.sh")], env=env, capture_output=True, text=True,
                        cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -124,6 +125,8 @@ def test_gpu_smoke_script_runs_on_cpu(real_model, tmp_path):
     out = r.stdout[r.stdout.index("device: "):]
     assert out.startswith("device: CPU (no GPU") and "tokens/s: " in out and "model TFLOP/s: " in out
     assert "MFU" not in out and "Megatron's own count" in out and "layer spec: local" in out
+    assert len(iteration_times_ms((work / "kd.log").read_text())) == 2 and "kd loss: " in (work / "kd.log").read_text()
+    assert "distillation (teacher == student" in out and "first KD loss: 0 (teacher == student)" in out
     shutil.rmtree(work)
 
 
