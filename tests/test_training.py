@@ -305,7 +305,8 @@ def test_tensorboard_dir_gets_the_logged_losses(runs, inputs):
     assert sorted(tb) == sorted(printed) == list(range(1, 11))
     tb[2] = (tb[1] + tb[2]) / 2
     assert tb == pytest.approx(printed, rel=1e-6)
-    assert {"kd loss", "grad-norm", "learning-rate"} & set(events.Tags()["scalars"]) == {"grad-norm", "learning-rate"}
+    tags = set(events.Tags()["scalars"])
+    assert {"grad-norm", "learning-rate"} <= tags and "kd loss" not in tags  # no teacher in this run
 
 
 def test_tensorboard_dir_without_tensorboard_is_refused(monkeypatch):
@@ -356,7 +357,7 @@ def test_converted_tp1_checkpoint_loads_with_finetune(runs, inputs):
     assert json.loads((back / "config.json").read_text())["rms_norm_eps"] == 1e-5
 
 
-def test_sentencepiece_tokenizer_trains(runs, inputs):
+def test_sentencepiece_tokenizer_trains(runs):
     """A SentencePiece .model (LLaMA-2 style; check_model.sh picks SentencePieceTokenizer for it): data made
     with it passes the token-id check against the SentencePiece vocabulary and trains."""
     ok(runs["driver"])
