@@ -465,13 +465,20 @@ def test_layer_spec_mismatch_is_refused(monkeypatch):
         recipe.check_layer_spec(Namespace(transformer_impl="local"), run, "--load", "ck/")
 
 
-def test_context_parallel_is_refused():
-    """get_batch gives every rank whole sequences: CP > 1 would not split them (and needs TE attention)."""
-    from megatron.prune.training.recipe import check_context_parallel
+def test_unsupported_parallelism_is_refused(monkeypatch):
+    """get_batch gives every rank whole sequences: CP > 1 would not split them (and needs TE attention). Sequence
+    parallelism needs TE's norms: the local spec's torch RMSNorm asserts it away once the model is built."""
+    from megatron.prune.training import recipe
 
-    check_context_parallel(Namespace(context_parallel_size=1))
+    local = Namespace(context_parallel_size=1, sequence_parallel=False, transformer_impl="local")
+    recipe.check_parallelism(local)
     with pytest.raises(PruneError, match="--context-parallel-size 2: pretrain_llama.py supports only 1"):
-        check_context_parallel(Namespace(context_parallel_size=2))
+        recipe.check_parallelism(Namespace(**{**vars(local), "context_parallel_size": 2}))
+    sp = Namespace(**{**vars(local), "sequence_parallel": True})
+    with pytest.raises(PruneError, match="--sequence-parallel: this run builds megatron-core's local layer spec"):
+        recipe.check_parallelism(sp)
+    monkeypatch.setattr(recipe, "have_transformer_engine", lambda: True)  # a GPU machine with TE
+    recipe.check_parallelism(Namespace(**{**vars(sp), "transformer_impl": "transformer_engine"}))
 
 
 def test_partial_loads_are_refused():

@@ -152,19 +152,24 @@ def start_untrained_checkpoint(state: dict[str, Any], args: Any) -> None:
               "starting it as with --finetune", flush=True)
 
 
-def check_context_parallel(args: Any) -> None:
-    """Context parallelism would need each rank's share of every sequence (and Transformer Engine attention);
-    get_batch hands every rank whole sequences, so refuse it rather than train on duplicated work."""
+def check_parallelism(args: Any) -> None:
+    """Parallel modes this recipe cannot run, refused before start-up. Context parallelism would need each rank's
+    share of every sequence (get_batch hands every rank whole sequences); sequence parallelism needs TE's RMSNorm
+    (megatron-core's local spec uses torch's, which asserts it away only once the model is built)."""
     cp = getattr(args, "context_parallel_size", 1) or 1
     if cp > 1:
         raise PruneError(f"--context-parallel-size {cp}: pretrain_llama.py supports only 1 for now; use tensor or "
                          "pipeline parallelism (--tensor-model-parallel-size, --pipeline-model-parallel-size)")
+    if getattr(args, "sequence_parallel", False) and layer_spec_name(args) == "local":
+        raise PruneError("--sequence-parallel: this run builds megatron-core's local layer spec, whose RMSNorm does "
+                         "not support it; use Transformer Engine (installed, with --transformer-impl "
+                         "transformer_engine) or drop --sequence-parallel")
 
 
 def validate_inputs(args: Any) -> None:
     """Everything that can be wrong with the user's inputs, checked before the loop starts."""
     check_tensorboard(args)
-    check_context_parallel(args)
+    check_parallelism(args)
     prefixes = data_prefixes(args)
     if not prefixes and not getattr(args, "mock_data", False):
         raise PruneError("no training data: pass --data-path PREFIX (from `megatron-prune data`)")
