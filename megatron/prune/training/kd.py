@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..megatron_ckpt import TRACKER
 from ..shape import PruneError
 
 
@@ -99,7 +100,7 @@ class CheckpointRef:
 def find_checkpoint(root: str | os.PathLike, flag: str) -> CheckpointRef:
     """Resolve ``latest_checkpointed_iteration.txt`` of ``root``; clear error naming ``flag``."""
     root = Path(root)
-    tracker = root / "latest_checkpointed_iteration.txt"
+    tracker = root / TRACKER
     if not tracker.is_file():
         raise PruneError(f"{flag} {root}: not a Megatron checkpoint folder "
                          "(no latest_checkpointed_iteration.txt)")

@@ -20,7 +20,7 @@ import torch
 
 from ..cpu import CPU_FLAGS, WITHOUT_TE_FLAGS, apply_cpu_shims, skip_compile_helpers
 from ..data import check_token_ids, validate_dataset_prefix
-from ..megatron_ckpt import META_DIR
+from ..megatron_ckpt import META_DIR, is_megatron_dir
 from ..shape import PruneError
 from . import kd
 
@@ -124,8 +124,7 @@ def check_paths_first(argv: Sequence[str]) -> None:
         raise PruneError(f"--tokenizer-model {ns.tokenizer_model}: no such file or folder; pass the pruned model's "
                          "own tokenizer: its HF folder (or the hf_meta/ folder of its Megatron checkpoint), or a "
                          "SentencePiece .model")
-    tracker = os.path.join(ns.load or "", "latest_checkpointed_iteration.txt")
-    if ns.load and ns.use_checkpoint_args and ns.num_layers is None and not os.path.isfile(tracker):
+    if ns.load and ns.use_checkpoint_args and ns.num_layers is None and not is_megatron_dir(ns.load):
         raise PruneError(f"--load {ns.load}: not a Megatron checkpoint folder (no latest_checkpointed_iteration.txt); "
                          "--use-checkpoint-args reads the model shape from it")
 
@@ -180,7 +179,7 @@ def validate_inputs(args: Any) -> None:
 
         for prefix in prefixes:
             check_token_ids(prefix, get_tokenizer().vocab_size)
-    if args.load and os.path.isfile(os.path.join(args.load, "latest_checkpointed_iteration.txt")):
+    if args.load and is_megatron_dir(args.load):
         state = kd.checkpoint_state(kd.find_checkpoint(args.load, "--load"))
         ckpt_args = state["args"]
         if args.use_checkpoint_args:
