@@ -15,7 +15,9 @@
 #   SAVE          where checkpoints go (none: no saving)
 #   DATA          dataset prefix from `megatron-prune data` (PREFIX_text_document), or a blend
 #                 "W1 P1 W2 P2" (required)
-#   TOKENIZER     HF tokenizer folder (e.g. $LOAD/hf_meta) or SentencePiece .model (required)
+#   TOKENIZER     HF tokenizer folder (e.g. $LOAD/hf_meta) or SentencePiece .model (required); used even
+#                 where LOAD's args name another (Megatron's default under --use-checkpoint-args would
+#                 take that path, which is gone once the checkpoint has moved)
 #   TP (1) PP (1) NPROC (TP*PP) NNODES (1)  NODE_RANK (0) MASTER_ADDR (127.0.0.1) MASTER_PORT (29500)
 #   TRAIN_ITERS (100) SEQ_LEN (512) MICRO_BATCH (1) GLOBAL_BATCH (8) LR (1e-4), MIN_LR (LR/10)
 #   WARMUP (0) SAVE_INTERVAL (TRAIN_ITERS) EVAL_INTERVAL (TRAIN_ITERS) EVAL_ITERS (0) SPLIT (100,0,0)
@@ -50,7 +52,7 @@ flags=(
   --attention-dropout 0.0 --hidden-dropout 0.0
 )
 if [[ -n "${LOAD:-}" ]]; then
-  flags+=(--load "$LOAD" --use-checkpoint-args)
+  flags+=(--load "$LOAD" --use-checkpoint-args --no-use-tokenizer-model-from-checkpoint-args)
   [[ "$LOAD" != "${SAVE:-}" ]] && flags+=(--finetune)
 else
   # random init: LLaMA architecture; pass the shape (--num-layers, --hidden-size, ...) as arguments

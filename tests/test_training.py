@@ -102,6 +102,8 @@ def inputs(tmp_path_factory):
     from megatron.prune.cli import main as cli_main
     from megatron.prune.data import preprocess
     from megatron.prune.megatron_ckpt import hf_to_megatron
+    from megatron.prune.vocab import prune_hf_vocab, prune_megatron_vocab
+    from megatron.prune.vocab.folder import tokenizer_tokens
     from tests.tiny import make_tiny_hf
 
     d = tmp_path_factory.mktemp("recovery")
@@ -132,7 +134,22 @@ def inputs(tmp_path_factory):
     spm_data = preprocess(d / "c.jsonl", d / "c_spm", spm, progress=False)
     spm_mg = hf_to_megatron(make_tiny_hf(d / "spm_hf", "llama-gqa", vocab_size=SPM_VOCAB), d / "spm_tp1", tp=1,
                             progress=False)
-    return {"dir": d, "TOKENIZER": str(tok), "DATA": str(s.bin_path)[: -len(".bin")],
+    # a student with a pruned vocabulary (300 -> 290 tokens: padded to 384 all the same), its unpruned teacher, and
+    # that teacher given the student's vocabulary (`vocab prune --like`); tokenizers travel in hf_meta/
+    hf_tok = shutil.copytree(hf, d / "hf_tok")
+    for f in tok.iterdir():
+        shutil.copy2(f, hf_tok / f.name)
+    prune_hf_vocab(hf_tok, d / "hf_v", keep=VOCAB - 10, progress=False)
+    teacher_full = hf_to_megatron(hf_tok, d / "teacher_full", tp=1, make_vocab_size_divisible_by=DIVISIBLE_BY,
+                                  progress=False)
+    prune_megatron_vocab(teacher_full, d / "teacher_v", like=tokenizer_tokens(d / "hf_v"), progress=False)
+    # the student is moved after conversion: its args name a tokenizer path (its hf_meta/) that is gone
+    made = hf_to_megatron(d / "hf_v", d / "student_v_made", tp=1, make_vocab_size_divisible_by=DIVISIBLE_BY,
+                          progress=False)
+    vocab_pruned = {"TOKENIZER": str(d / "hf_v"), "teacher_full": teacher_full, "teacher_v": d / "teacher_v",
+                    "DATA": str(preprocess(d / "c.jsonl", d / "c_v", d / "hf_v", progress=False).bin_path)[:-4],
+                    "mg": Path(shutil.move(made, d / "student_v")), "made": made}
+    return {"dir": d, "TOKENIZER": str(tok), "DATA": str(s.bin_path)[: -len(".bin")], "vocab_pruned": vocab_pruned,
             "conv": conv, "pruned": {tp: d / f"pruned_tp{tp}" for tp in (1, 2)},
             "foreign": write_ids(d / "foreign_text_document", [np.arange(VOCAB - 50, DIVISIBLE_BY * 2)]),
             "tied": tied_mg, "te": te, "te_unnamed": unnamed, "rope": rope,
@@ -150,7 +167,8 @@ def driver_argv(inputs, *extra: str, load: Path | None = None, iters: int = 2) -
             "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--ckpt-format", "torch",
             "--data-cache-path", str(inputs["dir"] / "cache_driver")]
     if load is not None:
-        argv += ["--load", str(load), "--use-checkpoint-args", "--finetune"]
+        argv += ["--load", str(load), "--use-checkpoint-args", "--no-use-tokenizer-model-from-checkpoint-args",
+                 "--finetune"]
     return argv + list(extra)
 
 
@@ -184,7 +202,7 @@ def _run_cases(spec_path: str) -> None:
 
 def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
     """Bad inputs (each must fail before training) and converted TP=1 with LR 0, in one process."""
-    d, pruned, conv = inputs["dir"], inputs["pruned"], inputs["conv"]
+    d, pruned, conv, vp = inputs["dir"], inputs["pruned"], inputs["conv"], inputs["vocab_pruned"]
     cases = [
         ("missing_data", driver_argv({**inputs, "DATA": str(d / "nope_text_document")}, load=pruned[1]),
          "nope_text_document.bin"),
@@ -215,6 +233,14 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
          f"--load {d / 'no_ckpt'}: not a Megatron checkpoint folder"),
         ("foreign_tokens", driver_argv({**inputs, "DATA": inputs["foreign"]}, load=pruned[1]),
          f"token id {DIVISIBLE_BY * 2 - 1} is outside the tokenizer's vocabulary of {VOCAB}"),
+        ("teacher_vocab", driver_argv({**inputs, **vp}, "--kd-teacher-load", str(vp["teacher_full"]), load=vp["mg"]),
+         f"megatron-prune vocab prune --input {vp['teacher_full']} --output {vp['teacher_full']}-vocab --like "
+         f"{vp['TOKENIZER']}"),
+        ("kd_vocab_like", driver_argv({**inputs, **vp}, "--kd-teacher-load", str(vp["teacher_v"]), "--kd-alpha", "1",
+                                      load=vp["mg"], iters=1), None),
+        ("moved_checkpoint", [a for a in driver_argv({**inputs, **vp}, load=vp["mg"])
+                              if a != "--no-use-tokenizer-model-from-checkpoint-args"],
+         f"--load {vp['mg']}: its args name the tokenizer {vp['made'] / 'hf_meta'}, which does not exist here"),
     ]
     spec = [{"name": n, "argv": a, "log": str(d / f"case_{n}"), "message": m} for n, a, m in cases]
     (d / "cases.json").write_text(json.dumps(spec))
@@ -417,6 +443,19 @@ def test_bf16_kd_run_as_on_a_gpu(runs, inputs):
     assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_vocabulary_pruned_student_distils_from_the_teacher_given_its_vocabulary(runs, inputs):
+    """The unpruned teacher pads to the student's size yet numbers tokens otherwise: refused (above). Given the
+    student's vocabulary with `vocab prune --like`, it is the same model as the student (both are the source with
+    the same rows kept, one pruned as HF, the other as Megatron): the KD loss is exactly 0. The student was moved
+    after conversion: with check_model.sh's --no-use-tokenizer-model-from-checkpoint-args it trains all the same."""
+    ok(runs["driver"])
+    r = ok(case_result(next(c for c in runs["cases"] if c["name"] == "kd_vocab_like")))
+    assert {k: float(v) for k, v in parse_losses(r.stdout, "kd loss").items()} == {1: 0.0}
+    vp = inputs["vocab_pruned"]
+    assert kd.checkpoint_args(kd.find_checkpoint(vp["teacher_full"], "teacher")).padded_vocab_size == \
+        kd.checkpoint_args(kd.find_checkpoint(vp["mg"], "student")).padded_vocab_size == 384
+
+
 def test_tied_checkpoint_at_pp2_is_the_same_model_as_at_pp1(runs):
     """Converted at PP=1 and PP=2 (the last stage's own copy of the tied embedding): loaded strictly, the same
     first loss on the same batch."""
@@ -498,7 +537,7 @@ def test_partial_loads_are_refused():
 def test_bad_inputs_fail_before_training(runs):
     ok(runs["driver"])
     bad = [c for c in runs["cases"] if c["message"]]
-    assert len(bad) == 9
+    assert len(bad) == 11
     for case in bad:
         r = case_result(case)
         assert r.returncode == 2 and case["message"] in r.stderr, (case["name"], r.stderr[-3000:])
@@ -528,6 +567,31 @@ def test_teacher_checks():
         kd.check_teacher(Namespace(tensor_model_parallel_size=1, padded_vocab_size=384), student)
     with pytest.raises(PruneError, match="padded vocab 320"):
         kd.check_teacher(Namespace(tensor_model_parallel_size=2, padded_vocab_size=320), student)
+    # the same padded size, but 300 vs 290 tokens (our checkpoints record both; a stock one may have no vocab_size)
+    teacher = Namespace(tensor_model_parallel_size=2, padded_vocab_size=384, vocab_size=300)
+    with pytest.raises(PruneError, match="teacher's vocabulary has 300 tokens, the student's .--load. 290"):
+        kd.check_teacher(teacher, student, student_ckpt_args=Namespace(vocab_size=290))
+    kd.check_teacher(teacher, student, student_ckpt_args=Namespace(vocab_size=300))
+    kd.check_teacher(teacher, student, student_ckpt_args=Namespace(vocab_size=None))
+
+
+def test_checkpoint_tokenizer_must_be_the_training_tokenizer(inputs):
+    """A checkpoint's hf_meta/ tokenizer against --tokenizer-model: the same vocabulary passes, another is refused
+    naming the fix (for a teacher: `vocab prune --like`), no hf_meta/ tokenizer goes unchecked."""
+    from megatron.prune.training import recipe
+
+    vp = inputs["vocab_pruned"]
+    args = Namespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=vp["TOKENIZER"])
+    recipe.check_vocabulary(str(vp["mg"]), args, "--load")
+    recipe.check_vocabulary(str(vp["teacher_v"]), args, "--kd-teacher-load")
+    recipe.check_vocabulary(str(inputs["conv"][1]), args, "--kd-teacher-load")  # hf_meta/ without a tokenizer
+    with pytest.raises(PruneError, match=r"300 tokens\) is not the training tokenizer .* 290 tokens; 300 vs 290"):
+        recipe.check_vocabulary(str(vp["teacher_full"]), args, "--kd-teacher-load")
+    full = Namespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=inputs["TOKENIZER"])
+    fix = f"tokenize the data with it and pass it as --tokenizer-model (TOKENIZER={vp['mg']}/hf_meta)"
+    with pytest.raises(PruneError, match=re.escape(fix)):
+        recipe.check_vocabulary(str(vp["mg"]), full, "--load")
+    recipe.check_vocabulary(str(vp["mg"]), Namespace(tokenizer_type="NullTokenizer", tokenizer_model=None), "--load")
 
 
 # ---- vocab-parallel KL (and LM loss) vs plain torch at TP=2, and what they keep for backward ----------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from tiny import logits, make_tiny_hf
 
 from megatron.prune.plan import PrunePlan
 from megatron.prune.shape import PruneError
-from megatron.prune.vocab import count_tokens, open_tokenizer, prune_hf_vocab
+from megatron.prune.vocab import count_tokens, open_tokenizer, prune_hf_vocab, prune_tokenizer
+from megatron.prune.vocab.folder import tokenizer_tokens
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -98,6 +100,33 @@ def test_hf_vocab_prune_bad_inputs(bbpe, tmp_path, tiny_hf):
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
+def test_like_keeps_exactly_the_tokens_of_a_pruned_vocabulary(bbpe, tmp_path):
+    """--like gives an unpruned model the vocabulary of one pruned from it (the same ids, the same tokenizer
+    file) and refuses tokenizers that were not pruned from it, before writing anything."""
+    from megatron.prune.cli import main as cli_main
+
+    src = model_with_tokenizer(tmp_path / "src", "llama-gqa", bbpe, bos_token_id=1, eos_token_id=2)
+    plan = prune_hf_vocab(src, tmp_path / "small", keep=400, progress=False)
+    assert cli_main(["vocab", "prune", "--input", str(src), "--output", str(tmp_path / "like"), "--like",
+                     str(tmp_path / "small"), "--no-progress"]) == 0
+    assert PrunePlan.load(tmp_path / "like").vocab == plan.vocab
+    assert (tmp_path / "like" / "tokenizer.json").read_bytes() == (tmp_path / "small" / "tokenizer.json").read_bytes()
+
+    tokens = tokenizer_tokens(tmp_path / "small")
+    shuffled = (*tokens[:300], tokens[301], tokens[300], *tokens[302:])  # same tokens, other numbering
+    with pytest.raises(PruneError, match=rf"--like: its token 301 {re.escape(repr(tokens[300]))} does not occur"):
+        prune_tokenizer(src, tmp_path / "a", like=shuffled)
+    with pytest.raises(PruneError, match=r"--like: it lacks 1 token\(s\) .* \(ids 2 '"):
+        prune_tokenizer(src, tmp_path / "b", like=tokens[:2] + tokens[3:])  # eos dropped
+    with pytest.raises(PruneError, match="give exactly one of --keep N, --keep-ids FILE and --like TOKENIZER"):
+        prune_tokenizer(src, tmp_path / "c", keep=400, like=tokens)
+    assert cli_main(["vocab", "prune", "--input", str(src), "--output", str(tmp_path / "d"), "--like",
+                     str(tmp_path / "nowhere")]) == 2
+    assert cli_main(["vocab", "prune", "--input", str(src), "--output", str(tmp_path / "e"), "--like",
+                     str(tmp_path / "like" / "prune_plan.json")]) == 2
+    assert not any((tmp_path / n).exists() for n in "abcde")
+
+
 @pytest.mark.slow
 def test_smollm2_vocab_8k(real_model, tmp_path):
     """Real model: logits over kept tokens unchanged, perplexity change explained exactly (and < 1% once the
@@ -160,6 +189,10 @@ def test_megatron_tp2_vocab_prune_equals_hf_path(family, bbpe, tmp_path):
         assert sd["args"].padded_vocab_size == padded and sd["args"].vocab_size == keep
         emb = sd["model"]["embedding.word_embeddings.weight"]
         assert emb.shape[0] == padded // 2
+    # the same vocabulary named by the HF result's tokenizer (`vocab prune --like`) gives the same plan
+    like = prune_megatron_vocab(tmp_path / "mg", tmp_path / "mg_like", like=tokenizer_tokens(tmp_path / "hf_out"),
+                                progress=False)
+    assert like.vocab == hf_plan.vocab
     megatron_to_hf(tmp_path / "mg_out", tmp_path / "back", progress=False)
     a, b = load_file(tmp_path / "hf_out" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert a.keys() == b.keys()

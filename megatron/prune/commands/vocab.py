@@ -1,7 +1,8 @@
 """Prune the vocabulary of a model (or of a tokenizer alone) to the tokens a domain uses.
 
   megatron-prune vocab count --tokenizer DIR --data FILES... --output counts.json
-  megatron-prune vocab prune --input MODEL --output MODEL2 (--keep N | --keep-ids FILE) [--counts counts.json]
+  megatron-prune vocab prune --input MODEL --output MODEL2 (--keep N | --keep-ids FILE | --like TOKENIZER)
+                             [--counts counts.json]
 
 MODEL is an HF folder, a Megatron checkpoint (tokenizer in hf_meta/; every shard rewritten at its TP/PP with
 the vocabulary padding recomputed) or a folder holding only a tokenizer.
@@ -9,6 +10,10 @@ the vocabulary padding recomputed) or a folder holding only a tokenizer.
 Special tokens and the fallback alphabet (byte symbols, <0x00>..<0xFF> or unk) are always kept, so any text
 still encodes; in-domain text keeps exactly its tokens. --keep N is the final vocabulary size. A folder with a
 config.json is a model (embedding and output rows are sliced, config special ids renumbered).
+
+--like TOKENIZER keeps exactly the tokens of a vocabulary pruned from MODEL's, in its numbering: e.g. the
+unpruned teacher of a vocabulary-pruned student, so that distillation compares the same token ids (the teacher's
+logits over those tokens are unchanged; its softmax is renormalised over them).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--keep", type=int, help="final vocabulary size: the most frequent tokens by --counts (lowest ids without counts)")
     g.add_argument("--keep-ids", type=Path, help="file of token ids to keep (JSON list or whitespace-separated)")
+    g.add_argument("--like", type=Path, metavar="TOKENIZER",
+                   help="keep exactly this tokenizer's tokens (one `vocab prune` made from the input's): a "
+                        "tokenizer folder, tokenizer.model, or a pruned HF model / Megatron checkpoint")
     p.add_argument("--counts", type=Path, help="counts file from `vocab count` (ranks tokens for --keep)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-progress", action="store_true")
@@ -70,20 +78,36 @@ def prune(args: argparse.Namespace) -> int:
         raise PruneError(f"--input {args.input} is not a folder")
     counts = TokenCounts.load(args.counts) if args.counts else None
     keep_ids = read_keep_ids(args.keep_ids) if args.keep_ids else None
+    like = like_tokens(args.like) if args.like else None
     if is_megatron_dir(args.input):
         plan = prune_megatron_vocab(args.input, args.output, args.keep, keep_ids, counts, args.overwrite,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, like=like)
         print(f"vocabulary {plan.source.vocab_size} -> {plan.target.vocab_size} (Megatron) -> {args.output}")
     elif (args.input / "config.json").is_file():
         plan = prune_hf_vocab(args.input, args.output, args.keep, keep_ids, counts, args.overwrite,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, like=like)
         s, t = plan.source, plan.target
         print(f"vocabulary {s.vocab_size} -> {t.vocab_size}; parameters {s.num_params()} -> {t.num_params()} "
               f"-> {args.output}")
     else:
-        kept = prune_tokenizer(args.input, args.output, args.keep, keep_ids, counts, args.overwrite)
+        kept = prune_tokenizer(args.input, args.output, args.keep, keep_ids, counts, args.overwrite, like=like)
         print(f"tokenizer pruned to {len(kept)} tokens -> {args.output}")
     return 0
+
+
+def like_tokens(path: Path) -> tuple[str, ...]:
+    """The tokens of --like: a tokenizer folder or file, an HF model folder, or a Megatron checkpoint's hf_meta/."""
+    from ..megatron_ckpt import META_DIR, is_megatron_dir
+    from ..shape import PruneError
+    from ..vocab.folder import tokenizer_tokens
+
+    if not path.exists():
+        raise PruneError(f"--like {path}: no such file or folder")
+    tokens = tokenizer_tokens(path / META_DIR if is_megatron_dir(path) else path)
+    if tokens is None:
+        raise PruneError(f"--like {path}: no tokenizer there (tokenizer.json or tokenizer.model; for a Megatron "
+                         f"checkpoint, in {META_DIR}/)")
+    return tokens
 
 
 def run(args: argparse.Namespace) -> int:

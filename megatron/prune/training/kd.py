@@ -166,12 +166,20 @@ TEACHER_SHAPE_FIELDS: tuple[str, ...] = (
 )
 
 
-def check_teacher(teacher_args: Any, student_args: Any, flag: str = "--kd-teacher-load") -> None:
-    """Teacher and student must share TP size and padded vocabulary (logits are compared per shard)."""
+def check_teacher(teacher_args: Any, student_args: Any, flag: str = "--kd-teacher-load",
+                  student_ckpt_args: Any = None) -> None:
+    """Teacher and student must share TP size and vocabulary (logits are compared per shard, id by id). The
+    unpadded sizes our tools record tell vocabularies apart that pad to the same size."""
     t_tp = getattr(teacher_args, "tensor_model_parallel_size", 1)
     if t_tp != student_args.tensor_model_parallel_size:
         raise PruneError(f"{flag}: teacher was saved at TP={t_tp}, the student runs at "
                          f"TP={student_args.tensor_model_parallel_size}; convert the teacher to the same TP")
+    t_n, s_n = getattr(teacher_args, "vocab_size", None), getattr(student_ckpt_args, "vocab_size", None)
+    if isinstance(t_n, int) and isinstance(s_n, int) and t_n != s_n:
+        raise PruneError(f"{flag}: the teacher's vocabulary has {t_n} tokens, the student's (--load) {s_n}; "
+                         "distillation needs the same vocabulary. For a student with a pruned vocabulary, give the "
+                         "teacher the same one: megatron-prune vocab prune --input TEACHER --output TEACHER-vocab "
+                         "--like STUDENT_TOKENIZER")
     t_vocab = getattr(teacher_args, "padded_vocab_size", None)
     if t_vocab != student_args.padded_vocab_size:
         raise PruneError(f"{flag}: teacher padded vocab {t_vocab} != student padded vocab "

@@ -76,12 +76,14 @@ def check_checkpoint_shape(ckpt_args: Any, args: Any, flag: str) -> None:
 
 
 def adopt_checkpoint_args(ckpt_args: Any, args: Any) -> None:
-    """With --use-checkpoint-args also take what the stock loader leaves out (eps, RoPE scaling, padded vocab)."""
+    """With --use-checkpoint-args also take what the stock loader leaves out (eps, RoPE scaling, vocab sizes)."""
     for name in UNLOADED_MODEL_ARGS:
         if hasattr(ckpt_args, name) and getattr(ckpt_args, name) != getattr(args, name, None):
             setattr(args, name, getattr(ckpt_args, name))
             if os.environ.get("RANK", "0") == "0":  # worded like the stock loader's own lines
                 print(f"Setting {name} to {getattr(args, name)} from checkpoint", flush=True)
+    if getattr(args, "vocab_size", None) is None and isinstance(getattr(ckpt_args, "vocab_size", None), int):
+        args.vocab_size = ckpt_args.vocab_size  # saved with the run's args: tells apart vocabularies padded alike
     padded = getattr(ckpt_args, "padded_vocab_size", None)
     if padded is not None and padded != args.padded_vocab_size:
         from megatron.training import get_tokenizer
@@ -106,6 +108,43 @@ def check_layer_spec(ckpt_args: Any, args: Any, flag: str, path: str) -> None:
                      f"{built} spec; " + ", ".join(fixes))
 
 
+# Tokenizer types whose --tokenizer-model our vocabulary reader understands (HF folder or SentencePiece model).
+READABLE_TOKENIZERS: tuple[str, ...] = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                                        "Llama2Tokenizer")
+
+
+def check_vocabulary(path: str, args: Any, flag: str) -> None:
+    """A checkpoint's own tokenizer (its hf_meta/, written by our converter) must be the training tokenizer:
+    data ids, embedding rows and (distilling) the teacher's logits follow one numbering. Equal padded vocab sizes
+    do not show it: a few pruned tokens leave the padding as it was. Checkpoints without hf_meta/ go unchecked."""
+    from ..vocab.folder import first_difference, tokenizer_tokens
+
+    def tokens(where: str | Path) -> tuple[str, ...] | None:
+        try:
+            return tokenizer_tokens(where)
+        except PruneError:  # a tokenizer file we do not read (e.g. with id holes): left to Megatron
+            return None
+
+    if getattr(args, "tokenizer_type", None) not in READABLE_TOKENIZERS or not args.tokenizer_model:
+        return
+    theirs = tokens(Path(path) / META_DIR)
+    ours = tokens(args.tokenizer_model) if theirs is not None else None
+    if theirs is None or ours is None or theirs == ours:
+        return
+    where = first_difference(theirs, ours)
+    msg = (f"{flag} {path}: the checkpoint's tokenizer ({META_DIR}/, {len(theirs)} tokens) is not the training "
+           f"tokenizer (--tokenizer-model {args.tokenizer_model}, {len(ours)} tokens; {where})")
+    if flag == "--kd-teacher-load":
+        raise PruneError(f"{msg}; distillation compares logits token id by token id. For a student with a pruned "
+                         "vocabulary, give the teacher the same one: megatron-prune vocab prune --input "
+                         f"{path} --output {str(path).rstrip('/')}-vocab --like {args.tokenizer_model}")
+    raise PruneError(f"{msg}; the embedding rows follow the checkpoint's tokenizer: tokenize the data with it and "
+                     f"pass it as --tokenizer-model (TOKENIZER={Path(path) / META_DIR})")
+
+
+# Megatron's flag that keeps --tokenizer-model under --use-checkpoint-args (megatron-core 0.19.2), and its alias.
+TOKENIZER_FROM_FLAGS: tuple[str, ...] = ("--no-use-tokenizer-model-from-checkpoint-args",
+                                         "--disable-use-tokenizer-model-from-checkpoint-args")
 # Tokenizer types whose --tokenizer-model is a file or folder (megatron-core 0.19.2).
 PATH_TOKENIZERS: tuple[str, ...] = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
                                     "Llama2Tokenizer", "TikTokenizer")
@@ -114,19 +153,33 @@ PATH_TOKENIZERS: tuple[str, ...] = ("HuggingFaceTokenizer", "SentencePieceTokeni
 def check_paths_first(argv: Sequence[str]) -> None:
     """Paths that Megatron's own start-up fails on obscurely, checked before it runs: a missing tokenizer folder
     becomes a hub download (a network error, or another model's tokenizer), and a missing --load with
-    --use-checkpoint-args ends in "either num-layers or encoder-num-layers should be specified"."""
+    --use-checkpoint-args ends in "either num-layers or encoder-num-layers should be specified". With
+    --use-checkpoint-args Megatron also swaps --tokenizer-model for the path the checkpoint's args name, which is
+    gone once the checkpoint has moved (a hub lookup of that path again)."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for flag in ("--load", "--tokenizer-type", "--tokenizer-model", "--num-layers"):
         p.add_argument(flag)
     p.add_argument("--use-checkpoint-args", action="store_true")
+    p.add_argument(*TOKENIZER_FROM_FLAGS, dest="own_tokenizer", action="store_true")
     ns, _ = p.parse_known_args(list(argv))
     if ns.tokenizer_type in PATH_TOKENIZERS and ns.tokenizer_model and not os.path.exists(ns.tokenizer_model):
         raise PruneError(f"--tokenizer-model {ns.tokenizer_model}: no such file or folder; pass the pruned model's "
                          "own tokenizer: its HF folder (or the hf_meta/ folder of its Megatron checkpoint), or a "
                          "SentencePiece .model")
-    if ns.load and ns.use_checkpoint_args and ns.num_layers is None and not is_megatron_dir(ns.load):
+    if not (ns.load and ns.use_checkpoint_args):
+        return
+    if ns.num_layers is None and not is_megatron_dir(ns.load):
         raise PruneError(f"--load {ns.load}: not a Megatron checkpoint folder (no latest_checkpointed_iteration.txt); "
                          "--use-checkpoint-args reads the model shape from it")
+    if ns.own_tokenizer or not is_megatron_dir(ns.load):
+        return
+    saved = kd.checkpoint_args(kd.find_checkpoint(ns.load, "--load"))
+    named = getattr(saved, "tokenizer_model", None)
+    if getattr(saved, "tokenizer_type", None) in PATH_TOKENIZERS and named and not os.path.exists(named):
+        raise PruneError(f"--load {ns.load}: its args name the tokenizer {named}, which does not exist here (the "
+                         "checkpoint was moved or made elsewhere), and with --use-checkpoint-args Megatron uses that "
+                         f"instead of --tokenizer-model; add {TOKENIZER_FROM_FLAGS[0]} to use --tokenizer-model "
+                         f"{ns.tokenizer_model} (scripts/check_model.sh does)")
 
 
 def check_tensorboard(args: Any) -> None:
@@ -179,6 +232,7 @@ def validate_inputs(args: Any) -> None:
 
         for prefix in prefixes:
             check_token_ids(prefix, get_tokenizer().vocab_size)
+    ckpt_args = None
     if args.load and is_megatron_dir(args.load):
         state = kd.checkpoint_state(kd.find_checkpoint(args.load, "--load"))
         ckpt_args = state["args"]
@@ -186,6 +240,7 @@ def validate_inputs(args: Any) -> None:
             adopt_checkpoint_args(ckpt_args, args)
         check_checkpoint_shape(ckpt_args, args, "--load")
         check_layer_spec(ckpt_args, args, "--load", args.load)
+        check_vocabulary(args.load, args, "--load")
         start_untrained_checkpoint(state, args)
     elif args.load and args.finetune:
         raise PruneError(f"--load {args.load}: --finetune needs a Megatron checkpoint folder "
@@ -196,7 +251,8 @@ def validate_inputs(args: Any) -> None:
         if args.kd_temperature <= 0:
             raise PruneError(f"--kd-temperature {args.kd_temperature}: must be > 0")
         teacher = kd.checkpoint_args(kd.find_checkpoint(args.kd_teacher_load, "--kd-teacher-load"))
-        kd.check_teacher(teacher, args)
+        check_vocabulary(args.kd_teacher_load, args, "--kd-teacher-load")
+        kd.check_teacher(teacher, args, student_ckpt_args=ckpt_args)
         check_layer_spec(teacher, args, "--kd-teacher-load", args.kd_teacher_load)
 
 

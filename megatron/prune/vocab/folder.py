@@ -108,6 +108,27 @@ def open_tokenizer(folder: Path | str) -> TokenizerFolder:
     return TokenizerFolder(folder, rules, json_data, proto, config)
 
 
+def tokenizer_tokens(path: Path | str) -> tuple[str, ...] | None:
+    """Token string of each id of the tokenizer at ``path`` (a folder or a SentencePiece ``.model`` file);
+    None where there is none we read. Cheap (no rules): for comparing two vocabularies id by id."""
+    path = Path(path)
+    if path.is_file():
+        return tuple(p.piece for p in spm.load_proto(path).pieces)
+    if (path / bpe.TOKENIZER_JSON).is_file():
+        return bpe.json_tokens(bpe.load_json(path))
+    if (path / spm.SPM_FILE).is_file():
+        return tuple(p.piece for p in spm.load_proto(path / spm.SPM_FILE).pieces)
+    return None
+
+
+def first_difference(a: Sequence[str], b: Sequence[str]) -> str:
+    """Where two token lists part, in words (for error messages)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"id {i} is {x!r} vs {y!r}"
+    return f"{len(a)} vs {len(b)} tokens" if len(a) != len(b) else "identical"
+
+
 def make_encoder(folder: Path | str) -> Callable[[list[str]], list[list[int]]]:
     """A batch encoder (no special tokens added) for counting: ``tokenizers`` when there is a tokenizer.json."""
     folder = Path(folder)

@@ -48,19 +48,42 @@ def read_keep_ids(path: Path | str) -> list[int]:
 
 
 def choose_kept(rules: VocabRules, keep: int | None = None, keep_ids: Sequence[int] | None = None,
-                counts: TokenCounts | None = None) -> tuple[int, ...]:
-    """The kept ids (sorted): top ``keep`` by counts (id order without counts) or ``keep_ids`` completed.
+                counts: TokenCounts | None = None, like: Sequence[str] | None = None) -> tuple[int, ...]:
+    """The kept ids (sorted): top ``keep`` by counts (id order without counts), ``keep_ids`` completed, or
+    exactly the tokens of ``like`` (a vocabulary pruned from this one).
 
-    Both ways always include the special tokens, the fallback alphabet and whatever keeps each kept token
-    reachable; ``keep`` is the exact final size.
+    The first two always include the special tokens, the fallback alphabet and whatever keeps each kept token
+    reachable; ``keep`` is the exact final size; ``like`` must already hold all of those.
     """
-    if (keep is None) == (keep_ids is None):
-        raise PruneError("give exactly one of --keep N and --keep-ids FILE")
+    if sum(x is not None for x in (keep, keep_ids, like)) != 1:
+        raise PruneError("give exactly one of --keep N, --keep-ids FILE and --like TOKENIZER")
     if counts is not None:
         counts.check_matches(rules)
     if keep is not None:
         return select_top(counts.counts if counts else [0] * rules.size, keep, rules)
+    if like is not None:
+        return ids_like(rules, like)
     return complete_ids(keep_ids, rules, "--keep-ids")
+
+
+def ids_like(rules: VocabRules, tokens: Sequence[str]) -> tuple[int, ...]:
+    """The ids of ``tokens`` in ``rules``' vocabulary, which must be a pruning of it (what `vocab prune` writes:
+    the same strings in the same order, the always-kept ones included), so both number the tokens alike."""
+    ids: list[int] = []
+    for i, tok in enumerate(rules.tokens):  # a pruned vocabulary is a subsequence of its source
+        if len(ids) < len(tokens) and tok == tokens[len(ids)]:
+            ids.append(i)
+    not_pruned = "; it was not pruned from this vocabulary (give the tokenizer `vocab prune` wrote for a model " \
+                 "pruned from this one)"
+    if len(ids) < len(tokens):
+        raise PruneError(f"--like: its token {len(ids)} {tokens[len(ids)]!r} does not occur in the input's "
+                         f"vocabulary after id {ids[-1] if ids else -1}{not_pruned}")
+    needed = sorted(set(complete_ids(ids, rules, "--like")) - set(ids))
+    if needed:
+        named = ", ".join(f"{i} {rules.tokens[i]!r}" for i in needed[:5])
+        raise PruneError(f"--like: it lacks {len(needed)} token(s) the input's vocabulary always keeps or needs "
+                         f"to reach the kept ones (ids {named}){not_pruned}")
+    return tuple(ids)
 
 
 def remap_special_ids(config: Mapping[str, Any], kept: Sequence[int], where: str) -> dict[str, Any]:
@@ -102,12 +125,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def prune_tokenizer(tokenizer_dir: Path | str, output: Path | str, keep: int | None = None,
                     keep_ids: Sequence[int] | None = None, counts: TokenCounts | None = None,
-                    overwrite: bool = False, verify: bool = True) -> tuple[int, ...]:
+                    overwrite: bool = False, verify: bool = True,
+                    like: Sequence[str] | None = None) -> tuple[int, ...]:
     """Write a pruned copy of a tokenizer folder (no model); returns the kept ids in source numbering."""
     from ..io import atomic_output, check_output_path
 
     tf = open_tokenizer(tokenizer_dir)
-    kept = choose_kept(tf.rules, keep, keep_ids, counts)
+    kept = choose_kept(tf.rules, keep, keep_ids, counts, like)
     check_output_path(Path(tokenizer_dir), Path(output), overwrite)
     with atomic_output(Path(output), overwrite) as tmp:
         write_pruned_tokenizer(tf, kept, tmp)
@@ -129,7 +153,8 @@ def vocab_plan(shape: ModelShape, kept: Sequence[int], info: Mapping[str, Any] |
 
 
 def prepare_model(input_dir: Path, keep: int | None, keep_ids: Sequence[int] | None,
-                  counts: TokenCounts | None) -> tuple[TokenizerFolder, tuple[int, ...], ModelShape, dict, dict]:
+                  counts: TokenCounts | None, like: Sequence[str] | None = None
+                  ) -> tuple[TokenizerFolder, tuple[int, ...], ModelShape, dict, dict]:
     """Checks shared by every checkpoint format: tokenizer present, sizes agree, special ids kept."""
     from ..shape import shape_from_hf_config
 
@@ -141,13 +166,14 @@ def prepare_model(input_dir: Path, keep: int | None, keep_ids: Sequence[int] | N
     tf = open_tokenizer(input_dir).with_required(config_special_ids(config, gen))
     if tf.rules.size > shape.vocab_size:
         raise PruneError(f"the tokenizer has {tf.rules.size} tokens but the model only {shape.vocab_size} rows")
-    kept = choose_kept(tf.rules, keep, keep_ids, counts)
+    kept = choose_kept(tf.rules, keep, keep_ids, counts, like)
     return tf, kept, shape, config, gen
 
 
 def prune_hf_vocab(input_dir: Path | str, output: Path | str, keep: int | None = None,
                    keep_ids: Sequence[int] | None = None, counts: TokenCounts | None = None,
-                   overwrite: bool = False, progress: bool = True, verify: bool = True) -> PrunePlan:
+                   overwrite: bool = False, progress: bool = True, verify: bool = True,
+                   like: Sequence[str] | None = None) -> PrunePlan:
     """Vocabulary-prune an HF model folder: sliced embedding/lm_head rows, pruned tokenizer, fixed configs.
 
     Rows past the tokenizer's size (padding some models carry) are dropped with the unkept tokens.
@@ -156,7 +182,7 @@ def prune_hf_vocab(input_dir: Path | str, output: Path | str, keep: int | None =
     from ..io import atomic_output, check_output_path
 
     input_dir, output = Path(input_dir), Path(output)
-    tf, kept, shape, config, gen = prepare_model(input_dir, keep, keep_ids, counts)
+    tf, kept, shape, config, gen = prepare_model(input_dir, keep, keep_ids, counts, like)
     ckpt = HFCheckpoint.open(input_dir)
     plan = vocab_plan(shape, kept, {"tokenizer": tf.kind, "keep": len(kept)})
     check_hf_target(plan.target)
@@ -176,7 +202,8 @@ def prune_hf_vocab(input_dir: Path | str, output: Path | str, keep: int | None =
 
 def prune_megatron_vocab(input_dir: Path | str, output: Path | str, keep: int | None = None,
                          keep_ids: Sequence[int] | None = None, counts: TokenCounts | None = None,
-                         overwrite: bool = False, progress: bool = True) -> PrunePlan:
+                         overwrite: bool = False, progress: bool = True,
+                         like: Sequence[str] | None = None) -> PrunePlan:
     """Vocabulary-prune a Megatron checkpoint through the Megatron adapter, at the checkpoint's own TP/PP.
 
     The adapter gathers the vocab-parallel embedding / output layer, keeps the plan's rows, re-pads the
@@ -198,7 +225,7 @@ def prune_megatron_vocab(input_dir: Path | str, output: Path | str, keep: int | 
     tf = open_tokenizer(meta).with_required(config_special_ids(src.hf_config, gen))
     if tf.rules.size > src.shape.vocab_size:
         raise PruneError(f"the tokenizer has {tf.rules.size} tokens but the model only {src.shape.vocab_size} rows")
-    kept = choose_kept(tf.rules, keep, keep_ids, counts)
+    kept = choose_kept(tf.rules, keep, keep_ids, counts, like)
     plan = vocab_plan(src.shape, kept, {"tokenizer": tf.kind, "keep": len(kept)})
     remap_special_ids(src.hf_config, kept, f"{META_DIR}/config.json")  # fail early if an id would vanish
     with tempfile.TemporaryDirectory(prefix="vocab-tokenizer-") as scratch:
