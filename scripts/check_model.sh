@@ -14,14 +14,17 @@
 #                 another TRAIN_ITERS or LR schedule, add --override-opt_param-scheduler.
 #   SAVE          where checkpoints go (none: no saving)
 #   DATA          dataset prefix from `megatron-prune data` (PREFIX_text_document), or a blend
-#                 "W1 P1 W2 P2" (required)
+#                 "W1 P1 W2 P2" (required unless --mock-data is passed)
 #   TOKENIZER     HF tokenizer folder (e.g. $LOAD/hf_meta) or SentencePiece .model (required); used even
 #                 where LOAD's args name another (Megatron's default under --use-checkpoint-args would
 #                 take that path, which is gone once the checkpoint has moved)
 #   TP (1) PP (1) NPROC (TP*PP) NNODES (1)  NODE_RANK (0) MASTER_ADDR (127.0.0.1) MASTER_PORT (29500)
 #   TRAIN_ITERS (100) SEQ_LEN (512) MICRO_BATCH (1) GLOBAL_BATCH (8) LR (1e-4), MIN_LR (LR/10)
-#   WARMUP (0) SAVE_INTERVAL (TRAIN_ITERS) EVAL_INTERVAL (TRAIN_ITERS) EVAL_ITERS (0) SPLIT (100,0,0)
-#   LOG_INTERVAL (1) CKPT_FORMAT (torch) SEED (1234)
+#   TRAIN_SAMPLES (unset) a sample-based schedule instead of TRAIN_ITERS (Megatron's --train-samples;
+#                 WARMUP stays in iterations, converted to samples)
+#   WARMUP (0) SAVE_INTERVAL (the run's iterations) EVAL_INTERVAL (same) EVAL_ITERS (0) SPLIT (100,0,0;
+#                 EVAL_ITERS > 0 needs a validation share, e.g. 98,2,0) LOG_INTERVAL (1) SEED (1234)
+#   CKPT_FORMAT   torch or torch_dist (default: LOAD's format, torch without LOAD)
 #   KD_TEACHER    Megatron checkpoint of the unpruned teacher (same TP/vocab): distillation;
 #                 KD_ALPHA (0.5) KD_TEMPERATURE (1.0)
 #   PRECISION     bf16 on GPU, fp32 on CPU ("fp32" to force full precision)
@@ -30,7 +33,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 
-: "${DATA:?set DATA to a dataset prefix (see megatron-prune data)}"
+mock=0; for arg in "$@"; do [[ "$arg" == --mock-data ]] && mock=1; done
+[[ "$mock" == 1 ]] || : "${DATA:?set DATA to a dataset prefix (see megatron-prune data)}"
 : "${TOKENIZER:?set TOKENIZER to an HF tokenizer folder or a SentencePiece .model}"
 TP="${TP:-1}"; PP="${PP:-1}"; NPROC="${NPROC:-$((TP * PP))}"; NNODES="${NNODES:-1}"
 TRAIN_ITERS="${TRAIN_ITERS:-100}"; SEQ_LEN="${SEQ_LEN:-512}"
@@ -38,16 +42,27 @@ MICRO_BATCH="${MICRO_BATCH:-1}"; GLOBAL_BATCH="${GLOBAL_BATCH:-8}"
 LR="${LR:-1e-4}"; MIN_LR="${MIN_LR:-$("$PYTHON" -c "print(float('$LR') / 10)")}"
 
 if [[ "$TOKENIZER" == *.model ]]; then tok_type=SentencePieceTokenizer; else tok_type=HuggingFaceTokenizer; fi
-has_gpu="$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')"
+read -r has_gpu load_format < <("$PYTHON" -c 'import sys, torch
+from megatron.prune.training.kd import checkpoint_format
+print(int(torch.cuda.is_available()), checkpoint_format(sys.argv[1]) if sys.argv[1] else "none")' "${LOAD:-}")
+[[ "$load_format" == torch_dist ]] && CKPT_FORMAT="${CKPT_FORMAT:-torch_dist}"
+if [[ -n "${TRAIN_SAMPLES:-}" ]]; then
+  iters=$(( (TRAIN_SAMPLES + GLOBAL_BATCH - 1) / GLOBAL_BATCH ))
+  schedule=(--train-samples "$TRAIN_SAMPLES" --lr-warmup-samples "$(( ${WARMUP:-0} * GLOBAL_BATCH ))")
+else
+  iters="$TRAIN_ITERS"
+  schedule=(--train-iters "$TRAIN_ITERS" --lr-warmup-iters "${WARMUP:-0}")
+fi
+data=(--split "${SPLIT:-100,0,0}")
+[[ "$mock" == 1 ]] || data+=(--data-path $DATA)
 
 flags=(
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-  --tokenizer-type "$tok_type" --tokenizer-model "$TOKENIZER"
-  --data-path $DATA --split "${SPLIT:-100,0,0}"
+  --tokenizer-type "$tok_type" --tokenizer-model "$TOKENIZER" "${data[@]}"
   --seq-length "$SEQ_LEN" --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH"
-  --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
-  --lr-warmup-iters "${WARMUP:-0}" --clip-grad 1.0 --seed "${SEED:-1234}"
-  --log-interval "${LOG_INTERVAL:-1}" --eval-interval "${EVAL_INTERVAL:-$TRAIN_ITERS}"
+  "${schedule[@]}" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
+  --clip-grad 1.0 --seed "${SEED:-1234}"
+  --log-interval "${LOG_INTERVAL:-1}" --eval-interval "${EVAL_INTERVAL:-$iters}"
   --eval-iters "${EVAL_ITERS:-0}" --ckpt-format "${CKPT_FORMAT:-torch}"
   --attention-dropout 0.0 --hidden-dropout 0.0
 )
@@ -59,7 +74,7 @@ else
   flags+=(--normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope
           --max-position-embeddings "$SEQ_LEN")
 fi
-[[ -n "${SAVE:-}" ]] && flags+=(--save "$SAVE" --save-interval "${SAVE_INTERVAL:-$TRAIN_ITERS}")
+[[ -n "${SAVE:-}" ]] && flags+=(--save "$SAVE" --save-interval "${SAVE_INTERVAL:-$iters}")
 [[ -n "${KD_TEACHER:-}" ]] && flags+=(--kd-teacher-load "$KD_TEACHER" --kd-alpha "${KD_ALPHA:-0.5}"
                                       --kd-temperature "${KD_TEMPERATURE:-1.0}")
 if [[ "$has_gpu" == 1 && "${PRECISION:-bf16}" == bf16 ]]; then flags+=(--bf16); fi

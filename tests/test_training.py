@@ -238,9 +238,6 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
          f"{vp['TOKENIZER']}"),
         ("kd_vocab_like", driver_argv({**inputs, **vp}, "--kd-teacher-load", str(vp["teacher_v"]), "--kd-alpha", "1",
                                       load=vp["mg"], iters=1), None),
-        ("moved_checkpoint", [a for a in driver_argv({**inputs, **vp}, load=vp["mg"])
-                              if a != "--no-use-tokenizer-model-from-checkpoint-args"],
-         f"--load {vp['mg']}: its args name the tokenizer {vp['made'] / 'hf_meta'}, which does not exist here"),
     ]
     spec = [{"name": n, "argv": a, "log": str(d / f"case_{n}"), "message": m} for n, a, m in cases]
     (d / "cases.json").write_text(json.dumps(spec))
@@ -290,10 +287,13 @@ def runs(inputs):
     r["kl"] = finish(kl)
     r["tp2"] = finish(start_check_model({**train(2, "torch_dist"), "LOAD": str(inputs["pruned"][2]),
                                          "SAVE": str(d / "s2"), "SAVE_INTERVAL": "5"}))
-    r["tp2_resumed"] = finish(start_check_model({**train(2, "torch_dist"), "LOAD": str(d / "s2"),
-                                                 "SAVE": str(d / "s2")}, "--ckpt-step", "5"))
-    # tied embeddings at PP=2: the last stage holds its own copy of the embedding
-    r["pp2"] = finish(start_check_model({**data, "PP": "2", "TRAIN_ITERS": "1", "LOAD": str(inputs["tied"][2]),
+    # no CKPT_FORMAT: check_model.sh takes LOAD's (torch_dist)
+    resume2 = {k: v for k, v in train(2, "torch_dist").items() if k != "CKPT_FORMAT"}
+    r["tp2_resumed"] = finish(start_check_model({**resume2, "LOAD": str(d / "s2"), "SAVE": str(d / "s2")},
+                                                "--ckpt-step", "5"))
+    # tied embeddings at PP=2: the last stage holds its own copy of the embedding (a sample-based schedule: one
+    # global batch)
+    r["pp2"] = finish(start_check_model({**data, "PP": "2", "TRAIN_SAMPLES": "4", "LOAD": str(inputs["tied"][2]),
                                          "CACHE": str(d / "cache_pp2")}))
     # KD with teacher == student == the converted TP=2 checkpoint, alpha 1: loss and gradient are 0 (also on
     # the validation split, evaluated after iteration 2)
@@ -504,6 +504,78 @@ def test_layer_spec_mismatch_is_refused(monkeypatch):
         recipe.check_layer_spec(Namespace(transformer_impl="local"), run, "--load", "ck/")
 
 
+def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeypatch, tmp_path):
+    """Before Megatron starts: batch sizes that do not divide, two schedules, KD flags without a teacher or out
+    of range, a sequence longer than the checkpoint's positions, a torch_dist checkpoint read as torch, and a
+    moved checkpoint whose args name a tokenizer that is gone; an explicit --tokenizer-model is kept."""
+    from megatron.prune.training import recipe
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    tp2 = ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2"]  # 4 processes: data-parallel 2
+    with pytest.raises(PruneError, match=r"--global-batch-size 6 .* multiple of --micro-batch-size 2 .* "
+                                         r"data-parallel size 2"):
+        recipe.check_flags_first([*tp2, "--global-batch-size", "6"])
+    recipe.check_flags_first([*tp2, "--global-batch-size", "6", "--global-batch-size", "8"])  # the last one wins
+    bad = {("--micro-batch-size", "3", "--global-batch-size", "8"): "must be a multiple of --micro-batch-size 3",
+           ("--train-iters", "10", "--train-samples", "40"): "TRAIN_SAMPLES=N instead of TRAIN_ITERS",
+           ("--kd-alpha", "0.5"): "--kd-alpha: only used with --kd-teacher-load",
+           ("--kd-teacher-load", "t", "--kd-alpha", "1.5"): r"--kd-alpha 1.5: must be in \[0, 1\]",
+           ("--kd-teacher-load", "t", "--kd-temperature", "0"): "--kd-temperature 0.0: must be > 0"}
+    for argv, message in bad.items():
+        with pytest.raises(PruneError, match=message):
+            recipe.check_flags_first(list(argv))
+
+    pruned = str(inputs["pruned"][1])
+    max_pos = kd.checkpoint_args(kd.find_checkpoint(pruned, "--load")).max_position_embeddings
+    with pytest.raises(PruneError, match=f"--seq-length {max_pos + 1}: longer than the checkpoint's "
+                                         f"max_position_embeddings {max_pos}"):
+        recipe.check_paths_first(["--load", pruned, "--use-checkpoint-args", "--seq-length", str(max_pos + 1)])
+    recipe.check_paths_first(["--load", pruned, "--use-checkpoint-args", "--seq-length", str(max_pos + 1),
+                              "--max-position-embeddings", str(max_pos + 1)])
+    dist = tmp_path / "dist"
+    (dist / "iter_0000003").mkdir(parents=True)
+    (dist / "latest_checkpointed_iteration.txt").write_text("3")
+    (dist / "iter_0000003" / "metadata.json").write_text("{}")
+    with pytest.raises(PruneError, match="a torch_dist checkpoint, but --ckpt-format is torch"):
+        recipe.check_paths_first(["--load", str(dist), "--ckpt-format", "torch_dist", "--ckpt-format", "torch"])
+    assert kd.checkpoint_format(dist) == "torch_dist" and kd.checkpoint_format(pruned) == "torch"
+    assert kd.checkpoint_format(tmp_path) == "none"
+
+    vp = inputs["vocab_pruned"]  # moved after conversion: its args name <made>/hf_meta, now gone
+    with pytest.raises(PruneError, match=f"its args name the tokenizer {vp['made'] / 'hf_meta'}, which does not "
+                                         "exist here"):
+        recipe.check_paths_first(["--load", str(vp["mg"]), "--use-checkpoint-args"])
+    argv = ["--load", str(vp["mg"]), "--use-checkpoint-args", "--tokenizer-model", vp["TOKENIZER"]]
+    kept = recipe.keep_own_tokenizer(argv)
+    assert kept == [*argv, "--no-use-tokenizer-model-from-checkpoint-args"]
+    recipe.check_paths_first(kept)
+    assert recipe.keep_own_tokenizer(kept) == kept and recipe.keep_own_tokenizer(argv[:3]) == argv[:3]
+
+
+def test_schedules_megatron_fails_on_late_are_refused():
+    """Evaluation without validation data (crashed after the last step, before the final save), WSD without
+    its decay length (a bare assertion); a missing --eval-interval becomes the run's length."""
+    from megatron.prune.training import recipe
+
+    def args(**kw) -> Namespace:
+        base = dict(eval_interval=5, train_iters=20, train_samples=None, global_batch_size=4, eval_iters=0,
+                    split="100,0,0", valid_data_path=None, mock_data=False, lr_decay_style="cosine",
+                    lr_wsd_decay_iters=None, lr_wsd_decay_samples=None)
+        return Namespace(**{**base, **kw})
+
+    for ok_args in (args(), args(eval_iters=2, split="98,2,0"), args(eval_iters=2, valid_data_path=["v"]),
+                    args(lr_decay_style="WSD", lr_wsd_decay_iters=4)):
+        recipe.check_schedule(ok_args)
+    with pytest.raises(PruneError, match=r"--eval-iters 2 \(EVAL_ITERS\) but no validation data: --split 100,0,0"):
+        recipe.check_schedule(args(eval_iters=2))
+    with pytest.raises(PruneError, match="WSD needs the length of its decay phase: --lr-wsd-decay-iters"):
+        recipe.check_schedule(args(lr_decay_style="WSD"))
+    for kw, interval in (({}, 20), ({"train_iters": None, "train_samples": 30}, 8)):
+        a = args(eval_interval=None, **kw)
+        recipe.check_schedule(a)
+        assert a.eval_interval == interval
+
+
 def test_unsupported_parallelism_is_refused(monkeypatch):
     """get_batch gives every rank whole sequences: CP > 1 would not split them (and needs TE attention). Sequence
     parallelism needs TE's norms: the local spec's torch RMSNorm asserts it away once the model is built."""
@@ -537,7 +609,7 @@ def test_partial_loads_are_refused():
 def test_bad_inputs_fail_before_training(runs):
     ok(runs["driver"])
     bad = [c for c in runs["cases"] if c["message"]]
-    assert len(bad) == 11
+    assert len(bad) == 10
     for case in bad:
         r = case_result(case)
         assert r.returncode == 2 and case["message"] in r.stderr, (case["name"], r.stderr[-3000:])

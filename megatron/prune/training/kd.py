@@ -97,6 +97,14 @@ class CheckpointRef:
     torch_dist: bool
 
 
+def checkpoint_format(root: str | os.PathLike) -> str:
+    """``torch_dist`` or ``torch`` for a Megatron checkpoint folder, ``none`` for anything else (for scripts)."""
+    try:
+        return "torch_dist" if find_checkpoint(root, "--load").torch_dist else "torch"
+    except (PruneError, ValueError):
+        return "none"
+
+
 def find_checkpoint(root: str | os.PathLike, flag: str) -> CheckpointRef:
     """Resolve ``latest_checkpointed_iteration.txt`` of ``root``; clear error naming ``flag``."""
     root = Path(root)

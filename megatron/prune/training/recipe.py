@@ -150,36 +150,101 @@ PATH_TOKENIZERS: tuple[str, ...] = ("HuggingFaceTokenizer", "SentencePieceTokeni
                                     "Llama2Tokenizer", "TikTokenizer")
 
 
+def _number(kind: type) -> Any:
+    """An argparse type that yields None for a value it cannot read (Megatron's own parser reports those)."""
+    def read(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            return None
+    return read
+
+
+def preflight_flags(argv: Sequence[str]) -> argparse.Namespace:
+    """The flags checked before Megatron starts (its start-up prints ~900 lines and builds the model before it
+    reports most mistakes, some as bare assertions); the last occurrence wins, as in Megatron's parser."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--load", "--tokenizer-type", "--tokenizer-model", "--num-layers", "--kd-teacher-load",
+                 "--ckpt-format", "--train-iters", "--train-samples"):
+        p.add_argument(flag)
+    for flag in ("--seq-length", "--max-position-embeddings", "--micro-batch-size", "--global-batch-size"):
+        p.add_argument(flag, type=_number(int))
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size"):
+        p.add_argument(flag, type=_number(int), default=1)
+    for flag in ("--kd-alpha", "--kd-temperature"):
+        p.add_argument(flag, type=_number(float))
+    p.add_argument("--use-checkpoint-args", action="store_true")
+    p.add_argument(*TOKENIZER_FROM_FLAGS, dest="own_tokenizer", action="store_true")
+    return p.parse_known_args(list(argv))[0]
+
+
+def keep_own_tokenizer(argv: Sequence[str]) -> list[str]:
+    """With --use-checkpoint-args Megatron swaps an explicit --tokenizer-model for the path the checkpoint's args
+    name (a stale path once the checkpoint has moved, or another tokenizer): the explicit one is kept."""
+    ns = preflight_flags(argv)
+    if ns.use_checkpoint_args and ns.tokenizer_model and not ns.own_tokenizer:
+        return [*argv, TOKENIZER_FROM_FLAGS[0]]
+    return list(argv)
+
+
 def check_paths_first(argv: Sequence[str]) -> None:
     """Paths that Megatron's own start-up fails on obscurely, checked before it runs: a missing tokenizer folder
     becomes a hub download (a network error, or another model's tokenizer), and a missing --load with
     --use-checkpoint-args ends in "either num-layers or encoder-num-layers should be specified". With
-    --use-checkpoint-args Megatron also swaps --tokenizer-model for the path the checkpoint's args name, which is
-    gone once the checkpoint has moved (a hub lookup of that path again)."""
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag in ("--load", "--tokenizer-type", "--tokenizer-model", "--num-layers"):
-        p.add_argument(flag)
-    p.add_argument("--use-checkpoint-args", action="store_true")
-    p.add_argument(*TOKENIZER_FROM_FLAGS, dest="own_tokenizer", action="store_true")
-    ns, _ = p.parse_known_args(list(argv))
+    --use-checkpoint-args and no --tokenizer-model, Megatron takes the tokenizer path the checkpoint's args name,
+    which is gone once the checkpoint has moved (a hub lookup of that path again)."""
+    ns = preflight_flags(argv)
     if ns.tokenizer_type in PATH_TOKENIZERS and ns.tokenizer_model and not os.path.exists(ns.tokenizer_model):
         raise PruneError(f"--tokenizer-model {ns.tokenizer_model}: no such file or folder; pass the pruned model's "
                          "own tokenizer: its HF folder (or the hf_meta/ folder of its Megatron checkpoint), or a "
                          "SentencePiece .model")
-    if not (ns.load and ns.use_checkpoint_args):
-        return
-    if ns.num_layers is None and not is_megatron_dir(ns.load):
+    if ns.load and ns.use_checkpoint_args and ns.num_layers is None and not is_megatron_dir(ns.load):
         raise PruneError(f"--load {ns.load}: not a Megatron checkpoint folder (no latest_checkpointed_iteration.txt); "
                          "--use-checkpoint-args reads the model shape from it")
-    if ns.own_tokenizer or not is_megatron_dir(ns.load):
+    if not (ns.load and is_megatron_dir(ns.load)):
         return
-    saved = kd.checkpoint_args(kd.find_checkpoint(ns.load, "--load"))
+    ref = kd.find_checkpoint(ns.load, "--load")
+    if ref.torch_dist and ns.ckpt_format == "torch":
+        raise PruneError(f"--load {ns.load}: a torch_dist checkpoint, but --ckpt-format is torch (Megatron would "
+                         "stop after start-up); pass --ckpt-format torch_dist (CKPT_FORMAT=torch_dist), which also "
+                         "saves in that format")
+    if not ns.use_checkpoint_args:
+        return
+    saved = kd.checkpoint_args(ref)
     named = getattr(saved, "tokenizer_model", None)
-    if getattr(saved, "tokenizer_type", None) in PATH_TOKENIZERS and named and not os.path.exists(named):
+    if (not ns.own_tokenizer and getattr(saved, "tokenizer_type", None) in PATH_TOKENIZERS and named
+            and not os.path.exists(named)):
         raise PruneError(f"--load {ns.load}: its args name the tokenizer {named}, which does not exist here (the "
-                         "checkpoint was moved or made elsewhere), and with --use-checkpoint-args Megatron uses that "
-                         f"instead of --tokenizer-model; add {TOKENIZER_FROM_FLAGS[0]} to use --tokenizer-model "
-                         f"{ns.tokenizer_model} (scripts/check_model.sh does)")
+                         "checkpoint was moved or made elsewhere), and with --use-checkpoint-args Megatron uses that; "
+                         "pass the model's tokenizer with --tokenizer-model (TOKENIZER=...)")
+    max_pos = getattr(saved, "max_position_embeddings", None)
+    if ns.seq_length and ns.max_position_embeddings is None and max_pos and ns.seq_length > max_pos:
+        raise PruneError(f"--seq-length {ns.seq_length}: longer than the checkpoint's max_position_embeddings "
+                         f"{max_pos}; use --seq-length {max_pos} (SEQ_LEN={max_pos}) or, RoPE allowing it, raise the "
+                         f"limit with --max-position-embeddings {ns.seq_length} (quality past the trained length "
+                         "is not guaranteed)")
+
+
+def check_flags_first(argv: Sequence[str]) -> None:
+    """Flag combinations Megatron refuses only after start-up (or never), checked before it runs."""
+    ns = preflight_flags(argv)
+    model_parallel = ns.tensor_model_parallel_size * ns.pipeline_model_parallel_size * ns.context_parallel_size
+    dp = max(1, int(os.environ.get("WORLD_SIZE", "1")) // max(1, model_parallel))
+    if ns.micro_batch_size and ns.global_batch_size and ns.global_batch_size % (ns.micro_batch_size * dp):
+        raise PruneError(f"--global-batch-size {ns.global_batch_size} (GLOBAL_BATCH) must be a multiple of "
+                         f"--micro-batch-size {ns.micro_batch_size} (MICRO_BATCH) x data-parallel size {dp}")
+    if ns.train_iters is not None and ns.train_samples is not None:
+        raise PruneError(f"--train-iters {ns.train_iters} and --train-samples {ns.train_samples}: give one "
+                         "(with scripts/check_model.sh: TRAIN_SAMPLES=N instead of TRAIN_ITERS)")
+    if ns.kd_teacher_load is None:
+        given = [f for f in ("--kd-alpha", "--kd-temperature") if getattr(ns, f[2:].replace("-", "_")) is not None]
+        if given:
+            raise PruneError(f"{' and '.join(given)}: only used with --kd-teacher-load (KD_TEACHER)")
+        return
+    if ns.kd_alpha is not None and not 0.0 <= ns.kd_alpha <= 1.0:
+        raise PruneError(f"--kd-alpha {ns.kd_alpha}: must be in [0, 1]")
+    if ns.kd_temperature is not None and ns.kd_temperature <= 0:
+        raise PruneError(f"--kd-temperature {ns.kd_temperature}: must be > 0")
 
 
 def check_tensorboard(args: Any) -> None:
@@ -218,10 +283,37 @@ def check_parallelism(args: Any) -> None:
                          "transformer_engine) or drop --sequence-parallel")
 
 
+def has_validation_data(args: Any) -> bool:
+    """Whether the run has a validation split: its own path, mock data, or a --split share for it."""
+    if getattr(args, "valid_data_path", None) or getattr(args, "mock_data", False) or not args.split:
+        return True
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+    weights = parse_and_normalize_split(args.split)
+    return len(weights) > 1 and weights[1] > 0
+
+
+def check_schedule(args: Any) -> None:
+    """Schedule settings megatron-core 0.19.2 fails on late: evaluation without validation data crashes after the
+    last training step, before the final save; WSD without its decay length is a bare assertion; no
+    --eval-interval is a TypeError at the first step (evaluation then runs at the end, as check_model.sh does)."""
+    if args.eval_interval is None:
+        samples = getattr(args, "train_samples", None)
+        args.eval_interval = args.train_iters or (samples and -(-samples // args.global_batch_size)) or 1000
+    if args.eval_iters and not getattr(args, "skip_train", False) and not has_validation_data(args):
+        raise PruneError(f"--eval-iters {args.eval_iters} (EVAL_ITERS) but no validation data: --split {args.split} "
+                         "gives it no share; hold some out (SPLIT=98,2,0), pass --valid-data-path, or set "
+                         "--eval-iters 0")
+    if args.lr_decay_style == "WSD" and args.lr_wsd_decay_iters is None and args.lr_wsd_decay_samples is None:
+        raise PruneError("--lr-decay-style WSD needs the length of its decay phase: --lr-wsd-decay-iters N "
+                         "(or --lr-wsd-decay-samples N with --train-samples)")
+
+
 def validate_inputs(args: Any) -> None:
     """Everything that can be wrong with the user's inputs, checked before the loop starts."""
     check_tensorboard(args)
     check_parallelism(args)
+    check_schedule(args)
     prefixes = data_prefixes(args)
     if not prefixes and not getattr(args, "mock_data", False):
         raise PruneError("no training data: pass --data-path PREFIX (from `megatron-prune data`)")
@@ -246,10 +338,9 @@ def validate_inputs(args: Any) -> None:
         raise PruneError(f"--load {args.load}: --finetune needs a Megatron checkpoint folder "
                          "(no latest_checkpointed_iteration.txt)")
     if args.kd_teacher_load:
-        if not 0.0 <= args.kd_alpha <= 1.0:
-            raise PruneError(f"--kd-alpha {args.kd_alpha}: must be in [0, 1]")
-        if args.kd_temperature <= 0:
-            raise PruneError(f"--kd-temperature {args.kd_temperature}: must be > 0")
+        if args.kd_alpha == 0 and os.environ.get("RANK", "0") == "0":
+            print("pretrain_llama.py: --kd-alpha 0: the teacher only reports the KD loss (one forward pass per "
+                  "step, no effect on training)", flush=True)
         teacher = kd.checkpoint_args(kd.find_checkpoint(args.kd_teacher_load, "--kd-teacher-load"))
         check_vocabulary(args.kd_teacher_load, args, "--kd-teacher-load")
         kd.check_teacher(teacher, args, student_ckpt_args=ckpt_args)
@@ -483,8 +574,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("pretrain_llama.py: Transformer Engine is not installed: megatron-core's local spec, unfused "
               "kernels", flush=True)
         argv = [*WITHOUT_TE_FLAGS, *argv]
+    argv = keep_own_tokenizer(argv)
     sys.argv = [sys.argv[0], *argv]
     try:
+        check_flags_first(argv)
         check_paths_first(argv)
         args = parse_and_validate_args(add_recovery_args)
         validate_inputs(args)
