@@ -25,6 +25,26 @@ def test_every_verb_has_help(verb, capsys):
             assert action.help, f"{verb} {action.option_strings} has no help"
 
 
+def test_unknown_flags_and_ctrl_c_are_reported_for_the_verb(monkeypatch, capsys):
+    """An unknown flag is reported under the verb's usage (argparse alone shows the top-level one); Ctrl-C ends
+    with one line and exit code 130, not a traceback."""
+    from megatron.prune import cli
+    from megatron.prune.commands import data
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["data", "--input", "a", "--output-prefix", "b", "--tokenizer", "c", "--bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: megatron-prune data" in err
+    assert "megatron-prune data: error: unrecognized arguments: --bogus" in err
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "run", interrupted)
+    assert cli.main(["data", "--input", "a", "--output-prefix", "b", "--tokenizer", "c"]) == 130
+    assert capsys.readouterr().err == "megatron-prune data: interrupted; nothing half-written is left\n"
+
+
 def test_console_script_lists_verbs():
     out = subprocess.run([sys.executable, "-m", "megatron.prune", "--help"], capture_output=True, text=True,
                          check=True).stdout

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import multiprocessing.pool
 import subprocess
 import sys
 
@@ -9,7 +12,8 @@ import numpy as np
 import pytest
 
 from megatron.prune.cli import main
-from megatron.prune.data import TextTokenizer, dataset_paths, preprocess, validate_dataset_prefix
+from megatron.prune.data import (TextTokenizer, dataset_paths, preprocess, read_documents, resolve_input_format,
+                                 split_paragraphs, validate_dataset_prefix)
 from megatron.prune.shape import PruneError
 from tests.tiny_corpus import make_hf_tokenizer, make_spm_tokenizer, pydoc_documents, write_ids, write_jsonl
 
@@ -47,11 +51,15 @@ def test_plain_text_and_sentencepiece_via_script(tmp_path):
     docs = ["First document,\nwith two lines.", "Second one.", "Third: the end."]
     src = tmp_path / "in.txt"
     src.write_text("\n\n".join(docs) + "\n\n\n")
-    out = subprocess.run(
+    run = subprocess.run(
         [sys.executable, "tools/preprocess_data.py", "--input", str(src), "--output-prefix",
          str(tmp_path / "p"), "--tokenizer", str(spm_model), "--no-progress"],
         capture_output=True, text=True, check=True,
-    ).stdout
+    )
+    out = run.stdout
+    assert "format: text" in out
+    # megatron-core's import-time no-CUDA/TE/Apex warnings are silenced (only during that import)
+    assert "Transformer Engine" not in run.stderr and "No CUDA runtime" not in run.stderr, run.stderr
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(spm_model))
@@ -108,3 +116,159 @@ def test_token_id_check_exact_and_sampled(tmp_path, dtype):
     foreign = write_ids(tmp_path / "f", [rng.integers(0, 5000, size=100_000)], dtype)  # another tokenizer's ids
     with pytest.raises(PruneError, match=r"token id 4\d{3} \(in a sample of the file\) is outside .* of 1000"):
         check_token_ids(foreign, 1000, budget, blocks=4)
+
+
+
+def _cli(tmp_path, hf_tok, *extra: str, prefix: str = "o") -> list[str]:
+    return ["data", "--output-prefix", str(tmp_path / prefix), "--tokenizer", str(hf_tok), "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("name", ["small.ndjson", "SMALL.JSONL", "corpus.Json", "no_suffix", "data.dump"])
+def test_json_lines_recognised_by_any_case_suffix_or_content(tmp_path, name):
+    docs = ["first {doc}", "second\nwith a newline"]
+    src = write_jsonl(tmp_path / name, docs)
+    assert resolve_input_format(src) == "jsonl"
+    assert list(read_documents(src)) == docs  # not the JSON syntax read as plain text
+    as_text = "\n".join(json.dumps({"text": d}) for d in docs)
+    assert list(read_documents(src, "text")) == [as_text]  # --input-format text overrides
+
+
+@pytest.mark.parametrize("name", ["notes.TXT", "notes.Md", "notes.text", "no_suffix"])
+def test_plain_text_recognised_by_suffix_or_content(tmp_path, name):
+    src = tmp_path / name
+    src.write_text('{"text": "a JSON-looking line"}\n\nsecond document\n' if "." in name else "plain\n\nwords\n")
+    assert resolve_input_format(src) == "text"
+    assert resolve_input_format(src, "jsonl") == "jsonl"
+
+
+def test_format_is_printed_and_overridable(tmp_path, hf_tok, capsys):
+    src = tmp_path / "corpus"  # no suffix, JSON lines content: sniffed
+    write_jsonl(src, ["one doc", "two doc"])
+    assert main(_cli(tmp_path, hf_tok, "--input", str(src))) == 0
+    out = capsys.readouterr().out
+    assert "format: jsonl" in out and "documents: 2" in out
+    assert main(_cli(tmp_path, hf_tok, "--input", str(src), "--input-format", "text", prefix="t")) == 0
+    out = capsys.readouterr().out
+    assert "format: text" in out and "documents: 1" in out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_not_utf8_is_reported_with_line_and_column(tmp_path, hf_tok, capsys, workers, suffix):
+    lines = [json.dumps({"text": f"doc {i}"}).encode() if suffix == ".jsonl" else f"doc {i}".encode() * (i % 2)
+             for i in range(60)]  # plain text: one-line documents between blank lines
+    lines[39] = b'{"text": "caf\xe9"}' if suffix == ".jsonl" else b"caf\xe9 au lait"
+    src = tmp_path / f"latin1{suffix}"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    assert main(_cli(tmp_path, hf_tok, "--input", str(src), "--workers", str(workers))) == 2
+    column = 14 if suffix == ".jsonl" else 4
+    assert f"latin1{suffix}:40: not UTF-8 (byte 0xe9 at column {column})" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]  # no output, no temp files
+
+
+def test_bom_and_gzip_are_read(tmp_path):
+    docs = ["ünïcode first", "second"]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
+    assert list(read_documents(bom)) == docs
+    bom_text = tmp_path / "bom.txt"
+    bom_text.write_bytes("\ufeffHello\r\nworld\r\n\r\nBye\r\n".encode())
+    assert list(read_documents(bom_text)) == ["Hello\nworld", "Bye"]
+    gz = tmp_path / "corpus.JSONL.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    assert resolve_input_format(gz) == "jsonl" and list(read_documents(gz)) == docs
+    sniffed = tmp_path / "corpus.gz"  # no format suffix under .gz: sniffed from the decompressed text
+    sniffed.write_bytes(gz.read_bytes())
+    assert resolve_input_format(sniffed) == "jsonl"
+    not_gz = tmp_path / "plain.txt.gz"
+    not_gz.write_text("not gzipped\n")
+    with pytest.raises(PruneError, match="not a readable gzip file"):
+        list(read_documents(not_gz))
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "unterminated', r"bad.jsonl:2: not valid JSON \(Unterminated string starting at: column 10\)"),
+    ('["a", "list"]', "bad.jsonl:2: a JSON array, expected one object per line"),
+    ('"just a string"', "bad.jsonl:2: a JSON string, expected an object with a 'text' field"),
+    ('{"body": "x"}', r"bad.jsonl:2: not a JSON object with a 'text' field \(fields: 'body'\)"),
+    ('{"text": 3}', "bad.jsonl:2: 'text' is a JSON number, not a string"),
+])
+def test_json_errors_say_what_is_wrong(tmp_path, line, message):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "ok"}\n' + line + "\n")
+    with pytest.raises(PruneError, match=message):
+        list(read_documents(src))
+
+
+def test_worker_error_terminates_the_pool_and_removes_temp_files(tmp_path, hf_tok, monkeypatch):
+    calls: list[str] = []
+    for name in ("terminate", "close"):
+        real = getattr(multiprocessing.pool.Pool, name)
+        monkeypatch.setattr(multiprocessing.pool.Pool, name,
+                            lambda self, _real=real, _name=name: (calls.append(_name), _real(self))[1])
+    docs = [f"document {i}" for i in range(2000)]
+    docs[40] = "lone surrogate \ud800"  # valid JSON, but the HF tokenizer cannot encode it (in the worker)
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    with pytest.raises(TypeError):
+        preprocess(src, tmp_path / "out", hf_tok, workers=2, progress=False)
+    assert calls == ["terminate"]  # not close()+join(), which tokenizes every queued document first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no output, no temp files
+
+
+def test_megatron_lm_flags(tmp_path, hf_tok, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": "ignored", "body": f"body {i}"}) + "\n" for i in range(3)))
+    argv = ["data", "--input", str(src), "--output-prefix", str(tmp_path / "m"), "--tokenizer-model", str(hf_tok),
+            "--tokenizer-type", "HuggingFaceTokenizer", "--json-keys", "body", "--append-eod", "--keep-newlines",
+            "--log-interval", "100", "--dataset-impl", "mmap", "--workers", "1", "--no-progress"]
+    assert main(argv) == 0
+    assert "dataset prefix: " + str(tmp_path / "m_body_document") in capsys.readouterr().out
+    tok = TextTokenizer(hf_tok)
+    assert _read_back(str(tmp_path / "m_body_document")) == [tok.encode_document(f"body {i}") for i in range(3)]
+    assert dataset_paths(tmp_path / "m")[0].name == "m_text_document.bin"  # the default key keeps its name
+
+    refused = [
+        (["--tokenizer-type", "SentencePieceTokenizer"], "needs a SentencePiece .model file, but --tokenizer"),
+        (["--json-keys", "text", "title"], "one key per run"),
+        (["--input-format", "text", "--json-keys", "body"], "read as plain text"),
+    ]
+    for extra, message in refused:
+        assert main(_cli(tmp_path, hf_tok, "--input", str(src), *extra)) == 2
+        assert message in capsys.readouterr().err
+    parse_errors = [
+        (["--split-sentences"], "--split-sentences is not supported: documents are tokenized whole"),
+        (["--partitions", "4"], "--partitions is not supported: use --workers"),
+        (["--dataset-impl", "lazy"], "invalid choice: 'lazy'"),
+    ]
+    for extra, message in parse_errors:
+        with pytest.raises(SystemExit) as e:
+            main(_cli(tmp_path, hf_tok, "--input", str(src), *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "usage: megatron-prune data" in err and message in err
+    assert not list(tmp_path.glob("o_*"))
+
+
+def test_folder_input_and_folder_prefix_are_refused(tmp_path, hf_tok, capsys):
+    good = write_jsonl(tmp_path / "in.jsonl", ["a b c"])
+    (tmp_path / "out").mkdir()
+    assert main(_cli(tmp_path, hf_tok, "--input", str(tmp_path))) == 2
+    assert "is a folder; pass a file" in capsys.readouterr().err
+    for prefix in (f"{tmp_path / 'out'}/", str(tmp_path / "out")):
+        assert main(["data", "--input", str(good), "--output-prefix", prefix, "--tokenizer", str(hf_tok)]) == 2
+        assert f"pass e.g. --output-prefix {tmp_path / 'out' / 'corpus'}" in capsys.readouterr().err
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_split_paragraphs_keeps_trailing_spaces():
+    # Only the newline is stripped from each line (as its docstring says); blank lines separate documents.
+    assert list(split_paragraphs(["a  \n", "b\t\n", " \n", "c\n"])) == ["a  \nb\t", "c"]
+
+
+def test_help_describes_inputs_outputs_and_megatron_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for phrase in ("one file (not a folder, several files or a glob)", "UTF-8", ".gz", ".ndjson",
+                   "PREFIX_KEY_document", "--tokenizer-model", "--append-eod", "Refused: --split-sentences"):
+        assert phrase in out, phrase

@@ -46,17 +46,28 @@ def build_parser(verbs: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def verb_parser(parser: argparse.ArgumentParser, verb: str) -> argparse.ArgumentParser:
+    """The sub-parser of ``verb`` (its usage is the one to show for that verb's mistakes)."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices[verb]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Build only the requested verb's parser: importing every verb pulls in torch/megatron.
     verb = argv[0] if argv and argv[0] in VERBS else None
     parser = build_parser([verb] if verb else None)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would report them under the top-level usage, not the verb's
+        verb_parser(parser, args.verb).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args._run(args) or 0)
     except PruneError as e:
         print(f"megatron-prune {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written to temp folders and renamed at the end: nothing half-done
+        print(f"megatron-prune {args.verb}: interrupted; nothing half-written is left", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

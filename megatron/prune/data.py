@@ -1,25 +1,67 @@
 """Text → Megatron indexed dataset (``PREFIX_text_document.bin/.idx``) with the model's own tokenizer.
 
-Input is jsonl (one document per line, in its ``text`` field) or plain text (documents separated by
-blank lines). Each document is encoded without special tokens and followed by the tokenizer's EOD
-(its EOS token), the layout megatron-core's ``GPTDataset`` expects. Writing goes through
-megatron-core's ``IndexedDatasetBuilder`` into temp files renamed into place at the end.
+Input is one file, JSON lines (one document per line, in its ``text`` field or another ``--json-keys`` field)
+or plain text (documents separated by blank lines), UTF-8 (a leading BOM is fine), optionally gzipped.
+Each document is encoded without special tokens and followed by the tokenizer's EOD (its EOS token), the
+layout megatron-core's ``GPTDataset`` expects. Writing goes through megatron-core's ``IndexedDatasetBuilder``
+into temp files renamed into place at the end.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 import multiprocessing as mp
+import multiprocessing.pool
 import os
+import re
+import signal
+import warnings
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from types import ModuleType
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from .shape import PruneError
 
 SUFFIX = "_text_document"  # Megatron's naming for a dataset built from the "text" key
+
+INPUT_FORMATS = ("auto", "jsonl", "text")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # compared lower-cased, under a ``.gz``
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+
+# Megatron-LM's --tokenizer-type names this command can honour -> the kind of path each one needs.
+MEGATRON_TOKENIZER_TYPES = {
+    "HuggingFaceTokenizer": "hf",
+    "SentencePieceTokenizer": "sentencepiece",
+    "GPTSentencePieceTokenizer": "sentencepiece",
+    "Llama2Tokenizer": "sentencepiece",
+}
+_KIND_NAMES = {"hf": "an HF tokenizer folder", "sentencepiece": "a SentencePiece .model file"}
+
+# Bytes a UTF-8 decode could not read, as ``errors="surrogateescape"`` leaves them (U+DC80..U+DCFF).
+_UNDECODED = re.compile("[\udc80-\udcff]")
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def indexed_dataset_module() -> ModuleType:
+    """megatron-core's ``indexed_dataset``, imported without its no-CUDA/TE/Apex warnings (only during the import)."""
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")  # logs "No CUDA runtime is found" on CPU machines
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets import indexed_dataset
+    finally:
+        cpp_log.setLevel(level)
+    return indexed_dataset
 
 
 @dataclass(frozen=True)
@@ -32,18 +74,41 @@ class TokenizerInfo:
     eod_id: int
 
 
+def tokenizer_kind(path: str | os.PathLike) -> str | None:
+    """``"hf"`` for a folder, ``"sentencepiece"`` for a ``.model`` file, else None (not a tokenizer path)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".model":
+        return "sentencepiece"
+    return "hf" if p.is_dir() else None
+
+
+def check_tokenizer_type(tokenizer_type: str | None, path: str | os.PathLike) -> None:
+    """Refuse a Megatron-LM ``--tokenizer-type`` that contradicts the tokenizer path (the path decides the kind)."""
+    if tokenizer_type is None:
+        return
+    if tokenizer_type not in MEGATRON_TOKENIZER_TYPES:
+        raise PruneError(f"--tokenizer-type {tokenizer_type}: not supported; use one of "
+                         f"{', '.join(MEGATRON_TOKENIZER_TYPES)} or leave it out (the path decides)")
+    kind, wanted = tokenizer_kind(path), MEGATRON_TOKENIZER_TYPES[tokenizer_type]
+    if kind is not None and kind != wanted:
+        fitting = next(t for t, k in MEGATRON_TOKENIZER_TYPES.items() if k == kind)
+        raise PruneError(f"--tokenizer-type {tokenizer_type} needs {_KIND_NAMES[wanted]}, but --tokenizer {path} is "
+                         f"{_KIND_NAMES[kind]}: pass --tokenizer-type {fitting} or leave it out")
+
+
 class TextTokenizer:
     """Encode text with an HF tokenizer folder or a SentencePiece ``.model``, no special tokens."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         p = Path(path)
-        if p.is_file() and p.suffix == ".model":
+        kind = tokenizer_kind(p)
+        if kind == "sentencepiece":
             import sentencepiece as spm
 
             self._sp = spm.SentencePieceProcessor(model_file=str(p))
             self._hf = None
-            eod, vocab, kind = self._sp.eos_id(), self._sp.get_piece_size(), "sentencepiece"
-        elif p.is_dir():
+            eod, vocab = self._sp.eos_id(), self._sp.get_piece_size()
+        elif kind == "hf":
             from transformers import AutoTokenizer
 
             try:
@@ -51,7 +116,7 @@ class TextTokenizer:
             except (OSError, ValueError) as e:
                 raise PruneError(f"--tokenizer {p}: not a loadable HF tokenizer folder ({e})") from e
             self._sp = None
-            eod, vocab, kind = self._hf.eos_token_id, len(self._hf), "hf"
+            eod, vocab = self._hf.eos_token_id, len(self._hf)
         else:
             raise PruneError(
                 f"--tokenizer {p}: expected an HF tokenizer folder or a SentencePiece .model file"
@@ -70,30 +135,103 @@ class TextTokenizer:
         return self.encode(text) + [self.info.eod_id]
 
 
-def read_documents(path: str | os.PathLike) -> Iterator[str]:
-    """Documents of a ``.jsonl`` (``text`` field) or plain-text file (blank-line separated)."""
+def check_input_file(path: str | os.PathLike) -> None:
+    """Refuse a missing input or a folder: one file per run (several files or globs are not supported)."""
     p = Path(path)
+    if p.is_dir():
+        raise PruneError(f"--input {p}: is a folder; pass a file (one file per run: concatenate several files "
+                         f"into one, or run once per file)")
     if not p.is_file():
         raise PruneError(f"--input {p}: no such file")
-    if p.suffix in (".jsonl", ".json"):
-        with open(p, encoding="utf-8") as f:
+
+
+def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 file, gunzipped if it ends in ``.gz``, a leading BOM dropped;
+    a byte that is not UTF-8 is an error naming its line and column instead of a decoder traceback."""
+    p = Path(path)
+    opener = gzip.open if p.suffix.lower() == ".gz" else open
+    try:
+        with opener(p, "rt", encoding="utf-8-sig", errors="surrogateescape") as f:
             for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise PruneError(f"--input {p}:{n}: not a JSON object with a 'text' field") from e
-                if not isinstance(doc, str):
-                    raise PruneError(f"--input {p}:{n}: 'text' is {type(doc).__name__}, not a string")
-                yield doc
+                bad = _UNDECODED.search(line)
+                if bad:
+                    raise PruneError(f"--input {p}:{n}: not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at column "
+                                     f"{bad.start() + 1}); convert the file to UTF-8 (e.g. with iconv)")
+                yield n, line
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise PruneError(f"--input {p}: not a readable gzip file ({e}); check the file or drop the .gz suffix") from e
+
+
+def format_suffix(path: str | os.PathLike) -> str:
+    """The lower-cased suffix that names a file's format, looking under a ``.gz`` (``a.JSONL.gz`` → ``.jsonl``)."""
+    name = Path(path).name.lower()
+    return Path(name.removesuffix(".gz")).suffix
+
+
+def is_json_object(line: str) -> bool:
+    """Whether a line parses as one JSON object (how a suffix-less JSON-lines file is recognised)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def resolve_input_format(path: str | os.PathLike, requested: str = "auto") -> str:
+    """``"jsonl"`` or ``"text"``: as requested, else by suffix, else sniffed from the first non-blank line."""
+    if requested not in INPUT_FORMATS:
+        raise PruneError(f"--input-format {requested}: expected one of {', '.join(INPUT_FORMATS)}")
+    if requested != "auto":
+        return requested
+    suffix = format_suffix(path)
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    lines = numbered_lines(path)
+    try:
+        first = next((line for _, line in lines if line.strip()), "")
+    finally:
+        lines.close()
+    return "jsonl" if is_json_object(first) else "text"
+
+
+def json_document(line: str, key: str, where: str) -> str:
+    """The ``key`` string of one JSON-lines line; an error names ``where`` and, for bad JSON, json's own message."""
+    try:
+        obj = json.loads(line.rstrip("\r\n"))  # a newline inside an unterminated string would hide json's message
+    except json.JSONDecodeError as e:
+        raise PruneError(f"{where}: not valid JSON ({e.msg}: column {e.colno}); expected one object per line, "
+                         f"like {{\"{key}\": \"...\"}}") from e
+    if isinstance(obj, list):
+        raise PruneError(f"{where}: a JSON array, expected one object per line, like {{\"{key}\": \"...\"}}")
+    if not isinstance(obj, dict):
+        raise PruneError(f"{where}: a JSON {_JSON_TYPES[type(obj)]}, expected an object with a '{key}' field")
+    if key not in obj:
+        fields = ", ".join(map(repr, list(obj)[:8])) or "none"
+        raise PruneError(f"{where}: not a JSON object with a '{key}' field (fields: {fields}); "
+                         f"pass --json-keys FIELD to read another field")
+    doc = obj[key]
+    if not isinstance(doc, str):
+        raise PruneError(f"{where}: '{key}' is a JSON {_JSON_TYPES.get(type(doc), type(doc).__name__)}, not a string")
+    return doc
+
+
+def read_documents(path: str | os.PathLike, input_format: str = "auto", key: str = "text") -> Iterator[str]:
+    """Documents of a JSON-lines file (the ``key`` field of each line) or of plain text (blank-line separated)."""
+    check_input_file(path)
+    fmt = resolve_input_format(path, input_format)
+    lines = numbered_lines(path)
+    if fmt == "text":
+        yield from split_paragraphs(line for _, line in lines)
         return
-    with open(p, encoding="utf-8") as f:
-        yield from split_paragraphs(f)
+    for n, line in lines:
+        if line.strip():
+            yield json_document(line, key, f"--input {path}:{n}")
 
 
-def split_paragraphs(lines: Sequence[str] | Iterator[str]) -> Iterator[str]:
-    """Group lines into blank-line separated documents (stripped of trailing whitespace)."""
+def split_paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    """Group lines into blank-line separated documents; each line loses only its trailing newline
+    (other trailing whitespace is kept, as are the newlines between a document's lines)."""
     block: list[str] = []
     for line in lines:
         if line.strip():
@@ -105,10 +243,28 @@ def split_paragraphs(lines: Sequence[str] | Iterator[str]) -> Iterator[str]:
         yield "\n".join(block)
 
 
-def dataset_paths(output_prefix: str | os.PathLike) -> tuple[Path, Path]:
-    """The ``.bin`` and ``.idx`` paths written for an output prefix."""
-    base = f"{output_prefix}{SUFFIX}"
+def check_json_key(key: str) -> None:
+    """Refuse a ``--json-keys`` field that cannot be part of a file name (it names the output)."""
+    if not key or "/" in key or os.sep in key or key in (".", ".."):
+        raise PruneError(f"--json-keys {key!r}: the field names the output PREFIX_{key}_document; "
+                         f"use a field name without '/'")
+
+
+def dataset_paths(output_prefix: str | os.PathLike, key: str = "text") -> tuple[Path, Path]:
+    """The ``.bin`` and ``.idx`` paths written for an output prefix: ``PREFIX_KEY_document`` as Megatron-LM
+    names them (``PREFIX_text_document`` for the default key, see ``SUFFIX``)."""
+    base = f"{output_prefix}_{key}_document"
     return Path(base + ".bin"), Path(base + ".idx")
+
+
+def check_output_prefix(output_prefix: str | os.PathLike) -> None:
+    """Refuse a prefix that names a folder (``out/``), which would quietly write ``out/_text_document.*``."""
+    prefix = os.fspath(output_prefix)
+    separators = tuple(s for s in (os.sep, os.altsep) if s)
+    if not prefix or prefix.endswith(separators) or os.path.isdir(prefix):
+        example = os.path.join(prefix, "corpus")
+        raise PruneError(f"--output-prefix {prefix!r} names a folder, not a file-name prefix; pass e.g. "
+                         f"--output-prefix {example} (writes {example}{SUFFIX}.bin/.idx)")
 
 
 def validate_dataset_prefix(prefix: str) -> None:
@@ -125,7 +281,8 @@ CHECK_BYTES, CHECK_BLOCKS = 16 << 20, 16
 
 def token_dtype(prefix: str) -> np.dtype:
     """The token dtype recorded in ``PREFIX.idx`` (megatron-core's index header)."""
-    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+    indexed = indexed_dataset_module()
+    _INDEX_HEADER, DType = indexed._INDEX_HEADER, indexed.DType
 
     with open(f"{prefix}.idx", "rb") as f:
         head = f.read(len(_INDEX_HEADER) + 9)
@@ -162,7 +319,9 @@ _WORKER_TOKENIZER: TextTokenizer | None = None
 
 
 def _init_worker(path: str) -> None:
+    """Load the tokenizer once per worker; Ctrl-C is left to the main process, which terminates the pool."""
     global _WORKER_TOKENIZER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_TOKENIZER = TextTokenizer(path)
 
 
@@ -171,12 +330,31 @@ def _encode_in_worker(text: str) -> list[int]:
     return _WORKER_TOKENIZER.encode_document(text)
 
 
+@contextmanager
+def encoder_pool(workers: int, tokenizer_path: str) -> Iterator[multiprocessing.pool.Pool | None]:
+    """Tokenizer processes (None for one worker): drained on success, terminated on an error or Ctrl-C
+    so that queued documents are not all tokenized before the command can exit."""
+    if workers == 1:
+        yield None
+        return
+    pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_path,))
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
+
+
 @dataclass(frozen=True)
 class PreprocessSummary:
     documents: int
     tokens: int
     bin_path: Path
     idx_path: Path
+    input_format: str  # "jsonl" | "text": how the input was read
 
 
 def preprocess(
@@ -186,21 +364,31 @@ def preprocess(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    input_format: str = "auto",
+    json_key: str = "text",
+    tokenizer_type: str | None = None,
 ) -> PreprocessSummary:
-    """Tokenize every document (+EOD) into ``PREFIX_text_document.bin/.idx``; return counts."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    """Tokenize every document (+EOD) into ``PREFIX_{json_key}_document.bin/.idx``; return counts."""
     from tqdm import tqdm
 
     if workers < 1:
         raise PruneError(f"--workers {workers}: must be at least 1")
-    bin_path, idx_path = dataset_paths(output_prefix)
+    check_output_prefix(output_prefix)
+    check_json_key(json_key)
+    bin_path, idx_path = dataset_paths(output_prefix, json_key)
     existing = [str(p) for p in (bin_path, idx_path) if p.exists()]
     if existing and not overwrite:
         raise PruneError(f"output exists: {', '.join(existing)} (pass --overwrite to replace it)")
     if not bin_path.parent.is_dir():
         raise PruneError(f"--output-prefix {output_prefix}: folder {bin_path.parent} does not exist")
+    check_tokenizer_type(tokenizer_type, tokenizer)
     tok = TextTokenizer(tokenizer)  # validates the tokenizer before any output
-    docs = read_documents(input_path)
+    check_input_file(input_path)
+    fmt = resolve_input_format(input_path, input_format)
+    if fmt == "text" and json_key != "text":
+        raise PruneError(f"--json-keys {json_key}: {input_path} is read as plain text, which has no fields; "
+                         f"pass --input-format jsonl if it is JSON lines, or drop --json-keys")
+    docs = read_documents(input_path, fmt, json_key)
     first = next(docs, None)  # surfaces a bad input file before any output
     if first is None:
         raise PruneError(f"--input {input_path}: no documents")
@@ -209,25 +397,23 @@ def preprocess(
         yield first
         yield from docs
 
+    indexed = indexed_dataset_module()
     tmp_bin = bin_path.with_name(f".{bin_path.name}.tmp{os.getpid()}")
     tmp_idx = idx_path.with_name(f".{idx_path.name}.tmp{os.getpid()}")
-    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=DType.optimal_dtype(tok.info.vocab_size))
+    builder = indexed.IndexedDatasetBuilder(str(tmp_bin), dtype=indexed.DType.optimal_dtype(tok.info.vocab_size))
     n_docs = n_tokens = 0
-    pool = mp.get_context("spawn").Pool(workers, _init_worker, (tok.info.path,)) if workers > 1 else None
     try:
-        encoded = (pool.imap(_encode_in_worker, all_docs(), chunksize=16) if pool
-                   else map(tok.encode_document, all_docs()))
-        for ids in tqdm(encoded, desc="tokenize", unit="doc", disable=not progress):
-            builder.add_document(np.asarray(ids, dtype=np.int64), [len(ids)])
-            n_docs += 1
-            n_tokens += len(ids)
+        with encoder_pool(workers, tok.info.path) as pool:
+            encoded = (pool.imap(_encode_in_worker, all_docs(), chunksize=16) if pool
+                       else map(tok.encode_document, all_docs()))
+            for ids in tqdm(encoded, desc="tokenize", unit="doc", disable=not progress):
+                builder.add_document(np.asarray(ids, dtype=np.int64), [len(ids)])
+                n_docs += 1
+                n_tokens += len(ids)
         builder.finalize(str(tmp_idx))
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         for t in (tmp_bin, tmp_idx):
             t.unlink(missing_ok=True)
-    return PreprocessSummary(n_docs, n_tokens, bin_path, idx_path)
+    return PreprocessSummary(n_docs, n_tokens, bin_path, idx_path, fmt)
