@@ -111,17 +111,6 @@ def train(mode: str, paths: dict[str, Path], a: argparse.Namespace, save: Path) 
     return losses, time.time() - t0
 
 
-def iteration_view(save: Path, it: int, view: Path) -> Path:
-    """A checkpoint folder whose tracker names iteration ``it`` of ``save`` (symlinks; nothing copied)."""
-    shutil.rmtree(view, ignore_errors=True)
-    view.mkdir(parents=True)
-    (view / f"iter_{it:07d}").symlink_to(save / f"iter_{it:07d}", target_is_directory=True)
-    (view / "latest_checkpointed_iteration.txt").write_text(str(it))
-    if (save / "hf_meta").is_dir():  # HF config + tokenizer, carried over from LOAD by pretrain_llama.py
-        (view / "hf_meta").symlink_to(save / "hf_meta", target_is_directory=True)
-    return view
-
-
 def hf_perplexity(folder: Path, ids: torch.Tensor, a: argparse.Namespace) -> float:
     from transformers import AutoModelForCausalLM
 
@@ -175,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         losses, seconds = train(mode, paths, a, save)
         ppl = {"0": ppl0}
         for it in range(a.eval_every, a.iters + 1, a.eval_every):
-            view = iteration_view(save, it, work / "view")
-            hf = megatron_to_hf(view, work / "export", overwrite=True, progress=False)
+            hf = megatron_to_hf(save, work / "export", overwrite=True, progress=False, iteration=it)
             ppl[str(it)] = hf_perplexity(hf, ids, a)
             print(f"  [{mode}] iteration {it}: held-out perplexity {ppl[str(it)]:.2f}", flush=True)
         result["runs"][mode] = {"seconds": round(seconds, 1), "perplexity": ppl,

@@ -189,6 +189,27 @@ def test_cli_convert_and_reshard(tiny_hf, tmp_path):
     assert (tmp_path / "mg" / "hf_meta" / "config.json").is_file()
 
 
+def test_export_of_a_chosen_iteration(tp2, tmp_path, capsys):
+    """--iteration N exports that saved iteration (training keeps several); by default the tracker's (latest)."""
+    import shutil
+
+    shutil.copytree(tp2 / "iter_0000000", tp2 / "iter_0000007")
+    for f in (tp2 / "iter_0000007").glob("mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(f, weights_only=False)
+        state["model"]["decoder.final_layernorm.weight"] += 1.0
+        torch.save(state, f)
+    assert cli_main(["convert", "megatron-to-hf", "--input", str(tp2), "--output", str(tmp_path / "it7"),
+                     "--iteration", "7", "--no-progress"]) == 0
+    mc.megatron_to_hf(tp2, tmp_path / "latest", progress=False)
+    latest, it7 = hf_tensors(tmp_path / "latest"), hf_tensors(tmp_path / "it7")
+    assert torch.equal(it7.pop("final_norm.None"), latest.pop("final_norm.None") + 1.0)
+    assert_same_tensors(latest, it7)
+    refuse(["convert", "megatron-to-hf", "--input", str(tp2), "--output", str(tmp_path / "x"), "--iteration", "3"],
+           tmp_path / "x", capsys, "no iteration 3 saved (saved: 0, 7)")
+    refuse(["convert", "hf-to-megatron", "--input", str(tmp_path / "it7"), "--output", str(tmp_path / "y"),
+            "--iteration", "3"], tmp_path / "y", capsys, "--iteration 3: only for megatron-to-hf")
+
+
 def test_torch_dist_output_round_trips_and_reshards(tiny_hf, tmp_path):
     """hf -> torch_dist (TP=2, PP=2, megatron-core's saver) -> hf is bit-exact; CLI reshard of it to torch TP=1
     is too. (megatron-core's own loader at TP=2 is checked in test_megatron_parity.py.)"""

@@ -342,11 +342,22 @@ def load_shard(path: Path) -> dict[str, Any]:
                          "(missing, truncated or corrupt?)") from e
 
 
-def find_iteration_dir(folder: Path) -> Path:
-    """The iteration folder the tracker file points to."""
+def saved_iterations(folder: Path) -> list[int]:
+    """The iterations a checkpoint folder holds (its ``iter_NNNNNNN`` folders), ascending."""
+    return sorted(int(p.name[5:]) for p in Path(folder).glob("iter_*") if p.name[5:].isdigit() and p.is_dir())
+
+
+def find_iteration_dir(folder: Path, iteration: int | None = None) -> Path:
+    """The folder of ``iteration``, by default the one the tracker file names (the latest saved)."""
     tracker = folder / TRACKER
     if not tracker.is_file():
-        raise PruneError(f"{folder} has no {TRACKER}; is it a Megatron checkpoint (torch format)?")
+        raise PruneError(f"{folder} has no {TRACKER}; is it a Megatron checkpoint?")
+    if iteration is not None:
+        sub = folder / f"iter_{iteration:07d}"
+        if not sub.is_dir():
+            saved = ", ".join(map(str, saved_iterations(folder))) or "none"
+            raise PruneError(f"{folder}: no iteration {iteration} saved (saved: {saved})")
+        return sub
     text = tracker.read_text().strip()
     if text == "release":
         sub = folder / "release"
@@ -403,12 +414,13 @@ class MegatronCheckpoint(CheckpointHeader):
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def open(cls, folder: Path | str) -> "MegatronCheckpoint":
-        """Open and validate every shard (names, shapes, count) before anything is written."""
+    def open(cls, folder: Path | str, iteration: int | None = None) -> "MegatronCheckpoint":
+        """Open and validate every shard (names, shapes, count) of ``iteration`` (default: the latest) before
+        anything is written."""
         folder = Path(folder)
         if not folder.is_dir():
             raise PruneError(f"input {folder} is not a folder")
-        iter_dir = find_iteration_dir(folder)
+        iter_dir = find_iteration_dir(folder, iteration)
         from .megatron_dist import TorchDistCheckpoint, is_torch_dist
 
         if is_torch_dist(iter_dir):  # read-only input format; the same TensorSource interface
@@ -919,11 +931,12 @@ def reshard(mg_dir: Path | str, out_dir: Path | str, tp: int | None = None, pp: 
 
 
 def megatron_to_hf(mg_dir: Path | str, out_dir: Path | str, overwrite: bool = False, progress: bool = True,
-                   max_shard_bytes: int | None = None) -> Path:
-    """Convert a Megatron checkpoint back to HF safetensors (vocab padding removed, TP/PP gathered)."""
+                   max_shard_bytes: int | None = None, iteration: int | None = None) -> Path:
+    """Convert a Megatron checkpoint (its ``iteration``, default the latest) back to HF safetensors (vocab
+    padding removed, TP/PP gathered)."""
     from . import hf
 
-    src = MegatronCheckpoint.open(mg_dir)
+    src = MegatronCheckpoint.open(mg_dir, iteration)
     hf.check_hf_target(src.shape)
     check_output_path(mg_dir, out_dir, overwrite)
     with atomic_output(Path(out_dir), overwrite) as tmp:

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="hf-to-megatron: vocab padding unit before the TP factor (default %(default)s)")
     add_ckpt_format_argument(p, "hf-to-megatron: ")
+    p.add_argument("--iteration", type=int, metavar="N",
+                   help="megatron-to-hf: export saved iteration N (default: the latest, named by "
+                        "latest_checkpointed_iteration.txt)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -39,12 +42,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..megatron_ckpt import hf_to_megatron, megatron_to_hf
 
+    if args.direction == "hf-to-megatron" and args.iteration is not None:
+        from ..shape import PruneError
+
+        raise PruneError(f"--iteration {args.iteration}: only for megatron-to-hf (an HF folder has one set of weights)")
     if args.direction == "hf-to-megatron":
         hf_to_megatron(args.input, args.output, args.tp, args.pp, args.transformer_impl,
                        args.make_vocab_size_divisible_by, args.overwrite, not args.no_progress, args.ckpt_format)
         print(f"wrote Megatron checkpoint {args.output} (TP={args.tp}, PP={args.pp}, {args.transformer_impl} spec, "
               f"{args.ckpt_format} format)")
     else:
-        megatron_to_hf(args.input, args.output, args.overwrite, not args.no_progress)
+        megatron_to_hf(args.input, args.output, args.overwrite, not args.no_progress, iteration=args.iteration)
         print(f"wrote HF checkpoint {args.output}")
     return 0

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..megatron_ckpt import TRACKER
+from ..megatron_ckpt import find_iteration_dir
 from ..shape import PruneError
 
 
@@ -106,17 +106,12 @@ def checkpoint_format(root: str | os.PathLike) -> str:
 
 
 def find_checkpoint(root: str | os.PathLike, flag: str) -> CheckpointRef:
-    """Resolve ``latest_checkpointed_iteration.txt`` of ``root``; clear error naming ``flag``."""
+    """The latest iteration of the checkpoint at ``root`` (its tracker file); clear error naming ``flag``."""
     root = Path(root)
-    tracker = root / TRACKER
-    if not tracker.is_file():
-        raise PruneError(f"{flag} {root}: not a Megatron checkpoint folder "
-                         "(no latest_checkpointed_iteration.txt)")
-    text = tracker.read_text().strip()
-    name = "release" if text == "release" else f"iter_{int(text):07d}"
-    folder = root / name
-    if not folder.is_dir():
-        raise PruneError(f"{flag} {root}: tracker names {name}, which does not exist")
+    try:
+        folder = find_iteration_dir(root)
+    except PruneError as e:
+        raise PruneError(f"{flag} {e}") from None
     torch_dist = (folder / "common.pt").is_file() or (folder / "metadata.json").is_file()
     return CheckpointRef(root, folder, torch_dist)
 
