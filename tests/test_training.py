@@ -211,7 +211,8 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
         ("missing_teacher", driver_argv(inputs, "--kd-teacher-load", str(d / "missing"), load=pruned[1]),
          "--kd-teacher-load"),
         ("teacher_tp", driver_argv(inputs, "--kd-teacher-load", str(conv[2]), load=pruned[1]),
-         "teacher was saved at TP=2"),
+         f"teacher was saved at TP=2, the student runs at TP=1; reshard the teacher: megatron-prune reshard "
+         f"--input {conv[2]} --output {conv[2]}-tp1 --tp 1"),
         ("converted_tp1", driver_argv(inputs, "--lr", "0", "--min-lr", "0", "--save", str(d / "conv_tp1_out"),
                                       "--save-interval", "2", load=conv[1]), None),
         ("kd_bf16", driver_argv(inputs, "--bf16", "--kd-teacher-load", str(conv[1]), "--kd-alpha", "1",

@@ -174,9 +174,11 @@ def check_teacher(teacher_args: Any, student_args: Any, flag: str = "--kd-teache
     """Teacher and student must share TP size and vocabulary (logits are compared per shard, id by id). The
     unpadded sizes our tools record tell vocabularies apart that pad to the same size."""
     t_tp = getattr(teacher_args, "tensor_model_parallel_size", 1)
-    if t_tp != student_args.tensor_model_parallel_size:
-        raise PruneError(f"{flag}: teacher was saved at TP={t_tp}, the student runs at "
-                         f"TP={student_args.tensor_model_parallel_size}; convert the teacher to the same TP")
+    tp = student_args.tensor_model_parallel_size
+    if t_tp != tp:
+        path = getattr(student_args, "kd_teacher_load", None) or "TEACHER"
+        raise PruneError(f"{flag}: teacher was saved at TP={t_tp}, the student runs at TP={tp}; reshard the teacher: "
+                         f"megatron-prune reshard --input {path} --output {str(path).rstrip('/')}-tp{tp} --tp {tp}")
     t_n, s_n = getattr(teacher_args, "vocab_size", None), getattr(student_ckpt_args, "vocab_size", None)
     if isinstance(t_n, int) and isinstance(s_n, int) and t_n != s_n:
         raise PruneError(f"{flag}: the teacher's vocabulary has {t_n} tokens, the student's (--load) {s_n}; "
