@@ -511,12 +511,18 @@ def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeyp
     moved checkpoint whose args name a tokenizer that is gone; an explicit --tokenizer-model is kept."""
     from megatron.prune.training import recipe
 
+    def flags_first(argv: list[str]) -> None:
+        recipe.check_flags_first(recipe.preflight_flags(argv))
+
+    def paths_first(argv: list[str]) -> None:
+        recipe.check_paths_first(recipe.preflight_flags(argv))
+
     monkeypatch.setenv("WORLD_SIZE", "4")
     tp2 = ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2"]  # 4 processes: data-parallel 2
     with pytest.raises(PruneError, match=r"--global-batch-size 6 .* multiple of --micro-batch-size 2 .* "
                                          r"data-parallel size 2"):
-        recipe.check_flags_first([*tp2, "--global-batch-size", "6"])
-    recipe.check_flags_first([*tp2, "--global-batch-size", "6", "--global-batch-size", "8"])  # the last one wins
+        flags_first([*tp2, "--global-batch-size", "6"])
+    flags_first([*tp2, "--global-batch-size", "6", "--global-batch-size", "8"])  # the last one wins
     bad = {("--micro-batch-size", "3", "--global-batch-size", "8"): "must be a multiple of --micro-batch-size 3",
            ("--train-iters", "10", "--train-samples", "40"): "TRAIN_SAMPLES=N instead of TRAIN_ITERS",
            ("--kd-alpha", "0.5"): "--kd-alpha: only used with --kd-teacher-load",
@@ -524,32 +530,32 @@ def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeyp
            ("--kd-teacher-load", "t", "--kd-temperature", "0"): "--kd-temperature 0.0: must be > 0"}
     for argv, message in bad.items():
         with pytest.raises(PruneError, match=message):
-            recipe.check_flags_first(list(argv))
+            flags_first(list(argv))
 
     pruned = str(inputs["pruned"][1])
     max_pos = kd.checkpoint_args(kd.find_checkpoint(pruned, "--load")).max_position_embeddings
     with pytest.raises(PruneError, match=f"--seq-length {max_pos + 1}: longer than the checkpoint's "
                                          f"max_position_embeddings {max_pos}"):
-        recipe.check_paths_first(["--load", pruned, "--use-checkpoint-args", "--seq-length", str(max_pos + 1)])
-    recipe.check_paths_first(["--load", pruned, "--use-checkpoint-args", "--seq-length", str(max_pos + 1),
+        paths_first(["--load", pruned, "--use-checkpoint-args", "--seq-length", str(max_pos + 1)])
+    paths_first(["--load", pruned, "--use-checkpoint-args", "--seq-length", str(max_pos + 1),
                               "--max-position-embeddings", str(max_pos + 1)])
     dist = tmp_path / "dist"
     (dist / "iter_0000003").mkdir(parents=True)
     (dist / "latest_checkpointed_iteration.txt").write_text("3")
     (dist / "iter_0000003" / "metadata.json").write_text("{}")
     with pytest.raises(PruneError, match="a torch_dist checkpoint, but --ckpt-format is torch"):
-        recipe.check_paths_first(["--load", str(dist), "--ckpt-format", "torch_dist", "--ckpt-format", "torch"])
+        paths_first(["--load", str(dist), "--ckpt-format", "torch_dist", "--ckpt-format", "torch"])
     assert kd.checkpoint_format(dist) == "torch_dist" and kd.checkpoint_format(pruned) == "torch"
     assert kd.checkpoint_format(tmp_path) == "none"
 
     vp = inputs["vocab_pruned"]  # moved after conversion: its args name <made>/hf_meta, now gone
     with pytest.raises(PruneError, match=f"its args name the tokenizer {vp['made'] / 'hf_meta'}, which does not "
                                          "exist here"):
-        recipe.check_paths_first(["--load", str(vp["mg"]), "--use-checkpoint-args"])
+        paths_first(["--load", str(vp["mg"]), "--use-checkpoint-args"])
     argv = ["--load", str(vp["mg"]), "--use-checkpoint-args", "--tokenizer-model", vp["TOKENIZER"]]
     kept = recipe.keep_own_tokenizer(argv)
     assert kept == [*argv, "--no-use-tokenizer-model-from-checkpoint-args"]
-    recipe.check_paths_first(kept)
+    paths_first(kept)
     assert recipe.keep_own_tokenizer(kept) == kept and recipe.keep_own_tokenizer(argv[:3]) == argv[:3]
 
 

@@ -187,13 +187,12 @@ def keep_own_tokenizer(argv: Sequence[str]) -> list[str]:
     return list(argv)
 
 
-def check_paths_first(argv: Sequence[str]) -> None:
+def check_paths_first(ns: argparse.Namespace) -> None:
     """Paths that Megatron's own start-up fails on obscurely, checked before it runs: a missing tokenizer folder
     becomes a hub download (a network error, or another model's tokenizer), and a missing --load with
     --use-checkpoint-args ends in "either num-layers or encoder-num-layers should be specified". With
     --use-checkpoint-args and no --tokenizer-model, Megatron takes the tokenizer path the checkpoint's args name,
-    which is gone once the checkpoint has moved (a hub lookup of that path again)."""
-    ns = preflight_flags(argv)
+    which is gone once the checkpoint has moved (a hub lookup of that path again). ``ns``: ``preflight_flags``."""
     if ns.tokenizer_type in PATH_TOKENIZERS and ns.tokenizer_model and not os.path.exists(ns.tokenizer_model):
         raise PruneError(f"--tokenizer-model {ns.tokenizer_model}: no such file or folder; pass the pruned model's "
                          "own tokenizer: its HF folder (or the hf_meta/ folder of its Megatron checkpoint), or a "
@@ -225,9 +224,9 @@ def check_paths_first(argv: Sequence[str]) -> None:
                          "is not guaranteed)")
 
 
-def check_flags_first(argv: Sequence[str]) -> None:
-    """Flag combinations Megatron refuses only after start-up (or never), checked before it runs."""
-    ns = preflight_flags(argv)
+def check_flags_first(ns: argparse.Namespace) -> None:
+    """Flag combinations Megatron refuses only after start-up (or never), checked before it runs (``ns``:
+    ``preflight_flags``)."""
     model_parallel = ns.tensor_model_parallel_size * ns.pipeline_model_parallel_size * ns.context_parallel_size
     dp = max(1, int(os.environ.get("WORLD_SIZE", "1")) // max(1, model_parallel))
     if ns.micro_batch_size and ns.global_batch_size and ns.global_batch_size % (ns.micro_batch_size * dp):
@@ -577,8 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = keep_own_tokenizer(argv)
     sys.argv = [sys.argv[0], *argv]
     try:
-        check_flags_first(argv)
-        check_paths_first(argv)
+        flags = preflight_flags(argv)
+        check_flags_first(flags)
+        check_paths_first(flags)
         args = parse_and_validate_args(add_recovery_args)
         validate_inputs(args)
     except PruneError as e:
