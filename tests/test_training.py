@@ -542,7 +542,7 @@ def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeyp
     dist = tmp_path / "dist"
     (dist / "iter_0000003").mkdir(parents=True)
     (dist / "latest_checkpointed_iteration.txt").write_text("3")
-    (dist / "iter_0000003" / "metadata.json").write_text("{}")
+    (dist / "iter_0000003" / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
     with pytest.raises(PruneError, match="a torch_dist checkpoint, but --ckpt-format is torch"):
         paths_first(["--load", str(dist), "--ckpt-format", "torch_dist", "--ckpt-format", "torch"])
     assert kd.checkpoint_format(dist) == "torch_dist" and kd.checkpoint_format(pruned) == "torch"

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..megatron_ckpt import find_iteration_dir
+from ..megatron_dist import is_torch_dist
 from ..shape import PruneError
 
 
@@ -112,8 +113,7 @@ def find_checkpoint(root: str | os.PathLike, flag: str) -> CheckpointRef:
         folder = find_iteration_dir(root)
     except PruneError as e:
         raise PruneError(f"{flag} {e}") from None
-    torch_dist = (folder / "common.pt").is_file() or (folder / "metadata.json").is_file()
-    return CheckpointRef(root, folder, torch_dist)
+    return CheckpointRef(root, folder, is_torch_dist(folder))
 
 
 def _rank_file(ref: CheckpointRef, tp_rank: int, pp_rank: int, pp_size: int) -> Path:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from ..cpu import CPU_FLAGS, WITHOUT_TE_FLAGS, apply_cpu_shims, skip_compile_helpers
-from ..data import check_token_ids, validate_dataset_prefix
+from ..data import MEGATRON_TOKENIZER_TYPES, check_token_ids, validate_dataset_prefix
 from ..megatron_ckpt import META_DIR, is_megatron_dir
 from ..shape import PruneError
 from . import kd
@@ -108,11 +108,6 @@ def check_layer_spec(ckpt_args: Any, args: Any, flag: str, path: str) -> None:
                      f"{built} spec; " + ", ".join(fixes))
 
 
-# Tokenizer types whose --tokenizer-model our vocabulary reader understands (HF folder or SentencePiece model).
-READABLE_TOKENIZERS: tuple[str, ...] = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                                        "Llama2Tokenizer")
-
-
 def check_vocabulary(path: str, args: Any, flag: str) -> None:
     """A checkpoint's own tokenizer (its hf_meta/, written by our converter) must be the training tokenizer:
     data ids, embedding rows and (distilling) the teacher's logits follow one numbering. Equal padded vocab sizes
@@ -125,7 +120,7 @@ def check_vocabulary(path: str, args: Any, flag: str) -> None:
         except PruneError:  # a tokenizer file we do not read (e.g. with id holes): left to Megatron
             return None
 
-    if getattr(args, "tokenizer_type", None) not in READABLE_TOKENIZERS or not args.tokenizer_model:
+    if getattr(args, "tokenizer_type", None) not in MEGATRON_TOKENIZER_TYPES or not args.tokenizer_model:
         return
     theirs = tokens(Path(path) / META_DIR)
     ours = tokens(args.tokenizer_model) if theirs is not None else None
