@@ -193,8 +193,15 @@ def test_cli_count_then_prune(trained, tmp_path, capsys):
     bad.write_text('{"txt": "no text field"}\n')
     assert cli_main(["vocab", "count", "--tokenizer", str(trained), "--data", str(bad),
                      "--output", str(tmp_path / "c2.json"), "--workers", "1"]) == 2
-    assert "bad.jsonl:1: expected a JSON object with a string 'text' field" in capsys.readouterr().err
+    assert "bad.jsonl:1: not a JSON object with a 'text' field (fields: 'txt')" in capsys.readouterr().err
     assert not (tmp_path / "c2.json").exists()
+    # the same formats as `megatron-prune data`: gzipped JSON lines under another suffix count the same tokens
+    import gzip
+
+    gz = tmp_path / "rest.NDJSON.gz"
+    gz.write_bytes(gzip.compress(jl.read_bytes()))
+    assert count_tokens(trained, [txt, gz], open_tokenizer(trained).rules, workers=1, progress=False).counts == \
+        direct.counts
 
 
 @pytest.mark.slow

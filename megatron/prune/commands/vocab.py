@@ -26,9 +26,11 @@ HELP = "count token frequencies / prune the vocabulary (tokenizer + embeddings)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="vocab_verb", metavar="<count|prune>", required=True)
-    c = sub.add_parser("count", help="token frequencies over .txt/.jsonl files", description=count.__doc__)
+    c = sub.add_parser("count", help="token frequencies over text / JSON-lines files", description=count.__doc__)
     c.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json or tokenizer.model")
-    c.add_argument("--data", type=Path, nargs="+", required=True, help=".txt files or .jsonl files with a 'text' field")
+    c.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="files read as `megatron-prune data` reads them: JSON lines ('text' field) or plain text, "
+                        "optionally .gz")
     c.add_argument("--output", type=Path, required=True, help="counts file to write (JSON)")
     c.add_argument("--workers", type=int, default=0, help="processes (default: min(4, CPUs))")
     c.add_argument("--no-progress", action="store_true")

@@ -20,7 +20,6 @@ from .rules import VocabRules
 
 COUNTS_FORMAT = "megatron-prune-token-counts"
 COUNTS_VERSION = 1
-DATA_SUFFIXES = (".txt", ".jsonl")
 CHUNK_CHARS = 1 << 20  # text per task: large enough to amortise inter-process traffic
 
 
@@ -88,52 +87,44 @@ class TokenCounts:
 
 
 def check_data_files(paths: Sequence[Path | str]) -> list[Path]:
-    """Existing .txt/.jsonl files, else a PruneError naming the offending path."""
-    out = []
+    """Existing files (read as ``megatron-prune data`` reads them), else a PruneError naming the offending path."""
+    from ..data import check_input_file
+
     if not paths:
         raise PruneError("no data files given")
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise PruneError(f"data file {p} does not exist")
-        if p.suffix not in DATA_SUFFIXES:
-            raise PruneError(f"data file {p} has suffix {p.suffix!r}; supported: {', '.join(DATA_SUFFIXES)}")
-        out.append(p)
-    return out
+    for p in paths:
+        check_input_file(p)
+    return list(map(Path, paths))
 
 
 def iter_tasks(paths: Sequence[Path], chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, int, str]]:
-    """(file kind, first line number, raw text) pieces of the corpus, cut at line boundaries."""
+    """(format:path, first line number, raw text) pieces of the corpus, cut at line boundaries; formats, gzip and
+    UTF-8 errors as in ``megatron-prune data``."""
+    from ..data import numbered_lines, resolve_input_format
+
     for p in paths:
-        kind = p.suffix[1:]
-        with open(p, encoding="utf-8") as f:
-            buf: list[str] = []
-            size, start = 0, 1
-            for n, line in enumerate(f, 1):
-                buf.append(line)
-                size += len(line)
-                if size >= chunk_chars:
-                    yield f"{kind}:{p}", start, "".join(buf)
-                    buf, size, start = [], 0, n + 1
-            if buf:
-                yield f"{kind}:{p}", start, "".join(buf)
+        tag = f"{resolve_input_format(p)}:{p}"
+        buf: list[str] = []
+        size, start = 0, 1
+        for n, line in numbered_lines(p):
+            buf.append(line)
+            size += len(line)
+            if size >= chunk_chars:
+                yield tag, start, "".join(buf)
+                buf, size, start = [], 0, n + 1
+        if buf:
+            yield tag, start, "".join(buf)
 
 
 def _documents(tag: str, start: int, raw: str) -> list[str]:
-    """A txt piece is one document; a jsonl piece has one document (its ``text``) per non-empty line."""
+    """A plain-text piece is one document; a JSON-lines piece has one document (its ``text``) per non-empty line."""
+    from ..data import json_document
+
     kind, path = tag.split(":", 1)
-    if kind == "txt":
+    if kind == "text":
         return [raw]
-    docs = []
-    for n, line in enumerate(raw.splitlines(), start):
-        if line.strip():
-            try:
-                text = json.loads(line)["text"]
-                if not isinstance(text, str):
-                    raise TypeError(f"'text' is {type(text).__name__}, not a string")
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise PruneError(f"{path}:{n}: expected a JSON object with a string 'text' field ({e})") from e
-            docs.append(text)
-    return docs
+    return [json_document(line, "text", f"{path}:{n}") for n, line in enumerate(raw.splitlines(), start)
+            if line.strip()]
 
 
 _ENCODER = None
