@@ -102,7 +102,7 @@ def checkpoint_format(root: str | os.PathLike) -> str:
     """``torch_dist`` or ``torch`` for a Megatron checkpoint folder, ``none`` for anything else (for scripts)."""
     try:
         return "torch_dist" if find_checkpoint(root, "--load").torch_dist else "torch"
-    except (PruneError, ValueError):
+    except PruneError:  # not a checkpoint (find_iteration_dir turns a bad tracker into a PruneError too)
         return "none"
 
 
