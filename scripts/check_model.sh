@@ -25,7 +25,7 @@
 #   WARMUP (0) SAVE_INTERVAL (the run's iterations) EVAL_INTERVAL (same) EVAL_ITERS (0) SPLIT (100,0,0;
 #                 EVAL_ITERS > 0 needs a validation share, e.g. 98,2,0) LOG_INTERVAL (1) SEED (1234)
 #   CKPT_FORMAT   torch or torch_dist (default: LOAD's format, torch without LOAD)
-#   KD_TEACHER    Megatron checkpoint of the unpruned teacher (same TP/vocab): distillation;
+#   KD_TEACHER    Megatron checkpoint of the unpruned teacher (same vocab; torch format: same TP/PP): distillation;
 #                 KD_ALPHA (0.5) KD_TEMPERATURE (1.0)
 #   PRECISION     bf16 on GPU, fp32 on CPU ("fp32" to force full precision)
 # Without a GPU it runs on CPU (gloo + megatron.prune.cpu shims), e.g. on a laptop.

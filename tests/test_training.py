@@ -12,7 +12,9 @@ Proves, with the stock ``megatron.training.checkpointing`` loader doing the load
 - --tensorboard-dir gets each iteration's losses; validation reports the LM and KD losses;
 - --bf16 with KD (as on a GPU) trains and saves bf16 weights;
 - the vocab-parallel KL at TP=2 equals a plain-torch KL on gathered logits (values and gradients);
-- a tied-embedding checkpoint converted at PP=2 gives the PP=1 first loss;
+- a tied-embedding checkpoint converted at PP=2 gives the PP=1 first loss; distillation at PP=2 (a pruned
+  student beside its unpruned teacher) gives the PP=1 losses and grad norms; a torch_dist teacher loads at
+  another TP;
 - LLaMA-3.x RoPE scaling comes from the checkpoint; a checkpoint written for the other layer spec, or one that
   does not fit the model, is refused (the stock loader would load what fits and go on);
 - bad inputs fail before training.
@@ -48,6 +50,8 @@ PRUNE_FLAGS = ["--hidden-size", "40", "--num-attention-heads", "4", "--num-query
                "--ffn-hidden-size", "32", "--num-layers", "3", "--method", "magnitude", "--no-progress"]
 VOCAB, DIVISIBLE_BY = 300, 192  # padded vocab 384 at TP=1 and TP=2: the same model at both TPs
 SPM_VOCAB = 200
+TIED_PRUNE = ["--hidden-size", "40", "--ffn-hidden-size", "32", "--num-layers", "3", "--method", "magnitude",
+              "--ckpt-format", "torch_dist", "--no-progress"]
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +105,7 @@ def inputs(tmp_path_factory):
     """Corpus + tokenizer, converted TP=1/TP=2 checkpoints, and those pruned with one plan."""
     from megatron.prune.cli import main as cli_main
     from megatron.prune.data import preprocess
-    from megatron.prune.megatron_ckpt import hf_to_megatron
+    from megatron.prune.megatron_ckpt import hf_to_megatron, reshard
     from megatron.prune.vocab import prune_hf_vocab, prune_megatron_vocab
     from megatron.prune.vocab.folder import tokenizer_tokens
     from tests.tiny import make_tiny_hf
@@ -121,6 +125,10 @@ def inputs(tmp_path_factory):
     tied = make_tiny_hf(d / "tied_hf", "llama-tied", vocab_size=VOCAB)  # 4 layers: 2 per stage at PP=2
     tied_mg = {pp: hf_to_megatron(tied, d / f"tied_pp{pp}", tp=1, pp=pp, make_vocab_size_divisible_by=DIVISIBLE_BY,
                                   progress=False) for pp in (1, 2)}
+    # distillation at PP=2: a pruned tied student (3 layers, hidden 40; torch_dist, so it loads at any layout)
+    # beside its unpruned teacher (4 layers, hidden 48)
+    assert cli_main(["prune", "--input", str(tied_mg[1]), "--output", str(d / "tied_pruned"), *TIED_PRUNE]) == 0
+    dist_tp2 = reshard(conv[2], d / "conv_tp2_dist", ckpt_format="torch_dist", progress=False)
     te = hf_to_megatron(hf, d / "conv_te", tp=1, spec="transformer_engine", make_vocab_size_divisible_by=DIVISIBLE_BY,
                         progress=False)
     unnamed = d / "conv_te_unnamed"  # TE names, but args that do not say so: only the load itself can tell
@@ -152,7 +160,8 @@ def inputs(tmp_path_factory):
     return {"dir": d, "TOKENIZER": str(tok), "DATA": str(s.bin_path)[: -len(".bin")], "vocab_pruned": vocab_pruned,
             "conv": conv, "pruned": {tp: d / f"pruned_tp{tp}" for tp in (1, 2)},
             "foreign": write_ids(d / "foreign_text_document", [np.arange(VOCAB - 50, DIVISIBLE_BY * 2)]),
-            "tied": tied_mg, "te": te, "te_unnamed": unnamed, "rope": rope,
+            "tied": tied_mg, "tied_pruned": d / "tied_pruned", "dist_tp2": dist_tp2,
+            "te": te, "te_unnamed": unnamed, "rope": rope,
             "spm": {"TOKENIZER": str(spm), "DATA": str(spm_data.bin_path)[: -len(".bin")], "mg": spm_mg}}
 
 
@@ -225,6 +234,10 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
                             load=inputs["spm"]["mg"]), None),
         ("llama3_rope", driver_argv(inputs, iters=1, load=inputs["rope"]), None),
         ("tied_pp1", driver_argv(inputs, iters=1, load=inputs["tied"][1]), None),
+        ("kd_tied_pp1", driver_argv(inputs, "--kd-teacher-load", str(inputs["tied"][1]), "--kd-alpha", "0.5",
+                                    "--ckpt-format", "torch_dist", load=inputs["tied_pruned"]), None),
+        ("kd_dist_teacher", driver_argv(inputs, "--kd-teacher-load", str(inputs["dist_tp2"]), "--kd-alpha", "1",
+                                        load=conv[1], iters=1), None),
         ("other_spec", driver_argv(inputs, load=inputs["te"]),
          "has transformer_engine-spec parameter names, but this run builds the local spec"),
         ("partial_load", driver_argv(inputs, load=inputs["te_unnamed"]), "the checkpoint does not fit the model"),
@@ -265,7 +278,7 @@ def start_kl_worker(out: Path) -> subprocess.Popen:
 def runs(inputs):
     """Every launch of this module, scheduled so that single-process jobs share the two cores.
 
-    pruned TP=1 run ∥ driver; TP=1 resume ∥ KL worker; pruned TP=2 run; TP=2 resume; KD at TP=2.
+    pruned TP=1 run ∥ driver; TP=1 resume ∥ KL worker; pruned TP=2 run; TP=2 resume; PP=2; KD at PP=2; KD at TP=2.
     """
     d = inputs["dir"]
     data = {"DATA": inputs["DATA"], "TOKENIZER": inputs["TOKENIZER"]}
@@ -296,6 +309,11 @@ def runs(inputs):
     # global batch)
     r["pp2"] = finish(start_check_model({**data, "PP": "2", "TRAIN_SAMPLES": "4", "LOAD": str(inputs["tied"][2]),
                                          "CACHE": str(d / "cache_pp2")}))
+    # KD at PP=2: the teacher's hidden states travel beside the student's between the stages; the student's
+    # layers split 1 + 2, the teacher's (torch format, saved at PP=2) evenly
+    r["kd_pp2"] = finish(start_check_model({**data, "PP": "2", "TRAIN_ITERS": "2", "LOAD": str(inputs["tied_pruned"]),
+                                            "KD_TEACHER": str(inputs["tied"][2]), "KD_ALPHA": "0.5",
+                                            "CACHE": str(d / "cache_kd_pp2")}, "--decoder-first-pipeline-num-layers", "1"))
     # KD with teacher == student == the converted TP=2 checkpoint, alpha 1: loss and gradient are 0 (also on
     # the validation split, evaluated after iteration 2)
     r["kd"] = finish(start_check_model({**data, "TP": "2", "TRAIN_ITERS": "2", "LOAD": str(inputs["conv"][2]),
@@ -464,6 +482,27 @@ def test_tied_checkpoint_at_pp2_is_the_same_model_as_at_pp1(runs):
     pp1 = ok(case_result(next(c for c in runs["cases"] if c["name"] == "tied_pp1")))
     assert parse_losses(ok(runs["pp2"]).stdout) == parse_losses(pp1.stdout)
     assert len(parse_losses(pp1.stdout)) == 1
+
+
+def test_kd_at_pp2_equals_kd_at_pp1(runs):
+    """Distillation across two pipeline stages (a 3-layer student of width 40 split 1 + 2, its 4-layer teacher of
+    width 48 split 2 + 2): the LM and KD losses and the grad norms of both iterations are those of the same run at
+    PP=1, so the teacher's hidden states reach the last stage and the student's gradient flows back through the
+    shared tensor."""
+    ok(runs["driver"])
+    pp1 = ok(case_result(next(c for c in runs["cases"] if c["name"] == "kd_tied_pp1"))).stdout
+    pp2 = ok(runs["kd_pp2"]).stdout
+    for key in ("lm loss", "kd loss", "grad norm"):
+        assert parse_losses(pp2, key) == parse_losses(pp1, key), key
+    assert sorted(parse_losses(pp1, "kd loss")) == [1, 2] and float(parse_losses(pp1, "kd loss")[1]) > 0.1
+
+
+def test_torch_dist_teacher_loads_at_the_students_tp(runs):
+    """A torch_dist teacher saved at TP=2 distils a TP=1 student (megatron-core reshards it on load): the same
+    weights, so the KD loss is 0. A torch-format teacher at another TP or PP is refused with the reshard command."""
+    ok(runs["driver"])
+    r = ok(case_result(next(c for c in runs["cases"] if c["name"] == "kd_dist_teacher")))
+    assert {k: float(v) for k, v in parse_losses(r.stdout, "kd loss").items()} == {1: 0.0}
 
 
 def test_llama3_rope_scaling_is_taken_from_the_checkpoint(runs):
@@ -652,6 +691,26 @@ def test_teacher_checks():
         kd.check_teacher(teacher, student, student_ckpt_args=Namespace(vocab_size=290))
     kd.check_teacher(teacher, student, student_ckpt_args=Namespace(vocab_size=300))
     kd.check_teacher(teacher, student, student_ckpt_args=Namespace(vocab_size=None))
+
+
+def test_teacher_layout_checks():
+    """A torch-format teacher must match the student's TP and PP (one reshard command names both); torch_dist
+    reshards on load. At PP > 1 the teacher's layers must split evenly, and virtual pipelines are refused."""
+    student = Namespace(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, padded_vocab_size=384,
+                        kd_teacher_load="/t/", virtual_pipeline_model_parallel_size=None)
+    teacher = Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, padded_vocab_size=384,
+                        num_layers=4)
+    with pytest.raises(PruneError, match=r"saved at TP=1, PP=1, the student runs at TP=2, PP=2; reshard the teacher: "
+                                         r"megatron-prune reshard --input /t/ --output /t-tp2-pp2 --tp 2 --pp 2$"):
+        kd.check_teacher(teacher, student)
+    kd.check_teacher(teacher, student, teacher_torch_dist=True)
+    kd.check_teacher(Namespace(**{**vars(teacher), "tensor_model_parallel_size": 2,
+                                  "pipeline_model_parallel_size": 2}), student)
+    with pytest.raises(PruneError, match="the teacher's 3 layers do not split evenly over PP=2 stages"):
+        kd.check_teacher(Namespace(**{**vars(teacher), "num_layers": 3}), student, teacher_torch_dist=True)
+    with pytest.raises(PruneError, match="virtual pipeline"):
+        kd.check_teacher(teacher, Namespace(**{**vars(student), "virtual_pipeline_model_parallel_size": 2}),
+                         teacher_torch_dist=True)
 
 
 def test_checkpoint_tokenizer_must_be_the_training_tokenizer(inputs):

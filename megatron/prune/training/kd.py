@@ -1,5 +1,6 @@
 """Knowledge distillation on vocab-parallel logits: a per-token KL(teacher || student) that is exact
-under tensor parallelism (each TP rank holds a slice of the vocabulary), plus teacher loading.
+under tensor parallelism (each TP rank holds a slice of the vocabulary), plus teacher checks, loading, and
+the pipeline plumbing that runs the teacher stage by stage beside the student at PP > 1.
 
 The KL is computed from shard-local sums all-reduced over the TP group; its gradient w.r.t. the
 student's local logits is ``(softmax(s/T) - softmax(t/T)) / T`` on the same shard, written by hand so
@@ -170,28 +171,72 @@ TEACHER_SHAPE_FIELDS: tuple[str, ...] = (
 
 
 def check_teacher(teacher_args: Any, student_args: Any, flag: str = "--kd-teacher-load",
-                  student_ckpt_args: Any = None) -> None:
-    """Teacher and student must share TP size and vocabulary (logits are compared per shard, id by id). The
-    unpadded sizes our tools record tell vocabularies apart that pad to the same size."""
-    t_tp = getattr(teacher_args, "tensor_model_parallel_size", 1)
-    tp = student_args.tensor_model_parallel_size
-    if t_tp != tp:
-        path = getattr(student_args, "kd_teacher_load", None) or "TEACHER"
-        raise PruneError(f"{flag}: teacher was saved at TP={t_tp}, the student runs at TP={tp}; reshard the teacher: "
-                         f"megatron-prune reshard --input {path} --output {str(path).rstrip('/')}-tp{tp} --tp {tp}")
+                  student_ckpt_args: Any = None, teacher_torch_dist: bool = False) -> None:
+    """Teacher and student must share the vocabulary (logits are compared per shard, id by id; the unpadded
+    sizes our tools record tell apart vocabularies that pad to the same size), and the teacher must load at
+    the student's TP and PP."""
     t_n, s_n = getattr(teacher_args, "vocab_size", None), getattr(student_ckpt_args, "vocab_size", None)
     if isinstance(t_n, int) and isinstance(s_n, int) and t_n != s_n:
         raise PruneError(f"{flag}: the teacher's vocabulary has {t_n} tokens, the student's (--load) {s_n}; "
                          "distillation needs the same vocabulary. For a student with a pruned vocabulary, give the "
                          "teacher the same one: megatron-prune vocab prune --input TEACHER --output TEACHER-vocab "
                          "--like STUDENT_TOKENIZER")
+    check_teacher_layout(teacher_args, student_args, flag, teacher_torch_dist)
     t_vocab = getattr(teacher_args, "padded_vocab_size", None)
     if t_vocab != student_args.padded_vocab_size:
         raise PruneError(f"{flag}: teacher padded vocab {t_vocab} != student padded vocab "
                          f"{student_args.padded_vocab_size}; distillation needs the same vocabulary")
-    if student_args.pipeline_model_parallel_size != 1:
-        raise PruneError(f"{flag}: distillation supports PP=1 only "
-                         f"(got --pipeline-model-parallel-size {student_args.pipeline_model_parallel_size})")
+
+
+def check_teacher_layout(teacher_args: Any, student_args: Any, flag: str, teacher_torch_dist: bool) -> None:
+    """A ``torch``-format teacher must have been saved at the student's TP and PP (``torch_dist`` reshards on
+    load). At PP > 1 the teacher runs stage by stage beside the student, its own layers split evenly."""
+    tp, pp = student_args.tensor_model_parallel_size, student_args.pipeline_model_parallel_size
+    saved = {"TP": getattr(teacher_args, "tensor_model_parallel_size", 1),
+             "PP": getattr(teacher_args, "pipeline_model_parallel_size", 1)}
+    wrong = {k: v for k, v in {"TP": tp, "PP": pp}.items() if saved[k] != v}
+    if wrong and not teacher_torch_dist:
+        path = getattr(student_args, "kd_teacher_load", None) or "TEACHER"
+        was = ", ".join(f"{k}={saved[k]}" for k in wrong)
+        runs = ", ".join(f"{k}={v}" for k, v in wrong.items())
+        suffix = "-".join(f"{k.lower()}{v}" for k, v in wrong.items())
+        opts = " ".join(f"--{k.lower()} {v}" for k, v in wrong.items())
+        raise PruneError(f"{flag}: teacher was saved at {was}, the student runs at {runs}; reshard the teacher: "
+                         f"megatron-prune reshard --input {path} --output {str(path).rstrip('/')}-{suffix} {opts}")
+    if pp == 1:
+        return
+    if getattr(student_args, "virtual_pipeline_model_parallel_size", None):
+        raise PruneError(f"{flag}: distillation with a virtual pipeline (--num-layers-per-virtual-pipeline-stage, "
+                         "--num-virtual-stages-per-pipeline-rank) is not supported; use plain PP")
+    layers = getattr(teacher_args, "num_layers", None)
+    if isinstance(layers, int) and layers % pp:
+        raise PruneError(f"{flag}: the teacher's {layers} layers do not split evenly over PP={pp} stages; "
+                         f"run at a PP that divides {layers}")
+
+
+def carry_teacher_between_stages(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """Pipeline stages exchange one tensor: let it hold the teacher's hidden states beside the student's,
+    ``[s, b, h_student + h_teacher]`` (see :func:`stage_output`). Each stage hands the student its own columns
+    and the teacher the rest; shapes are exchanged per message (the width is no longer ``hidden_size``)."""
+    width = student.config.hidden_size
+    own = student.set_input_tensor
+
+    def set_input_tensor(input_tensor: Any) -> None:
+        x = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+        if x is None:  # first stage
+            own(None)
+            teacher.set_input_tensor(None)
+            return
+        own(x[..., :width].contiguous())  # a copy that still routes the gradient back to ``x``
+        teacher.set_input_tensor(x[..., width:].contiguous())
+
+    student.set_input_tensor = set_input_tensor
+    student.config.variable_seq_lengths = True
+
+
+def stage_output(hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """What a non-last stage sends on when distilling: student and (gradient-free) teacher hidden states."""
+    return torch.cat([hidden, teacher_hidden.detach().to(hidden.dtype)], dim=-1)
 
 
 def load_model_weights(model: torch.nn.Module, ref: CheckpointRef, tp_rank: int, pp_rank: int = 0,

@@ -41,7 +41,8 @@ def add_recovery_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Our flags on top of Megatron's (passed to ``parse_args`` as ``extra_args_provider``)."""
     g = parser.add_argument_group("megatron-prune recovery")
     g.add_argument("--kd-teacher-load", default=None,
-                   help="Megatron checkpoint of the teacher (the unpruned model, same TP and vocab)")
+                   help="Megatron checkpoint of the teacher (the unpruned model, same vocabulary; a torch-format one "
+                        "saved at the run's TP and PP, a torch_dist one at any)")
     g.add_argument("--kd-alpha", type=float, default=0.5,
                    help="weight of the KD loss; total = (1-alpha)*LM + alpha*T^2*KL (default 0.5)")
     g.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T (default 1)")
@@ -335,9 +336,10 @@ def validate_inputs(args: Any) -> None:
         if args.kd_alpha == 0 and os.environ.get("RANK", "0") == "0":
             print("pretrain_llama.py: --kd-alpha 0: the teacher only reports the KD loss (one forward pass per "
                   "step, no effect on training)", flush=True)
-        teacher = kd.checkpoint_args(kd.find_checkpoint(args.kd_teacher_load, "--kd-teacher-load"))
+        teacher_ref = kd.find_checkpoint(args.kd_teacher_load, "--kd-teacher-load")
+        teacher = kd.checkpoint_args(teacher_ref)
         check_vocabulary(args.kd_teacher_load, args, "--kd-teacher-load")
-        kd.check_teacher(teacher, args, student_ckpt_args=ckpt_args)
+        kd.check_teacher(teacher, args, student_ckpt_args=ckpt_args, teacher_torch_dist=teacher_ref.torch_dist)
         check_layer_spec(teacher, args, "--kd-teacher-load", args.kd_teacher_load)
 
 
@@ -434,8 +436,17 @@ def build_gpt(args: Any, pre_process: bool = True, post_process: bool = True, vp
     )
 
 
-def build_teacher(args: Any) -> torch.nn.Module:
-    """The frozen teacher: its shape from its checkpoint, everything else from the student's flags."""
+# The student's own pipeline layout does not fit the teacher's depth: the teacher splits its layers evenly.
+TEACHER_EVEN_SPLIT: dict[str, Any] = {
+    "decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None,
+    "pipeline_model_parallel_layout": None, "account_for_embedding_in_pipeline_split": False,
+    "account_for_loss_in_pipeline_split": False,
+}
+
+
+def build_teacher(args: Any, pre_process: bool = True, post_process: bool = True) -> torch.nn.Module:
+    """The frozen teacher (this pipeline stage's part of it): its shape from its checkpoint, everything else
+    from the student's flags."""
     from megatron.core import parallel_state
     from megatron.core.transformer.module import Float16Module
 
@@ -445,8 +456,11 @@ def build_teacher(args: Any) -> torch.nn.Module:
     for name in kd.TEACHER_SHAPE_FIELDS:
         if hasattr(ckpt_args, name):
             setattr(t_args, name, getattr(ckpt_args, name))
-    teacher = build_gpt(t_args)
-    kd.load_model_weights(teacher, ref, parallel_state.get_tensor_model_parallel_rank())
+    for name, value in TEACHER_EVEN_SPLIT.items():
+        setattr(t_args, name, value)
+    teacher = build_gpt(t_args, pre_process, post_process)
+    kd.load_model_weights(teacher, ref, parallel_state.get_tensor_model_parallel_rank(),
+                          parallel_state.get_pipeline_model_parallel_rank(), args.pipeline_model_parallel_size)
     teacher.cuda(torch.cuda.current_device())
     if args.fp16 or args.bf16:
         teacher = Float16Module(teacher.config, teacher)
@@ -466,7 +480,9 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     model = build_gpt(args, pre_process, post_process, vp_stage, config, pg_collection)
     refuse_partial_loads(model)
     if args.kd_teacher_load and _TEACHER is None:
-        _TEACHER = build_teacher(args)
+        _TEACHER = build_teacher(args, pre_process, post_process)
+        if args.pipeline_model_parallel_size > 1:
+            kd.carry_teacher_between_stages(model, _TEACHER)
         print_rank_0(f"loaded KD teacher from {args.kd_teacher_load}")
     return model
 
@@ -543,8 +559,8 @@ def forward_step(data_iterator, model):
     logits = model(b["tokens"], b["position_ids"], None)  # [b, s, v/tp]
     with torch.no_grad():
         t_logits = _TEACHER(b["tokens"], b["position_ids"], None)
-    if not parallel_state.is_pipeline_last_stage():
-        return logits, done
+    if not parallel_state.is_pipeline_last_stage():  # hidden states, not logits: send both on
+        return kd.stage_output(logits, t_logits), done
     return kd.distill_losses(logits, t_logits, b["labels"], args.kd_alpha, args.kd_temperature,
                              parallel_state.get_tensor_model_parallel_group()), done
 
