@@ -15,6 +15,7 @@ Proves, with the stock ``megatron.training.checkpointing`` loader doing the load
 - a tied-embedding checkpoint converted at PP=2 gives the PP=1 first loss; distillation at PP=2 (a pruned
   student beside its unpruned teacher) gives the PP=1 losses and grad norms; a torch_dist teacher loads at
   another TP;
+- --reset-attention-mask keeps documents apart (two documents per sample give the one-document loss);
 - LLaMA-3.x RoPE scaling comes from the checkpoint; a checkpoint written for the other layer spec, or one that
   does not fit the model, is refused (the stock loader would load what fits and go on);
 - bad inputs fail before training.
@@ -105,6 +106,8 @@ def inputs(tmp_path_factory):
     """Corpus + tokenizer, converted TP=1/TP=2 checkpoints, and those pruned with one plan."""
     from megatron.prune.cli import main as cli_main
     from megatron.prune.data import preprocess
+    from transformers import AutoTokenizer
+
     from megatron.prune.megatron_ckpt import hf_to_megatron, reshard
     from megatron.prune.vocab import prune_hf_vocab, prune_megatron_vocab
     from megatron.prune.vocab.folder import tokenizer_tokens
@@ -138,6 +141,10 @@ def inputs(tmp_path_factory):
         del state["args"].transformer_impl
         torch.save(state, f)
     shutil.copytree(conv[1], d / "in_place")  # trained where it lies (LOAD == SAVE)
+    # one 16-token document (its last token EOD) over and over: every 32-token sample is two whole documents
+    eod = AutoTokenizer.from_pretrained(tok).eos_token_id
+    doc = np.append(np.random.default_rng(0).integers(2, VOCAB, 15), eod)
+    repeated = write_ids(d / "repeated_text_document", [doc] * 200)
     spm = make_spm_tokenizer(d / "spm", vocab_size=SPM_VOCAB)  # LLaMA-2 style tokenizer.model
     spm_data = preprocess(d / "c.jsonl", d / "c_spm", spm, progress=False)
     spm_mg = hf_to_megatron(make_tiny_hf(d / "spm_hf", "llama-gqa", vocab_size=SPM_VOCAB), d / "spm_tp1", tp=1,
@@ -159,7 +166,7 @@ def inputs(tmp_path_factory):
                     "mg": Path(shutil.move(made, d / "student_v")), "made": made}
     return {"dir": d, "TOKENIZER": str(tok), "DATA": str(s.bin_path)[: -len(".bin")], "vocab_pruned": vocab_pruned,
             "conv": conv, "pruned": {tp: d / f"pruned_tp{tp}" for tp in (1, 2)},
-            "foreign": write_ids(d / "foreign_text_document", [np.arange(VOCAB - 50, DIVISIBLE_BY * 2)]),
+            "repeated": repeated, "foreign": write_ids(d / "foreign_text_document", [np.arange(VOCAB - 50, DIVISIBLE_BY * 2)]),
             "tied": tied_mg, "tied_pruned": d / "tied_pruned", "dist_tp2": dist_tp2,
             "te": te, "te_unnamed": unnamed, "rope": rope,
             "spm": {"TOKENIZER": str(spm), "DATA": str(spm_data.bin_path)[: -len(".bin")], "mg": spm_mg}}
@@ -234,6 +241,10 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
                             load=inputs["spm"]["mg"]), None),
         ("llama3_rope", driver_argv(inputs, iters=1, load=inputs["rope"]), None),
         ("tied_pp1", driver_argv(inputs, iters=1, load=inputs["tied"][1]), None),
+        ("one_document", driver_argv({**inputs, "DATA": inputs["repeated"]}, "--seq-length", "16", iters=1,
+                                     load=inputs["tied"][1]), None),
+        ("two_documents_masked", driver_argv({**inputs, "DATA": inputs["repeated"]}, "--reset-attention-mask",
+                                             "--reset-position-ids", iters=1, load=inputs["tied"][1]), None),
         ("kd_tied_pp1", driver_argv(inputs, "--kd-teacher-load", str(inputs["tied"][1]), "--kd-alpha", "0.5",
                                     "--ckpt-format", "torch_dist", load=inputs["tied_pruned"]), None),
         ("kd_dist_teacher", driver_argv(inputs, "--kd-teacher-load", str(inputs["dist_tp2"]), "--kd-alpha", "1",
@@ -505,6 +516,16 @@ def test_torch_dist_teacher_loads_at_the_students_tp(runs):
     assert {k: float(v) for k, v in parse_losses(r.stdout, "kd loss").items()} == {1: 0.0}
 
 
+def test_reset_attention_mask_keeps_documents_apart(runs):
+    """Every 32-token sample of the repeated-document corpus is two whole 16-token documents: with
+    --reset-attention-mask --reset-position-ids its loss is exactly that of the 16-token samples, one document
+    each. (The dataset's masks used to be dropped, so the second document attended to the first.)"""
+    ok(runs["driver"])
+    one, two = (parse_losses(ok(case_result(next(c for c in runs["cases"] if c["name"] == n))).stdout)
+                for n in ("one_document", "two_documents_masked"))
+    assert one == two and len(one) == 1, (one, two)
+
+
 def test_llama3_rope_scaling_is_taken_from_the_checkpoint(runs):
     """The stock --use-checkpoint-args loader leaves RoPE scaling out; the recipe adopts it (factor 32, not the
     default 8), and the model built from those args matches transformers (test_megatron_parity)."""
@@ -636,6 +657,26 @@ def test_unsupported_parallelism_is_refused(monkeypatch):
         recipe.check_parallelism(sp)
     monkeypatch.setattr(recipe, "have_transformer_engine", lambda: True)  # a GPU machine with TE
     recipe.check_parallelism(Namespace(**{**vars(sp), "transformer_impl": "transformer_engine"}))
+
+
+def test_document_masking_needs_attention_that_applies_the_mask(monkeypatch):
+    """Only megatron-core's unfused local attention applies the dataset's per-document mask: TE's causal attention
+    and the fused causal softmax would ignore it (and train across documents), so those are refused."""
+    from megatron.prune.training import recipe
+
+    local = Namespace(reset_attention_mask=True, masked_softmax_fusion=False, transformer_impl="local",
+                      dataloader_inter_document_masking=False)
+    recipe.check_document_masking(local)
+    with pytest.raises(PruneError, match="--reset-attention-mask: the fused causal softmax kernel ignores the "
+                                         "per-document mask .* add --no-masked-softmax-fusion"):
+        recipe.check_document_masking(Namespace(**{**vars(local), "masked_softmax_fusion": True}))
+    monkeypatch.setattr(recipe, "have_transformer_engine", lambda: True)
+    te = Namespace(**{**vars(local), "transformer_impl": "transformer_engine"})
+    with pytest.raises(PruneError, match="Transformer Engine's causal attention ignores the per-document mask"):
+        recipe.check_document_masking(te)
+    recipe.check_document_masking(Namespace(**{**vars(te), "reset_attention_mask": False}))
+    with pytest.raises(PruneError, match="--dataloader-inter-document-masking: pretrain_llama.py does not build"):
+        recipe.check_document_masking(Namespace(**{**vars(te), "dataloader_inter_document_masking": True}))
 
 
 def test_partial_loads_are_refused():

@@ -278,6 +278,25 @@ def check_parallelism(args: Any) -> None:
                          "transformer_engine) or drop --sequence-parallel")
 
 
+def check_document_masking(args: Any) -> None:
+    """--reset-attention-mask: the dataset builds per-document causal masks and attention gets them, but only
+    megatron-core's unfused local attention applies a given mask. Transformer Engine's attention (told "causal")
+    and the fused causal softmax kernel ignore it, and the stock loop trains on across documents. Megatron's
+    --dataloader-inter-document-masking needs packed-sequence attention, which this recipe does not build."""
+    if getattr(args, "dataloader_inter_document_masking", False):
+        raise PruneError("--dataloader-inter-document-masking: pretrain_llama.py does not build packed-sequence "
+                         "attention, so it would be ignored; use --reset-attention-mask (with --reset-position-ids)")
+    if not getattr(args, "reset_attention_mask", False):
+        return
+    if layer_spec_name(args) != "local":
+        raise PruneError("--reset-attention-mask: Transformer Engine's causal attention ignores the per-document "
+                         "mask (documents would attend to each other); train with --transformer-impl local "
+                         "--no-masked-softmax-fusion, or drop the flag")
+    if getattr(args, "masked_softmax_fusion", False):
+        raise PruneError("--reset-attention-mask: the fused causal softmax kernel ignores the per-document mask "
+                         "(documents would attend to each other); add --no-masked-softmax-fusion")
+
+
 def has_validation_data(args: Any) -> bool:
     """Whether the run has a validation split: its own path, mock data, or a --split share for it."""
     if getattr(args, "valid_data_path", None) or getattr(args, "mock_data", False) or not args.split:
@@ -308,6 +327,7 @@ def validate_inputs(args: Any) -> None:
     """Everything that can be wrong with the user's inputs, checked before the loop starts."""
     check_tensorboard(args)
     check_parallelism(args)
+    check_document_masking(args)
     check_schedule(args)
     prefixes = data_prefixes(args)
     if not prefixes and not getattr(args, "mock_data", False):
@@ -510,7 +530,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples: Sequence[int]
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=False,  # causal masking inside attention
+        # plain causal masking happens inside attention; per-document masks only where asked for (check_document_masking)
+        create_attention_mask=bool(args.reset_attention_mask),
         mmap_bin_files=args.mmap_bin_files,
     )
     cls = MockGPTDataset if getattr(args, "mock_data", False) else GPTDataset
@@ -554,11 +575,12 @@ def forward_step(data_iterator, model):
     b = get_batch(data_iterator)
     mask = b["loss_mask"]
     done = partial(loss_func, mask, args.kd_alpha, args.kd_temperature)
+    attention = b.get("attention_mask")  # per-document masks (--reset-attention-mask), else None: causal
     if _TEACHER is None:
-        return model(b["tokens"], b["position_ids"], None, labels=b["labels"]), done
-    logits = model(b["tokens"], b["position_ids"], None)  # [b, s, v/tp]
+        return model(b["tokens"], b["position_ids"], attention, labels=b["labels"]), done
+    logits = model(b["tokens"], b["position_ids"], attention)  # [b, s, v/tp]
     with torch.no_grad():
-        t_logits = _TEACHER(b["tokens"], b["position_ids"], None)
+        t_logits = _TEACHER(b["tokens"], b["position_ids"], attention)
     if not parallel_state.is_pipeline_last_stage():  # hidden states, not logits: send both on
         return kd.stage_output(logits, t_logits), done
     return kd.distill_losses(logits, t_logits, b["labels"], args.kd_alpha, args.kd_temperature,
