@@ -141,6 +141,11 @@ def inputs(tmp_path_factory):
         del state["args"].transformer_impl
         torch.save(state, f)
     shutil.copytree(conv[1], d / "in_place")  # trained where it lies (LOAD == SAVE)
+    nan = shutil.copytree(conv[1], d / "nan_weights")  # a NaN final norm: every loss is NaN
+    for f in nan.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(f, weights_only=False)
+        state["model"]["decoder.final_layernorm.weight"].fill_(float("nan"))
+        torch.save(state, f)
     # one 16-token document (its last token EOD) over and over: every 32-token sample is two whole documents
     eod = AutoTokenizer.from_pretrained(tok).eos_token_id
     doc = np.append(np.random.default_rng(0).integers(2, VOCAB, 15), eod)
@@ -245,6 +250,9 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
                                      load=inputs["tied"][1]), None),
         ("two_documents_masked", driver_argv({**inputs, "DATA": inputs["repeated"]}, "--reset-attention-mask",
                                              "--reset-position-ids", iters=1, load=inputs["tied"][1]), None),
+        ("nan_loss", driver_argv(inputs, load=d / "nan_weights"), None),
+        ("moe_flag", driver_argv(inputs, "--num-experts", "4", load=pruned[1]),
+         "--num-experts 4: not supported: pretrain_llama.py builds dense LLaMA-family layers"),
         ("kd_tied_pp1", driver_argv(inputs, "--kd-teacher-load", str(inputs["tied"][1]), "--kd-alpha", "0.5",
                                     "--ckpt-format", "torch_dist", load=inputs["tied_pruned"]), None),
         ("kd_dist_teacher", driver_argv(inputs, "--kd-teacher-load", str(inputs["dist_tp2"]), "--kd-alpha", "1",
@@ -526,6 +534,16 @@ def test_reset_attention_mask_keeps_documents_apart(runs):
     assert one == two and len(one) == 1, (one, two)
 
 
+def test_nan_loss_is_reported_as_the_stock_gpt_loss_reports_it(runs):
+    """The loss is validated on each rank before the data-parallel reduction, as stock pretrain_gpt.py does:
+    a NaN loss is named as such (megatron-core skips the check at the first iteration; this run has two), where
+    only the gradient check used to catch it, one step later in the pass."""
+    ok(runs["driver"])
+    r = case_result(next(c for c in runs["cases"] if c["name"] == "nan_loss"))
+    assert r.returncode != 0 and "found NaN in local forward loss calculation" in r.stdout + r.stderr, \
+        (r.stdout + r.stderr)[-3000:]
+
+
 def test_llama3_rope_scaling_is_taken_from_the_checkpoint(runs):
     """The stock --use-checkpoint-args loader leaves RoPE scaling out; the recipe adopts it (factor 32, not the
     default 8), and the model built from those args matches transformers (test_megatron_parity)."""
@@ -679,6 +697,46 @@ def test_document_masking_needs_attention_that_applies_the_mask(monkeypatch):
         recipe.check_document_masking(Namespace(**{**vars(te), "dataloader_inter_document_masking": True}))
 
 
+def test_flags_stock_pretrain_gpt_honours(tmp_path, inputs):
+    """Megatron flags the stock GPT script acts on: the ones this recipe cannot honour are refused (not ignored),
+    the rest reach the model, the dataset config and the data checks."""
+    from megatron.prune.training import recipe
+
+    base = {name: None for name, _ in recipe.UNSUPPORTED_FLAGS.values()}
+    recipe.check_unsupported_flags(Namespace(**base, transformer_impl="local"))
+    for flag, (name, _) in recipe.UNSUPPORTED_FLAGS.items():
+        with pytest.raises(PruneError, match=f"^{flag} .*: not supported: "):
+            recipe.check_unsupported_flags(Namespace(**{**base, name: True}, transformer_impl="local"))
+    with pytest.raises(PruneError, match="--transformer-impl inference_optimized: for inference only"):
+        recipe.check_unsupported_flags(Namespace(**base, transformer_impl="inference_optimized"))
+    # RoPE position interpolation: adopted from a checkpoint, checked against it, and passed to GPTModel
+    assert "rotary_seq_len_interpolation_factor" in recipe.UNLOADED_MODEL_ARGS
+    rope = Namespace(padded_vocab_size=384, max_position_embeddings=64, untie_embeddings_and_output_weights=False,
+                     position_embedding_type="rope", rotary_percent=1.0, rotary_base=10000,
+                     rotary_seq_len_interpolation_factor=4)
+    assert recipe.gpt_model_kwargs(rope)["seq_len_interpolation_factor"] == 4
+    # dataset flags reach GPTDatasetConfig
+    seqs = tmp_path / "seqs.json"
+    seqs.write_text(json.dumps({"a": 3}))
+    tuned = recipe.dataset_tuning(Namespace(multiple_validation_sets=True, mid_level_dataset_surplus=0.5,
+                                            allow_ambiguous_pad_tokens=True, per_dataset_sequences_path=str(seqs)))
+    assert tuned["multiple_validation_sets"] and tuned["allow_ambiguous_pad_tokens"]
+    assert tuned["mid_level_dataset_surplus"] == 0.5 and tuned["sequences_per_dataset"] == {"a": 3}
+    # --data-args-path (a long blend kept in a file) is read as the dataset provider reads it
+    blend = tmp_path / "blend.txt"
+    blend.write_text(f"0.7 {inputs['DATA']}\n0.3 {inputs['DATA']}_b\n")
+    none = dict(data_path=None, train_data_path=None, valid_data_path=None, test_data_path=None,
+                per_split_data_args_path=None)
+    assert recipe.data_prefixes(Namespace(**none, data_args_path=str(blend))) == [inputs["DATA"], inputs["DATA"] + "_b"]
+    with pytest.raises(PruneError, match=r"--data-args-path .*nope\.txt: no such file"):
+        recipe.data_prefixes(Namespace(**none, data_args_path=str(tmp_path / "nope.txt")))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": f"1 {inputs['DATA']}", "valid": inputs["DATA"] + "_v",
+                                 "test": inputs["DATA"] + "_t"}))
+    assert recipe.data_prefixes(Namespace(**{**none, "per_split_data_args_path": str(split)}, data_args_path=None)) \
+        == [inputs["DATA"], inputs["DATA"] + "_v", inputs["DATA"] + "_t"]
+
+
 def test_partial_loads_are_refused():
     from megatron.prune.training.recipe import refuse_partial_loads
 
@@ -696,7 +754,7 @@ def test_partial_loads_are_refused():
 def test_bad_inputs_fail_before_training(runs):
     ok(runs["driver"])
     bad = [c for c in runs["cases"] if c["message"]]
-    assert len(bad) == 10
+    assert len(bad) == 11
     for case in bad:
         r = case_result(case)
         assert r.returncode == 2 and case["message"] in r.stderr, (case["name"], r.stderr[-3000:])

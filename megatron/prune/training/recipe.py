@@ -9,6 +9,7 @@ On a machine without CUDA it applies ``megatron.prune.cpu`` shims and the CPU fl
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -28,7 +29,8 @@ _TEACHER: torch.nn.Module | None = None
 
 # Megatron args that the stock --use-checkpoint-args loader leaves out (megatron-core 0.19.2) but that change
 # the model's outputs: adopted from the checkpoint by adopt_checkpoint_args.
-UNLOADED_MODEL_ARGS: tuple[str, ...] = ("norm_epsilon", "use_rope_scaling", "rope_scaling_factor")
+UNLOADED_MODEL_ARGS: tuple[str, ...] = ("norm_epsilon", "use_rope_scaling", "rope_scaling_factor",
+                                        "rotary_seq_len_interpolation_factor")
 # Model args a checkpoint must agree with (checked before training).
 MODEL_ARGS: tuple[str, ...] = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -53,14 +55,18 @@ def add_recovery_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 # Input checks (before any training)
 # ---------------------------------------------------------------------------------------------
 def data_prefixes(args: Any) -> list[str]:
-    """Every dataset prefix named by --data-path (weights skipped) and the per-split paths."""
-    names: list[str] = []
-    for flag in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
-        for item in getattr(args, flag, None) or []:
-            try:
-                float(item)
-            except ValueError:
-                names.append(item)
+    """Every dataset prefix the run reads, parsed as the dataset provider parses them (--data-path, the per-split
+    paths, or the files of --data-args-path / --per-split-data-args-path), weights skipped."""
+    from megatron.training.utils.common_utils import get_blend_and_blend_per_split
+
+    for flag in ("data_args_path", "per_split_data_args_path"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isfile(path):
+            raise PruneError(f"--{flag.replace('_', '-')} {path}: no such file")
+    blend, per_split = get_blend_and_blend_per_split(args)
+    names = list(blend[0]) if blend else []
+    for split in per_split or []:
+        names += list(split[0]) if split else []
     return names
 
 
@@ -278,6 +284,39 @@ def check_parallelism(args: Any) -> None:
                          "transformer_engine) or drop --sequence-parallel")
 
 
+DENSE_LLAMA = "pretrain_llama.py builds dense LLaMA-family layers (GQA attention, SwiGLU MLP) and would ignore it"
+# Megatron flags stock pretrain_gpt.py acts on but this recipe does not: (arg, what to do instead). Refused rather
+# than ignored, since the run would train on as something else than asked for.
+UNSUPPORTED_FLAGS: dict[str, tuple[str, str]] = {
+    "--num-experts": ("num_experts", DENSE_LLAMA),
+    "--mtp-num-layers": ("mtp_num_layers", DENSE_LLAMA),
+    "--multi-latent-attention": ("multi_latent_attention", DENSE_LLAMA),
+    "--experimental-attention-variant": ("experimental_attention_variant", DENSE_LLAMA),
+    "--heterogeneous-layers-config-path": ("heterogeneous_layers_config_path", DENSE_LLAMA),
+    "--qk-l2-norm": ("qk_l2_norm", DENSE_LLAMA),
+    "--spec": ("spec", "pretrain_llama.py picks megatron-core's local or Transformer Engine spec itself "
+                       "(--transformer-impl)"),
+    "--sft": ("sft", "pretrain_llama.py trains on indexed pretraining data; tokenize the text with "
+                     "`megatron-prune data`"),
+    "--fim-data": ("fim_data", "pretrain_llama.py builds plain GPTDataset samples, not fill-in-the-middle ones"),
+    "--logits-load-dir": ("logits_load_dir", "distil from the teacher checkpoint itself with --kd-teacher-load "
+                                             "(KD_TEACHER)"),
+    "--inprocess-restart": ("inprocess_restart", "pretrain_llama.py does not wrap the loop for in-process restarts"),
+}
+
+
+def check_unsupported_flags(args: Any) -> None:
+    """Flags the stock GPT script honours and this recipe does not, refused instead of silently ignored (some come
+    from a checkpoint's args under --use-checkpoint-args, e.g. a MoE checkpoint's --num-experts)."""
+    given = [flag for flag, (name, _) in UNSUPPORTED_FLAGS.items() if getattr(args, name, None) not in (None, False)]
+    if getattr(args, "transformer_impl", None) == "inference_optimized":
+        raise PruneError("--transformer-impl inference_optimized: for inference only; use local or "
+                         "transformer_engine")
+    if given:
+        raise PruneError(f"{given[0]} {getattr(args, UNSUPPORTED_FLAGS[given[0]][0])!r}: not supported: "
+                         f"{UNSUPPORTED_FLAGS[given[0]][1]}")
+
+
 def check_document_masking(args: Any) -> None:
     """--reset-attention-mask: the dataset builds per-document causal masks and attention gets them, but only
     megatron-core's unfused local attention applies a given mask. Transformer Engine's attention (told "causal")
@@ -326,6 +365,7 @@ def check_schedule(args: Any) -> None:
 def validate_inputs(args: Any) -> None:
     """Everything that can be wrong with the user's inputs, checked before the loop starts."""
     check_tensorboard(args)
+    check_unsupported_flags(args)
     check_parallelism(args)
     check_document_masking(args)
     check_schedule(args)
@@ -430,6 +470,7 @@ def gpt_model_kwargs(args: Any) -> dict[str, Any]:
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
         rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
+        seq_len_interpolation_factor=getattr(args, "rotary_seq_len_interpolation_factor", None),
     )
     if kwargs["rope_scaling"]:  # the stock builder leaves the factor at its default 8 (megatron-core 0.19.2)
         kwargs["rope_scaling_factor"] = args.rope_scaling_factor
@@ -510,6 +551,26 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
+def dataset_tuning(args: Any) -> dict[str, Any]:
+    """``GPTDatasetConfig`` fields from Megatron's dataset flags (validation sets, blend sizing, pad-token masking,
+    index loading), as the stock GPT script passes them."""
+    per_dataset = getattr(args, "per_dataset_sequences_path", None)
+    if per_dataset is not None:
+        with open(per_dataset) as f:
+            per_dataset = json.load(f)
+    return dict(
+        multiple_validation_sets=getattr(args, "multiple_validation_sets", None),
+        full_validation=getattr(args, "full_validation", None),
+        num_dataset_builder_threads=getattr(args, "num_dataset_builder_threads", 1),
+        object_storage_cache_path=getattr(args, "object_storage_cache_path", None),
+        mid_level_dataset_surplus=getattr(args, "mid_level_dataset_surplus", 0.005),
+        allow_ambiguous_pad_tokens=getattr(args, "allow_ambiguous_pad_tokens", False),
+        fast_cache_load=getattr(args, "dataloader_fast_cache_load", False),
+        sequences_per_dataset=per_dataset,
+        defer_npy_index_mmap=getattr(args, "dataloader_defer_npy_index_mmap", False),
+    )
+
+
 def train_valid_test_datasets_provider(train_val_test_num_samples: Sequence[int]):
     """GPTDataset splits (blends and per-split paths as in Megatron's --data-path flags)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -533,6 +594,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples: Sequence[int]
         # plain causal masking happens inside attention; per-document masks only where asked for (check_document_masking)
         create_attention_mask=bool(args.reset_attention_mask),
         mmap_bin_files=args.mmap_bin_files,
+        **dataset_tuning(args),
     )
     cls = MockGPTDataset if getattr(args, "mock_data", False) else GPTDataset
     return BlendedMegatronDatasetBuilder(cls, train_val_test_num_samples, lambda: True, config).build()
@@ -545,8 +607,31 @@ train_valid_test_datasets_provider.is_distributed = True  # type: ignore[attr-de
 # ---------------------------------------------------------------------------------------------
 # Forward step and loss
 # ---------------------------------------------------------------------------------------------
-def loss_func(loss_mask: torch.Tensor, alpha: float, temperature: float, output: torch.Tensor):
-    """``output``: ``[b, s]`` LM losses, or ``[2, b, s]`` LM and KD losses. Token-summed loss."""
+SPIKE_FACTOR = 10.0  # --check-for-spiky-loss: a loss this many times the usual is rerun and reported
+
+
+def validate_loss(loss: torch.Tensor, nan_check: bool, spike_check: bool) -> None:
+    """The checks the stock GPT loss makes on each rank's loss before the data-parallel reduction, through
+    megatron-core's rerun state machine: NaN and Inf stop the run (unless --no-check-for-nan-in-loss-and-grad),
+    and --check-for-spiky-loss flags spikes (rerun and attributed per --rerun-mode)."""
+    if not (nan_check or spike_check):
+        return
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    machine = get_rerun_state_machine()
+    if nan_check:
+        for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+            machine.validate_result(result=loss, rejection_func=reject, tolerance=0.0, fatal=True,
+                                    message=f"found {what} in local forward loss calculation")
+    if spike_check:
+        spiky = partial(machine.is_unexpectedly_large, threshold=SPIKE_FACTOR, context="loss")
+        machine.validate_result(result=loss, rejection_func=spiky, message="Spiky loss", tolerance=0.0, fatal=False)
+
+
+def loss_func(loss_mask: torch.Tensor, alpha: float, temperature: float, output: torch.Tensor, *,
+              nan_check: bool = False, spike_check: bool = False):
+    """``output``: ``[b, s]`` LM losses, or ``[2, b, s]`` LM and KD losses. Token-summed loss, validated as the
+    stock GPT loss is (:func:`validate_loss`)."""
     mask = loss_mask.reshape(-1).float()
     n_tokens = mask.sum()
     lm = output[0] if output.dim() == 3 else output
@@ -557,6 +642,7 @@ def loss_func(loss_mask: torch.Tensor, alpha: float, temperature: float, output:
         kd_sum = (output[1].reshape(-1).float() * mask).sum()
         loss = (1.0 - alpha) * lm_sum + alpha * temperature**2 * kd_sum
         report["kd loss"] = torch.stack([kd_sum.detach().clone(), n_tokens.detach().clone()])
+    validate_loss(loss, nan_check, spike_check)
     return loss, n_tokens.int(), report
 
 
@@ -574,7 +660,8 @@ def forward_step(data_iterator, model):
     args = get_args()
     b = get_batch(data_iterator)
     mask = b["loss_mask"]
-    done = partial(loss_func, mask, args.kd_alpha, args.kd_temperature)
+    done = partial(loss_func, mask, args.kd_alpha, args.kd_temperature, nan_check=args.check_for_nan_in_loss_and_grad,
+                   spike_check=args.check_for_spiky_loss)
     attention = b.get("attention_mask")  # per-document masks (--reset-attention-mask), else None: causal
     if _TEACHER is None:
         return model(b["tokens"], b["position_ids"], attention, labels=b["labels"]), done
