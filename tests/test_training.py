@@ -250,7 +250,8 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
                                      load=inputs["tied"][1]), None),
         ("two_documents_masked", driver_argv({**inputs, "DATA": inputs["repeated"]}, "--reset-attention-mask",
                                              "--reset-position-ids", iters=1, load=inputs["tied"][1]), None),
-        ("nan_loss", driver_argv(inputs, load=d / "nan_weights"), None),
+        ("nan_loss", driver_argv(inputs, "--save", str(d / "nan_out"), "--save-interval", "1", load=d / "nan_weights",
+                                 iters=1), None),
         ("moe_flag", driver_argv(inputs, "--num-experts", "4", load=pruned[1]),
          "--num-experts 4: not supported: pretrain_llama.py builds dense LLaMA-family layers"),
         ("kd_tied_pp1", driver_argv(inputs, "--kd-teacher-load", str(inputs["tied"][1]), "--kd-alpha", "0.5",
@@ -534,14 +535,15 @@ def test_reset_attention_mask_keeps_documents_apart(runs):
     assert one == two and len(one) == 1, (one, two)
 
 
-def test_nan_loss_is_reported_as_the_stock_gpt_loss_reports_it(runs):
-    """The loss is validated on each rank before the data-parallel reduction, as stock pretrain_gpt.py does:
-    a NaN loss is named as such (megatron-core skips the check at the first iteration; this run has two), where
-    only the gradient check used to catch it, one step later in the pass."""
+def test_nan_loss_stops_the_run_even_in_its_first_iteration(runs, inputs):
+    """The loss is validated on each rank before the data-parallel reduction, as stock pretrain_gpt.py does, and
+    also in a run's first iteration, which megatron-core leaves unchecked: a one-iteration run from NaN weights used
+    to finish with exit code 0 and save NaN weights."""
     ok(runs["driver"])
     r = case_result(next(c for c in runs["cases"] if c["name"] == "nan_loss"))
-    assert r.returncode != 0 and "found NaN in local forward loss calculation" in r.stdout + r.stderr, \
-        (r.stdout + r.stderr)[-3000:]
+    assert r.returncode != 0, (r.stdout + r.stderr)[-3000:]
+    assert "found NaN in local forward loss calculation in the run's first iteration" in r.stderr, r.stderr[-3000:]
+    assert not list((inputs["dir"] / "nan_out").glob("iter_*"))  # nothing saved
 
 
 def test_llama3_rope_scaling_is_taken_from_the_checkpoint(runs):
@@ -585,7 +587,7 @@ def test_layer_spec_mismatch_is_refused(monkeypatch):
 
 def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeypatch, tmp_path):
     """Before Megatron starts: batch sizes that do not divide, two schedules, KD flags without a teacher or out
-    of range, a sequence longer than the checkpoint's positions, a torch_dist checkpoint read as torch, and a
+    of range, --save without --save-interval, --min-lr above --lr (the last two bare assertions), a sequence longer than the checkpoint's positions, a torch_dist checkpoint read as torch, and a
     moved checkpoint whose args name a tokenizer that is gone; an explicit --tokenizer-model is kept."""
     from megatron.prune.training import recipe
 
@@ -605,7 +607,10 @@ def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeyp
            ("--train-iters", "10", "--train-samples", "40"): "TRAIN_SAMPLES=N instead of TRAIN_ITERS",
            ("--kd-alpha", "0.5"): "--kd-alpha: only used with --kd-teacher-load",
            ("--kd-teacher-load", "t", "--kd-alpha", "1.5"): r"--kd-alpha 1.5: must be in \[0, 1\]",
-           ("--kd-teacher-load", "t", "--kd-temperature", "0"): "--kd-temperature 0.0: must be > 0"}
+           ("--kd-teacher-load", "t", "--kd-temperature", "0"): "--kd-temperature 0.0: must be > 0",
+           ("--save", "out"): r"--save out needs --save-interval N > 0",
+           ("--save", "out", "--save-interval", "0"): r"--save out needs --save-interval N > 0",
+           ("--lr", "1e-4", "--min-lr", "1e-3"): r"--min-lr 0.001 \(MIN_LR\) is above --lr 0.0001 \(LR\)"}
     for argv, message in bad.items():
         with pytest.raises(PruneError, match=message):
             flags_first(list(argv))

@@ -166,9 +166,12 @@ def preflight_flags(argv: Sequence[str]) -> argparse.Namespace:
     """The flags checked before Megatron starts (its start-up prints ~900 lines and builds the model before it
     reports most mistakes, some as bare assertions); the last occurrence wins, as in Megatron's parser."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag in ("--load", "--tokenizer-type", "--tokenizer-model", "--num-layers", "--kd-teacher-load",
+    for flag in ("--load", "--save", "--tokenizer-type", "--tokenizer-model", "--num-layers", "--kd-teacher-load",
                  "--ckpt-format", "--train-iters", "--train-samples"):
         p.add_argument(flag)
+    p.add_argument("--save-interval", type=_number(int))
+    for flag in ("--lr", "--min-lr"):
+        p.add_argument(flag, type=_number(float))
     for flag in ("--seq-length", "--max-position-embeddings", "--micro-batch-size", "--global-batch-size"):
         p.add_argument(flag, type=_number(int))
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size"):
@@ -234,6 +237,11 @@ def check_flags_first(ns: argparse.Namespace) -> None:
     if ns.micro_batch_size and ns.global_batch_size and ns.global_batch_size % (ns.micro_batch_size * dp):
         raise PruneError(f"--global-batch-size {ns.global_batch_size} (GLOBAL_BATCH) must be a multiple of "
                          f"--micro-batch-size {ns.micro_batch_size} (MICRO_BATCH) x data-parallel size {dp}")
+    if ns.save and (ns.save_interval is None or ns.save_interval <= 0):
+        raise PruneError(f"--save {ns.save} needs --save-interval N > 0 (SAVE_INTERVAL; check_model.sh defaults it to "
+                         "the run's length)")
+    if ns.lr is not None and ns.min_lr is not None and ns.min_lr > ns.lr:
+        raise PruneError(f"--min-lr {ns.min_lr} (MIN_LR) is above --lr {ns.lr} (LR)")
     if ns.train_iters is not None and ns.train_samples is not None:
         raise PruneError(f"--train-iters {ns.train_iters} and --train-samples {ns.train_samples}: give one "
                          "(with scripts/check_model.sh: TRAIN_SAMPLES=N instead of TRAIN_ITERS)")
@@ -613,12 +621,20 @@ SPIKE_FACTOR = 10.0  # --check-for-spiky-loss: a loss this many times the usual 
 def validate_loss(loss: torch.Tensor, nan_check: bool, spike_check: bool) -> None:
     """The checks the stock GPT loss makes on each rank's loss before the data-parallel reduction, through
     megatron-core's rerun state machine: NaN and Inf stop the run (unless --no-check-for-nan-in-loss-and-grad),
-    and --check-for-spiky-loss flags spikes (rerun and attributed per --rerun-mode)."""
+    and --check-for-spiky-loss flags spikes (rerun and attributed per --rerun-mode). The first iteration, which
+    megatron-core leaves unchecked, is checked for NaN and Inf here."""
     if not (nan_check or spike_check):
         return
     from megatron.core.rerun_state_machine import get_rerun_state_machine
 
     machine = get_rerun_state_machine()
+    if nan_check and not getattr(machine, "first_iteration_complete", True):
+        # megatron-core validates nothing in a run's first iteration (its reruns need a completed step), so broken
+        # weights (or data) would train on and be saved: stop here instead
+        for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+            if reject(loss).any():
+                raise RuntimeError(f"found {what} in local forward loss calculation in the run's first iteration: "
+                                   "the loaded weights (or the data) are broken")
     if nan_check:
         for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
             machine.validate_result(result=loss, rejection_func=reject, tolerance=0.0, fatal=True,
