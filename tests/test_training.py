@@ -261,6 +261,9 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
         ("other_spec", driver_argv(inputs, load=inputs["te"]),
          "has transformer_engine-spec parameter names, but this run builds the local spec"),
         ("partial_load", driver_argv(inputs, load=inputs["te_unnamed"]), "the checkpoint does not fit the model"),
+        ("teacher_misfit", driver_argv(inputs, "--kd-teacher-load", str(inputs["te_unnamed"]), load=conv[1]),
+         f"error: --kd-teacher-load {inputs['te_unnamed']}: checkpoint {inputs['te_unnamed']}: the checkpoint does "
+         "not fit the model"),
         ("missing_tokenizer", driver_argv({**inputs, "TOKENIZER": str(d / "no_tok")}, load=pruned[1]),
          f"--tokenizer-model {d / 'no_tok'}: no such file or folder"),
         ("missing_load", driver_argv(inputs, "--load", str(d / "no_ckpt"), "--use-checkpoint-args"),
@@ -688,11 +691,16 @@ def test_document_masking_needs_attention_that_applies_the_mask(monkeypatch):
     from megatron.prune.training import recipe
 
     local = Namespace(reset_attention_mask=True, masked_softmax_fusion=False, transformer_impl="local",
-                      dataloader_inter_document_masking=False)
+                      dataloader_inter_document_masking=False, window_size=None, bf16=True, fp16=False)
     recipe.check_document_masking(local)
     with pytest.raises(PruneError, match="--reset-attention-mask: the fused causal softmax kernel ignores the "
                                          "per-document mask .* add --no-masked-softmax-fusion"):
         recipe.check_document_masking(Namespace(**{**vars(local), "masked_softmax_fusion": True}))
+    # in fp32 the fused kernel never runs
+    recipe.check_document_masking(Namespace(**{**vars(local), "masked_softmax_fusion": True, "bf16": False}))
+    with pytest.raises(PruneError, match="--window-size 64: megatron-core's local attention replaces the "
+                                         "per-document mask"):
+        recipe.check_document_masking(Namespace(**{**vars(local), "window_size": 64}))
     monkeypatch.setattr(recipe, "have_transformer_engine", lambda: True)
     te = Namespace(**{**vars(local), "transformer_impl": "transformer_engine"})
     with pytest.raises(PruneError, match="Transformer Engine's causal attention ignores the per-document mask"):
@@ -715,7 +723,8 @@ def test_flags_stock_pretrain_gpt_honours(tmp_path, inputs):
     with pytest.raises(PruneError, match="--transformer-impl inference_optimized: for inference only"):
         recipe.check_unsupported_flags(Namespace(**base, transformer_impl="inference_optimized"))
     # RoPE position interpolation: adopted from a checkpoint, checked against it, and passed to GPTModel
-    assert "rotary_seq_len_interpolation_factor" in recipe.UNLOADED_MODEL_ARGS
+    assert "rotary_seq_len_interpolation_factor" in recipe.UNLOADED_MODEL_ARGS  # the teacher takes its own:
+    assert "rotary_seq_len_interpolation_factor" in kd.TEACHER_SHAPE_FIELDS
     rope = Namespace(padded_vocab_size=384, max_position_embeddings=64, untie_embeddings_and_output_weights=False,
                      position_embedding_type="rope", rotary_percent=1.0, rotary_base=10000,
                      rotary_seq_len_interpolation_factor=4)
@@ -735,7 +744,12 @@ def test_flags_stock_pretrain_gpt_honours(tmp_path, inputs):
     assert recipe.data_prefixes(Namespace(**none, data_args_path=str(blend))) == [inputs["DATA"], inputs["DATA"] + "_b"]
     with pytest.raises(PruneError, match=r"--data-args-path .*nope\.txt: no such file"):
         recipe.data_prefixes(Namespace(**none, data_args_path=str(tmp_path / "nope.txt")))
+    with pytest.raises(PruneError, match="--data-args-path .* and --data-path: give one"):
+        recipe.data_prefixes(Namespace(**{**none, "data_path": [inputs["DATA"]]}, data_args_path=str(blend)))
     split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": inputs["DATA"]}))
+    with pytest.raises(PruneError, match="split.json: no test, valid entry"):
+        recipe.data_prefixes(Namespace(**{**none, "per_split_data_args_path": str(split)}, data_args_path=None))
     split.write_text(json.dumps({"train": f"1 {inputs['DATA']}", "valid": inputs["DATA"] + "_v",
                                  "test": inputs["DATA"] + "_t"}))
     assert recipe.data_prefixes(Namespace(**{**none, "per_split_data_args_path": str(split)}, data_args_path=None)) \
@@ -759,7 +773,7 @@ def test_partial_loads_are_refused():
 def test_bad_inputs_fail_before_training(runs):
     ok(runs["driver"])
     bad = [c for c in runs["cases"] if c["message"]]
-    assert len(bad) == 11
+    assert len(bad) == 12
     for case in bad:
         r = case_result(case)
         assert r.returncode == 2 and case["message"] in r.stderr, (case["name"], r.stderr[-3000:])

@@ -166,7 +166,7 @@ TEACHER_SHAPE_FIELDS: tuple[str, ...] = (
     "group_query_attention", "kv_channels", "normalization", "norm_epsilon", "swiglu",
     "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights", "rotary_base",
     "rotary_percent", "position_embedding_type", "max_position_embeddings", "padded_vocab_size",
-    "apply_layernorm_1p", "use_rope_scaling", "rope_scaling_factor",
+    "apply_layernorm_1p", "use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor",
 )
 
 

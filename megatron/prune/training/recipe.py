@@ -63,6 +63,14 @@ def data_prefixes(args: Any) -> list[str]:
         path = getattr(args, flag, None)
         if path is not None and not os.path.isfile(path):
             raise PruneError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if getattr(args, "data_args_path", None) and getattr(args, "data_path", None):
+        raise PruneError(f"--data-args-path {args.data_args_path} and --data-path: give one")
+    split_file = getattr(args, "per_split_data_args_path", None)
+    if split_file:
+        missing = sorted({"train", "valid", "test"} - set(json.loads(Path(split_file).read_text())))
+        if missing:
+            raise PruneError(f"--per-split-data-args-path {split_file}: no {', '.join(missing)} entry (it needs "
+                             'train, valid and test: {"train": "PREFIX ...", "valid": ..., "test": ...})')
     blend, per_split = get_blend_and_blend_per_split(args)
     names = list(blend[0]) if blend else []
     for split in per_split or []:
@@ -339,7 +347,11 @@ def check_document_masking(args: Any) -> None:
         raise PruneError("--reset-attention-mask: Transformer Engine's causal attention ignores the per-document "
                          "mask (documents would attend to each other); train with --transformer-impl local "
                          "--no-masked-softmax-fusion, or drop the flag")
-    if getattr(args, "masked_softmax_fusion", False):
+    if getattr(args, "window_size", None) is not None:
+        raise PruneError(f"--reset-attention-mask with --window-size {args.window_size}: megatron-core's local "
+                         "attention replaces the per-document mask with its sliding-window one (documents would "
+                         "attend to each other); drop one of the two")
+    if getattr(args, "masked_softmax_fusion", False) and (args.bf16 or args.fp16):  # the kernel runs in 16 bits only
         raise PruneError("--reset-attention-mask: the fused causal softmax kernel ignores the per-document mask "
                          "(documents would attend to each other); add --no-masked-softmax-fusion")
 
@@ -528,8 +540,14 @@ def build_teacher(args: Any, pre_process: bool = True, post_process: bool = True
     for name, value in TEACHER_EVEN_SPLIT.items():
         setattr(t_args, name, value)
     teacher = build_gpt(t_args, pre_process, post_process)
-    kd.load_model_weights(teacher, ref, parallel_state.get_tensor_model_parallel_rank(),
-                          parallel_state.get_pipeline_model_parallel_rank(), args.pipeline_model_parallel_size)
+    try:
+        kd.load_model_weights(teacher, ref, parallel_state.get_tensor_model_parallel_rank(),
+                              parallel_state.get_pipeline_model_parallel_rank(), args.pipeline_model_parallel_size)
+    except PruneError as e:
+        split = (f" (at PP={args.pipeline_model_parallel_size} the teacher's layers are split evenly over the stages; "
+                 "a torch-format teacher saved with another split needs `megatron-prune reshard --pp "
+                 f"{args.pipeline_model_parallel_size}`)") if args.pipeline_model_parallel_size > 1 else ""
+        raise PruneError(f"--kd-teacher-load {args.kd_teacher_load}: {e}{split}") from None
     teacher.cuda(torch.cuda.current_device())
     if args.fp16 or args.bf16:
         teacher = Float16Module(teacher.config, teacher)
@@ -725,7 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step,
                  model_provider=model_provider)
-    except PruneError as e:  # found while loading (refuse_partial_loads)
-        print(f"pretrain_llama.py: error: --load {args.load}: {e}", file=sys.stderr, flush=True)
+    except PruneError as e:  # found while loading (refuse_partial_loads, or the teacher's load naming itself)
+        where = "" if str(e).startswith("--") else f"--load {args.load}: "
+        print(f"pretrain_llama.py: error: {where}{e}", file=sys.stderr, flush=True)
         return 2
     return 0
