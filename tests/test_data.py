@@ -201,6 +201,27 @@ def test_json_errors_say_what_is_wrong(tmp_path, line, message):
         list(read_documents(src))
 
 
+def test_overwrite_interrupted_between_renames_leaves_no_mismatched_pair(tmp_path, hf_tok, monkeypatch):
+    """--overwrite renames .bin and .idx one after the other: stopped in between, the old .idx must not stay beside
+    the new .bin (Megatron would read the new tokens through the old index)."""
+    import os
+
+    old = preprocess(write_jsonl(tmp_path / "a.jsonl", ["old text"] * 3), tmp_path / "out", hf_tok, progress=False)
+    real = os.replace
+
+    def stop_before_idx(src, dst):
+        if str(dst).endswith(".idx"):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", stop_before_idx)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(write_jsonl(tmp_path / "b.jsonl", pydoc_documents(5)), tmp_path / "out", hf_tok, overwrite=True,
+                   progress=False)
+    assert old.bin_path.is_file() and not old.idx_path.exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temp files either
+
+
 def test_worker_error_terminates_the_pool_and_removes_temp_files(tmp_path, hf_tok, monkeypatch):
     calls: list[str] = []
     for name in ("terminate", "close"):

@@ -411,6 +411,9 @@ def preprocess(
                 n_docs += 1
                 n_tokens += len(ids)
         builder.finalize(str(tmp_idx))
+        # .idx goes first, so that an interruption between the two renames leaves a .bin without an .idx (refused
+        # on use) rather than a new .bin beside the old .idx of an overwritten dataset
+        idx_path.unlink(missing_ok=True)
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
     finally:
