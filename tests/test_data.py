@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from megatron.prune.cli import main
-from megatron.prune.data import (TextTokenizer, dataset_paths, preprocess, read_documents, resolve_input_format,
-                                 split_paragraphs, validate_dataset_prefix)
+from megatron.prune.data import (TextTokenizer, dataset_paths, json_document, preprocess, read_documents,
+                                 resolve_input_format, split_paragraphs, validate_dataset_prefix)
 from megatron.prune.shape import PruneError
 from tests.tiny_corpus import make_hf_tokenizer, make_spm_tokenizer, pydoc_documents, write_ids, write_jsonl
 
@@ -229,11 +229,13 @@ def test_worker_error_terminates_the_pool_and_removes_temp_files(tmp_path, hf_to
         monkeypatch.setattr(multiprocessing.pool.Pool, name,
                             lambda self, _real=real, _name=name: (calls.append(_name), _real(self))[1])
     docs = [f"document {i}" for i in range(2000)]
-    docs[40] = "lone surrogate \ud800"  # valid JSON, but the HF tokenizer cannot encode it (in the worker)
+    docs[40] = "lone surrogate \ud800"  # valid JSON, but not text: no tokenizer can encode it
     src = write_jsonl(tmp_path / "in.jsonl", docs)
-    with pytest.raises(TypeError):
+    with pytest.raises(PruneError, match=r"in\.jsonl:41: 'text' holds an unpaired UTF-16 surrogate \('\\ud800', "
+                                         r"from a \\ud800 escape\)"):
         preprocess(src, tmp_path / "out", hf_tok, workers=2, progress=False)
     assert calls == ["terminate"]  # not close()+join(), which tokenizes every queued document first
+    assert json_document('{"text": "\\ud83d\\ude00"}', "text", "f:1") == "\U0001f600"  # a pair is one character
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no output, no temp files
 
 

@@ -213,6 +213,12 @@ def json_document(line: str, key: str, where: str) -> str:
     doc = obj[key]
     if not isinstance(doc, str):
         raise PruneError(f"{where}: '{key}' is a JSON {_JSON_TYPES.get(type(doc), type(doc).__name__)}, not a string")
+    if "\\u" in line:  # only a \u escape can hold an unpaired UTF-16 surrogate, which no tokenizer can encode
+        try:
+            doc.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PruneError(f"{where}: '{key}' holds an unpaired UTF-16 surrogate ({doc[e.start]!r}, from a "
+                             f"\\u{ord(doc[e.start]):04x} escape), which is not text; fix or drop that line") from None
     return doc
 
 
