@@ -634,6 +634,7 @@ train_valid_test_datasets_provider.is_distributed = True  # type: ignore[attr-de
 # Forward step and loss
 # ---------------------------------------------------------------------------------------------
 SPIKE_FACTOR = 10.0  # --check-for-spiky-loss: a loss this many times the usual is rerun and reported
+NON_FINITE = ((torch.isnan, "NaN"), (torch.isinf, "Inf"))
 
 
 def validate_loss(loss: torch.Tensor, nan_check: bool, spike_check: bool) -> None:
@@ -649,12 +650,12 @@ def validate_loss(loss: torch.Tensor, nan_check: bool, spike_check: bool) -> Non
     if nan_check and not getattr(machine, "first_iteration_complete", True):
         # megatron-core validates nothing in a run's first iteration (its reruns need a completed step), so broken
         # weights (or data) would train on and be saved: stop here instead
-        for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+        for reject, what in NON_FINITE:
             if reject(loss).any():
                 raise RuntimeError(f"found {what} in local forward loss calculation in the run's first iteration: "
                                    "the loaded weights (or the data) are broken")
     if nan_check:
-        for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+        for reject, what in NON_FINITE:
             machine.validate_result(result=loss, rejection_func=reject, tolerance=0.0, fatal=True,
                                     message=f"found {what} in local forward loss calculation")
     if spike_check:
