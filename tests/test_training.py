@@ -756,6 +756,42 @@ def test_flags_stock_pretrain_gpt_honours(tmp_path, inputs):
         == [inputs["DATA"], inputs["DATA"] + "_v", inputs["DATA"] + "_t"]
 
 
+def test_gpu_diagnostic_and_te_flags_reach_megatron_core(monkeypatch):
+    """Flags the stock GPT script honours on a GPU: --use-te-activation-func and --use-transformer-engine-op-fuser
+    reach Transformer Engine's layer spec; --record-memory-history starts the allocator history before the model is
+    built (and is refused on CPU, where there is no CUDA allocator)."""
+    import megatron.core.models.gpt.gpt_layer_specs as specs
+    import megatron.training
+    import megatron.training.utils
+    from megatron.prune.training import recipe
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(recipe, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(specs, "get_gpt_layer_with_transformer_engine_spec", lambda **kw: seen.update(kw))
+    recipe._layer_spec(Namespace(transformer_impl="transformer_engine", qk_layernorm=False,
+                                 use_te_activation_func=True, use_transformer_engine_op_fuser=True), None)
+    assert seen == {"qk_layernorm": False, "use_te_activation_func": True, "use_te_op_fuser": True}
+
+    args = Namespace(record_memory_history=True, profile_ranks=[1], memory_snapshot_path="snap.pickle",
+                     kd_teacher_load=None, transformer_impl="local")
+    monkeypatch.setattr(megatron.training, "get_args", lambda: args)
+    monkeypatch.setattr(megatron.training.utils, "start_memory_history_recording", lambda p: seen.update(vars(p)))
+
+    def build(*_: object) -> torch.nn.Module:
+        seen["history_first"] = "record_memory_history" in seen
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(recipe, "build_gpt", build)
+    recipe.model_provider()
+    assert seen["history_first"] and (seen["record_memory_history"], seen["profile_ranks"],
+                                    seen["memory_snapshot_path"]) == (True, [1], "snap.pickle")
+    monkeypatch.setattr(recipe, "shims_active", lambda: True)
+    with pytest.raises(PruneError, match="--record-memory-history: records CUDA allocations, and this run has no "
+                                         "GPU; drop the flag"):
+        recipe.check_memory_history(args)
+    recipe.check_memory_history(Namespace(record_memory_history=False))
+
+
 def test_partial_loads_are_refused():
     from megatron.prune.training.recipe import refuse_partial_loads
 

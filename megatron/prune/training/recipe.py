@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..cpu import CPU_FLAGS, WITHOUT_TE_FLAGS, apply_cpu_shims, skip_compile_helpers
+from ..cpu import CPU_FLAGS, WITHOUT_TE_FLAGS, apply_cpu_shims, shims_active, skip_compile_helpers
 from ..data import MEGATRON_TOKENIZER_TYPES, check_token_ids, validate_dataset_prefix
 from ..megatron_ckpt import META_DIR, is_megatron_dir
 from ..shape import PruneError
@@ -275,6 +275,25 @@ def check_tensorboard(args: Any) -> None:
                          f"package ({e}); pip install tensorboard, or drop the flag") from None
 
 
+def check_memory_history(args: Any) -> None:
+    """--record-memory-history records the CUDA caching allocator, which a CPU run does not use."""
+    if getattr(args, "record_memory_history", False) and shims_active():
+        raise PruneError("--record-memory-history: records CUDA allocations, and this run has no GPU; drop the flag")
+
+
+def start_memory_history(args: Any) -> None:
+    """--record-memory-history: start the allocator's history before the model is built, as the stock GPT script
+    does; the stock loop only starts it for models it builds itself, not a ``model_provider``'s."""
+    from types import SimpleNamespace
+
+    from megatron.training.utils import start_memory_history_recording
+
+    start_memory_history_recording(SimpleNamespace(
+        record_memory_history=bool(getattr(args, "record_memory_history", False)),
+        profile_ranks=list(getattr(args, "profile_ranks", None) or []),
+        memory_snapshot_path=getattr(args, "memory_snapshot_path", "snapshot.pickle")))
+
+
 def start_untrained_checkpoint(state: dict[str, Any], args: Any) -> None:
     """Resuming (no --finetune) from a checkpoint that never trained, e.g. LOAD == SAVE on a fresh pruned model:
     start it as --finetune does. The stock loop would stop, looking for optimizer state that was never saved."""
@@ -385,6 +404,7 @@ def check_schedule(args: Any) -> None:
 def validate_inputs(args: Any) -> None:
     """Everything that can be wrong with the user's inputs, checked before the loop starts."""
     check_tensorboard(args)
+    check_memory_history(args)
     check_unsupported_flags(args)
     check_parallelism(args)
     check_document_masking(args)
@@ -476,7 +496,10 @@ def _layer_spec(args: Any, config: Any):
     )
 
     if layer_spec_name(args) == "transformer_engine":
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
+        return get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=args.qk_layernorm,
+            use_te_activation_func=bool(getattr(args, "use_te_activation_func", False)),
+            use_te_op_fuser=bool(getattr(args, "use_transformer_engine_op_fuser", False)))
     return get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
 
 
@@ -563,6 +586,8 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     from megatron.training import get_args, print_rank_0
 
     args = get_args()
+    if vp_stage in (None, 0):
+        start_memory_history(args)
     print_rank_0(f"building LLaMA-family GPTModel ({layer_spec_name(args)} spec) ...")
     model = build_gpt(args, pre_process, post_process, vp_stage, config, pg_collection)
     refuse_partial_loads(model)
