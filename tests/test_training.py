@@ -25,6 +25,7 @@ run side by side (see ``runs``).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -252,6 +253,9 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
                                              "--reset-position-ids", iters=1, load=inputs["tied"][1]), None),
         ("nan_loss", driver_argv(inputs, "--save", str(d / "nan_out"), "--save-interval", "1", load=d / "nan_weights",
                                  iters=1), None),
+        ("missing_sequence_counts", driver_argv(inputs, "--per-dataset-sequences-path", str(d / "counts.json"),
+                                                load=pruned[1]),
+         f"--per-dataset-sequences-path {d / 'counts.json'}: No such file or directory"),
         ("moe_flag", driver_argv(inputs, "--num-experts", "4", load=pruned[1]),
          "--num-experts 4: not supported: pretrain_llama.py builds dense LLaMA-family layers"),
         ("kd_tied_pp1", driver_argv(inputs, "--kd-teacher-load", str(inputs["tied"][1]), "--kd-alpha", "0.5",
@@ -590,8 +594,9 @@ def test_layer_spec_mismatch_is_refused(monkeypatch):
 
 def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeypatch, tmp_path):
     """Before Megatron starts: batch sizes that do not divide, two schedules, KD flags without a teacher or out
-    of range, --save without --save-interval, --min-lr above --lr (the last two bare assertions), a sequence longer than the checkpoint's positions, a torch_dist checkpoint read as torch, and a
-    moved checkpoint whose args name a tokenizer that is gone; an explicit --tokenizer-model is kept."""
+    of range, --save without --save-interval, --min-lr above --lr (the last two bare assertions), W&B without a
+    run name or the package, a sequence longer than the checkpoint's positions, a torch_dist checkpoint read as
+    torch, and a moved checkpoint whose args name a tokenizer that is gone; an explicit --tokenizer-model is kept."""
     from megatron.prune.training import recipe
 
     def flags_first(argv: list[str]) -> None:
@@ -613,10 +618,18 @@ def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeyp
            ("--kd-teacher-load", "t", "--kd-temperature", "0"): "--kd-temperature 0.0: must be > 0",
            ("--save", "out"): r"--save out needs --save-interval N > 0",
            ("--save", "out", "--save-interval", "0"): r"--save out needs --save-interval N > 0",
-           ("--lr", "1e-4", "--min-lr", "1e-3"): r"--min-lr 0.001 \(MIN_LR\) is above --lr 0.0001 \(LR\)"}
+           ("--lr", "1e-4", "--min-lr", "1e-3"): r"--min-lr 0.001 \(MIN_LR\) is above --lr 0.0001 \(LR\)",
+           ("--wandb-project", "p"): "--wandb-project p needs --wandb-exp-name NAME"}
     for argv, message in bad.items():
         with pytest.raises(PruneError, match=message):
             flags_first(list(argv))
+    wandb = ["--wandb-project", "p", "--wandb-exp-name", "run1"]
+    flags_first(wandb)
+    find_spec = importlib.util.find_spec
+    with monkeypatch.context() as m, pytest.raises(PruneError, match="--wandb-project p: W&B logging needs the "
+                                                                      "wandb package"):
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+        flags_first(wandb)
 
     pruned = str(inputs["pruned"][1])
     max_pos = kd.checkpoint_args(kd.find_checkpoint(pruned, "--load")).max_position_embeddings
@@ -736,6 +749,14 @@ def test_flags_stock_pretrain_gpt_honours(tmp_path, inputs):
                                             allow_ambiguous_pad_tokens=True, per_dataset_sequences_path=str(seqs)))
     assert tuned["multiple_validation_sets"] and tuned["allow_ambiguous_pad_tokens"]
     assert tuned["mid_level_dataset_surplus"] == 0.5 and tuned["sequences_per_dataset"] == {"a": 3}
+    with pytest.raises(PruneError, match=r"--per-dataset-sequences-path .*nope\.json: No such file"):
+        recipe.dataset_tuning(Namespace(per_dataset_sequences_path=str(tmp_path / "nope.json")))
+    seqs.write_text("[3]")
+    with pytest.raises(PruneError, match=r"seqs\.json: must hold a JSON object .*, not list"):
+        recipe.dataset_tuning(Namespace(per_dataset_sequences_path=str(seqs)))
+    seqs.write_text("{")
+    with pytest.raises(PruneError, match=r"seqs\.json: not JSON"):
+        recipe.dataset_tuning(Namespace(per_dataset_sequences_path=str(seqs)))
     # --data-args-path (a long blend kept in a file) is read as the dataset provider reads it
     blend = tmp_path / "blend.txt"
     blend.write_text(f"0.7 {inputs['DATA']}\n0.3 {inputs['DATA']}_b\n")
@@ -809,7 +830,7 @@ def test_partial_loads_are_refused():
 def test_bad_inputs_fail_before_training(runs):
     ok(runs["driver"])
     bad = [c for c in runs["cases"] if c["message"]]
-    assert len(bad) == 12
+    assert len(bad) == 13
     for case in bad:
         r = case_result(case)
         assert r.returncode == 2 and case["message"] in r.stderr, (case["name"], r.stderr[-3000:])

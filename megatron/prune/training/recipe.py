@@ -175,7 +175,7 @@ def preflight_flags(argv: Sequence[str]) -> argparse.Namespace:
     reports most mistakes, some as bare assertions); the last occurrence wins, as in Megatron's parser."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for flag in ("--load", "--save", "--tokenizer-type", "--tokenizer-model", "--num-layers", "--kd-teacher-load",
-                 "--ckpt-format", "--train-iters", "--train-samples"):
+                 "--ckpt-format", "--train-iters", "--train-samples", "--wandb-project", "--wandb-exp-name"):
         p.add_argument(flag)
     p.add_argument("--save-interval", type=_number(int))
     for flag in ("--lr", "--min-lr"):
@@ -253,6 +253,14 @@ def check_flags_first(ns: argparse.Namespace) -> None:
     if ns.train_iters is not None and ns.train_samples is not None:
         raise PruneError(f"--train-iters {ns.train_iters} and --train-samples {ns.train_samples}: give one "
                          "(with scripts/check_model.sh: TRAIN_SAMPLES=N instead of TRAIN_ITERS)")
+    if ns.wandb_project:  # Megatron raises a bare ValueError for the name, an ImportError for the package
+        if not ns.wandb_exp_name:
+            raise PruneError(f"--wandb-project {ns.wandb_project} needs --wandb-exp-name NAME (the run's name in W&B)")
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise PruneError(f"--wandb-project {ns.wandb_project}: W&B logging needs the wandb package; pip install "
+                             "wandb, or drop the flag")
     if ns.kd_teacher_load is None:
         given = [f for f in ("--kd-alpha", "--kd-temperature") if getattr(ns, f[2:].replace("-", "_")) is not None]
         if given:
@@ -414,6 +422,7 @@ def validate_inputs(args: Any) -> None:
         raise PruneError("no training data: pass --data-path PREFIX (from `megatron-prune data`)")
     for prefix in prefixes:
         validate_dataset_prefix(prefix)
+    dataset_tuning(args)  # reads --per-dataset-sequences-path now, not once the datasets are built
     if prefixes:
         from megatron.training import get_tokenizer
 
@@ -605,10 +614,19 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 def dataset_tuning(args: Any) -> dict[str, Any]:
     """``GPTDatasetConfig`` fields from Megatron's dataset flags (validation sets, blend sizing, pad-token masking,
     index loading), as the stock GPT script passes them."""
-    per_dataset = getattr(args, "per_dataset_sequences_path", None)
-    if per_dataset is not None:
-        with open(per_dataset) as f:
-            per_dataset = json.load(f)
+    path = getattr(args, "per_dataset_sequences_path", None)
+    per_dataset = None
+    if path is not None:
+        try:
+            with open(path) as f:
+                per_dataset = json.load(f)
+        except OSError as e:
+            raise PruneError(f"--per-dataset-sequences-path {path}: {e.strerror}") from None
+        except ValueError as e:
+            raise PruneError(f"--per-dataset-sequences-path {path}: not JSON ({e})") from None
+        if not isinstance(per_dataset, dict):
+            raise PruneError(f"--per-dataset-sequences-path {path}: must hold a JSON object (dataset path -> "
+                             f"sequence count), not {type(per_dataset).__name__}")
     return dict(
         multiple_validation_sets=getattr(args, "multiple_validation_sets", None),
         full_validation=getattr(args, "full_validation", None),
