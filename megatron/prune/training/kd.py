@@ -47,6 +47,9 @@ class _VocabParallelKL(torch.autograd.Function):
         kl = (p * log_p.sub_(log_q)).sum(dim=-1)
         if group is not None:
             dist.all_reduce(kl, group=group)
+        # KL >= 0, but rounding gives ~-1e-7 for near-equal logits, and Megatron's log leaves out a negative
+        # average (the KD loss of a student that matches its teacher would go unreported); the gradient stays q - p
+        kl.clamp_(min=0.0)
         # backward needs only q - p: keep that one vocab-sized tensor (not log q and p)
         ctx.save_for_backward(log_q.exp_().sub_(p))
         ctx.temperature = temperature
