@@ -86,10 +86,12 @@ class Throughput:
 
 def measure(times_ms: list[float], shape: ModelShape, seq_len: int, global_batch: int, device: str,
             warmup: int = 5) -> Throughput:
-    """Throughput over the iterations after the first ``warmup`` (all of them when there are no more)."""
+    """Throughput over the iterations after the first ``warmup`` (at least 2: Megatron does not restart its interval
+    timer after logging iteration 1, so iteration 2's time also holds iteration 1's start-up); the last iteration
+    alone when there are no more."""
     if not times_ms:
         raise ValueError("no iteration timings in the training log (was --log-interval set?)")
-    steady = times_ms[warmup:] or times_ms
+    steady = times_ms[max(warmup, 2):] or times_ms[-1:]
     step_s = sum(steady) / len(steady) / 1000.0
     tokens_per_s = global_batch * seq_len / step_s
     flops = tokens_per_s * flops_per_token(shape, seq_len)
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, required=True, help="the model's HF config.json (or its folder)")
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--global-batch", type=int, required=True)
-    p.add_argument("--warmup", type=int, default=5, help="iterations left out of the mean (default 5)")
+    p.add_argument("--warmup", type=int, default=5, help="iterations left out of the mean (default 5; at least the first 2 always are)")
     p.add_argument("--device", help="device name for the peak (default: this machine's GPU 0)")
     a = p.parse_args(argv)
     config = a.config / "config.json" if a.config.is_dir() else a.config
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(t.lines(device)))
-    theirs = megatron_tflops(log)[a.warmup:] or megatron_tflops(log)
+    theirs = megatron_tflops(log)[max(a.warmup, 2):] or megatron_tflops(log)[-1:]
     if theirs:  # an independent count of the same FLOPs: the two should agree
         print(f"Megatron's own count (--log-throughput): {sum(theirs) / len(theirs):.1f} TFLOP/s/GPU")
     return 0
