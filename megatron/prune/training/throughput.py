@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, required=True, help="the model's HF config.json (or its folder)")
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--global-batch", type=int, required=True)
-    p.add_argument("--warmup", type=int, default=5, help="iterations left out of the mean (default 5; at least the first 2 always are)")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="iterations left out of the mean (default 5; the first 2 always are)")
     p.add_argument("--device", help="device name for the peak (default: this machine's GPU 0)")
     a = p.parse_args(argv)
     config = a.config / "config.json" if a.config.is_dir() else a.config
