@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from functools import partial
@@ -41,6 +42,10 @@ MODEL_ARGS: tuple[str, ...] = (
 
 def add_recovery_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Our flags on top of Megatron's (passed to ``parse_args`` as ``extra_args_provider``)."""
+    parser.description = ("Recovery training of a pruned LLaMA-family model on megatron-core's stock loop: Megatron-LM's "
+                          "flags, plus distillation from a teacher (the last group). scripts/check_model.sh sets the "
+                          "usual flags from environment variables; docs/recovery.md walks through the whole cycle.")
+    escape_help_percents(parser)
     g = parser.add_argument_group("megatron-prune recovery")
     g.add_argument("--kd-teacher-load", default=None,
                    help="Megatron checkpoint of the teacher (the unpruned model, same vocabulary; a torch-format one "
@@ -49,6 +54,14 @@ def add_recovery_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="weight of the KD loss; total = (1-alpha)*LM + alpha*T^2*KL (default 0.5)")
     g.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T (default 1)")
     return parser
+
+
+def escape_help_percents(parser: argparse.ArgumentParser) -> None:
+    """Double each bare ``%`` in the flags' help: argparse %-formats help text, and one of megatron-core 0.19.2's
+    ("10%)") makes ``--help`` raise ValueError instead of printing."""
+    for action in parser._actions:
+        if action.help:
+            action.help = re.sub(r"%%|%\(|%", lambda m: m.group(0) if len(m.group(0)) == 2 else "%%", action.help)
 
 
 # ---------------------------------------------------------------------------------------------
