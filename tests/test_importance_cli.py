@@ -165,6 +165,27 @@ def test_eval_tasks_bridge_offline(tok_model, tmp_path, capsys, monkeypatch):
     assert results["tiny_worst"]["acc,none"] == 0.0
     assert main(["eval", "--model", str(tok_model), "--tasks", "no_such_task_xyz", "--include-path", str(tasks),
                  "--device", "cpu"]) == 2
+    capsys.readouterr()
+    data.unlink()  # a task whose data cannot be loaded (as a Hub task offline): one line, no traceback
+    assert main(["eval", "--model", str(tok_model), "--tasks", "tiny_best", "--include-path", str(tasks),
+                 "--device", "cpu", "--no-progress"]) == 2
+    assert "--tasks tiny_best: could not load a task's data (" in capsys.readouterr().err
+
+
+def test_eval_refuses_folders_without_an_hf_model(tok_model, tmp_path, capsys):
+    """A Megatron checkpoint is named as one (with the export command); a config without weights is refused
+    before transformers' own OSError."""
+    mg = tmp_path / "mg"
+    (mg / "iter_0000001").mkdir(parents=True)
+    (mg / "latest_checkpointed_iteration.txt").write_text("1")
+    assert main(["eval", "--model", str(mg)]) == 2
+    assert f"is not an HF model folder (no config.json); it is a Megatron checkpoint: export it with " \
+           f"`megatron-prune convert megatron-to-hf --input {mg} --output {mg}-hf`" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tok_model / "config.json", bare)
+    assert main(["eval", "--model", str(bare)]) == 2
+    assert f"{bare}: no weights (*.safetensors or pytorch_model*.bin) beside its config.json" in capsys.readouterr().err
 
 
 # ---- the real model ---------------------------------------------------------------------------------------------

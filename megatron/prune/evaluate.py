@@ -18,7 +18,13 @@ def load_hf(folder: Path | str, dtype: torch.dtype = torch.float32, device: str 
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise PruneError(f"{folder} is not an HF model folder (no config.json)")
+        from .megatron_ckpt import is_megatron_dir
+
+        hint = (f"; it is a Megatron checkpoint: export it with `megatron-prune convert megatron-to-hf --input "
+                f"{folder} --output {folder}-hf`") if is_megatron_dir(folder) else ""
+        raise PruneError(f"{folder} is not an HF model folder (no config.json){hint}")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        raise PruneError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin) beside its config.json")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device).eval()
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, tok

@@ -28,8 +28,13 @@ def run_tasks(model, tok, tasks: Sequence[str], include_path: Sequence[Path] | N
         hint = "" if include_path else " (local task YAMLs need --include-path DIR)"
         raise PruneError(f"unknown lm-eval task(s) {', '.join(unknown)}{hint}; list them with `lm-eval ls tasks`")
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
-    out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                          log_samples=False, bootstrap_iters=0)
+    try:
+        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                              num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
+    except OSError as e:  # no network (datasets' ConnectionError), a dataset not in the cache, a missing local file
+        raise PruneError(f"--tasks {' '.join(tasks)}: could not load a task's data ({type(e).__name__}: {e}). Hub "
+                         "tasks download their data: run where the Hugging Face Hub is reachable once (it is cached "
+                         "in HF_DATASETS_CACHE), or use local task YAMLs (--include-path DIR)") from None
     return {task: {k: v for k, v in metrics.items() if k != "alias"} for task, metrics in out["results"].items()}
 
 
