@@ -65,6 +65,27 @@ def test_view_is_written_alone(tmp_path: Path) -> None:
     assert back.untyped_storage().nbytes() == view.numel() * view.element_size()
 
 
+def test_contiguous_view_at_an_offset_is_written_from_its_first_byte(tmp_path: Path) -> None:
+    """Rows of a larger (reused) buffer: its own bytes, written through the storage API torch.save uses (a raw data
+    pointer is deprecated in torch and warns on every process's first write)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import argparse, torch
+from megatron.prune.torch_stream import TorchStreamWriter
+base = torch.arange(48, dtype=torch.bfloat16).reshape(8, 6)
+with TorchStreamWriter({str(tmp_path / "rows.pt")!r}) as out:
+    out.finish({{"rows": out.tensor(base[3:5]), "none": out.tensor(base[2:2]), "all": out.tensor(base)}})
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "deprecated" not in r.stderr, r.stderr
+    back = torch.load(tmp_path / "rows.pt", weights_only=True)
+    base = torch.arange(48, dtype=torch.bfloat16).reshape(8, 6)
+    assert torch.equal(back["rows"], base[3:5]) and torch.equal(back["all"], base)
+    assert back["none"].shape == (0, 6) and back["rows"].untyped_storage().nbytes() == 2 * 6 * 2
+
+
 def test_unfinished_writer_raises(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="finish"):
         with TorchStreamWriter(tmp_path / "x.pt") as out:

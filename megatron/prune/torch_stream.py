@@ -56,6 +56,14 @@ class _Pickler(pickle.Pickler):
         return obj.persistent_id() if isinstance(obj, _StorageRef) else None
 
 
+def _storage_at(t: torch.Tensor) -> torch.UntypedStorage:
+    """A storage whose first byte is ``t``'s (its memory, no copy): ``write_record`` writes a storage from its start
+    (a raw data pointer is deprecated), and ``t`` may be a view into a larger reused buffer."""
+    if t.storage_offset() == 0:
+        return t.untyped_storage()
+    return torch.frombuffer(t.reshape(-1).view(torch.uint8).numpy(), dtype=torch.uint8).untyped_storage()
+
+
 class TorchStreamWriter:
     """``with TorchStreamWriter(path) as w: ref = w.tensor(t); ...; w.finish(obj_holding_refs)``.
 
@@ -77,7 +85,7 @@ class TorchStreamWriter:
         key = str(self._count)
         self._count += 1
         nbytes = t.numel() * t.element_size()
-        self._zip.write_record(f"data/{key}", t.data_ptr(), nbytes)
+        self._zip.write_record(f"data/{key}", _storage_at(t) if nbytes else b"", nbytes)
         return _TensorRef(_StorageRef(key, t.dtype, t.numel()), tuple(t.shape), tuple(t.stride()))
 
     def finish(self, obj: Any) -> None:
