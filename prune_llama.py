@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Seed-compatible entry point for pruning a Megatron (or HF) LLaMA-family checkpoint.
+r"""Seed-compatible entry point for pruning a Megatron (or HF) LLaMA-family checkpoint.
 
     python prune_llama.py --load MG_TP2 --save MG_SMALL --hidden_size_remain 3072 \
         --num_attention_heads_remain 24 --num_query_groups_remain 8 --ffn_hidden_size_remain 8192 \

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Seed-compatible token counting: frequencies over a corpus and the ids of the N most frequent tokens.
+r"""Seed-compatible token counting: frequencies over a corpus and the ids of the N most frequent tokens.
 
     python emb_pruner/get_vocab_freq.py --data_type txt --data_path corpus.txt --spm MODEL/tokenizer.model \
         --vocab_freq vocab_freq --remain_vocab_size 15000 --remain_vocab_ids_path remain_vocab_ids.pt

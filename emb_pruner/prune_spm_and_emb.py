@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Seed-compatible vocabulary pruning of an HF model folder (tokenizer + embedding / lm_head rows).
+r"""Seed-compatible vocabulary pruning of an HF model folder (tokenizer + embedding / lm_head rows).
 
     python emb_pruner/prune_spm_and_emb.py --hf_dir MODEL --remain_vocab_path remain_vocab_ids.pt \
         [--save_dir MODEL2] [--remain_ids_with_spt remain_vocab_with_spt.pt]

@@ -1,7 +1,7 @@
-"""Prune a checkpoint (HF safetensors or Megatron) to a smaller shape.
+r"""Prune a checkpoint (HF safetensors or Megatron) to a smaller shape.
 
 Axes you do not name are kept. The chosen indices are written beside the weights as prune_plan.json;
-`--plan` re-applies such a plan bit-identically. With no target at all the output equals the input.
+`--plan` re-applies such a plan bit-identically. With no target at all every tensor equals the input's.
 
 Examples:
   megatron-prune prune --input smollm2 --output small --hidden-size 480 --num-attention-heads 6 \

@@ -1,4 +1,4 @@
-"""Training throughput from the stock loop's log: tokens/s and model FLOPs utilisation (MFU).
+r"""Training throughput from the stock loop's log: tokens/s and model FLOPs utilisation (MFU).
 
 ``scripts/gpu_smoke.sh`` runs this after its training run::
 
