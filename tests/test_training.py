@@ -256,6 +256,10 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
         ("missing_sequence_counts", driver_argv(inputs, "--per-dataset-sequences-path", str(d / "counts.json"),
                                                 load=pruned[1]),
          f"--per-dataset-sequences-path {d / 'counts.json'}: No such file or directory"),
+        ("other_schedule", [*driver_argv(inputs, "--lr", "0", "--min-lr", "0", iters=3), "--load",
+                            str(d / "conv_tp1_out"), "--use-checkpoint-args",
+                            "--no-use-tokenizer-model-from-checkpoint-args"],
+         f"--load {d / 'conv_tp1_out'}: the saved learning-rate schedule differs from this run's flags ("),
         ("moe_flag", driver_argv(inputs, "--num-experts", "4", load=pruned[1]),
          "--num-experts 4: not supported: pretrain_llama.py builds dense LLaMA-family layers"),
         ("kd_tied_pp1", driver_argv(inputs, "--kd-teacher-load", str(inputs["tied"][1]), "--kd-alpha", "0.5",
@@ -830,7 +834,7 @@ def test_partial_loads_are_refused():
 def test_bad_inputs_fail_before_training(runs):
     ok(runs["driver"])
     bad = [c for c in runs["cases"] if c["message"]]
-    assert len(bad) == 13
+    assert len(bad) == 14
     for case in bad:
         r = case_result(case)
         assert r.returncode == 2 and case["message"] in r.stderr, (case["name"], r.stderr[-3000:])

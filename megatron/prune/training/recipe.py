@@ -804,4 +804,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = "" if str(e).startswith("--") else f"--load {args.load}: "
         print(f"pretrain_llama.py: error: {where}{e}", file=sys.stderr, flush=True)
         return 2
+    except AssertionError as e:
+        message = schedule_mismatch(str(e), args.load)
+        if message is None:
+            raise
+        print(f"pretrain_llama.py: error: {message}", file=sys.stderr, flush=True)
+        return 2
     return 0
+
+
+def schedule_mismatch(assertion: str, load: str | None) -> str | None:
+    """Megatron's bare assertion when a resumed checkpoint's LR schedule differs from the flags (e.g. another
+    --train-iters), turned into what to do about it; None for any other assertion."""
+    m = re.match(r"OptimizerParamScheduler: class input value (.*) and checkpoint ?value (.*) for (.*) do not match",
+                 assertion)
+    if m is None:
+        return None
+    flags, saved, name = m.groups()
+    return (f"--load {load}: the saved learning-rate schedule differs from this run's flags ({name}: {saved} saved, "
+            f"{flags} now); resume with the flags it was saved with, or add --override-opt_param-scheduler to take "
+            "this run's schedule (--use-checkpoint-opt_param-scheduler to keep the saved one)")
