@@ -52,8 +52,21 @@ def verb_parser(parser: argparse.ArgumentParser, verb: str) -> argparse.Argument
     return subparsers.choices[verb]
 
 
+def quiet_optional_backends() -> None:
+    """File-to-file verbs need neither CUDA nor Transformer Engine/Apex; the notices megatron-core and torch print on
+    import when those are missing (a reading of a trained checkpoint's pickled args imports megatron-core) are
+    noise here. Training (pretrain_llama.py) keeps them."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed",
+                            category=UserWarning)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_optional_backends()
     # Build only the requested verb's parser: importing every verb pulls in torch/megatron.
     verb = argv[0] if argv and argv[0] in VERBS else None
     parser = build_parser([verb] if verb else None)
