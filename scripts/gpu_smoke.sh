@@ -96,9 +96,11 @@ train() {
   "${model[@]}" "${run[@]}" TRAIN_ITERS="$ITERS" SAVE="$WORK/trained" \
     bash "$here/scripts/check_model.sh" "${extra[@]}" "${flags[@]}" 2>&1 | tee "$log"
 }
-if ! train; then  # the bias-SwiGLU and bias-dropout fusions are torch.compile'd on a GPU (Triton, a C compiler)
-  grep -qE "torch\._(inductor|dynamo)|BackendCompilerFailed" "$log" || exit 1
-  echo "torch.compile failed on this machine: again without the compiled fusions"
+if train; then :; else  # the bias-SwiGLU and bias-dropout fusions are torch.compile'd on a GPU (Triton, a C compiler)
+  rc=$?
+  grep -qE "torch[._/]_(inductor|dynamo)|InductorError|BackendCompilerFailed" "$log" || exit $rc
+  cp "$log" "$WORK/train-compile-failed.log"
+  echo "torch.compile failed on this machine (log: $WORK/train-compile-failed.log): again without the compiled fusions"
   flags+=(--no-bias-swiglu-fusion --no-bias-dropout-fusion)
   rm -rf "$WORK/trained"
   train
@@ -113,6 +115,7 @@ if (( KD_ITERS > 0 )); then
   echo "distillation (teacher == student; the FLOP count leaves out the teacher's forward):"
   "${throughput[@]}" --log "$kd_log" --warmup 2 | grep -v "^device"
   first="$(grep -m1 -oE 'kd loss: [0-9.E+-]+' "$kd_log" | cut -d' ' -f3 || true)"
+  [[ -n "$first" ]] || { echo "error: no 'kd loss' in $kd_log" >&2; exit 1; }
   "$PYTHON" -c "import sys; v = float(sys.argv[1]); print(f'first KD loss: {v:.3g} (teacher == student)');
 sys.exit(0 if v < 1e-3 else 'error: the teacher does not give the student\'s logits')" "${first:-nan}"
 fi

@@ -93,7 +93,9 @@ def test_measure_skips_warmup_and_refuses_an_empty_log():
                 warmup=1)  # Megatron's time for iteration 2 holds iteration 1's too: left out whatever the warmup
     assert (t.iterations, t.step_s, t.tokens_per_s) == (2, 0.2, 4 * 64 / 0.2)
     assert t.mfu == pytest.approx(t.tokens_per_s * flops_per_token(shape, 64) / 989e12)
-    assert measure([900.0, 100.0], shape, 64, 4, "CPU", warmup=5).step_s == 0.1  # too short: the last one
+    short = measure([900.0, 100.0], shape, 64, 4, "CPU", warmup=5)  # too short: the last one, start-up in it
+    assert short.step_s == 0.1 and short.with_startup and "start-up included" in short.lines("CPU")[1]
+    assert not measure([900.0, 800.0, 100.0], shape, 64, 4, "CPU", warmup=5).with_startup
     assert measure([100.0], shape, 64, 4, "CPU").mfu is None
     with pytest.raises(ValueError, match="no iteration timings"):
         measure([], shape, 64, 4, "CPU")

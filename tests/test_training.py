@@ -598,8 +598,8 @@ def test_layer_spec_mismatch_is_refused(monkeypatch):
 
 def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeypatch, tmp_path):
     """Before Megatron starts: batch sizes that do not divide, two schedules, KD flags without a teacher or out
-    of range, --save without --save-interval, --min-lr above --lr (the last two bare assertions), W&B without a
-    run name or the package, a sequence longer than the checkpoint's positions, a torch_dist checkpoint read as
+    of range, --save without --save-interval, --min-lr above --lr (the last two bare assertions), W&B with an
+    empty run name, no folder for its files or no package, a sequence longer than the checkpoint's positions, a torch_dist checkpoint read as
     torch, and a moved checkpoint whose args name a tokenizer that is gone; an explicit --tokenizer-model is kept."""
     from megatron.prune.training import recipe
 
@@ -623,11 +623,13 @@ def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeyp
            ("--save", "out"): r"--save out needs --save-interval N > 0",
            ("--save", "out", "--save-interval", "0"): r"--save out needs --save-interval N > 0",
            ("--lr", "1e-4", "--min-lr", "1e-3"): r"--min-lr 0.001 \(MIN_LR\) is above --lr 0.0001 \(LR\)",
-           ("--wandb-project", "p"): "--wandb-project p needs --wandb-exp-name NAME"}
+           ("--wandb-project", "p", "--save", "out", "--save-interval", "1", "--wandb-exp-name", ""):
+               "--wandb-project p: --wandb-exp-name is empty",
+           ("--wandb-project", "p"): r"--wandb-project p: W&B writes its files to SAVE/wandb; pass --save"}
     for argv, message in bad.items():
         with pytest.raises(PruneError, match=message):
             flags_first(list(argv))
-    wandb = ["--wandb-project", "p", "--wandb-exp-name", "run1"]
+    wandb = ["--wandb-project", "p", "--wandb-save-dir", "wb"]  # W&B names the run
     flags_first(wandb)
     find_spec = importlib.util.find_spec
     with monkeypatch.context() as m, pytest.raises(PruneError, match="--wandb-project p: W&B logging needs the "
@@ -754,13 +756,13 @@ def test_flags_stock_pretrain_gpt_honours(tmp_path, inputs):
     assert tuned["multiple_validation_sets"] and tuned["allow_ambiguous_pad_tokens"]
     assert tuned["mid_level_dataset_surplus"] == 0.5 and tuned["sequences_per_dataset"] == {"a": 3}
     with pytest.raises(PruneError, match=r"--per-dataset-sequences-path .*nope\.json: No such file"):
-        recipe.dataset_tuning(Namespace(per_dataset_sequences_path=str(tmp_path / "nope.json")))
+        recipe.read_sequence_counts(str(tmp_path / "nope.json"))
     seqs.write_text("[3]")
     with pytest.raises(PruneError, match=r"seqs\.json: must hold a JSON object .*, not list"):
-        recipe.dataset_tuning(Namespace(per_dataset_sequences_path=str(seqs)))
+        recipe.read_sequence_counts(str(seqs))
     seqs.write_text("{")
     with pytest.raises(PruneError, match=r"seqs\.json: not JSON"):
-        recipe.dataset_tuning(Namespace(per_dataset_sequences_path=str(seqs)))
+        recipe.read_sequence_counts(str(seqs))
     # --data-args-path (a long blend kept in a file) is read as the dataset provider reads it
     blend = tmp_path / "blend.txt"
     blend.write_text(f"0.7 {inputs['DATA']}\n0.3 {inputs['DATA']}_b\n")

@@ -41,7 +41,8 @@ MODEL_ARGS: tuple[str, ...] = (
 
 
 def add_recovery_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Our flags on top of Megatron's (passed to ``parse_args`` as ``extra_args_provider``)."""
+    """Our flags on top of Megatron's (passed to ``parse_args`` as ``extra_args_provider``); also the script's
+    description, and help texts made printable."""
     parser.description = ("Recovery training of a pruned LLaMA-family model on megatron-core's stock loop: Megatron-LM's "
                           "flags, plus distillation from a teacher (the last group). scripts/check_model.sh sets the "
                           "usual flags from environment variables; docs/recovery.md walks through the whole cycle.")
@@ -61,7 +62,7 @@ def escape_help_percents(parser: argparse.ArgumentParser) -> None:
     ("10%)") makes ``--help`` raise ValueError instead of printing."""
     for action in parser._actions:
         if action.help:
-            action.help = re.sub(r"%%|%\(|%", lambda m: m.group(0) if len(m.group(0)) == 2 else "%%", action.help)
+            action.help = re.sub(r"(%%|%\()|%", lambda m: m.group(1) or "%%", action.help)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +189,8 @@ def preflight_flags(argv: Sequence[str]) -> argparse.Namespace:
     reports most mistakes, some as bare assertions); the last occurrence wins, as in Megatron's parser."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for flag in ("--load", "--save", "--tokenizer-type", "--tokenizer-model", "--num-layers", "--kd-teacher-load",
-                 "--ckpt-format", "--train-iters", "--train-samples", "--wandb-project", "--wandb-exp-name"):
+                 "--ckpt-format", "--train-iters", "--train-samples", "--wandb-project", "--wandb-exp-name",
+                 "--wandb-save-dir"):
         p.add_argument(flag)
     p.add_argument("--save-interval", type=_number(int))
     for flag in ("--lr", "--min-lr"):
@@ -266,9 +268,13 @@ def check_flags_first(ns: argparse.Namespace) -> None:
     if ns.train_iters is not None and ns.train_samples is not None:
         raise PruneError(f"--train-iters {ns.train_iters} and --train-samples {ns.train_samples}: give one "
                          "(with scripts/check_model.sh: TRAIN_SAMPLES=N instead of TRAIN_ITERS)")
-    if ns.wandb_project:  # Megatron raises a bare ValueError for the name, an ImportError for the package
-        if not ns.wandb_exp_name:
-            raise PruneError(f"--wandb-project {ns.wandb_project} needs --wandb-exp-name NAME (the run's name in W&B)")
+    if ns.wandb_project:  # else Megatron's bare ValueError (empty name), TypeError (no folder) or ImportError
+        if ns.wandb_exp_name == "":
+            raise PruneError(f"--wandb-project {ns.wandb_project}: --wandb-exp-name is empty; name the run, or leave "
+                             "the flag out for a name W&B picks")
+        if not ns.save and not ns.wandb_save_dir:
+            raise PruneError(f"--wandb-project {ns.wandb_project}: W&B writes its files to SAVE/wandb; pass --save "
+                             "(SAVE) or --wandb-save-dir DIR")
         import importlib.util
 
         if importlib.util.find_spec("wandb") is None:
@@ -303,8 +309,9 @@ def check_memory_history(args: Any) -> None:
 
 
 def start_memory_history(args: Any) -> None:
-    """--record-memory-history: start the allocator's history before the model is built, as the stock GPT script
-    does; the stock loop only starts it for models it builds itself, not a ``model_provider``'s."""
+    """--record-memory-history: start the allocator's history before the model is built, as the stock loop does
+    (``start_memory_history_recording``, honouring --profile-ranks) for models it builds from a config, but not for a
+    ``model_provider``'s."""
     from types import SimpleNamespace
 
     from megatron.training.utils import start_memory_history_recording
@@ -435,7 +442,7 @@ def validate_inputs(args: Any) -> None:
         raise PruneError("no training data: pass --data-path PREFIX (from `megatron-prune data`)")
     for prefix in prefixes:
         validate_dataset_prefix(prefix)
-    dataset_tuning(args)  # reads --per-dataset-sequences-path now, not once the datasets are built
+    read_sequence_counts(getattr(args, "per_dataset_sequences_path", None))  # now, not once datasets are built
     if prefixes:
         from megatron.training import get_tokenizer
 
@@ -624,22 +631,27 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
+def read_sequence_counts(path: str | None) -> dict[str, int] | None:
+    """--per-dataset-sequences-path: {dataset path: sequence count}, which spares reading each index; None without
+    the flag."""
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            counts = json.load(f)
+    except OSError as e:
+        raise PruneError(f"--per-dataset-sequences-path {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise PruneError(f"--per-dataset-sequences-path {path}: not JSON ({e})") from None
+    if not isinstance(counts, dict):
+        raise PruneError(f"--per-dataset-sequences-path {path}: must hold a JSON object (dataset path -> sequence "
+                         f"count), not {type(counts).__name__}")
+    return counts
+
+
 def dataset_tuning(args: Any) -> dict[str, Any]:
     """``GPTDatasetConfig`` fields from Megatron's dataset flags (validation sets, blend sizing, pad-token masking,
     index loading), as the stock GPT script passes them."""
-    path = getattr(args, "per_dataset_sequences_path", None)
-    per_dataset = None
-    if path is not None:
-        try:
-            with open(path) as f:
-                per_dataset = json.load(f)
-        except OSError as e:
-            raise PruneError(f"--per-dataset-sequences-path {path}: {e.strerror}") from None
-        except ValueError as e:
-            raise PruneError(f"--per-dataset-sequences-path {path}: not JSON ({e})") from None
-        if not isinstance(per_dataset, dict):
-            raise PruneError(f"--per-dataset-sequences-path {path}: must hold a JSON object (dataset path -> "
-                             f"sequence count), not {type(per_dataset).__name__}")
     return dict(
         multiple_validation_sets=getattr(args, "multiple_validation_sets", None),
         full_validation=getattr(args, "full_validation", None),
@@ -648,7 +660,7 @@ def dataset_tuning(args: Any) -> dict[str, Any]:
         mid_level_dataset_surplus=getattr(args, "mid_level_dataset_surplus", 0.005),
         allow_ambiguous_pad_tokens=getattr(args, "allow_ambiguous_pad_tokens", False),
         fast_cache_load=getattr(args, "dataloader_fast_cache_load", False),
-        sequences_per_dataset=per_dataset,
+        sequences_per_dataset=read_sequence_counts(getattr(args, "per_dataset_sequences_path", None)),
         defer_npy_index_mmap=getattr(args, "dataloader_defer_npy_index_mmap", False),
     )
 

@@ -73,10 +73,12 @@ class Throughput:
     tokens_per_s: float
     model_flops_per_s: float
     mfu: float | None  # fraction of the peak; None for an unknown device
+    with_startup: bool = False  # too few iterations to leave out the start-up ones
 
     def lines(self, device: str) -> list[str]:
         out = [f"device: {device}",
-               f"steady step time: {self.step_s * 1000:.1f} ms over {self.iterations} iterations",
+               f"steady step time: {self.step_s * 1000:.1f} ms over {self.iterations} iterations"
+               + (" (too few iterations: start-up included)" if self.with_startup else ""),
                f"tokens/s: {self.tokens_per_s:,.0f}",
                f"model TFLOP/s: {self.model_flops_per_s / 1e12:.1f}"]
         if self.mfu is not None:
@@ -91,12 +93,14 @@ def measure(times_ms: list[float], shape: ModelShape, seq_len: int, global_batch
     alone when there are no more."""
     if not times_ms:
         raise ValueError("no iteration timings in the training log (was --log-interval set?)")
-    steady = times_ms[max(warmup, 2):] or times_ms[-1:]
+    skip = max(warmup, 2)
+    steady = times_ms[skip:] or times_ms[-1:]
     step_s = sum(steady) / len(steady) / 1000.0
     tokens_per_s = global_batch * seq_len / step_s
     flops = tokens_per_s * flops_per_token(shape, seq_len)
     peak = peak_bf16_flops(device)
-    return Throughput(step_s, len(steady), tokens_per_s, flops, flops / peak if peak else None)
+    return Throughput(step_s, len(steady), tokens_per_s, flops, flops / peak if peak else None,
+                      with_startup=len(times_ms) <= 2)
 
 
 def _device_name() -> str:
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(t.lines(device)))
-    theirs = megatron_tflops(log)[max(a.warmup, 2):] or megatron_tflops(log)[-1:]
+    counted = megatron_tflops(log)
+    theirs = counted[max(a.warmup, 2):] or counted[-1:]
     if theirs:  # an independent count of the same FLOPs: the two should agree
         print(f"Megatron's own count (--log-throughput): {sum(theirs) / len(theirs):.1f} TFLOP/s/GPU")
     return 0
