@@ -599,8 +599,9 @@ def test_layer_spec_mismatch_is_refused(monkeypatch):
 def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeypatch, tmp_path):
     """Before Megatron starts: batch sizes that do not divide, two schedules, KD flags without a teacher or out
     of range, --save without --save-interval, --min-lr above --lr (the last two bare assertions), W&B with an
-    empty run name, no folder for its files or no package, a sequence longer than the checkpoint's positions, a torch_dist checkpoint read as
-    torch, and a moved checkpoint whose args name a tokenizer that is gone; an explicit --tokenizer-model is kept."""
+    empty run name, no folder for its files or no package, a sequence longer than the checkpoint's positions, a
+    torch_dist checkpoint read as torch, and a moved checkpoint whose args name a tokenizer that is gone; an explicit
+    --tokenizer-model is kept."""
     from megatron.prune.training import recipe
 
     def flags_first(argv: list[str]) -> None:

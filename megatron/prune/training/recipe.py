@@ -43,9 +43,10 @@ MODEL_ARGS: tuple[str, ...] = (
 def add_recovery_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Our flags on top of Megatron's (passed to ``parse_args`` as ``extra_args_provider``); also the script's
     description, and help texts made printable."""
-    parser.description = ("Recovery training of a pruned LLaMA-family model on megatron-core's stock loop: Megatron-LM's "
-                          "flags, plus distillation from a teacher (the last group). scripts/check_model.sh sets the "
-                          "usual flags from environment variables; docs/recovery.md walks through the whole cycle.")
+    parser.description = ("Recovery training of a pruned LLaMA-family model on megatron-core's stock loop: "
+                          "Megatron-LM's flags, plus distillation from a teacher (the last group). "
+                          "scripts/check_model.sh sets the usual flags from environment variables; docs/recovery.md "
+                          "walks through the whole cycle.")
     escape_help_percents(parser)
     g = parser.add_argument_group("megatron-prune recovery")
     g.add_argument("--kd-teacher-load", default=None,
