@@ -172,7 +172,8 @@ def inputs(tmp_path_factory):
                     "mg": Path(shutil.move(made, d / "student_v")), "made": made}
     return {"dir": d, "TOKENIZER": str(tok), "DATA": str(s.bin_path)[: -len(".bin")], "vocab_pruned": vocab_pruned,
             "conv": conv, "pruned": {tp: d / f"pruned_tp{tp}" for tp in (1, 2)},
-            "repeated": repeated, "foreign": write_ids(d / "foreign_text_document", [np.arange(VOCAB - 50, DIVISIBLE_BY * 2)]),
+            "repeated": repeated,
+            "foreign": write_ids(d / "foreign_text_document", [np.arange(VOCAB - 50, DIVISIBLE_BY * 2)]),
             "tied": tied_mg, "tied_pruned": d / "tied_pruned", "dist_tp2": dist_tp2,
             "te": te, "te_unnamed": unnamed, "rope": rope,
             "spm": {"TOKENIZER": str(spm), "DATA": str(spm_data.bin_path)[: -len(".bin")], "mg": spm_mg}}
@@ -342,9 +343,9 @@ def runs(inputs):
                                          "CACHE": str(d / "cache_pp2")}))
     # KD at PP=2: the teacher's hidden states travel beside the student's between the stages; the student's
     # layers split 1 + 2, the teacher's (torch format, saved at PP=2) evenly
-    r["kd_pp2"] = finish(start_check_model({**data, "PP": "2", "TRAIN_ITERS": "2", "LOAD": str(inputs["tied_pruned"]),
-                                            "KD_TEACHER": str(inputs["tied"][2]), "KD_ALPHA": "0.5",
-                                            "CACHE": str(d / "cache_kd_pp2")}, "--decoder-first-pipeline-num-layers", "1"))
+    kd_pp2 = {**data, "PP": "2", "TRAIN_ITERS": "2", "LOAD": str(inputs["tied_pruned"]),
+              "KD_TEACHER": str(inputs["tied"][2]), "KD_ALPHA": "0.5", "CACHE": str(d / "cache_kd_pp2")}
+    r["kd_pp2"] = finish(start_check_model(kd_pp2, "--decoder-first-pipeline-num-layers", "1"))
     # KD with teacher == student == the converted TP=2 checkpoint, alpha 1: loss and gradient are 0 (also on
     # the validation split, evaluated after iteration 2)
     r["kd"] = finish(start_check_model({**data, "TP": "2", "TRAIN_ITERS": "2", "LOAD": str(inputs["conv"][2]),
@@ -530,7 +531,8 @@ def test_kd_at_pp2_equals_kd_at_pp1(runs):
 
 def test_torch_dist_teacher_loads_at_the_students_tp(runs):
     """A torch_dist teacher saved at TP=2 distils a TP=1 student (megatron-core reshards it on load): the same
-    weights, so the KD loss is 0. A torch-format teacher at another TP or PP is refused with the reshard command."""
+    weights, so the KD loss is 0. (A torch-format teacher at another TP or PP is refused: the teacher_tp case and
+    test_teacher_layout_checks.)"""
     ok(runs["driver"])
     r = ok(case_result(next(c for c in runs["cases"] if c["name"] == "kd_dist_teacher")))
     assert {k: float(v) for k, v in parse_losses(r.stdout, "kd loss").items()} == {1: 0.0}

@@ -686,7 +686,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples: Sequence[int]
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
-        # plain causal masking happens inside attention; per-document masks only where asked for (check_document_masking)
+        # plain causal masking happens inside attention; per-document masks only where asked for
+        # (check_document_masking)
         create_attention_mask=bool(args.reset_attention_mask),
         mmap_bin_files=args.mmap_bin_files,
         **dataset_tuning(args),
