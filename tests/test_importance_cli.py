@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from megatron.prune.cli import main
 from megatron.prune.importance import load_scores
+from megatron.prune.megatron_ckpt import hf_to_megatron
 from megatron.prune.plan import PrunePlan
 from megatron.prune.shape import ModelShape
 from tiny import make_tiny_model
@@ -173,19 +174,63 @@ def test_eval_tasks_bridge_offline(tok_model, tmp_path, capsys, monkeypatch):
 
 
 def test_eval_refuses_folders_without_an_hf_model(tok_model, tmp_path, capsys):
-    """A Megatron checkpoint is named as one (with the export command); a config without weights is refused
-    before transformers' own OSError."""
-    mg = tmp_path / "mg"
-    (mg / "iter_0000001").mkdir(parents=True)
-    (mg / "latest_checkpointed_iteration.txt").write_text("1")
-    assert main(["eval", "--model", str(mg)]) == 2
-    assert f"is not an HF model folder (no config.json); it is a Megatron checkpoint: export it with " \
-           f"`megatron-prune convert megatron-to-hf --input {mg} --output {mg}-hf`" in capsys.readouterr().err
+    """A config without weights, a folder that is neither format, and a Megatron checkpoint without a tokenizer in
+    hf_meta/ (converted elsewhere) are each refused before transformers' own errors."""
     bare = tmp_path / "bare"
     bare.mkdir()
+    assert main(["eval", "--model", str(bare)]) == 2
+    assert f"{bare} is not an HF model folder (no config.json) nor a Megatron checkpoint" in capsys.readouterr().err
     shutil.copy(tok_model / "config.json", bare)
     assert main(["eval", "--model", str(bare)]) == 2
     assert f"{bare}: no weights (*.safetensors or pytorch_model*.bin) beside its config.json" in capsys.readouterr().err
+    mg = tmp_path / "mg"
+    hf_to_megatron(tok_model, mg, progress=False)
+    for name in TOKENIZER_FILES:
+        (mg / "hf_meta" / name).unlink(missing_ok=True)
+    assert main(["eval", "--model", str(mg)]) == 2
+    assert f"{mg} has no tokenizer in hf_meta/ (a checkpoint converted elsewhere): export it with " \
+           f"`megatron-prune convert megatron-to-hf --input {mg} --output {mg}-hf`" in capsys.readouterr().err
+    assert main(["prune", "--input", str(mg), "--output", str(tmp_path / "p"), "--num-layers", "3",
+                 "--no-progress"]) == 0
+    assert "--method auto: random (the input has no tokenizer" in capsys.readouterr().out
+
+
+def test_a_megatron_checkpoint_is_scored_and_evaluated_as_its_hf_model(tok_model, tmp_path, capsys):
+    """score and eval on a Megatron checkpoint (TP=2 PP=2 torch, and torch_dist) build the HF model in memory: the
+    scores and the perplexity equal those of the HF checkpoint bit for bit; prune --method auto on it scores
+    activations and keeps the same layers and units as on the HF input; a layout error comes before scoring."""
+    hf_to_megatron(tok_model, tmp_path / "mg", tp=2, pp=2, progress=False)
+    hf_to_megatron(tok_model, tmp_path / "dist", tp=2, progress=False, ckpt_format="torch_dist")
+    ppl, scores = {}, {}
+    for name, folder in (("hf", tok_model), ("mg", tmp_path / "mg"), ("dist", tmp_path / "dist")):
+        assert main(["score", "--model", str(folder), "--output", str(tmp_path / f"{name}.pt")] + SMALL) == 0
+        scores[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        del scores[name]["meta"]
+        assert main(["eval", "--model", str(folder), "--max-tokens", "256", "--seq-len", "64", "--json",
+                     "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        ppl[name] = json.loads(next(l for l in out.splitlines() if l.startswith("{")))["perplexity"]
+    assert ppl["mg"] == ppl["dist"] == ppl["hf"], ppl
+    want = scores["hf"]
+    assert sum(isinstance(v, torch.Tensor) for v in want.values()) == 5  # hidden, heads, groups, ffn, layers
+    for name in ("mg", "dist"):
+        assert set(scores[name]) == set(want) and all(
+            torch.equal(v, scores[name][k]) if isinstance(v, torch.Tensor) else v == scores[name][k]
+            for k, v in want.items()), name
+    assert main(["prune", "--input", str(tmp_path / "mg"), "--output", str(tmp_path / "p"), "--num-layers", "3",
+                 "--no-progress"]) == 2  # refused before the (costly) scoring pass, not after it
+    out, err = capsys.readouterr()
+    assert "--method auto" not in out and "3 layers, not divisible by the checkpoint's pipeline-parallel size 2" in err
+    plans = {}
+    for name, folder, extra in (("hf", tok_model, []), ("mg", tmp_path / "dist", ["--prune-type", "unbalance"])):
+        out = tmp_path / f"pruned-{name}"
+        assert main(["prune", "--input", str(folder), "--output", str(out), "--num-layers", "3", "--hidden-size",
+                     "40", "--num-attention-heads", "4", "--num-query-groups", "2", "--ffn-hidden-size", "32"]
+                    + extra + SMALL) == 0
+        assert "--method auto: activation" in capsys.readouterr().out
+        plans[name] = {k: v for k, v in PrunePlan.load(out).to_dict().items() if k != "info"}
+    assert [lp["source_layer"] for lp in plans["mg"]["layers"]] == [0, 1, 3]
+    assert plans["mg"] == plans["hf"]
 
 
 # ---- the real model ---------------------------------------------------------------------------------------------

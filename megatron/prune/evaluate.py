@@ -13,21 +13,68 @@ from .shape import PruneError
 
 
 def load_hf(folder: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Stock ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a local folder (no hub access)."""
+    """Stock ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a local folder (no hub access): an HF checkpoint,
+    or a Megatron checkpoint built into the same HF model in memory (see :func:`megatron_as_hf`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        from .megatron_ckpt import is_megatron_dir
+    from .megatron_ckpt import is_megatron_dir
 
-        hint = (f"; it is a Megatron checkpoint: export it with `megatron-prune convert megatron-to-hf --input "
-                f"{folder} --output {folder}-hf`") if is_megatron_dir(folder) else ""
-        raise PruneError(f"{folder} is not an HF model folder (no config.json){hint}")
+    folder = Path(folder)
+    if is_megatron_dir(folder):
+        return megatron_as_hf(folder, dtype, device)
+    if not (folder / "config.json").is_file():
+        raise PruneError(f"{folder} is not an HF model folder (no config.json) nor a Megatron checkpoint (no "
+                         f"latest_checkpointed_iteration.txt)")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
         raise PruneError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin) beside its config.json")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device).eval()
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, tok
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """``folder`` holds a tokenizer transformers can load (fast ``tokenizer.json`` or a tokenizer config)."""
+    return any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def megatron_as_hf(folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The HF model of a Megatron checkpoint (latest iteration; torch or torch_dist; any TP/PP), built in memory
+    tensor by tensor, with the tokenizer of its ``hf_meta/``: score and evaluate it without exporting it first.
+
+    Same config, weights and class as ``convert megatron-to-hf`` would write, so the logits are the same.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    from .hf import check_hf_target, parse_hf_name
+    from .megatron_ckpt import META_DIR, PARAM_OF_ROLE, PARAMS, MegatronCheckpoint
+    from .shape import hf_config_for_shape
+
+    src = MegatronCheckpoint.open(folder)
+    meta = folder / META_DIR
+    if not has_tokenizer(meta):
+        raise PruneError(f"{folder} has no tokenizer in {META_DIR}/ (a checkpoint converted elsewhere): export it "
+                         f"with `megatron-prune convert megatron-to-hf --input {folder} --output {folder}-hf` and "
+                         f"copy the model's tokenizer files into {folder}-hf")
+    check_hf_target(src.shape)
+    cfg = hf_config_for_shape(src.hf_config, src.shape)
+    config = AutoConfig.for_model(cfg.pop("model_type", "llama"), **cfg)
+    with no_init_weights(), torch.device(device):  # parameters are overwritten below: skip the random init
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    params = dict(model.named_parameters())  # tied embeddings appear once, as the embedding
+    stored = [p.key for p in PARAMS]
+
+    def read_order(name: str) -> tuple[int, int, str]:  # stored tensor, then layer: each is read (unfused) once
+        role, layer = parse_hf_name(name)
+        return stored.index(PARAM_OF_ROLE[role].key), layer or 0, role
+
+    order = sorted(params, key=read_order)
+    with torch.no_grad():
+        for name in tqdm(order, desc="loading tensors", unit="tensor", disable=len(order) < 64):
+            params[name].copy_(src.get(*parse_hf_name(name)))
+    src.release()
+    tok = AutoTokenizer.from_pretrained(meta, local_files_only=True)
+    return model.eval(), tok
 
 
 @dataclass(frozen=True)

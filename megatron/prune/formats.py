@@ -19,7 +19,7 @@ class FormatAdapter:
     name: str
     detect: Callable[[Path], bool]
     open: Callable[[Path], Any]  # -> TensorSource with .shape
-    check_target: Callable[[ModelShape], None]
+    check_target: Callable[..., None]  # (source, target shape, CLI options): refuse before any selection work
     write: Callable[..., Path]  # (source, plan, output, overwrite=..., **options) -> output
 
 
@@ -31,7 +31,7 @@ def _hf_adapter() -> FormatAdapter:
         return hf.prune_hf(src.folder, output, plan, overwrite, max_shard_bytes, progress)
 
     return FormatAdapter("hf", lambda p: (p / "config.json").is_file(), hf.HFCheckpoint.open,
-                         hf.check_hf_target, write)
+                         lambda src, target, args=None: hf.check_hf_target(target), write)
 
 
 def _megatron_adapter() -> FormatAdapter:

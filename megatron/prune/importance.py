@@ -25,7 +25,7 @@ import torch
 
 from .plan import PrunePlan
 from .selectors import Scores
-from .shape import ModelShape, PruneError
+from .shape import ModelShape, PruneError, shape_from_hf_config
 
 # Where the statistics are read, as HF module paths inside ``model.model.layers[i]`` (LLaMA, Mistral, Qwen2).
 ATTN_NORM = "input_layernorm"  # output [b, s, h]: feeds q/k/v
@@ -234,11 +234,13 @@ class ScoringRun:
 def score_model(folder: Path, texts: Sequence[Path] | None = None, samples: int = DEFAULT_SAMPLES,
                 seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "cpu",
                 dtype: str = "float32", agg: str = DEFAULT_AGGREGATION, progress: bool = True) -> ScoringRun:
-    """Load the HF model in ``folder``, run calibration text (files, or the built-in text) through it, score it."""
+    """Load the model in ``folder`` (HF, or Megatron built into its HF model), run calibration text (files, or the
+    built-in text) through it, score it."""
     import time
 
-    from .evaluate import load_hf, tokenize
+    from .evaluate import has_tokenizer, load_hf, tokenize
     from .hf import HFCheckpoint
+    from .megatron_ckpt import is_megatron_dir
     from .text import builtin_text, read_texts
 
     aggregator(agg)
@@ -246,11 +248,13 @@ def score_model(folder: Path, texts: Sequence[Path] | None = None, samples: int 
         raise PruneError(f"--dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PruneError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    shape = HFCheckpoint.open(folder).shape
     text = read_texts(list(texts)) if texts else builtin_text("calib")
-    if not (Path(folder) / "tokenizer.json").is_file() and not (Path(folder) / "tokenizer_config.json").is_file():
-        raise PruneError(f"{folder} has no tokenizer: activation scoring tokenizes calibration text with it")
+    if not is_megatron_dir(folder):  # a Megatron checkpoint is checked as it is loaded
+        HFCheckpoint.open(folder)
+        if not has_tokenizer(Path(folder)):
+            raise PruneError(f"{folder} has no tokenizer: activation scoring tokenizes calibration text with it")
     model, tok = load_hf(folder, DTYPES[dtype], device)
+    shape = shape_from_hf_config(model.config.to_dict())
     windows = calibration_windows(tokenize(tok, text, None), samples, seq_len)
     t0 = time.perf_counter()
     scores = collect_scores(model, shape, windows, batch_size, agg, progress)
@@ -341,30 +345,42 @@ def gqa_query_groups(shape: ModelShape, num_attention_heads: int | None, num_que
 
 
 def can_score(src: Any, opt: Mapping[str, Any]) -> bool:
-    """Activation scores are at hand: a scores file, or an HF checkpoint with a tokenizer to run text through."""
+    """Activation scores are at hand: a scores file, or a model with a tokenizer to run text through (an HF
+    checkpoint, or a Megatron checkpoint whose ``hf_meta/`` holds one)."""
     folder = getattr(src, "folder", None)
-    return bool(opt.get("scores")) or (folder is not None and (Path(folder) / "config.json").is_file()
-                                       and any((Path(folder) / n).is_file()
-                                               for n in ("tokenizer.json", "tokenizer_config.json")))
+    return bool(opt.get("scores")) or (folder is not None and runnable(Path(folder)))
+
+
+def runnable(folder: Path) -> bool:
+    """``folder`` is a model :func:`score_model` can run: an HF config and a tokenizer, or a Megatron checkpoint
+    with a tokenizer in ``hf_meta/``."""
+    from .evaluate import has_tokenizer
+    from .megatron_ckpt import META_DIR, is_megatron_dir
+
+    if is_megatron_dir(folder):
+        return has_tokenizer(folder / META_DIR)
+    return (folder / "config.json").is_file() and has_tokenizer(folder)
 
 
 def auto_method(src: Any, opt: Mapping[str, Any]) -> tuple[str, str]:
     """``--method auto``: activation (best by bench/quality.py) where it can run, else random, with the reason."""
     if can_score(src, opt):
         return "activation", "activation importance + block influence"
-    return "random", ("the input has no tokenizer to score activations with (for a Megatron checkpoint run "
-                      "`megatron-prune score` on its HF model and pass --scores); falling back to random")
+    return "random", ("the input has no tokenizer to score activations with (for a Megatron checkpoint converted "
+                      "elsewhere run `megatron-prune score` on its HF model and pass --scores); falling back to random")
 
 
 def activation_scorer(src: Any, opt: Mapping[str, Any]) -> Scores:
     """``SCORERS['activation']``: scores from ``--scores FILE``, else computed on ``--calib`` (or built-in) text."""
     if opt.get("scores"):
         return load_scores(opt["scores"], src.shape)
+    from .megatron_ckpt import META_DIR, is_megatron_dir
+
     folder = getattr(src, "folder", None)
-    if folder is None or not (Path(folder) / "config.json").is_file():
-        raise PruneError("--method activation computes scores with the HF model; for this input run "
-                         "`megatron-prune score --model HF_DIR --output scores.pt` on the HF checkpoint of the same "
-                         "model and pass --scores scores.pt")
+    if folder is None or (is_megatron_dir(folder) and not runnable(Path(folder))):
+        raise PruneError(f"--method activation runs calibration text through the model, and this input has no "
+                         f"tokenizer in {META_DIR}/; run `megatron-prune score --model HF_DIR --output scores.pt` on "
+                         f"the HF checkpoint of the same model and pass --scores scores.pt")
     run = score_model(Path(folder), opt.get("calib"), int(opt.get("samples") or DEFAULT_SAMPLES),
                       int(opt.get("seq_len") or DEFAULT_SEQ_LEN), int(opt.get("batch_size") or DEFAULT_BATCH_SIZE),
                       str(opt.get("device") or "cpu"), str(opt.get("dtype") or "float32"),

@@ -1012,6 +1012,29 @@ def check_balanced(plan: PrunePlan, tp: int, padded: int) -> None:
                              f"valid values near it: {nearest_multiples(n, tp, src_n)}")
 
 
+def output_layout(src: CheckpointHeader, target: ModelShape, prune_type: str, tp: int | None,
+                  pp: int | None) -> tuple[int, int]:
+    """The output TP and PP of pruning ``src`` to ``target``; checked before any selection work is done."""
+    pp = pp or src.pp
+    if prune_type == "balance":
+        if tp not in (None, src.tp):
+            raise PruneError(f"--prune-type balance keeps the checkpoint's TP size {src.tp}; got --tp {tp} "
+                             "(use --prune-type unbalance to write another TP size)")
+        tp = src.tp
+    elif prune_type == "unbalance":
+        tp = tp or src.tp
+    else:
+        raise PruneError(f"--prune-type {prune_type!r}: choose balance or unbalance")
+    if target.num_layers % pp:
+        L = target.num_layers
+        valid = [n for n in range(pp, src.shape.num_layers + 1, pp)]
+        raise PruneError(f"the pruned model would have {L} layers, not divisible by the checkpoint's pipeline-parallel "
+                         f"size {pp}; keep a multiple of {pp} layers ({valid}) or first run "
+                         f"`megatron-prune reshard --pp 1`")
+    check_tp_pp(target, tp, pp, what="target: ")
+    return tp, pp
+
+
 def prune_megatron(src: MegatronCheckpoint, plan: PrunePlan, output: Path | str, overwrite: bool = False,
                    prune_type: str = "balance", tp: int | None = None, pp: int | None = None,
                    progress: bool = True, ckpt_format: str = "torch") -> Path:
@@ -1023,29 +1046,13 @@ def prune_megatron(src: MegatronCheckpoint, plan: PrunePlan, output: Path | str,
     if plan.source != src.shape:
         raise PruneError(f"plan was made for {plan.source} but {src.folder} has {src.shape}")
     plan.validate()
-    pp = pp or src.pp
+    tp, pp = output_layout(src, plan.target, prune_type, tp, pp)
     div = int(getattr(src.args, "make_vocab_size_divisible_by", 128))
+    params_fn: Callable[[Any, PrunePlan, Layout], ParamFn] = global_params
     if prune_type == "balance":
-        if tp not in (None, src.tp):
-            raise PruneError(f"--prune-type balance keeps the checkpoint's TP size {src.tp}; got --tp {tp} "
-                             "(use --prune-type unbalance to write another TP size)")
-        tp = src.tp
         check_balanced(plan, tp, src.padded_vocab)
-        # torch_dist input has no per-rank files: gather, prune, re-split (the same result)
-        params_fn: Callable[[Any, PrunePlan, Layout], ParamFn] = (
-            balanced_params if isinstance(src, MegatronCheckpoint) else global_params)
-    elif prune_type == "unbalance":
-        tp = tp or src.tp
-        params_fn = global_params
-    else:
-        raise PruneError(f"--prune-type {prune_type!r}: choose balance or unbalance")
-    if plan.target.num_layers % pp:
-        L = plan.target.num_layers
-        valid = [n for n in range(pp, plan.source.num_layers + 1, pp)]
-        raise PruneError(f"the pruned model would have {L} layers, not divisible by the checkpoint's pipeline-parallel "
-                         f"size {pp}; keep a multiple of {pp} layers ({valid}) or first run "
-                         f"`megatron-prune reshard --pp 1`")
-    check_tp_pp(plan.target, tp, pp, what="target: ")
+        if isinstance(src, MegatronCheckpoint):  # torch_dist input has no per-rank files: gather, prune, re-split
+            params_fn = balanced_params
     check_output_path(src.folder, output, overwrite)
     src.release()
     out = _save(src, plan, Path(output), tp, pp, src.spec, div, params_fn, src.args, src.folder / META_DIR,
@@ -1076,4 +1083,9 @@ def format_adapter():
                               tp=getattr(args, "tp", None), pp=getattr(args, "pp", None), progress=progress,
                               ckpt_format=getattr(args, "ckpt_format", None) or "torch")
 
-    return FormatAdapter("megatron", is_megatron_dir, MegatronCheckpoint.open, lambda target: None, write)
+    def check_target(src: MegatronCheckpoint, target: ModelShape, args: argparse.Namespace | None = None) -> None:
+        check_ckpt_format(getattr(args, "ckpt_format", None) or "torch")
+        output_layout(src, target, getattr(args, "prune_type", None) or "balance", getattr(args, "tp", None),
+                      getattr(args, "pp", None))
+
+    return FormatAdapter("megatron", is_megatron_dir, MegatronCheckpoint.open, check_target, write)

@@ -1,4 +1,7 @@
-"""Measure perplexity of an HF checkpoint on non-overlapping windows of text.
+"""Measure perplexity of a model on non-overlapping windows of text.
+
+The model is an HF checkpoint, or a Megatron checkpoint (any TP/PP, torch or torch_dist) run as the HF model it
+converts to, built in memory with the tokenizer of its hf_meta/ (the same logits as the exported model).
 
 Without --text the built-in held-out text is used (Python's own documentation, `pydoc_data.topics`, the part
 never used for calibration). The last line printed is `perplexity: X`.
@@ -16,12 +19,13 @@ import torch
 from ..evaluate import load_hf, perplexity, tokenize
 from ..text import builtin_text, read_texts
 
-HELP = "perplexity of an HF checkpoint on held-out text"
+HELP = "perplexity (or lm-eval tasks) of an HF or Megatron checkpoint on held-out text"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="HF checkpoint folder")
+    p.add_argument("--model", required=True, type=Path,
+                   help="HF checkpoint folder, or Megatron checkpoint with a tokenizer in hf_meta/")
     p.add_argument("--text", type=Path, nargs="+", help=".txt or .jsonl ('text' field) files; default: built-in held-out text")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=16384, help="use at most this many tokens (default %(default)s; 0 = all)")

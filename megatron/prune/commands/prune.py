@@ -20,7 +20,7 @@ from ..formats import detect_format
 from ..io import check_output_path
 from ..plan import PrunePlan
 from .. import importance
-from ..selectors import SCORERS, TargetRequest, make_plan, resolve_target
+from ..selectors import SCORERS, TargetRequest, check_tp_balance, make_plan, resolve_target
 from ..shape import PruneError
 from .score import add_calibration_arguments
 from . import add_ckpt_format_argument
@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how kept units are chosen: activation (importance on calibration text + block influence "
                         "for layers; see `megatron-prune score`), random (seeded, the seed project's method) or "
                         "magnitude (L2 norm of each unit's weights). auto: activation where the input can be scored "
-                        "(HF checkpoint with tokenizer, or --scores), else random. Default: %(default)s")
+                        "(a tokenizer beside the HF config or in a Megatron checkpoint's hf_meta/, or --scores), "
+                        "else random. Default: %(default)s")
     s.add_argument("--seed", type=int, default=1234, help="seed for --method random (default %(default)s)")
     s.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel size the selection must respect (default: the Megatron input's TP, else 1); "
@@ -88,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="when the hidden size shrinks, multiply RMSNorm weights by sqrt(h/h') (sqrt) or leave them "
                         "(none); recorded in the plan (default %(default)s, measured in bench/quality.py)")
     a = p.add_argument_group("activation scoring (--method activation)")
-    a.add_argument("--scores", type=Path, help="scores from `megatron-prune score` (the HF model's); without it "
+    a.add_argument("--scores", type=Path, help="scores from `megatron-prune score`; without it "
                                                "the input is scored on --calib or the built-in text")
     add_calibration_arguments(a)
     o = p.add_argument_group("output")
@@ -108,7 +109,7 @@ def build_plan(args: argparse.Namespace, src, adapter) -> PrunePlan:
         plan = PrunePlan.load(args.plan)
         if plan.source != src.shape:
             raise PruneError(f"plan {args.plan} was made for {plan.source}, but the input is {src.shape}")
-        adapter.check_target(plan.target)
+        adapter.check_target(src, plan.target, args)
         return plan
     auto = args.drop_layers == "auto"
     if auto and args.num_layers is None:
@@ -117,7 +118,10 @@ def build_plan(args: argparse.Namespace, src, adapter) -> PrunePlan:
     req = TargetRequest(args.hidden_size, args.num_attention_heads, groups,
                         args.ffn_hidden_size, args.num_layers, None if auto else args.drop_layers)
     target, drop = resolve_target(src.shape, req)
-    adapter.check_target(target)
+    tp = args.tp or getattr(src, "tp", 1)
+    if args.prune_type == "balance":
+        check_tp_balance(src.shape, target, tp)  # every refusal comes before the scoring pass
+    adapter.check_target(src, target, args)
     method = args.method
     if method == "auto":
         method, why = importance.auto_method(src, vars(args))
@@ -128,7 +132,7 @@ def build_plan(args: argparse.Namespace, src, adapter) -> PrunePlan:
     if auto and scores.layers is None:
         raise PruneError(f"--drop-layers auto needs block-influence scores; --method {method} has none "
                          "(use --method activation)")
-    plan = make_plan(src.shape, target, scores, drop, tp=args.tp or getattr(src, "tp", 1), balance=args.prune_type == "balance",
+    plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=args.prune_type == "balance",
                      info={"seed": args.seed} if method == "random" else {})
     return importance.norm_rescale(plan, args.norm_rescale)
 

@@ -1,11 +1,15 @@
-"""Score every prunable unit of an HF model by its activations on calibration text (one forward pass).
+"""Score every prunable unit of a model by its activations on calibration text (one forward pass).
+
+The model is an HF checkpoint, or a Megatron checkpoint (any TP/PP, torch or torch_dist) run as the HF model it
+converts to, built in memory with the tokenizer of its hf_meta/.
 
 Collects, per layer: hidden-channel importance (|x| of the RMSNorm outputs feeding attention and MLP),
 query-head and KV-group importance (L2 norm of each head's attention output before o_proj), FFN-channel
 importance (|x| of the input of down_proj) and block influence (1 - cos(layer input, layer output)).
 Tokens and samples are aggregated by --aggregation: rms (L2 over all tokens; the default, measured better
-in bench/quality.py), mean, or mean-l2 (Minitron: mean over the sequence, L2 over samples). The scores file feeds `prune --method activation --scores FILE`, for the HF
-checkpoint and for the Megatron checkpoint of the same model alike.
+in bench/quality.py), mean, or mean-l2 (Minitron: mean over the sequence, L2 over samples). The scores file
+feeds `prune --method activation --scores FILE`, for the HF checkpoint and for the Megatron checkpoint of the same
+model alike.
 
 Examples:
   megatron-prune score --model smollm2 --output scores.pt                 # built-in calibration text
@@ -44,7 +48,9 @@ def add_calibration_arguments(p: argparse.ArgumentParser | argparse._ArgumentGro
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="HF checkpoint folder (with its tokenizer)")
+    p.add_argument("--model", required=True, type=Path,
+                   help="HF checkpoint folder (with its tokenizer), or Megatron checkpoint with a tokenizer in "
+                        "hf_meta/")
     p.add_argument("--output", required=True, type=Path, help="scores file to write (torch .pt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing scores file")
     add_calibration_arguments(p)
