@@ -210,9 +210,14 @@ def test_export_of_a_chosen_iteration(tp2, tmp_path, capsys):
             "--iteration", "3"], tmp_path / "y", capsys, "--iteration 3: only for megatron-to-hf")
 
 
-def test_torch_dist_output_round_trips_and_reshards(tiny_hf, tmp_path):
-    """hf -> torch_dist (TP=2, PP=2, megatron-core's saver) -> hf is bit-exact; CLI reshard of it to torch TP=1
-    is too. (megatron-core's own loader at TP=2 is checked in test_megatron_parity.py.)"""
+def test_torch_dist_output_round_trips_and_reshards(tiny_hf, tmp_path, monkeypatch):
+    """hf -> torch_dist (TP=2, PP=2, megatron-core's saver) -> hf is bit-exact, reading each stored element once
+    (layer by layer, not the whole stacked tensor per layer); CLI reshard of it to torch TP=1 is bit-exact too.
+    (megatron-core's own loader at TP=2 is checked in test_megatron_parity.py.)"""
+    import math
+
+    import torch.distributed.checkpoint as dcp
+
     from megatron.prune.megatron_dist import TorchDistCheckpoint
 
     hf = tiny_hf("qwen2-bias")
@@ -220,7 +225,15 @@ def test_torch_dist_output_round_trips_and_reshards(tiny_hf, tmp_path):
     ck = mc.MegatronCheckpoint.open(out)
     assert isinstance(ck, TorchDistCheckpoint) and (ck.tp, ck.pp) == (2, 2)
     assert ck.args.ckpt_format == "torch_dist" and not list(ck.iter_dir.glob("mp_rank_*"))
+    stored = sum(math.prod(md.size) for md in ck.metadata.state_dict_metadata.values() if hasattr(md, "size"))
+    read = []
+    load = dcp.load
+    monkeypatch.setattr(dcp, "load", lambda sd, *a, **k: (read.extend(t.numel() for t in sd.values()
+                                                                       if isinstance(t, torch.Tensor)),
+                                                           load(sd, *a, **k))[1])
     assert_same_tensors(hf_tensors(hf), hf_tensors(mc.megatron_to_hf(out, tmp_path / "back", progress=False)))
+    assert sum(read) == stored, (sum(read), stored)
+    monkeypatch.setattr(dcp, "load", load)
     assert cli_main(["reshard", "--input", str(out), "--output", str(tmp_path / "tp1"), "--tp", "1", "--pp", "1",
                      "--no-progress"]) == 0
     assert mc.MegatronCheckpoint.open(tmp_path / "tp1").tp == 1

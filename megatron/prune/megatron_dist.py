@@ -114,16 +114,19 @@ class TorchDistCheckpoint(CheckpointHeader):
                "fc2": (h, s.ffn_hidden_size)}[p.key]
         return (s.num_layers, *one) if p.per_layer else one
 
-    def _load(self, name: str) -> torch.Tensor:
-        """One global tensor (all layers for per-layer parameters); the last one read stays cached."""
-        if self._cache[0] != name:
+    def _load(self, name: str, layer: int | None = None) -> torch.Tensor:
+        """One global tensor, or one layer of a per-layer one (only that layer's bytes are read); the last one read
+        stays cached, so q, k and v (gate, up) of a layer come from one read."""
+        if self._cache[0] != (name, layer):
             import torch.distributed.checkpoint as dcp
 
             self._cache = (None, None)
             md = self.metadata.state_dict_metadata[name]
-            sd = {name: torch.empty(tuple(md.size), dtype=md.properties.dtype)}
-            dcp.load(sd, storage_reader=dcp.FileSystemReader(str(self.iter_dir)), no_dist=True)
-            self._cache = (name, sd[name])
+            size = tuple(md.size) if layer is None else (1, *md.size[1:])
+            sd = {name: torch.empty(size, dtype=md.properties.dtype)}
+            dcp.load(sd, storage_reader=dcp.FileSystemReader(str(self.iter_dir)), no_dist=True,
+                     planner=None if layer is None else _layer_planner(name, layer))
+            self._cache = ((name, layer), sd[name] if layer is None else sd[name][0])
         return self._cache[1]
 
     def release(self) -> None:
@@ -137,13 +140,31 @@ class TorchDistCheckpoint(CheckpointHeader):
         param = PARAM_OF_ROLE[role]
         if role == "lm_head" and self.shape.tied_embeddings:
             param = PARAM_BY_KEY["embed"]
-        t = self._load(dist_name(param))
-        if param.per_layer:
-            t = t[layer]
+        t = self._load(dist_name(param), layer if param.per_layer else None)
         s = self.shape
         part = unfuse(param, t, s.num_query_groups, s.num_attention_heads, s.head_dim)
         out = part["embed" if param.key == "embed" else role]
         return out[: s.vocab_size].contiguous() if role in ("embed", "lm_head") else out.contiguous()
+
+
+def _layer_planner(name: str, layer: int):
+    """A DCP load planner that reads only index ``layer`` of the stacked tensor ``name`` into a ``[1, ...]`` tensor:
+    stock planners read the whole (all-layers) tensor, so reading layer by layer would cost L times the checkpoint."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, LoadPlan
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class LayerPlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            md = self.metadata.state_dict_metadata[name]
+            chunk = ChunkStorageMetadata(offsets=torch.Size([layer] + [0] * (len(md.size) - 1)),
+                                         sizes=torch.Size([1, *md.size[1:]]))
+            return LoadPlan(create_read_items_for_chunk_list(name, md, [chunk]))
+
+        def lookup_tensor(self, index):  # the destination holds just the chunk asked for
+            return self.state_dict[index.fqn]
+
+    return LayerPlanner()
 
 
 # ---- writing -------------------------------------------------------------------------------------
