@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import json
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 
-def build_gpt(a):
+def build_gpt(a, sdpa: bool = False):
     """A GPTModel from a Megatron-LM args Namespace: what --use-checkpoint-args builds (GPTModel's own arguments
-    come from the training recipe's ``gpt_model_kwargs``)."""
+    come from the training recipe's ``gpt_model_kwargs``). Stock local spec, or with ``sdpa`` the recipe's local
+    spec, whose core attention runs through torch SDPA."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    from megatron.prune.training.recipe import gpt_model_kwargs
+    from megatron.prune.training.recipe import _layer_spec, gpt_model_kwargs
 
     cfg = TransformerConfig(
         num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
@@ -35,8 +37,38 @@ def build_gpt(a):
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False,
     )
-    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization=a.normalization),
-                    parallel_output=False, **gpt_model_kwargs(a)).eval()
+    spec = get_gpt_layer_local_spec(normalization=a.normalization)
+    if sdpa:
+        spec = _layer_spec(Namespace(transformer_impl="local", qk_layernorm=False, normalization=a.normalization,
+                                     attention_backend="flash"), cfg)
+    return GPTModel(config=cfg, transformer_layer_spec=spec, parallel_output=False, **gpt_model_kwargs(a)).eval()
+
+
+def sdpa_against_unfused(a, sd, stock, ids, pos, mask) -> dict:
+    """The recipe's SDPA attention against the stock unfused one on the same weights: logits and gradients, how
+    often SDPA ran (once per layer when no mask is given), and that a given mask falls back to the stock path."""
+    model = build_gpt(a, sdpa=True)
+    model.load_state_dict(sd, strict=True)
+    calls, sdpa = [], F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda *x, **k: calls.append(1) or sdpa(*x, **k)
+    try:
+        grads = []
+        for m, m_mask in ((stock, mask), (model, None)):
+            m.zero_grad()
+            out = m(ids, pos, m_mask)
+            out.float().pow(2).mean().backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+        n_calls = len(calls)
+        with torch.no_grad():
+            fallback = torch.equal(model(ids, pos, mask), stock(ids, pos, mask))
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    with torch.no_grad():
+        diff = float((model(ids, pos, None) - stock(ids, pos, mask)).abs().max())
+    grad_diff = max(float((grads[0][n] - grads[1][n]).abs().max() / grads[0][n].abs().max().clamp_min(1e-12))
+                    for n in grads[0])
+    return {"sdpa_calls": n_calls, "layers": a.num_layers, "sdpa_logit_diff": diff, "sdpa_grad_rel_diff": grad_diff,
+            "masked_falls_back": fallback and len(calls) == n_calls}
 
 
 def main(jobs_path: str, out_path: str) -> None:
@@ -76,6 +108,8 @@ def main(jobs_path: str, out_path: str) -> None:
             "rank": torch.distributed.get_rank(), "tp": job["tp"], "max_abs_diff": float((mg - ref).abs().max()),
             "ref_scale": float(ref.abs().max()), "shape": list(mg.shape), "strict_load": True,
         }
+        if job["name"].startswith("convert-"):
+            results[job["name"]].update(sdpa_against_unfused(ckpt.args, sd, model, ids, pos, mask))
         try:
             torch.testing.assert_close(mg, ref, rtol=1e-4, atol=1e-4)
             results[job["name"]]["close"] = True

@@ -822,6 +822,28 @@ def test_gpu_diagnostic_and_te_flags_reach_megatron_core(monkeypatch):
     recipe.check_memory_history(Namespace(record_memory_history=False))
 
 
+def test_attention_kernel_of_the_local_spec(monkeypatch):
+    """Which core attention the local spec gets: torch SDPA by default on a GPU (not under --deterministic-mode),
+    megatron-core's unfused module by default on CPU; --attention-backend names either one explicitly."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnBackend
+
+    from megatron.prune.training import attention, recipe
+
+    def core(**kw: object) -> type:
+        args = Namespace(transformer_impl="local", qk_layernorm=False, normalization="RMSNorm", **kw)
+        return recipe._layer_spec(args, None).submodules.self_attention.submodules.core_attention
+
+    assert core(attention_backend=AttnBackend.auto) is DotProductAttention  # this machine: CPU
+    assert core(attention_backend=AttnBackend.flash) is attention.SDPAttention
+    monkeypatch.setattr(attention, "on_gpu", lambda: True)
+    assert core(attention_backend=AttnBackend.auto, deterministic_mode=False) is attention.SDPAttention
+    assert core(attention_backend=AttnBackend.auto, deterministic_mode=True) is DotProductAttention
+    assert core(attention_backend=AttnBackend.unfused) is DotProductAttention
+    assert recipe.spec_description(Namespace(transformer_impl="local", attention_backend=AttnBackend.auto)) \
+        == "local spec, torch SDPA attention"
+
+
 def test_partial_loads_are_refused():
     from megatron.prune.training.recipe import refuse_partial_loads
 

@@ -24,7 +24,7 @@ from ..cpu import CPU_FLAGS, WITHOUT_TE_FLAGS, apply_cpu_shims, shims_active, sk
 from ..data import MEGATRON_TOKENIZER_TYPES, check_token_ids, validate_dataset_prefix
 from ..megatron_ckpt import META_DIR, is_megatron_dir
 from ..shape import PruneError
-from . import kd
+from . import attention, kd
 
 _TEACHER: torch.nn.Module | None = None
 
@@ -519,7 +519,8 @@ def refuse_partial_loads(model: torch.nn.Module) -> None:
 
 
 def _layer_spec(args: Any, config: Any):
-    """Transformer Engine spec when TE is importable and selected; megatron-core's local spec else."""
+    """Transformer Engine spec when TE is importable and selected; megatron-core's local spec else, its core
+    attention through torch SDPA where :func:`.attention.uses_sdpa` says so (by default on a GPU)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -530,7 +531,18 @@ def _layer_spec(args: Any, config: Any):
             qk_layernorm=args.qk_layernorm,
             use_te_activation_func=bool(getattr(args, "use_te_activation_func", False)),
             use_te_op_fuser=bool(getattr(args, "use_transformer_engine_op_fuser", False)))
-    return get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
+    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
+    if attention.uses_sdpa(args):
+        spec.submodules.self_attention.submodules.core_attention = attention.SDPAttention
+    return spec
+
+
+def spec_description(args: Any) -> str:
+    """The layer spec and attention kernel this run builds, for the start-up line."""
+    name = layer_spec_name(args)
+    if name == "local":
+        return f"local spec, {'torch SDPA' if attention.uses_sdpa(args) else 'unfused'} attention"
+    return f"{name} spec"
 
 
 def gpt_model_kwargs(args: Any) -> dict[str, Any]:
@@ -618,7 +630,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     args = get_args()
     if vp_stage in (None, 0):
         start_memory_history(args)
-    print_rank_0(f"building LLaMA-family GPTModel ({layer_spec_name(args)} spec) ...")
+    print_rank_0(f"building LLaMA-family GPTModel ({spec_description(args)}) ...")
     model = build_gpt(args, pre_process, post_process, vp_stage, config, pg_collection)
     refuse_partial_loads(model)
     if args.kd_teacher_load and _TEACHER is None:
@@ -795,8 +807,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = [*CPU_FLAGS, *argv]  # later user flags still win
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     elif not have_transformer_engine():
-        print("pretrain_llama.py: Transformer Engine is not installed: megatron-core's local spec, unfused "
-              "kernels", flush=True)
+        print("pretrain_llama.py: Transformer Engine is not installed: megatron-core's local spec (attention "
+              "through torch SDPA unless --attention-backend unfused or --deterministic-mode), unfused norm and "
+              "RoPE kernels", flush=True)
         argv = [*WITHOUT_TE_FLAGS, *argv]
     argv = keep_own_tokenizer(argv)
     sys.argv = [sys.argv[0], *argv]
