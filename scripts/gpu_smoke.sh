@@ -3,8 +3,12 @@
 # embedded SmolLM2-135M pruned to the demo shape, TP=1; prints tokens/s and model FLOPs utilisation (MFU) from
 # the loop's own timing (megatron.prune.training.throughput; Megatron's --log-throughput figure beside it).
 #
-#   bash scripts/gpu_smoke.sh       (WORK=/tmp/mp-gpu-smoke ITERS=50 SEQ_LEN=2048 MICRO_BATCH=4 GLOBAL_BATCH=16
-#                                    KD_ITERS=10)
+#   bash scripts/gpu_smoke.sh       (WORK=/tmp/mp-gpu-smoke ITERS=50 SEQ_LEN=2048 MICRO_BATCH=16 GLOBAL_BATCH=16
+#                                    KD_ITERS=10 SMOKE_FLAGS="")
+#
+# SMOKE_FLAGS: more Megatron flags for both legs (e.g. "--attention-backend unfused" for megatron-core's own
+# attention instead of torch SDPA where Transformer Engine is missing). A 70M model at micro-batch 4 is bound by
+# kernel launches (3.5x fewer tokens/s than at 16 on an H200), hence one micro-batch of 16 per step.
 #
 # Then KD_ITERS iterations of distillation (0: none) with the weights the run saved as both teacher and student:
 # the first KD loss is 0 up to kernel differences (checked), and tokens/s with the teacher's forward is printed.
@@ -27,7 +31,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 WORK="${WORK:-/tmp/mp-gpu-smoke}"; ITERS="${ITERS:-50}"; SEQ_LEN="${SEQ_LEN:-2048}"
-MICRO_BATCH="${MICRO_BATCH:-4}"; GLOBAL_BATCH="${GLOBAL_BATCH:-16}"; KD_ITERS="${KD_ITERS:-10}"
+MICRO_BATCH="${MICRO_BATCH:-16}"; GLOBAL_BATCH="${GLOBAL_BATCH:-16}"; KD_ITERS="${KD_ITERS:-10}"
 mkdir -p "$WORK"
 WORK="$(cd "$WORK" && pwd)"
 
@@ -86,7 +90,9 @@ impl=local; "$PYTHON" -c "import transformer_engine" 2>/dev/null && impl=transfo
 
 run=(DATA="$WORK/text_text_document" TOKENIZER="$WORK/tokenizer" TP=1 SEQ_LEN="$SEQ_LEN" MICRO_BATCH="$MICRO_BATCH"
      GLOBAL_BATCH="$GLOBAL_BATCH" LR=1e-4 LOG_INTERVAL=1 PRECISION=bf16 PYTHON="$PYTHON")
-flags=(--transformer-impl "$impl" --max-position-embeddings "$SEQ_LEN" --seq-length "$SEQ_LEN" --log-throughput)
+read -r -a smoke_flags <<< "${SMOKE_FLAGS:-}"
+flags=(--transformer-impl "$impl" --max-position-embeddings "$SEQ_LEN" --seq-length "$SEQ_LEN" --log-throughput
+       "${smoke_flags[@]}")
 throughput=("$PYTHON" -m megatron.prune.training.throughput --config "$WORK/tokenizer/config.json"
             --seq-len "$SEQ_LEN" --global-batch "$GLOBAL_BATCH")
 rm -rf "$WORK/trained"

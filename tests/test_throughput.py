@@ -8,6 +8,7 @@ The script runs end to end on CPU as the device tool runs it, so it does not rot
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,7 +115,8 @@ def test_gpu_smoke_script_runs_on_cpu(real_model, tmp_path):
     assert main(["prune", "--input", str(real_model), "--output", str(work / "pruned_hf"), "--method", "random",
                  "--no-progress", *shape]) == 0
     env = {**os.environ, "PYTHON": sys.executable, "WORK": str(work), "SMOKE_WEIGHTS": "0", "ITERS": "3",
-           "SEQ_LEN": "64", "MICRO_BATCH": "1", "GLOBAL_BATCH": "2", "KD_ITERS": "2", "MASTER_PORT": str(free_port())}
+           "SEQ_LEN": "64", "MICRO_BATCH": "1", "GLOBAL_BATCH": "2", "KD_ITERS": "2", "MASTER_PORT": str(free_port()),
+           "SMOKE_FLAGS": "--seed 7 --attention-backend flash"}
     r = subprocess.run(["bash", str(ROOT / "scripts/gpu_smoke.sh")], env=env, capture_output=True, text=True,
                        cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -123,11 +125,15 @@ def test_gpu_smoke_script_runs_on_cpu(real_model, tmp_path):
     assert flags[flags.index("--num-layers") + 1] == str(DEMO_SHAPE["num-layers"])
     assert flags[flags.index("--hidden-size") + 1] == str(DEMO_SHAPE["hidden-size"])
     assert "random weights of the pruned shape" in r.stdout
-    assert len(iteration_times_ms((work / "train.log").read_text())) == 3
+    train_log, kd_log = (work / "train.log").read_text(), (work / "kd.log").read_text()
+    assert len(iteration_times_ms(train_log)) == 3
+    for log in (train_log, kd_log):  # SMOKE_FLAGS reach both legs (SDPA attention, the GPU default, on CPU too)
+        assert re.search(r"\n  seed \.+ 7\n", log), log[-2000:]
+        assert "building LLaMA-family GPTModel (local spec, torch SDPA attention)" in log
     out = r.stdout[r.stdout.index("device: "):]
     assert out.startswith("device: CPU (no GPU") and "tokens/s: " in out and "model TFLOP/s: " in out
     assert "MFU" not in out and "Megatron's own count" in out and "layer spec: local" in out
-    assert len(iteration_times_ms((work / "kd.log").read_text())) == 2 and "kd loss: " in (work / "kd.log").read_text()
+    assert len(iteration_times_ms(kd_log)) == 2 and "kd loss: " in kd_log
     assert "distillation (teacher == student" in out and "first KD loss: 0 (teacher == student)" in out
     shutil.rmtree(work)
 
