@@ -33,6 +33,23 @@ def _tiny_gpt():
     return config, model
 
 
+def _sdpa_dropout_draws_from_the_tracker(config) -> dict[str, bool]:
+    """The recipe's SDPA attention in training with attention dropout: it drops (outputs differ from eval and
+    between calls) and, as the stock module does, draws from the TP RNG tracker, leaving the default stream alone."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron.prune.training.attention import SDPAttention
+
+    attn = SDPAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    q, k, v = torch.randn(16, 2, 4, 16), torch.randn(16, 2, 2, 16), torch.randn(16, 2, 2, 16)
+    plain = attn.eval()(q, k, v, None)
+    attn.train()
+    default_stream = torch.get_rng_state()
+    first, second = attn(q, k, v, None), attn(q, k, v, None)
+    return {"drops": not torch.equal(first, plain) and not torch.equal(first, second),
+            "default_stream_untouched": torch.equal(torch.get_rng_state(), default_stream)}
+
+
 def _child() -> None:
     """Train a tiny GPTModel for 8 steps through DDP + Megatron optimizer + schedules on CPU."""
     from megatron.prune.cpu import apply_cpu_shims, init_parallel, skip_compile_helpers
@@ -63,6 +80,7 @@ def _child() -> None:
     assert torch.ones(2).to(torch.cuda.current_device()).device.type == "cpu"
 
     config, model = _tiny_gpt()
+    sdpa_dropout = _sdpa_dropout_draws_from_the_tracker(config)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
     opt = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=3e-3, clip_grad=1.0, weight_decay=0.0), [ddp]
@@ -95,7 +113,7 @@ def _child() -> None:
         norms.append(float(grad_norm))
     changed = sum(not torch.equal(before[n], p) for n, p in model.named_parameters())
     print(json.dumps({"losses": losses, "norms": norms, "changed": changed,
-                      "n_params": len(before), "helpers": skip_compile_helpers(),
+                      "n_params": len(before), "helpers": skip_compile_helpers(), "sdpa_dropout": sdpa_dropout,
                       "cuda_available": torch.cuda.is_available()}))
 
 
@@ -106,6 +124,7 @@ def test_tiny_gpt_trains_on_cpu_through_the_shims():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["cuda_available"] is False
     assert result["helpers"] is True, "prebuilt helpers_cpp .so missing: compile_helpers not skipped"
+    assert result["sdpa_dropout"] == {"drops": True, "default_stream_untouched": True}
     assert result["changed"] == result["n_params"], "optimizer step left parameters untouched"
     assert all(n == n and n > 0 for n in result["norms"]), result["norms"]
     assert result["losses"][-1] < result["losses"][0] - 0.1, result["losses"]

@@ -834,8 +834,10 @@ def test_attention_kernel_of_the_local_spec(monkeypatch):
         args = Namespace(transformer_impl="local", qk_layernorm=False, normalization="RMSNorm", **kw)
         return recipe._layer_spec(args, None).submodules.self_attention.submodules.core_attention
 
-    assert core(attention_backend=AttnBackend.auto) is DotProductAttention  # this machine: CPU
-    assert core(attention_backend=AttnBackend.flash) is attention.SDPAttention
+    monkeypatch.setattr(attention, "on_gpu", lambda: False)
+    assert core(attention_backend=AttnBackend.auto) is DotProductAttention
+    assert core(attention_backend=AttnBackend.flash) is core(attention_backend=AttnBackend.fused) \
+        is attention.SDPAttention
     monkeypatch.setattr(attention, "on_gpu", lambda: True)
     assert core(attention_backend=AttnBackend.auto, deterministic_mode=False) is attention.SDPAttention
     assert core(attention_backend=AttnBackend.auto, deterministic_mode=True) is DotProductAttention

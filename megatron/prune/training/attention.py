@@ -18,7 +18,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 # --attention-backend values: megatron-core's unfused attention, or SDPA asked for by name.
-UNFUSED_BACKENDS: frozenset[str] = frozenset({"unfused", "local"})
+UNFUSED_BACKENDS: frozenset[str] = frozenset({"unfused"})
 FUSED_BACKENDS: frozenset[str] = frozenset({"flash", "fused"})
 
 
@@ -55,9 +55,9 @@ class SDPAttention(DotProductAttention):
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
                 attention_bias: torch.Tensor | None = None, packed_seq_params: Any = None) -> torch.Tensor:
         """``query`` ``[sq, b, np, hn]``, ``key``/``value`` ``[sk, b, ng, hn]`` → context ``[sq, b, np * hn]``."""
-        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-        if attention_bias is not None or packed_seq_params is not None or \
-                not self._sdpa_can_run(attention_mask, mask_type, query.size(0), key.size(0)):
+        mask_type = self.attn_mask_type  # as the stock module: the built type (a per-call one only in inference)
+        if attention_bias is not None or packed_seq_params is not None or attn_mask_type not in (None, mask_type) \
+                or not self._sdpa_can_run(attention_mask, mask_type, query.size(0), key.size(0)):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params)
         repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
