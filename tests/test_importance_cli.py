@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from megatron.prune.cli import main
+from megatron.prune.hf import HFCheckpoint
 from megatron.prune.importance import load_scores
 from megatron.prune.megatron_ckpt import hf_to_megatron
 from megatron.prune.plan import PrunePlan
-from megatron.prune.shape import ModelShape
+from megatron.prune.shape import ModelShape, PruneError
 from tiny import make_tiny_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -197,15 +198,19 @@ def test_eval_refuses_folders_without_an_hf_model(tok_model, tmp_path, capsys):
 
 def test_a_megatron_checkpoint_is_scored_and_evaluated_as_its_hf_model(tok_model, tmp_path, capsys):
     """score and eval on a Megatron checkpoint (TP=2 PP=2 torch, and torch_dist) build the HF model in memory: the
-    scores and the perplexity equal those of the HF checkpoint bit for bit; prune --method auto on it scores
+    scores and the perplexity equal those of the HF checkpoint bit for bit, and so do the scores of each input taken
+    one decoder layer at a time (batches of 3 windows: a short last batch); prune --method auto on it scores
     activations and keeps the same layers and units as on the HF input; a layout error comes before scoring."""
     hf_to_megatron(tok_model, tmp_path / "mg", tp=2, pp=2, progress=False)
     hf_to_megatron(tok_model, tmp_path / "dist", tp=2, progress=False, ckpt_format="torch_dist")
     ppl, scores = {}, {}
     for name, folder in (("hf", tok_model), ("mg", tmp_path / "mg"), ("dist", tmp_path / "dist")):
-        assert main(["score", "--model", str(folder), "--output", str(tmp_path / f"{name}.pt")] + SMALL) == 0
-        scores[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
-        del scores[name]["meta"]
+        for mode in ("never", "always"):  # the whole model in memory, or one decoder layer at a time
+            key = name if mode == "never" else f"{name}-layerwise"
+            assert main(["score", "--model", str(folder), "--output", str(tmp_path / f"{key}.pt"),
+                         "--layer-by-layer", mode, "--batch-size", "3"] + SMALL) == 0
+            scores[key] = torch.load(tmp_path / f"{key}.pt", weights_only=True)
+            assert scores[key].pop("meta")["layer_by_layer"] is (mode == "always")
         assert main(["eval", "--model", str(folder), "--max-tokens", "256", "--seq-len", "64", "--json",
                      "--no-progress"]) == 0
         out = capsys.readouterr().out
@@ -213,7 +218,7 @@ def test_a_megatron_checkpoint_is_scored_and_evaluated_as_its_hf_model(tok_model
     assert ppl["mg"] == ppl["dist"] == ppl["hf"], ppl
     want = scores["hf"]
     assert sum(isinstance(v, torch.Tensor) for v in want.values()) == 5  # hidden, heads, groups, ffn, layers
-    for name in ("mg", "dist"):
+    for name in ("mg", "dist", "hf-layerwise", "mg-layerwise", "dist-layerwise"):
         assert set(scores[name]) == set(want) and all(
             torch.equal(v, scores[name][k]) if isinstance(v, torch.Tensor) else v == scores[name][k]
             for k, v in want.items()), name
@@ -231,6 +236,43 @@ def test_a_megatron_checkpoint_is_scored_and_evaluated_as_its_hf_model(tok_model
         plans[name] = {k: v for k, v in PrunePlan.load(out).to_dict().items() if k != "info"}
     assert [lp["source_layer"] for lp in plans["mg"]["layers"]] == [0, 1, 3]
     assert plans["mg"] == plans["hf"]
+
+
+def test_layer_by_layer_holds_one_decoder_layer_at_a_time(tok_model, monkeypatch, capsys):
+    """Scoring layer by layer materialises one decoder layer at a time (the embedding is freed before the first);
+    --layer-by-layer auto takes that path only when the whole model would not fit in half the free memory, and
+    says so."""
+    from megatron.prune import layerwise
+    from megatron.prune.importance import score_model
+
+    seen: dict[str, object] = {"most_layers": 0, "calls": 0}
+    skeleton, materialise = layerwise.skeleton, layerwise.materialise
+
+    def keep(config, dtype):
+        seen["model"] = skeleton(config, dtype)
+        return seen["model"]
+
+    def watch(module, prefix, src, device):
+        materialise(module, prefix, src, device)
+        body = seen["model"].model
+        real = [i for i, layer in enumerate(body.layers) if any(p.device.type != "meta" for p in layer.parameters())]
+        if real:
+            assert body.embed_tokens.weight.device.type == "meta" and real == [int(prefix.split(".")[-1])], real
+        seen["most_layers"], seen["calls"] = max(seen["most_layers"], len(real)), seen["calls"] + 1
+
+    monkeypatch.setattr(layerwise, "skeleton", keep)
+    monkeypatch.setattr(layerwise, "materialise", watch)
+    need = HFCheckpoint.open(tok_model).shape.num_params() * 4
+    for free, layered in ((need * 3, False), (need, True)):
+        monkeypatch.setattr(layerwise, "free_bytes", lambda device, free=free: free)
+        run = score_model(tok_model, samples=4, seq_len=32, progress=False)
+        assert run.meta["layer_by_layer"] is layered
+        out = capsys.readouterr().out
+        assert ("scoring layer by layer: the whole model (" in out and "would take more than 50% of the" in out) \
+            is layered
+    assert seen["most_layers"] == 1 and seen["calls"] == 1 + 4  # the embedding, then each of the 4 layers
+    with pytest.raises(PruneError, match="--layer-by-layer 'sometimes'; choose one of auto, always, never"):
+        score_model(tok_model, samples=4, seq_len=32, progress=False, layer_by_layer="sometimes")
 
 
 # ---- the real model ---------------------------------------------------------------------------------------------

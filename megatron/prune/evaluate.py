@@ -15,7 +15,7 @@ from .shape import PruneError
 def load_hf(folder: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Stock ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a local folder (no hub access): an HF checkpoint,
     or a Megatron checkpoint built into the same HF model in memory (see :func:`megatron_as_hf`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .megatron_ckpt import is_megatron_dir
 
@@ -28,8 +28,18 @@ def load_hf(folder: Path | str, dtype: torch.dtype = torch.float32, device: str 
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
         raise PruneError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin) beside its config.json")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return model, tok
+    return model, load_tokenizer(folder)
+
+
+def load_tokenizer(folder: Path | str):
+    """The tokenizer of a model folder: its own (HF), or the one in a Megatron checkpoint's ``hf_meta/``."""
+    from transformers import AutoTokenizer
+
+    from .megatron_ckpt import META_DIR, is_megatron_dir
+
+    folder = Path(folder)
+    return AutoTokenizer.from_pretrained(folder / META_DIR if is_megatron_dir(folder) else folder,
+                                         local_files_only=True)
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -43,12 +53,11 @@ def megatron_as_hf(folder: Path, dtype: torch.dtype = torch.float32, device: str
 
     Same config, weights and class as ``convert megatron-to-hf`` would write, so the logits are the same.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .hf import check_hf_target, parse_hf_name
+    from .hf import parse_hf_name
     from .megatron_ckpt import META_DIR, PARAM_OF_ROLE, PARAMS, MegatronCheckpoint
-    from .shape import hf_config_for_shape
 
     src = MegatronCheckpoint.open(folder)
     meta = folder / META_DIR
@@ -56,9 +65,7 @@ def megatron_as_hf(folder: Path, dtype: torch.dtype = torch.float32, device: str
         raise PruneError(f"{folder} has no tokenizer in {META_DIR}/ (a checkpoint converted elsewhere): export it "
                          f"with `megatron-prune convert megatron-to-hf --input {folder} --output {folder}-hf` and "
                          f"copy the model's tokenizer files into {folder}-hf")
-    check_hf_target(src.shape)
-    cfg = hf_config_for_shape(src.hf_config, src.shape)
-    config = AutoConfig.for_model(cfg.pop("model_type", "llama"), **cfg)
+    config = megatron_hf_config(src)
     with no_init_weights(), torch.device(device):  # parameters are overwritten below: skip the random init
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     params = dict(model.named_parameters())  # tied embeddings appear once, as the embedding
@@ -73,8 +80,20 @@ def megatron_as_hf(folder: Path, dtype: torch.dtype = torch.float32, device: str
         for name in tqdm(order, desc="loading tensors", unit="tensor", disable=len(order) < 64):
             params[name].copy_(src.get(*parse_hf_name(name)))
     src.release()
-    tok = AutoTokenizer.from_pretrained(meta, local_files_only=True)
-    return model.eval(), tok
+    return model.eval(), load_tokenizer(folder)
+
+
+def megatron_hf_config(src):
+    """The transformers config of the HF model a Megatron checkpoint converts to (refused where transformers
+    cannot build that shape)."""
+    from transformers import AutoConfig
+
+    from .hf import check_hf_target
+    from .shape import hf_config_for_shape
+
+    check_hf_target(src.shape)
+    cfg = hf_config_for_shape(src.hf_config, src.shape)
+    return AutoConfig.for_model(cfg.pop("model_type", "llama"), **cfg)
 
 
 @dataclass(frozen=True)

@@ -192,14 +192,18 @@ def scores_from_stats(stats: Sequence[LayerStats], agg: str) -> Scores:
     )
 
 
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise PruneError(f"--batch-size {batch_size}: must be at least 1")
+
+
 @torch.no_grad()
 def collect_scores(model, shape: ModelShape, windows: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE,
                    agg: str = DEFAULT_AGGREGATION, progress: bool = True) -> Scores:
     """One pass over ``windows`` ``[n, s]`` of token ids with the hooks on; the scores of every unit."""
     from tqdm import tqdm
 
-    if batch_size < 1:
-        raise PruneError(f"--batch-size {batch_size}: must be at least 1")
+    check_batch_size(batch_size)
     device = next(model.parameters()).device
     body = getattr(model, "model", model)  # the decoder stack alone: scores need no logits, so skip lm_head
     with importance_hooks(model, shape, agg) as stats:
@@ -233,35 +237,50 @@ class ScoringRun:
 
 def score_model(folder: Path, texts: Sequence[Path] | None = None, samples: int = DEFAULT_SAMPLES,
                 seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "cpu",
-                dtype: str = "float32", agg: str = DEFAULT_AGGREGATION, progress: bool = True) -> ScoringRun:
+                dtype: str = "float32", agg: str = DEFAULT_AGGREGATION, progress: bool = True,
+                layer_by_layer: str = "auto") -> ScoringRun:
     """Load the model in ``folder`` (HF, or Megatron built into its HF model), run calibration text (files, or the
-    built-in text) through it, score it."""
+    built-in text) through it, score it. ``layer_by_layer`` (auto, always, never): hold one decoder layer at a time
+    (:mod:`.layerwise`); auto does so when the whole model would not fit comfortably on ``device``."""
     import time
 
-    from .evaluate import has_tokenizer, load_hf, tokenize
+    from .evaluate import has_tokenizer, load_hf, load_tokenizer, tokenize
     from .hf import HFCheckpoint
-    from .megatron_ckpt import is_megatron_dir
+    from .layerwise import collect_scores_layerwise, use_layerwise
+    from .megatron_ckpt import MegatronCheckpoint, is_megatron_dir
     from .text import builtin_text, read_texts
 
     aggregator(agg)
+    check_batch_size(batch_size)
     if dtype not in DTYPES:
         raise PruneError(f"--dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PruneError(f"--device {device}: no CUDA device is available here; use --device cpu")
     text = read_texts(list(texts)) if texts else builtin_text("calib")
-    if not is_megatron_dir(folder):  # a Megatron checkpoint is checked as it is loaded
-        HFCheckpoint.open(folder)
+    if is_megatron_dir(folder):  # its tokenizer is checked as it is loaded
+        shape = MegatronCheckpoint.open(folder).shape
+    else:
+        shape = HFCheckpoint.open(folder).shape
         if not has_tokenizer(Path(folder)):
             raise PruneError(f"{folder} has no tokenizer: activation scoring tokenizes calibration text with it")
-    model, tok = load_hf(folder, DTYPES[dtype], device)
-    shape = shape_from_hf_config(model.config.to_dict())
-    windows = calibration_windows(tokenize(tok, text, None), samples, seq_len)
-    t0 = time.perf_counter()
-    scores = collect_scores(model, shape, windows, batch_size, agg, progress)
+    layerwise, why = use_layerwise(layer_by_layer, shape, DTYPES[dtype], device)
+    if why:
+        print(why, flush=True)
+    if layerwise:
+        windows = calibration_windows(tokenize(load_tokenizer(folder), text, None), samples, seq_len)
+        t0 = time.perf_counter()
+        scores = collect_scores_layerwise(Path(folder), shape, windows, batch_size, DTYPES[dtype], device, agg,
+                                          progress)
+    else:
+        model, tok = load_hf(folder, DTYPES[dtype], device)
+        shape = shape_from_hf_config(model.config.to_dict())
+        windows = calibration_windows(tokenize(tok, text, None), samples, seq_len)
+        t0 = time.perf_counter()
+        scores = collect_scores(model, shape, windows, batch_size, agg, progress)
     meta = {"model": str(folder), "calib": [str(p) for p in texts] if texts else "builtin:calib",
             "samples": samples, "seq_len": seq_len, "tokens": int(windows.numel()), "aggregation": agg,
             "dtype": dtype, "device": device, "seconds": round(time.perf_counter() - t0, 3),
-            "shape": shape.to_dict()}
+            "shape": shape.to_dict(), "layer_by_layer": layerwise}
     return ScoringRun(scores, meta)
 
 
@@ -384,5 +403,6 @@ def activation_scorer(src: Any, opt: Mapping[str, Any]) -> Scores:
     run = score_model(Path(folder), opt.get("calib"), int(opt.get("samples") or DEFAULT_SAMPLES),
                       int(opt.get("seq_len") or DEFAULT_SEQ_LEN), int(opt.get("batch_size") or DEFAULT_BATCH_SIZE),
                       str(opt.get("device") or "cpu"), str(opt.get("dtype") or "float32"),
-                      str(opt.get("aggregation") or DEFAULT_AGGREGATION), not opt.get("no_progress"))
+                      str(opt.get("aggregation") or DEFAULT_AGGREGATION), not opt.get("no_progress"),
+                      str(opt.get("layer_by_layer") or "auto"))
     return run.scores

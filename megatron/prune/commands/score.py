@@ -42,6 +42,11 @@ def add_calibration_arguments(p: argparse.ArgumentParser | argparse._ArgumentGro
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
     p.add_argument("--dtype", choices=sorted(imp.DTYPES), default="float32",
                    help="compute dtype of the scoring pass; statistics accumulate in float32 (default %(default)s)")
+    p.add_argument("--layer-by-layer", choices=["auto", "always", "never"], default="auto",
+                   help="hold one decoder layer at a time on --device (read from the checkpoint as it goes), for "
+                        "models that do not fit: peak memory is one layer plus the calibration activations, the "
+                        "scores are the same; auto does so when the whole model would take more than half of the "
+                        "free memory (default %(default)s)")
     p.add_argument("--aggregation", choices=list(imp.AGGREGATIONS), default=imp.DEFAULT_AGGREGATION,
                    help="how per-token statistics become one score: mean-l2 = mean over the sequence then L2 over "
                         "samples (Minitron); mean = over all tokens; rms = L2 over all tokens (default %(default)s)")
@@ -69,11 +74,12 @@ def check_output(path: Path, overwrite: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, args.overwrite)
     result = imp.score_model(args.model, args.calib, args.samples, args.seq_len, args.batch_size, args.device,
-                             args.dtype, args.aggregation, progress=not args.no_progress)
+                             args.dtype, args.aggregation, progress=not args.no_progress,
+                             layer_by_layer=args.layer_by_layer)
     imp.save_scores(result, args.output)
     m = result.meta
     print(f"scored {m['tokens']} tokens ({m['samples']} x {m['seq_len']}, {m['calib']}) in {m['seconds']:.1f}s, "
-          f"aggregation {m['aggregation']}")
+          f"aggregation {m['aggregation']}{', layer by layer' if m['layer_by_layer'] else ''}")
     for line in imp.summary(result.scores):
         print("  " + line)
     print(f"wrote {args.output}")

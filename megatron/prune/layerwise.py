@@ -1,0 +1,149 @@
+"""Activation scoring one decoder layer at a time, for models that do not fit in memory.
+
+The model is an HF skeleton on the ``meta`` device (no memory). The embedding runs first, over every calibration
+batch, and the inputs of the first decoder layer are kept. Then each layer in turn is materialised from the
+checkpoint (HF or Megatron, read tensor by tensor), run over all kept inputs (its outputs replace them), and freed.
+Peak memory is one layer plus the calibration activations (a 70B layer is 3.4 GB in float32, the model 280 GB).
+Each layer sees the same batches, in the same order, as in a whole-model pass; the scores are the same bits.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .selectors import Scores
+from .shape import ModelShape, PruneError
+
+MODES = ("auto", "always", "never")
+# auto: layer by layer once the whole model would take more than this share of the free memory of the device
+AUTO_SHARE = 0.5
+
+
+class _Caught(Exception):
+    """Raised by the first layer's hook to stop a forward pass once that layer's inputs are known."""
+
+
+def open_source(folder: Path) -> tuple[Any, Any]:
+    """The checkpoint to read tensors from (``get(role, layer)``) and the transformers config of its HF model."""
+    from transformers import AutoConfig
+
+    from .evaluate import megatron_hf_config
+    from .hf import HFCheckpoint
+    from .megatron_ckpt import MegatronCheckpoint, is_megatron_dir
+
+    if is_megatron_dir(folder):
+        src = MegatronCheckpoint.open(folder)
+        return src, megatron_hf_config(src)
+    return HFCheckpoint.open(folder), AutoConfig.from_pretrained(folder, local_files_only=True)
+
+
+def skeleton(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """The HF model of ``config`` with every parameter on the ``meta`` device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def materialise(module: torch.nn.Module, prefix: str, src: Any, device: str) -> None:
+    """Give ``module`` (named ``prefix`` in the HF model) real storage on ``device`` and the checkpoint's values."""
+    from .hf import parse_hf_name
+
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.copy_(src.get(*parse_hf_name(f"{prefix}.{name}")))
+
+
+def release(module: torch.nn.Module) -> None:
+    """Hand ``module``'s storage back (its parameters move to ``meta``)."""
+    module.to("meta")
+
+
+def first_layer_inputs(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
+                       device: str) -> list[tuple[tuple, dict]]:
+    """Run the model's own forward up to its first decoder layer for each batch: that layer's (args, kwargs) per
+    batch (hidden states, causal mask, rotary embeddings, as the model computes them)."""
+    body, layers = model.model, model.model.layers
+
+    def catch(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        raise _Caught(args, kwargs)
+
+    inputs = []
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            try:
+                body(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+            except _Caught as caught:
+                inputs.append(caught.args)
+            else:
+                raise PruneError(f"{type(model).__name__}: the forward pass never reached its first decoder layer")
+    finally:
+        handle.remove()
+    return inputs
+
+
+def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The same layer call with other hidden states."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@torch.no_grad()
+def collect_scores_layerwise(folder: Path, shape: ModelShape, windows: torch.Tensor, batch_size: int,
+                             dtype: torch.dtype, device: str, agg: str, progress: bool = True) -> Scores:
+    """:func:`importance.collect_scores` of the model in ``folder``, holding one decoder layer at a time."""
+    from .importance import importance_hooks, scores_from_stats
+
+    src, config = open_source(folder)
+    model = skeleton(config, dtype)
+    body = model.model
+    materialise(body.embed_tokens, "model.embed_tokens", src, device)
+    with torch.device("cpu"):  # its buffers are computed, not stored: as when the whole model is loaded
+        body.rotary_emb = type(body.rotary_emb)(config=model.config).to(device)
+    inputs = first_layer_inputs(model, windows, batch_size, device)
+    release(body.embed_tokens)
+    with importance_hooks(model, shape, agg) as stats:
+        for i, layer in enumerate(tqdm(body.layers, desc="scoring layer by layer", unit="layer",
+                                       disable=not progress)):
+            materialise(layer, f"model.layers.{i}", src, device)
+            for j, (args, kwargs) in enumerate(inputs):
+                out = layer(*args, **kwargs)
+                inputs[j] = with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out)
+            release(layer)
+    getattr(src, "release", lambda: None)()
+    return scores_from_stats(stats, agg)
+
+
+def free_bytes(device: str) -> int:
+    """Memory free for the scoring pass on ``device``: the GPU's free memory, or the host's available memory."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def use_layerwise(mode: str, shape: ModelShape, dtype: torch.dtype, device: str) -> tuple[bool, str]:
+    """Whether to score layer by layer (``--layer-by-layer``), with the reason when ``auto`` chose it."""
+    if mode not in MODES:
+        raise PruneError(f"--layer-by-layer {mode!r}; choose one of {', '.join(MODES)}")
+    if mode != "auto":
+        return mode == "always", ""
+    need, free = shape.num_params() * dtype.itemsize, free_bytes(device)
+    if need <= AUTO_SHARE * free:
+        return False, ""
+    return True, (f"scoring layer by layer: the whole model ({need / 2**30:.1f} GiB in {str(dtype)[6:]}) would take "
+                  f"more than {AUTO_SHARE:.0%} of the {free / 2**30:.1f} GiB free on {device}")
