@@ -188,9 +188,11 @@ def test_eval_refuses_folders_without_an_hf_model(tok_model, tmp_path, capsys):
     hf_to_megatron(tok_model, mg, progress=False)
     for name in TOKENIZER_FILES:
         (mg / "hf_meta" / name).unlink(missing_ok=True)
-    assert main(["eval", "--model", str(mg)]) == 2
-    assert f"{mg} has no tokenizer in hf_meta/ (a checkpoint converted elsewhere): export it with " \
-           f"`megatron-prune convert megatron-to-hf --input {mg} --output {mg}-hf`" in capsys.readouterr().err
+    for argv in (["eval", "--model", str(mg)],
+                 ["score", "--model", str(mg), "--output", str(tmp_path / "s.pt"), "--layer-by-layer", "always"]):
+        assert main(argv) == 2
+        assert f"{mg} has no tokenizer in hf_meta/ (a checkpoint converted elsewhere): export it with " \
+               f"`megatron-prune convert megatron-to-hf --input {mg} --output {mg}-hf`" in capsys.readouterr().err
     assert main(["prune", "--input", str(mg), "--output", str(tmp_path / "p"), "--num-layers", "3",
                  "--no-progress"]) == 0
     assert "--method auto: random (the input has no tokenizer" in capsys.readouterr().out

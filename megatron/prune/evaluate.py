@@ -57,14 +57,10 @@ def megatron_as_hf(folder: Path, dtype: torch.dtype = torch.float32, device: str
     from transformers.initialization import no_init_weights
 
     from .hf import parse_hf_name
-    from .megatron_ckpt import META_DIR, PARAM_OF_ROLE, PARAMS, MegatronCheckpoint
+    from .megatron_ckpt import PARAM_OF_ROLE, PARAMS, MegatronCheckpoint
 
     src = MegatronCheckpoint.open(folder)
-    meta = folder / META_DIR
-    if not has_tokenizer(meta):
-        raise PruneError(f"{folder} has no tokenizer in {META_DIR}/ (a checkpoint converted elsewhere): export it "
-                         f"with `megatron-prune convert megatron-to-hf --input {folder} --output {folder}-hf` and "
-                         f"copy the model's tokenizer files into {folder}-hf")
+    check_megatron_tokenizer(folder)
     config = megatron_hf_config(src)
     with no_init_weights(), torch.device(device):  # parameters are overwritten below: skip the random init
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -81,6 +77,16 @@ def megatron_as_hf(folder: Path, dtype: torch.dtype = torch.float32, device: str
             params[name].copy_(src.get(*parse_hf_name(name)))
     src.release()
     return model.eval(), load_tokenizer(folder)
+
+
+def check_megatron_tokenizer(folder: Path) -> None:
+    """A Megatron checkpoint runs as an HF model only with the tokenizer our conversion keeps in ``hf_meta/``."""
+    from .megatron_ckpt import META_DIR
+
+    if not has_tokenizer(folder / META_DIR):
+        raise PruneError(f"{folder} has no tokenizer in {META_DIR}/ (a checkpoint converted elsewhere): export it "
+                         f"with `megatron-prune convert megatron-to-hf --input {folder} --output {folder}-hf` and "
+                         f"copy the model's tokenizer files into {folder}-hf")
 
 
 def megatron_hf_config(src):

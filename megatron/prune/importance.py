@@ -244,7 +244,7 @@ def score_model(folder: Path, texts: Sequence[Path] | None = None, samples: int 
     (:mod:`.layerwise`); auto does so when the whole model would not fit comfortably on ``device``."""
     import time
 
-    from .evaluate import has_tokenizer, load_hf, load_tokenizer, tokenize
+    from .evaluate import check_megatron_tokenizer, has_tokenizer, load_hf, load_tokenizer, tokenize
     from .hf import HFCheckpoint
     from .layerwise import collect_scores_layerwise, use_layerwise
     from .megatron_ckpt import MegatronCheckpoint, is_megatron_dir
@@ -257,7 +257,8 @@ def score_model(folder: Path, texts: Sequence[Path] | None = None, samples: int 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PruneError(f"--device {device}: no CUDA device is available here; use --device cpu")
     text = read_texts(list(texts)) if texts else builtin_text("calib")
-    if is_megatron_dir(folder):  # its tokenizer is checked as it is loaded
+    if is_megatron_dir(folder):
+        check_megatron_tokenizer(Path(folder))
         shape = MegatronCheckpoint.open(folder).shape
     else:
         shape = HFCheckpoint.open(folder).shape
