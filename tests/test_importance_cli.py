@@ -200,8 +200,8 @@ def test_eval_refuses_folders_without_an_hf_model(tok_model, tmp_path, capsys):
 
 def test_a_megatron_checkpoint_is_scored_and_evaluated_as_its_hf_model(tok_model, tmp_path, capsys):
     """score and eval on a Megatron checkpoint (TP=2 PP=2 torch, and torch_dist) build the HF model in memory: the
-    scores and the perplexity equal those of the HF checkpoint bit for bit, and so do the scores of each input taken
-    one decoder layer at a time (batches of 3 windows: a short last batch); prune --method auto on it scores
+    scores and the perplexity equal those of the HF checkpoint bit for bit, and so do the scores and the perplexity of
+    each input taken one decoder layer at a time (short last batches); prune --method auto on it scores
     activations and keeps the same layers and units as on the HF input; a layout error comes before scoring."""
     hf_to_megatron(tok_model, tmp_path / "mg", tp=2, pp=2, progress=False)
     hf_to_megatron(tok_model, tmp_path / "dist", tp=2, progress=False, ckpt_format="torch_dist")
@@ -213,11 +213,12 @@ def test_a_megatron_checkpoint_is_scored_and_evaluated_as_its_hf_model(tok_model
                          "--layer-by-layer", mode, "--batch-size", "3"] + SMALL) == 0
             scores[key] = torch.load(tmp_path / f"{key}.pt", weights_only=True)
             assert scores[key].pop("meta")["layer_by_layer"] is (mode == "always")
-        assert main(["eval", "--model", str(folder), "--max-tokens", "256", "--seq-len", "64", "--json",
-                     "--no-progress"]) == 0
-        out = capsys.readouterr().out
-        ppl[name] = json.loads(next(l for l in out.splitlines() if l.startswith("{")))["perplexity"]
-    assert ppl["mg"] == ppl["dist"] == ppl["hf"], ppl
+        for mode in ("never", "always"):
+            assert main(["eval", "--model", str(folder), "--max-tokens", "320", "--seq-len", "64", "--json",
+                         "--batch-size", "2", "--no-progress", "--layer-by-layer", mode]) == 0
+            out = capsys.readouterr().out
+            ppl[f"{name}-{mode}"] = json.loads(next(l for l in out.splitlines() if l.startswith("{")))["perplexity"]
+    assert len(set(ppl.values())) == 1 and len(ppl) == 6, ppl
     want = scores["hf"]
     assert sum(isinstance(v, torch.Tensor) for v in want.values()) == 5  # hidden, heads, groups, ffn, layers
     for name in ("mg", "dist", "hf-layerwise", "mg-layerwise", "dist-layerwise"):
@@ -275,6 +276,23 @@ def test_layer_by_layer_holds_one_decoder_layer_at_a_time(tok_model, monkeypatch
     assert seen["most_layers"] == 1 and seen["calls"] == 1 + 4  # the embedding, then each of the 4 layers
     with pytest.raises(PruneError, match="--layer-by-layer 'sometimes'; choose one of auto, always, never"):
         score_model(tok_model, samples=4, seq_len=32, progress=False, layer_by_layer="sometimes")
+
+
+def test_layer_by_layer_perplexity_of_a_tied_model(real_model, tmp_path, capsys):
+    """Tied embeddings: the layer-by-layer head is the embedding, and the perplexity is the whole model's."""
+    folder = tmp_path / "tied"
+    make_tiny_model("llama-tied", vocab_size=49152).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (real_model / name).is_file():
+            shutil.copy(real_model / name, folder / name)
+    ppl = []
+    for mode in ("never", "always"):
+        assert main(["eval", "--model", str(folder), "--max-tokens", "256", "--seq-len", "64", "--no-progress",
+                     "--layer-by-layer", mode]) == 0
+        ppl.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ppl[0] == ppl[1] and ppl[0].startswith("perplexity: "), ppl
+    assert main(["eval", "--model", str(folder), "--tasks", "hellaswag", "--layer-by-layer", "always"]) == 2
+    assert "--layer-by-layer always: lm-eval tasks need the whole model in memory" in capsys.readouterr().err
 
 
 # ---- the real model ---------------------------------------------------------------------------------------------

@@ -22,13 +22,23 @@ def load_hf(folder: Path | str, dtype: torch.dtype = torch.float32, device: str 
     folder = Path(folder)
     if is_megatron_dir(folder):
         return megatron_as_hf(folder, dtype, device)
+    check_model_folder(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device).eval()
+    return model, load_tokenizer(folder)
+
+
+def check_model_folder(folder: Path) -> None:
+    """``folder`` holds a model to run: HF config and weights, or a Megatron checkpoint with an hf_meta/ tokenizer."""
+    from .megatron_ckpt import is_megatron_dir
+
+    if is_megatron_dir(folder):
+        check_megatron_tokenizer(folder)
+        return
     if not (folder / "config.json").is_file():
         raise PruneError(f"{folder} is not an HF model folder (no config.json) nor a Megatron checkpoint (no "
                          f"latest_checkpointed_iteration.txt)")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
         raise PruneError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin) beside its config.json")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device).eval()
-    return model, load_tokenizer(folder)
 
 
 def load_tokenizer(folder: Path | str):
@@ -109,33 +119,45 @@ class Perplexity:
     tokens: int  # predicted tokens
     windows: int
 
+    @classmethod
+    def of(cls, total_nll: float, tokens: int, windows: int) -> "Perplexity":
+        mean = total_nll / tokens
+        return cls(math.exp(mean), mean, tokens, windows)
+
 
 def tokenize(tok, text: str, max_tokens: int | None) -> torch.Tensor:
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     return ids[:max_tokens] if max_tokens else ids
 
 
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4, progress: bool = True) -> Perplexity:
-    """exp(mean NLL) over non-overlapping windows of ``seq_len`` tokens; a short tail window is dropped."""
+def eval_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows ``[n, seq_len]`` of ``ids``; a short tail is dropped."""
     if seq_len < 2:
         raise PruneError(f"--seq-len {seq_len}: must be at least 2")
     n = ids.numel() // seq_len
     if n == 0:
         raise PruneError(f"text has {ids.numel()} tokens, fewer than one window of --seq-len {seq_len}")
-    windows = ids[: n * seq_len].view(n, seq_len)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def batch_nll(logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed NLL of each next token of ``batch`` ``[b, s]`` under ``logits`` ``[b, s, v]`` (float32)."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+    ).item()
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4, progress: bool = True) -> Perplexity:
+    """exp(mean NLL) over non-overlapping windows of ``seq_len`` tokens; a short tail window is dropped."""
+    windows = eval_windows(ids, seq_len)
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress):
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", unit="batch", disable=not progress):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += nll.item()
+        total += batch_nll(model(input_ids=batch).logits.float(), batch)
         count += batch[:, 1:].numel()
-    mean = total / count
-    return Perplexity(math.exp(mean), mean, count, n)
+    return Perplexity.of(total, count, windows.shape[0])
 
 
 @torch.no_grad()

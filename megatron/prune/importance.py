@@ -245,9 +245,8 @@ def score_model(folder: Path, texts: Sequence[Path] | None = None, samples: int 
     import time
 
     from .evaluate import check_megatron_tokenizer, has_tokenizer, load_hf, load_tokenizer, tokenize
-    from .hf import HFCheckpoint
-    from .layerwise import collect_scores_layerwise, use_layerwise
-    from .megatron_ckpt import MegatronCheckpoint, is_megatron_dir
+    from .layerwise import collect_scores_layerwise, source_shape, use_layerwise
+    from .megatron_ckpt import is_megatron_dir
     from .text import builtin_text, read_texts
 
     aggregator(agg)
@@ -257,13 +256,11 @@ def score_model(folder: Path, texts: Sequence[Path] | None = None, samples: int 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PruneError(f"--device {device}: no CUDA device is available here; use --device cpu")
     text = read_texts(list(texts)) if texts else builtin_text("calib")
+    shape = source_shape(Path(folder))
     if is_megatron_dir(folder):
         check_megatron_tokenizer(Path(folder))
-        shape = MegatronCheckpoint.open(folder).shape
-    else:
-        shape = HFCheckpoint.open(folder).shape
-        if not has_tokenizer(Path(folder)):
-            raise PruneError(f"{folder} has no tokenizer: activation scoring tokenizes calibration text with it")
+    elif not has_tokenizer(Path(folder)):
+        raise PruneError(f"{folder} has no tokenizer: activation scoring tokenizes calibration text with it")
     layerwise, why = use_layerwise(layer_by_layer, shape, DTYPES[dtype], device)
     if why:
         print(why, flush=True)

@@ -1,4 +1,4 @@
-"""Activation scoring one decoder layer at a time, for models that do not fit in memory.
+"""Activation scoring and perplexity one decoder layer at a time, for models that do not fit in memory.
 
 The model is an HF skeleton on the ``meta`` device (no memory). The embedding runs first, over every calibration
 batch, and the inputs of the first decoder layer are kept. Then each layer in turn is materialised from the
@@ -96,12 +96,14 @@ def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple,
     return args, {**kwargs, "hidden_states": hidden}
 
 
-@torch.no_grad()
-def collect_scores_layerwise(folder: Path, shape: ModelShape, windows: torch.Tensor, batch_size: int,
-                             dtype: torch.dtype, device: str, agg: str, progress: bool = True) -> Scores:
-    """:func:`importance.collect_scores` of the model in ``folder``, holding one decoder layer at a time."""
-    from .importance import importance_hooks, scores_from_stats
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states of a layer call."""
+    return args[0] if args else kwargs["hidden_states"]
 
+
+def prepare(folder: Path, windows: torch.Tensor, batch_size: int, dtype: torch.dtype,
+            device: str) -> tuple[Any, torch.nn.Module, list[tuple[tuple, dict]]]:
+    """The checkpoint, the model skeleton and the first decoder layer's inputs for every batch of ``windows``."""
     src, config = open_source(folder)
     model = skeleton(config, dtype)
     body = model.model
@@ -110,16 +112,60 @@ def collect_scores_layerwise(folder: Path, shape: ModelShape, windows: torch.Ten
         body.rotary_emb = type(body.rotary_emb)(config=model.config).to(device)
     inputs = first_layer_inputs(model, windows, batch_size, device)
     release(body.embed_tokens)
+    return src, model, inputs
+
+
+def run_decoder_layers(model: torch.nn.Module, src: Any, inputs: list[tuple[tuple, dict]], device: str,
+                       desc: str, progress: bool) -> None:
+    """Each decoder layer in turn: materialised, run over every batch (outputs replace inputs), freed."""
+    for i, layer in enumerate(tqdm(model.model.layers, desc=desc, unit="layer", disable=not progress)):
+        materialise(layer, f"model.layers.{i}", src, device)
+        for j, (args, kwargs) in enumerate(inputs):
+            out = layer(*args, **kwargs)
+            inputs[j] = with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out)
+        release(layer)
+
+
+@torch.no_grad()
+def collect_scores_layerwise(folder: Path, shape: ModelShape, windows: torch.Tensor, batch_size: int,
+                             dtype: torch.dtype, device: str, agg: str, progress: bool = True) -> Scores:
+    """:func:`importance.collect_scores` of the model in ``folder``, holding one decoder layer at a time."""
+    from .importance import importance_hooks, scores_from_stats
+
+    src, model, inputs = prepare(folder, windows, batch_size, dtype, device)
     with importance_hooks(model, shape, agg) as stats:
-        for i, layer in enumerate(tqdm(body.layers, desc="scoring layer by layer", unit="layer",
-                                       disable=not progress)):
-            materialise(layer, f"model.layers.{i}", src, device)
-            for j, (args, kwargs) in enumerate(inputs):
-                out = layer(*args, **kwargs)
-                inputs[j] = with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out)
-            release(layer)
+        run_decoder_layers(model, src, inputs, device, "scoring layer by layer", progress)
     getattr(src, "release", lambda: None)()
     return scores_from_stats(stats, agg)
+
+
+@torch.no_grad()
+def perplexity_layerwise(folder: Path, ids: torch.Tensor, seq_len: int, batch_size: int, dtype: torch.dtype,
+                         device: str, progress: bool = True):
+    """:func:`evaluate.perplexity` of the model in ``folder``, holding one decoder layer (then the head) at a time."""
+    from .evaluate import Perplexity, batch_nll, eval_windows
+
+    windows = eval_windows(ids, seq_len)
+    src, model, inputs = prepare(folder, windows, batch_size, dtype, device)
+    run_decoder_layers(model, src, inputs, device, "perplexity layer by layer", progress)
+    materialise(model.model.norm, "model.norm", src, device)
+    materialise(model.lm_head, "lm_head", src, device)  # the checkpoints give the embedding where it is tied
+    total, count = 0.0, 0
+    for start, (args, kwargs) in zip(range(0, windows.shape[0], batch_size), inputs):
+        logits = model.lm_head(model.model.norm(hidden_of(args, kwargs))).float()
+        batch = windows[start : start + batch_size].to(device)
+        total += batch_nll(logits, batch)
+        count += batch[:, 1:].numel()
+    getattr(src, "release", lambda: None)()
+    return Perplexity.of(total, count, windows.shape[0])
+
+
+def source_shape(folder: Path) -> ModelShape:
+    """The shape of the HF or Megatron checkpoint in ``folder`` (read from its config or args, no tensors)."""
+    from .hf import HFCheckpoint
+    from .megatron_ckpt import MegatronCheckpoint, is_megatron_dir
+
+    return (MegatronCheckpoint if is_megatron_dir(folder) else HFCheckpoint).open(folder).shape
 
 
 def free_bytes(device: str) -> int:

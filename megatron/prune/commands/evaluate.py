@@ -4,7 +4,8 @@ The model is an HF checkpoint, or a Megatron checkpoint (any TP/PP, torch or tor
 converts to, built in memory with the tokenizer of its hf_meta/ (the same logits as the exported model).
 
 Without --text the built-in held-out text is used (Python's own documentation, `pydoc_data.topics`, the part
-never used for calibration). The last line printed is `perplexity: X`.
+never used for calibration). The last line printed is `perplexity: X`. A model that would take more than half of
+the free memory of --device runs one decoder layer at a time (--layer-by-layer), with the same result.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..evaluate import load_hf, perplexity, tokenize
+from ..evaluate import Perplexity, check_model_folder, load_hf, load_tokenizer, perplexity, tokenize
+from ..layerwise import perplexity_layerwise, source_shape, use_layerwise
+from ..shape import PruneError
 from ..text import builtin_text, read_texts
 
 HELP = "perplexity (or lm-eval tasks) of an HF or Megatron checkpoint on held-out text"
@@ -32,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default %(default)s)")
+    p.add_argument("--layer-by-layer", choices=["auto", "always", "never"], default="auto",
+                   help="perplexity with one decoder layer at a time on --device (read from the checkpoint as it "
+                        "goes), for models that do not fit; same result; auto does so when the whole model would "
+                        "take more than half of the free memory (default %(default)s; not with --tasks)")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line before the last line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     t = p.add_argument_group("lm-evaluation-harness (pip install 'megatron-prune[eval]'; tasks download their data)")
@@ -44,6 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
+    if args.tasks and args.layer_by_layer == "always":
+        raise PruneError("--layer-by-layer always: lm-eval tasks need the whole model in memory; drop one of "
+                         "--tasks and --layer-by-layer")
+    if not args.tasks and layer_by_layer(args):
+        text = read_texts(args.text) if args.text else builtin_text("eval")
+        ids = tokenize(load_tokenizer(args.model), text, args.max_tokens or None)
+        return report(args, perplexity_layerwise(args.model, ids, args.seq_len, args.batch_size, DTYPES[args.dtype],
+                                                 args.device, progress=not args.no_progress), t0)
     model, tok = load_hf(args.model, DTYPES[args.dtype], args.device)
     if args.tasks:
         from ..harness import format_results, run_tasks
@@ -55,7 +70,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     text = read_texts(args.text) if args.text else builtin_text("eval")
     ids = tokenize(tok, text, args.max_tokens or None)
-    result = perplexity(model, ids, args.seq_len, args.batch_size, progress=not args.no_progress)
+    return report(args, perplexity(model, ids, args.seq_len, args.batch_size, progress=not args.no_progress), t0)
+
+
+def layer_by_layer(args: argparse.Namespace) -> bool:
+    """--layer-by-layer for the perplexity pass (auto: when the whole model would not fit comfortably)."""
+    if args.layer_by_layer == "never":
+        return False
+    check_model_folder(args.model)
+    shape = source_shape(args.model)
+    chosen, why = use_layerwise(args.layer_by_layer, shape, DTYPES[args.dtype], args.device)
+    if why:
+        print(why.replace("scoring", "perplexity"), flush=True)
+    return chosen
+
+
+def report(args: argparse.Namespace, result: Perplexity, t0: float) -> int:
+    """Print the perplexity (the last line), as JSON too with --json."""
     if args.json:
         print(json.dumps({"model": str(args.model), "perplexity": result.perplexity, "nll": result.nll,
                           "tokens": result.tokens, "windows": result.windows, "seconds": round(time.time() - t0, 2)}))
