@@ -144,7 +144,8 @@ def test_apply_cpu_shims_is_a_noop_with_cuda(monkeypatch):
 @pytest.mark.parametrize("te", [False, True])
 def test_gpu_without_transformer_engine_gets_the_local_spec_flags(monkeypatch, te):
     """On a GPU (no CPU shims) without TE, pretrain_llama.py selects megatron-core's local spec and plain ops
-    before the user's flags (which still win); with TE the stock defaults are left alone."""
+    before the user's flags (which still win); with TE the stock defaults are left alone. LLaMA's no-dropout
+    defaults come before the user's flags in both cases."""
     import megatron.training.arguments as margs
 
     from megatron.prune.cpu import WITHOUT_TE_FLAGS
@@ -163,7 +164,8 @@ def test_gpu_without_transformer_engine_gets_the_local_spec_flags(monkeypatch, t
     with pytest.raises(SystemExit):
         recipe.main(["--transformer-impl", "transformer_engine"])
     want = [] if te else list(WITHOUT_TE_FLAGS)
-    assert seen == [*want, "--transformer-impl", "transformer_engine"]
+    assert seen == [*want, *recipe.LLAMA_DEFAULTS, "--transformer-impl", "transformer_engine"]
+    assert recipe.LLAMA_DEFAULTS == ("--attention-dropout", "0.0", "--hidden-dropout", "0.0")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def add_recovery_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Our flags on top of Megatron's (passed to ``parse_args`` as ``extra_args_provider``); also the script's
     description, and help texts made printable."""
     parser.description = ("Recovery training of a pruned LLaMA-family model on megatron-core's stock loop: "
-                          "Megatron-LM's flags, plus distillation from a teacher (the last group). "
+                          "Megatron-LM's flags, plus distillation from a teacher (the last group); attention and "
+                          "hidden dropout default to 0 as for LLaMA-family models. "
                           "scripts/check_model.sh sets the usual flags from environment variables; docs/recovery.md "
                           "walks through the whole cycle.")
     escape_help_percents(parser)
@@ -347,6 +348,10 @@ def check_parallelism(args: Any) -> None:
                          "not support it; use Transformer Engine (installed, with --transformer-impl "
                          "transformer_engine) or drop --sequence-parallel")
 
+
+# Defaults of a LLaMA-family recipe where Megatron's differ: no dropout (Megatron: 0.1 each), as LLaMA-family models
+# are trained. Given before the user's flags, which win; --use-checkpoint-args takes the checkpoint's.
+LLAMA_DEFAULTS: tuple[str, ...] = ("--attention-dropout", "0.0", "--hidden-dropout", "0.0")
 
 DENSE_LLAMA = "pretrain_llama.py builds dense LLaMA-family layers (GQA attention, SwiGLU MLP) and would ignore it"
 # Megatron flags stock pretrain_gpt.py acts on but this recipe does not: (arg, what to do instead). Refused rather
@@ -802,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron.training.training import pretrain
 
     skip_compile_helpers()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [*LLAMA_DEFAULTS, *(sys.argv[1:] if argv is None else argv)]  # later user flags still win
     if apply_cpu_shims():
         argv = [*CPU_FLAGS, *argv]  # later user flags still win
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
