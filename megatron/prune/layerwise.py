@@ -182,8 +182,9 @@ def free_bytes(device: str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def use_layerwise(mode: str, shape: ModelShape, dtype: torch.dtype, device: str) -> tuple[bool, str]:
-    """Whether to score layer by layer (``--layer-by-layer``), with the reason when ``auto`` chose it."""
+def use_layerwise(mode: str, shape: ModelShape, dtype: torch.dtype, device: str,
+                  what: str = "scoring") -> tuple[bool, str]:
+    """Whether to run ``what`` layer by layer (``--layer-by-layer``), with the reason when ``auto`` chose it."""
     if mode not in MODES:
         raise PruneError(f"--layer-by-layer {mode!r}; choose one of {', '.join(MODES)}")
     if mode != "auto":
@@ -191,5 +192,5 @@ def use_layerwise(mode: str, shape: ModelShape, dtype: torch.dtype, device: str)
     need, free = shape.num_params() * dtype.itemsize, free_bytes(device)
     if need <= AUTO_SHARE * free:
         return False, ""
-    return True, (f"scoring layer by layer: the whole model ({need / 2**30:.1f} GiB in {str(dtype)[6:]}) would take "
+    return True, (f"{what} layer by layer: the whole model ({need / 2**30:.1f} GiB in {str(dtype)[6:]}) would take "
                   f"more than {AUTO_SHARE:.0%} of the {free / 2**30:.1f} GiB free on {device}")

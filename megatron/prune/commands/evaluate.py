@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..evaluate import Perplexity, check_model_folder, load_hf, load_tokenizer, perplexity, tokenize
-from ..layerwise import perplexity_layerwise, source_shape, use_layerwise
+from ..layerwise import MODES, perplexity_layerwise, source_shape, use_layerwise
 from ..shape import PruneError
 from ..text import builtin_text, read_texts
 
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default %(default)s)")
-    p.add_argument("--layer-by-layer", choices=["auto", "always", "never"], default="auto",
+    p.add_argument("--layer-by-layer", choices=MODES, default="auto",
                    help="perplexity with one decoder layer at a time on --device (read from the checkpoint as it "
                         "goes), for models that do not fit; same result; auto does so when the whole model would "
                         "take more than half of the free memory (default %(default)s; not with --tasks)")
@@ -79,9 +79,9 @@ def layer_by_layer(args: argparse.Namespace) -> bool:
         return False
     check_model_folder(args.model)
     shape = source_shape(args.model)
-    chosen, why = use_layerwise(args.layer_by_layer, shape, DTYPES[args.dtype], args.device)
+    chosen, why = use_layerwise(args.layer_by_layer, shape, DTYPES[args.dtype], args.device, "perplexity")
     if why:
-        print(why.replace("scoring", "perplexity"), flush=True)
+        print(why, flush=True)
     return chosen
 
 

@@ -23,6 +23,7 @@ import argparse
 from pathlib import Path
 
 from .. import importance as imp
+from ..layerwise import MODES
 from ..shape import PruneError
 
 HELP = "score channels, heads, KV groups, FFN channels and layers by their activations (for --method activation)"
@@ -42,7 +43,7 @@ def add_calibration_arguments(p: argparse.ArgumentParser | argparse._ArgumentGro
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
     p.add_argument("--dtype", choices=sorted(imp.DTYPES), default="float32",
                    help="compute dtype of the scoring pass; statistics accumulate in float32 (default %(default)s)")
-    p.add_argument("--layer-by-layer", choices=["auto", "always", "never"], default="auto",
+    p.add_argument("--layer-by-layer", choices=MODES, default="auto",
                    help="hold one decoder layer at a time on --device (read from the checkpoint as it goes), for "
                         "models that do not fit: peak memory is one layer plus the calibration activations, the "
                         "scores are the same; auto does so when the whole model would take more than half of the "
