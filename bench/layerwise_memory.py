@@ -83,8 +83,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         folder = Path(tmp) / "model"
         subprocess.run([sys.executable, __file__, "--write", str(folder), *sys.argv[1:]], check=True)
-        imports, _ = run([sys.executable, "-c", "import torch, transformers, megatron.prune.importance, "
-                                                "megatron.prune.layerwise; from transformers import "
+        imports, _ = run([sys.executable, "-c", "import torch, transformers, megatron.prune.scoring.methods, "
+                                                "megatron.prune.scoring.layerwise; from transformers import "
                                                 "AutoModelForCausalLM, LlamaForCausalLM"])
         result = {}
         for mode in ("never", "always"):

@@ -29,30 +29,33 @@ import torch
 
 def synthetic_checkpoint(folder: Path, layers: int, tp: int) -> None:
     """A LLaMA-2-7B-shaped Megatron checkpoint with random bf16 weights, written one shard at a time."""
-    from megatron.prune import megatron_ckpt as mc
-    from megatron.prune.shape import ModelShape
+    from megatron.prune.core.roles import ROLE_AXES
+    from megatron.prune.formats.mcore import args as mcore_args
+    from megatron.prune.formats.mcore import schema
+    from megatron.prune.formats.mcore import write
+    from megatron.prune.core.shape import ModelShape
 
     shape = ModelShape(num_layers=layers, hidden_size=4096, num_attention_heads=32, num_query_groups=32, head_dim=128,
                        ffn_hidden_size=11008, vocab_size=32000, tied_embeddings=False)
-    layout = mc.Layout(shape, tp, 1, "local", mc.padded_vocab_size(shape.vocab_size, 128, tp))
-    units = mc.tp_units(shape, layout.padded_vocab)
+    layout = write.Layout(shape, tp, 1, "local", schema.padded_vocab_size(shape.vocab_size, 128, tp))
+    units = schema.tp_units(shape, layout.padded_vocab)
     gen = torch.Generator().manual_seed(0)
 
     def role_shape(role: str) -> tuple[int, ...]:
         size = {"hidden": shape.hidden_size, "vocab": layout.padded_vocab,
                 "heads": shape.num_attention_heads * shape.head_dim, "groups": shape.num_query_groups * shape.head_dim,
                 "ffn": shape.ffn_hidden_size}
-        return tuple(size[a] // (tp if a in mc.TP_AXES else 1) for a in mc.ROLE_AXES[role])
+        return tuple(size[a] // (tp if a in schema.TP_AXES else 1) for a in ROLE_AXES[role])
 
     def roles(role: str, layer: int | None, r: int) -> torch.Tensor:
         return (torch.randn(role_shape(role), generator=gen) * 0.02).to(torch.bfloat16)
 
     hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5,
                  "rope_theta": 10000.0, "max_position_embeddings": 4096}
-    args = mc.args_for_shape(None, shape, tp, 1, layout.padded_vocab, 128, torch.bfloat16, "local", hf_config, None)
+    args = mcore_args.args_for_shape(None, shape, tp, 1, layout.padded_vocab, 128, torch.bfloat16, "local", hf_config, None)
     folder.mkdir(parents=True)
-    mc.write_checkpoint(folder, layout, mc.fused_params(roles, layout), args)
-    mc.write_meta(folder, None, hf_config, shape)
+    write.write_checkpoint(folder, layout, write.fused_params(roles, layout), args)
+    write.write_meta(folder, None, hf_config, shape)
     del units
 
 
@@ -132,7 +135,7 @@ def main() -> int:
             env = dict(os.environ, PYTHONPATH=str(ref))  # ahead of the editable install; cwd outside the repo
             variants[f"prune@{a.baseline_rev}"] = ([sys.executable, *prune_args], env, work)
         load0 = os.getloadavg()
-        base = run_child([sys.executable, "-c", "import megatron.prune.megatron_ckpt, torch"])
+        base = run_child([sys.executable, "-c", "import megatron.prune.formats.mcore.ops, torch"])
         runs: dict[str, list[Run]] = {k: [] for k in variants}
         names = list(variants)
         for i in range(a.repeat):

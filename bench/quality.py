@@ -24,14 +24,20 @@ from pathlib import Path
 
 import torch
 
-from megatron.prune import importance as imp
-from megatron.prune.evaluate import load_hf, perplexity, tokenize
-from megatron.prune.hf import HFCheckpoint, expected_roles, hf_name
+from megatron.prune.core import plan as plan_mod
+from megatron.prune.scoring import methods
+from megatron.prune.scoring import stats
+from megatron.prune.perplexity import perplexity
+from megatron.prune.runtime import load_hf, tokenize
+from megatron.prune.core.roles import expected_roles
+from megatron.prune.formats.hf import HFCheckpoint, hf_name
 from megatron.prune.models import embedded_model_dir
-from megatron.prune.plan import PrunePlan
-from megatron.prune.selectors import Scores, TargetRequest, magnitude_scores, make_plan, random_scores, resolve_target
-from megatron.prune.shape import hf_config_for_shape
-from megatron.prune.slicing import layer_index, model_index, slice_role
+from megatron.prune.core.plan import PrunePlan
+from megatron.prune.core.select import Scores, make_plan
+from megatron.prune.core.target import TargetRequest, resolve_target
+from megatron.prune.scoring.methods import magnitude_scores, random_scores
+from megatron.prune.core.shape import hf_config_for_shape
+from megatron.prune.core.slicing import layer_index, model_index, slice_role
 from megatron.prune.text import builtin_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="few tokens: a smoke run, numbers not meaningful")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=imp.DEFAULT_SEQ_LEN)
+    ap.add_argument("--seq-len", type=int, default=methods.DEFAULT_SEQ_LEN)
     ap.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     ap.add_argument("--chart", type=Path, default=ROOT / "assets" / "quality.png")
     args = ap.parse_args(argv)
@@ -98,7 +104,7 @@ def main(argv=None) -> int:
     if "lm_head.weight" not in state or shape.tied_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     eval_ids = tokenize(tok, builtin_text("eval"), args.eval_tokens)
-    calib = imp.calibration_windows(tokenize(tok, builtin_text("calib"), None), args.samples, args.seq_len)
+    calib = methods.calibration_windows(tokenize(tok, builtin_text("calib"), None), args.samples, args.seq_len)
 
     def ppl(m) -> float:
         return perplexity(m, eval_ids, seq_len=512 if not args.quick else 256, batch_size=4, progress=False).perplexity
@@ -111,13 +117,13 @@ def main(argv=None) -> int:
     print(f"original perplexity {results['original_ppl']:.2f} ({time.time() - t0:.0f}s)", flush=True)
 
     # -- scoring, and its cost vs a plain forward over the same tokens (min of 2, interleaved: the machine is shared)
-    bs = imp.DEFAULT_BATCH_SIZE
+    bs = methods.DEFAULT_BATCH_SIZE
     fwd, score_t, scores = [], [], {}
     for agg in ("mean-l2", "rms", "mean"):  # timing: interleaved, best of each (the machine may be shared)
         if agg != "mean":
             fwd.append(time_forward(model, calib, bs))
         t, c = time.perf_counter(), time.process_time()
-        scores[agg] = imp.collect_scores(model, shape, calib, bs, agg, progress=False)
+        scores[agg] = stats.collect_scores(model, shape, calib, bs, agg, progress=False)
         score_t.append((time.perf_counter() - t, time.process_time() - c))
     wall = min(s for s, _ in score_t) / min(f for f, _ in fwd)
     cpu = min(c for _, c in score_t) / min(c for _, c in fwd)
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
     def run(target_req: TargetRequest, sc: Scores, rescale: str = "sqrt", groups: int | None = None) -> dict:
         req = dataclasses.replace(target_req, num_query_groups=groups) if groups else target_req
         target, drop = resolve_target(shape, req)
-        plan = imp.norm_rescale(make_plan(shape, target, sc, drop), rescale)
+        plan = plan_mod.norm_rescale(make_plan(shape, target, sc, drop), rescale)
         m = in_memory_prune(state, ckpt.config, plan)
         value = ppl(m)
         kept = [lp.source_layer for lp in plan.layers]
@@ -148,7 +154,7 @@ def main(argv=None) -> int:
         if req.num_layers:
             row["random_spread_middle"] = run(req, random_scores(shape, 0))["ppl"]  # the CLI's random: seed rule
         row["magnitude"] = run(req, mag)["ppl"]
-        act = run(req, scores[imp.DEFAULT_AGGREGATION])  # what `prune --method activation` does
+        act = run(req, scores[stats.DEFAULT_AGGREGATION])  # what `prune --method activation` does
         row["activation"], row["params"], row["activation_dropped_layers"] = act["ppl"], act["params"], act["dropped_layers"]
         row["ratio_vs_random"] = row["activation"] / row["random"]
         row["ratio_vs_best_random_seed"] = row["activation"] / min(row["random_seeds"])
@@ -161,7 +167,7 @@ def main(argv=None) -> int:
         req = SHAPES[name][1]
         ab[f"{name}: aggregation"] = {agg: run(req, scores[agg])["ppl"] for agg in ("mean-l2", "mean", "rms")}
         ab[f"{name}: norm rescale"] = {"sqrt": results["shapes"][name]["activation"],
-                                       "none": run(req, scores[imp.DEFAULT_AGGREGATION], "none")["ppl"]}
+                                       "none": run(req, scores[stats.DEFAULT_AGGREGATION], "none")["ppl"]}
         if name == "width":
             ab[f"{name}: norm rescale (random seed 0)"] = {
                 "sqrt": results["shapes"][name]["random_seeds"][0],
@@ -169,8 +175,8 @@ def main(argv=None) -> int:
         print(f"{name}: {ab[f'{name}: aggregation']} {ab[f'{name}: norm rescale']}", flush=True)
     greq = TargetRequest(**GQA_SHAPE[1])
     ab["gqa"] = {"description": GQA_SHAPE[0],
-                 "trim-heads (3 groups x 2 heads)": run(greq, scores[imp.DEFAULT_AGGREGATION], groups=3)["ppl"],
-                 "drop-groups (2 groups x 3 heads)": run(greq, scores[imp.DEFAULT_AGGREGATION], groups=2)["ppl"],
+                 "trim-heads (3 groups x 2 heads)": run(greq, scores[stats.DEFAULT_AGGREGATION], groups=3)["ppl"],
+                 "drop-groups (2 groups x 3 heads)": run(greq, scores[stats.DEFAULT_AGGREGATION], groups=2)["ppl"],
                  "random trim-heads (seed 0)": run(greq, random_with_layers(shape, 0), groups=3)["ppl"]}
     print(f"gqa: {ab['gqa']}", flush=True)
     results["targets"] = {

@@ -7,7 +7,7 @@ through ``scripts/check_model.sh`` twice for the same fixed budget:
   (b) ``kd``: distillation from the unpruned model (``--kd-alpha 1``, T=1: pure logit KL).
 Every ``--eval-every`` iterations the loop saves the model; each saved iteration is exported with
 ``megatron_to_hf`` and its perplexity measured on the built-in held-out text with
-``megatron.prune.evaluate.perplexity`` (the same number ``megatron-prune eval``/``demo`` print).
+``megatron.prune.perplexity.perplexity`` (the same number ``megatron-prune eval``/``demo`` print).
 
     .venv/bin/python bench/recovery.py               # ~10-15 min on 2 CPU cores
     .venv/bin/python bench/recovery.py --iters 4 --eval-every 2   # smoke run
@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from megatron.prune.commands.demo import DEMO_SHAPE
-from megatron.prune.evaluate import load_hf, perplexity, tokenize
-from megatron.prune.megatron_ckpt import hf_to_megatron, megatron_to_hf
+from megatron.prune.perplexity import perplexity
+from megatron.prune.runtime import load_hf, tokenize
+from megatron.prune.formats.mcore.ops import hf_to_megatron, megatron_to_hf
 from megatron.prune.models import cache_root, embedded_model_dir
 from megatron.prune.text import builtin_text
 

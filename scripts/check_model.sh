@@ -43,7 +43,7 @@ LR="${LR:-1e-4}"; MIN_LR="${MIN_LR:-$("$PYTHON" -c "print(float('$LR') / 10)")}"
 
 if [[ "$TOKENIZER" == *.model ]]; then tok_type=SentencePieceTokenizer; else tok_type=HuggingFaceTokenizer; fi
 read -r has_gpu load_format < <("$PYTHON" -c 'import sys, torch
-from megatron.prune.training.kd import checkpoint_format
+from megatron.prune.training.checkpoints import checkpoint_format
 print(int(torch.cuda.is_available()), checkpoint_format(sys.argv[1]) if sys.argv[1] else "none")' "${LOAD:-}")
 [[ "$load_format" == torch_dist ]] && CKPT_FORMAT="${CKPT_FORMAT:-torch_dist}"
 if [[ -n "${TRAIN_SAMPLES:-}" ]]; then

@@ -41,8 +41,8 @@ import shutil, sys
 from pathlib import Path
 from megatron.prune.cli import main
 from megatron.prune.commands.demo import DEMO_SHAPE
-from megatron.prune.hf import HFCheckpoint
-from megatron.prune.megatron_ckpt import hf_to_megatron
+from megatron.prune.formats.hf import HFCheckpoint
+from megatron.prune.formats.mcore.ops import hf_to_megatron
 from megatron.prune.models import embedded_model_dir
 from megatron.prune.text import builtin_text
 

@@ -24,7 +24,7 @@ def build_gpt(a, sdpa: bool = False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    from megatron.prune.training.recipe import _layer_spec, gpt_model_kwargs
+    from megatron.prune.training.model import _layer_spec, gpt_model_kwargs
 
     cfg = TransformerConfig(
         num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
@@ -75,7 +75,8 @@ def main(jobs_path: str, out_path: str) -> None:
     from megatron.core import parallel_state
 
     from megatron.prune.cpu import init_parallel
-    from megatron.prune.megatron_ckpt import MegatronCheckpoint, load_shard
+    from megatron.prune.formats.folder import open_megatron
+    from megatron.prune.formats.mcore.read import load_shard
 
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import logits, sample_ids
@@ -85,7 +86,7 @@ def main(jobs_path: str, out_path: str) -> None:
     for job in jobs:
         init_parallel(job["tp"], 1)
         rank = parallel_state.get_tensor_model_parallel_rank()
-        ckpt = MegatronCheckpoint.open(job["mg"])
+        ckpt = open_megatron(job["mg"])
         assert ckpt.tp == job["tp"], (ckpt.tp, job["tp"])
         model = build_gpt(ckpt.args)
         if job.get("dist"):  # torch_dist: megatron-core's own loader, then a strict load as Megatron-LM does

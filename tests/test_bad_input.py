@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tree_hash
+from megatron.prune.formats.folder import open_megatron
 from megatron.prune.cli import main
 
 CASES = {
@@ -97,7 +98,7 @@ def test_bad_output_paths_refused(tiny_hf, tmp_path, capsys):
 
 def test_failure_mid_write_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
     """An error after some shards were written removes the temporary folder; the output never appears."""
-    import megatron.prune.hf as hf
+    import megatron.prune.formats.hf as hf
 
     calls = []
     real = hf.write_safetensors
@@ -124,11 +125,12 @@ def test_interrupt_while_writing_megatron_shards_leaves_nothing(tiny_hf, tmp_pat
     import threading
     import time
 
-    from megatron.prune import megatron_ckpt as mc
+    from megatron.prune.formats.mcore import ops
+    from megatron.prune.formats.mcore import write
 
-    mg = mc.hf_to_megatron(tiny_hf("llama-gqa"), tmp_path / "mg", tp=2, progress=False)
+    mg = ops.hf_to_megatron(tiny_hf("llama-gqa"), tmp_path / "mg", tp=2, progress=False)
     before = tree_hash(mg)
-    real = mc.TorchStreamWriter.tensor
+    real = write.TorchStreamWriter.tensor
     lock, written = threading.Lock(), []
 
     def tensor(self, t):
@@ -140,13 +142,13 @@ def test_interrupt_while_writing_megatron_shards_leaves_nothing(tiny_hf, tmp_pat
         time.sleep(0.01)  # tiny tensors: give the main thread time to see the interrupt
         return real(self, t)
 
-    monkeypatch.setattr(mc.TorchStreamWriter, "tensor", tensor)
-    monkeypatch.setattr(mc.os, "cpu_count", lambda: 2)  # both TP shards at once
+    monkeypatch.setattr(write.TorchStreamWriter, "tensor", tensor)
+    monkeypatch.setattr(write.os, "cpu_count", lambda: 2)  # both TP shards at once
     assert main(["prune", "--input", str(mg), "--output", str(tmp_path / "out"), "--hidden-size", "40",
                  "--no-progress"]) == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mg"]
     assert tree_hash(mg) == before
-    per_shard = len(mc.shard_jobs(mc.Layout(mc.MegatronCheckpoint.open(mg).shape, 2, 1, "local", 128),
+    per_shard = len(write.shard_jobs(write.Layout(open_megatron(mg).shape, 2, 1, "local", 128),
                                   lambda *a: None, 0, 0)[0])
     assert len(written) < per_shard  # the other writer gave up early instead of finishing its shard
 

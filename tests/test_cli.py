@@ -56,7 +56,7 @@ def test_seed_compatible_hf_entry_point(tiny_hf, tmp_path):
     import json
     from pathlib import Path
 
-    from megatron.prune.plan import PrunePlan
+    from megatron.prune.core.plan import PrunePlan
 
     cfg = tmp_path / "target.json"
     cfg.write_text(json.dumps({"intermediate_size": 32, "num_hidden_layers": 3, "num_key_value_heads": 2,

@@ -14,7 +14,7 @@ import pytest
 from megatron.prune.cli import main
 from megatron.prune.data import (TextTokenizer, dataset_paths, json_document, preprocess, read_documents,
                                  resolve_input_format, split_paragraphs, validate_dataset_prefix)
-from megatron.prune.shape import PruneError
+from megatron.prune.errors import PruneError
 from tests.tiny_corpus import make_hf_tokenizer, make_spm_tokenizer, pydoc_documents, write_ids, write_jsonl
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron.prune import direct_io
-from megatron.prune.direct_io import ALIGN, SequentialFile, aligned_empty
+from megatron.prune.io import direct_io
+from megatron.prune.io.direct_io import ALIGN, SequentialFile, aligned_empty
 
 
 def pieces() -> list[memoryview]:

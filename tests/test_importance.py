@@ -8,9 +8,14 @@ import math
 import pytest
 import torch
 
-from megatron.prune import importance as imp
-from megatron.prune.selectors import make_plan, resolve_target, TargetRequest
-from megatron.prune.shape import PruneError, shape_from_hf_config
+from megatron.prune.core import plan as plan_mod
+from megatron.prune.core import target
+from megatron.prune.scoring import methods
+from megatron.prune.scoring import stats
+from megatron.prune.core.select import make_plan
+from megatron.prune.core.target import TargetRequest, resolve_target
+from megatron.prune.core.shape import shape_from_hf_config
+from megatron.prune.errors import PruneError
 from tiny import make_tiny_model, sample_ids
 
 
@@ -69,7 +74,7 @@ MANUAL_AGG = {  # stat [b, s, n] -> [n], written out directly
 }
 
 
-@pytest.mark.parametrize("agg", list(imp.AGGREGATIONS))
+@pytest.mark.parametrize("agg", list(stats.AGGREGATIONS))
 def test_hooks_match_hand_written_forward(agg):
     model = make_tiny_model("llama-gqa")
     shape = shape_of(model)
@@ -80,7 +85,7 @@ def test_hooks_match_hand_written_forward(agg):
         ref = model.model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(model.model.norm(acts[-1]["x_out"]), ref, rtol=1e-4, atol=1e-4)
 
-    scores = imp.collect_scores(model, shape, ids, batch_size=2, agg=agg, progress=False)  # 2 batches: 2 + 1
+    scores = stats.collect_scores(model, shape, ids, batch_size=2, agg=agg, progress=False)  # 2 batches: 2 + 1
     a = MANUAL_AGG[agg]
     hn, hpg = shape.head_dim, shape.heads_per_group
     b, s = ids.shape
@@ -100,7 +105,7 @@ def test_hooks_are_removed_and_model_output_unchanged():
     ids = sample_ids()
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        imp.collect_scores(model, shape_of(model), ids, progress=False)
+        stats.collect_scores(model, shape_of(model), ids, progress=False)
         after = model(input_ids=ids).logits
     assert torch.equal(before, after)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
@@ -109,8 +114,8 @@ def test_hooks_are_removed_and_model_output_unchanged():
 def test_scores_are_deterministic():
     model = make_tiny_model("llama-gqa")
     ids = sample_ids(batch=4, seq=16)
-    s1 = imp.collect_scores(model, shape_of(model), ids, batch_size=2, progress=False)
-    s2 = imp.collect_scores(model, shape_of(model), ids, batch_size=2, progress=False)
+    s1 = stats.collect_scores(model, shape_of(model), ids, batch_size=2, progress=False)
+    s2 = stats.collect_scores(model, shape_of(model), ids, batch_size=2, progress=False)
     for name in ("hidden", "heads", "groups", "ffn", "layers"):
         assert torch.equal(getattr(s1, name), getattr(s2, name)), name
 
@@ -136,7 +141,7 @@ def zero_units(model, channel=5, group=(1, 2), ffn=(2, 17), layer=3):
 def test_unused_units_score_lowest_and_are_removed_first():
     model = zero_units(make_tiny_model("llama-gqa"))
     shape = shape_of(model)
-    scores = imp.collect_scores(model, shape, sample_ids(batch=4, seq=16), progress=False)
+    scores = stats.collect_scores(model, shape, sample_ids(batch=4, seq=16), progress=False)
     assert scores.hidden[5] == 0 and int(scores.hidden.argmin()) == 5
     assert scores.groups[1, 2] == 0 and int(scores.groups[1].argmin()) == 2
     assert scores.ffn[2, 17] == 0 and int(scores.ffn[2].argmin()) == 17
@@ -157,7 +162,7 @@ def test_unused_head_is_removed_first_mha():
     with torch.no_grad():
         model.model.layers[0].self_attn.v_proj.weight[2 * hn : 3 * hn] = 0
     shape = shape_of(model)
-    scores = imp.collect_scores(model, shape, sample_ids(batch=4, seq=16), progress=False)
+    scores = stats.collect_scores(model, shape, sample_ids(batch=4, seq=16), progress=False)
     assert scores.heads[0, 2] == 0 and int(scores.heads[0].argmin()) == 2
     target, drop = resolve_target(shape, TargetRequest(num_attention_heads=3))
     plan = make_plan(shape, target, scores, drop)
@@ -171,7 +176,7 @@ def test_tp_balanced_selection_keeps_top_k_inside_each_slice():
         for layer in model.model.layers:
             layer.mlp.gate_proj.weight[: f // 2] *= 20
     shape = shape_of(model)
-    scores = imp.collect_scores(model, shape, sample_ids(batch=4, seq=16), progress=False)
+    scores = stats.collect_scores(model, shape, sample_ids(batch=4, seq=16), progress=False)
     target = shape.replace(ffn_hidden_size=f // 2, num_query_groups=2, num_attention_heads=2 * shape.heads_per_group)
     balanced = make_plan(shape, target, scores, tp=2, balance=True)
     unbalanced = make_plan(shape, target, scores, tp=2, balance=False)
@@ -192,32 +197,32 @@ def test_tp_balanced_selection_keeps_top_k_inside_each_slice():
 def test_norm_rescale_records_sqrt_factor_and_can_be_switched_off():
     model = make_tiny_model("llama-gqa")
     shape = shape_of(model)
-    scores = imp.collect_scores(model, shape, sample_ids(), progress=False)
+    scores = stats.collect_scores(model, shape, sample_ids(), progress=False)
     plan = make_plan(shape, shape.replace(hidden_size=32), scores)
-    scaled = imp.norm_rescale(plan, "sqrt")
+    scaled = plan_mod.norm_rescale(plan, "sqrt")
     assert scaled.norm_scale == pytest.approx(math.sqrt(48 / 32)) and scaled.info["norm_rescale"] == "sqrt"
-    assert imp.norm_rescale(plan, "none").norm_scale == 1.0
+    assert plan_mod.norm_rescale(plan, "none").norm_scale == 1.0
     same_width = make_plan(shape, shape.replace(ffn_hidden_size=32), scores)
-    assert imp.norm_rescale(same_width, "sqrt").norm_scale == 1.0
+    assert plan_mod.norm_rescale(same_width, "sqrt").norm_scale == 1.0
     with pytest.raises(PruneError, match="sqrt, none"):
-        imp.norm_rescale(plan, "cube")
+        plan_mod.norm_rescale(plan, "cube")
 
 
 def test_gqa_modes():
     model = make_tiny_model("llama-tied")  # 6 heads, 2 KV groups, 3 heads per group
     shape = shape_of(model)
-    assert imp.gqa_query_groups(shape, 4, None, "trim-heads") == 2
-    assert imp.gqa_query_groups(shape, 3, None, "drop-groups") == 1
-    assert imp.gqa_query_groups(shape, 3, 2, "drop-groups") == 2  # explicit wins
+    assert target.gqa_query_groups(shape, 4, None, "trim-heads") == 2
+    assert target.gqa_query_groups(shape, 3, None, "drop-groups") == 1
+    assert target.gqa_query_groups(shape, 3, 2, "drop-groups") == 2  # explicit wins
     with pytest.raises(PruneError, match="multiple of 3"):
-        imp.gqa_query_groups(shape, 4, None, "drop-groups")
+        target.gqa_query_groups(shape, 4, None, "drop-groups")
 
 
 def test_calibration_windows_spread_and_errors():
     ids = torch.arange(100)
-    w = imp.calibration_windows(ids, 3, 10)
+    w = methods.calibration_windows(ids, 3, 10)
     assert w[:, 0].tolist() == [0, 40, 90] and w.shape == (3, 10)
     with pytest.raises(PruneError, match="at most 10"):
-        imp.calibration_windows(ids, 11, 10)
+        methods.calibration_windows(ids, 11, 10)
     with pytest.raises(PruneError, match="mean-l2"):
-        imp.aggregator("median")
+        stats.aggregator("median")

@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from megatron.prune.cli import main
-from megatron.prune.hf import HFCheckpoint
-from megatron.prune.importance import load_scores
-from megatron.prune.megatron_ckpt import hf_to_megatron
-from megatron.prune.plan import PrunePlan
-from megatron.prune.shape import ModelShape, PruneError
+from megatron.prune.formats.hf import HFCheckpoint
+from megatron.prune.scoring.methods import load_scores
+from megatron.prune.formats.mcore.ops import hf_to_megatron
+from megatron.prune.core.plan import PrunePlan
+from megatron.prune.core.shape import ModelShape
+from megatron.prune.errors import PruneError
 from tiny import make_tiny_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -245,8 +246,8 @@ def test_layer_by_layer_holds_one_decoder_layer_at_a_time(tok_model, monkeypatch
     """Scoring layer by layer materialises one decoder layer at a time (the embedding is freed before the first);
     --layer-by-layer auto takes that path only when the whole model would not fit in half the free memory, and
     says so."""
-    from megatron.prune import layerwise
-    from megatron.prune.importance import score_model
+    from megatron.prune.scoring import layerwise
+    from megatron.prune.scoring.methods import ScoringOptions, score_model
 
     seen: dict[str, object] = {"most_layers": 0, "calls": 0}
     skeleton, materialise = layerwise.skeleton, layerwise.materialise
@@ -268,14 +269,14 @@ def test_layer_by_layer_holds_one_decoder_layer_at_a_time(tok_model, monkeypatch
     need = HFCheckpoint.open(tok_model).shape.num_params() * 4
     for free, layered in ((need * 3, False), (need, True)):
         monkeypatch.setattr(layerwise, "free_bytes", lambda device, free=free: free)
-        run = score_model(tok_model, samples=4, seq_len=32, progress=False)
+        run = score_model(tok_model, ScoringOptions(samples=4, seq_len=32, progress=False))
         assert run.meta["layer_by_layer"] is layered
         out = capsys.readouterr().out
         assert ("scoring layer by layer: the whole model (" in out and "would take more than 50% of the" in out) \
             is layered
     assert seen["most_layers"] == 1 and seen["calls"] == 1 + 4  # the embedding, then each of the 4 layers
     with pytest.raises(PruneError, match="--layer-by-layer 'sometimes'; choose one of auto, always, never"):
-        score_model(tok_model, samples=4, seq_len=32, progress=False, layer_by_layer="sometimes")
+        score_model(tok_model, ScoringOptions(samples=4, seq_len=32, progress=False, layer_by_layer="sometimes"))
 
 
 def test_layer_by_layer_perplexity_of_a_tied_model(real_model, tmp_path, capsys):
@@ -300,7 +301,8 @@ def test_layer_by_layer_perplexity_of_a_tied_model(real_model, tmp_path, capsys)
 
 @pytest.mark.slow
 def test_activation_beats_random_on_the_real_model(real_model, tmp_path):
-    from megatron.prune.evaluate import load_hf, perplexity, tokenize
+    from megatron.prune.perplexity import perplexity
+    from megatron.prune.runtime import load_hf, tokenize
     from megatron.prune.text import builtin_text
 
     shape = ["--hidden-size", "468", "--ffn-hidden-size", "1024", "--no-progress"]

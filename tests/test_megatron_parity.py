@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from megatron.prune import megatron_ckpt as mc
-from megatron.prune.hf import HFCheckpoint, prune_hf
-from megatron.prune.selectors import make_plan, random_scores
+from megatron.prune.formats.folder import open_megatron
+from megatron.prune.formats.mcore import ops
+from megatron.prune.formats.hf import HFCheckpoint
+from megatron.prune.formats.hf import apply_plan as apply_hf_plan
+from megatron.prune.core.select import make_plan
+from megatron.prune.scoring.methods import random_scores
 from tests.tiny import LLAMA3_ROPE, llama3_rope, logits, make_tiny_hf, make_tiny_model, sample_ids
 
 FAMILIES = ("llama-gqa", "qwen2-bias", "llama-tied")
@@ -40,27 +43,27 @@ def parity(tiny_hf, tmp_path_factory) -> dict[str, list[dict]]:
         hf = tiny_hf(family)
         shape = HFCheckpoint.open(hf).shape
         for tp in (1, 2):
-            mg = mc.hf_to_megatron(hf, root / f"{family}-tp{tp}", tp=tp, progress=False)
+            mg = ops.hf_to_megatron(hf, root / f"{family}-tp{tp}", tp=tp, progress=False)
             job = {"name": f"convert-{family}-tp{tp}", "mg": str(mg), "hf": str(hf), "tp": tp}
             if tp == 2 and family == "qwen2-bias":
                 job["save_dist"] = str(root / "torch_dist")
             jobs.append(job)
         plan = make_plan(shape, prune_target(shape), random_scores(shape, 11), tp=2, balance=True)
-        ref = prune_hf(hf, root / f"{family}-pruned-hf", plan, progress=False)
+        ref = apply_hf_plan(hf, root / f"{family}-pruned-hf", plan, progress=False)
         for tp in (1, 2):
-            pruned = mc.prune(root / f"{family}-tp{tp}", root / f"{family}-pruned-tp{tp}", plan, progress=False)
+            pruned = ops.apply_plan(open_megatron(root / f"{family}-tp{tp}"), plan, root / f"{family}-pruned-tp{tp}", progress=False)
             jobs.append({"name": f"prune-{family}-tp{tp}", "mg": str(pruned), "hf": str(ref), "tp": tp})
         if family in DIST_OUTPUT:  # torch_dist output, loaded by megatron-core's dist_checkpointing at TP=2
             if DIST_OUTPUT[family] == "convert":
-                out = mc.hf_to_megatron(hf, root / f"{family}-dist", tp=2, progress=False, ckpt_format="torch_dist")
+                out = ops.hf_to_megatron(hf, root / f"{family}-dist", tp=2, progress=False, ckpt_format="torch_dist")
                 jobs.append({"name": f"dist-convert-{family}", "mg": str(out), "hf": str(hf), "tp": 2, "dist": True})
             else:
-                out = mc.prune(root / f"{family}-tp2", root / f"{family}-pruned-dist", plan, progress=False,
+                out = ops.apply_plan(open_megatron(root / f"{family}-tp2"), plan, root / f"{family}-pruned-dist", progress=False,
                                ckpt_format="torch_dist")
                 jobs.append({"name": f"dist-prune-{family}", "mg": str(out), "hf": str(ref), "tp": 2, "dist": True})
     # LLaMA-3.x RoPE scaling: carried in args, and applied with the checkpoint's factor (not the default 8)
     rope = make_tiny_hf(root / "llama3-rope-hf", "llama-gqa", **LLAMA3_ROPE)
-    jobs.append({"name": "llama3-rope", "mg": str(mc.hf_to_megatron(rope, root / "llama3-rope", tp=2, progress=False)),
+    jobs.append({"name": "llama3-rope", "mg": str(ops.hf_to_megatron(rope, root / "llama3-rope", tp=2, progress=False)),
                  "hf": str(rope), "tp": 2, "seq": ROPE_SEQ})
     (root / "jobs.json").write_text(json.dumps(jobs))
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -103,18 +106,18 @@ def test_torch_dist_input_matches_and_prunes_like_hf(parity, tmp_path):
     """A torch_dist checkpoint written by megatron-core at TP=2 reads back as the same logical tensors."""
     from test_megatron_ckpt import assert_same_tensors, hf_tensors
 
-    from megatron.prune.megatron_dist import TorchDistCheckpoint
+    from megatron.prune.formats.mcore.dist import TorchDistCheckpoint
 
     src, hf = parity["torch_dist"]["mg"], parity["torch_dist"]["hf"]
-    ck = mc.MegatronCheckpoint.open(src)
+    ck = open_megatron(src)
     assert isinstance(ck, TorchDistCheckpoint) and ck.tp == 2
-    assert_same_tensors(hf_tensors(hf), hf_tensors(mc.megatron_to_hf(src, tmp_path / "hf", progress=False)))
+    assert_same_tensors(hf_tensors(hf), hf_tensors(ops.megatron_to_hf(src, tmp_path / "hf", progress=False)))
     shape = ck.shape
     plan = make_plan(shape, prune_target(shape), random_scores(shape, 5), tp=2, balance=True)
-    pruned = mc.prune(src, tmp_path / "pruned", plan, progress=False)
-    assert mc.MegatronCheckpoint.open(pruned).tp == 2
-    ref = prune_hf(hf, tmp_path / "ref", plan, progress=False)
-    assert_same_tensors(hf_tensors(ref), hf_tensors(mc.megatron_to_hf(pruned, tmp_path / "back", progress=False)))
+    pruned = ops.apply_plan(open_megatron(src), plan, tmp_path / "pruned", progress=False)
+    assert open_megatron(pruned).tp == 2
+    ref = apply_hf_plan(hf, tmp_path / "ref", plan, progress=False)
+    assert_same_tensors(hf_tensors(ref), hf_tensors(ops.megatron_to_hf(pruned, tmp_path / "back", progress=False)))
 
 
 @pytest.mark.parametrize("name", [f"dist-{kind}-{family}" for family, kind in DIST_OUTPUT.items()])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron.prune.memory import BufferPool, drop_mapped_pages, file_mappings, ordered_map
+from megatron.prune.io.memory import BufferPool, drop_mapped_pages, file_mappings, ordered_map
 
 
 def test_ordered_map_keeps_order_and_bounds_lookahead() -> None:

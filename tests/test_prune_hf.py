@@ -11,9 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron.prune.cli import main
-from megatron.prune.hf import HFCheckpoint, prune_hf
-from megatron.prune.plan import PrunePlan
-from megatron.prune.selectors import Scores, make_plan, random_scores, resolve_target, TargetRequest
+from megatron.prune.formats.hf import HFCheckpoint
+from megatron.prune.formats.hf import apply_plan as apply_hf_plan
+from megatron.prune.core.plan import PrunePlan
+from megatron.prune.core.select import Scores, make_plan
+from megatron.prune.core.target import TargetRequest, resolve_target
+from megatron.prune.scoring.methods import random_scores
 from tiny import FAMILIES, logits, make_tiny_model, sample_ids
 
 
@@ -110,7 +113,7 @@ def test_zero_ffn_channels_prune_exactly(tiny_hf, tmp_path, family):
     shape = HFCheckpoint.open(src).shape
     plan = plan_dropping(shape, shape.replace(ffn_hidden_size=shape.ffn_hidden_size - 3), ffn=drop)
     assert all(set(lp.ffn).isdisjoint(drop) for lp in plan.layers)
-    prune_hf(src, tmp_path / "out", plan, progress=False)
+    apply_hf_plan(src, tmp_path / "out", plan, progress=False)
     assert_same_logits(src, tmp_path / "out")
 
 
@@ -131,7 +134,7 @@ def test_zero_query_heads_prune_exactly(tiny_hf, tmp_path):
     target = shape.replace(num_attention_heads=shape.num_attention_heads - len(dead))
     plan = plan_dropping(shape, target, heads=dead)
     assert all(set(lp.heads).isdisjoint(dead) for lp in plan.layers)
-    prune_hf(src, tmp_path / "out", plan, progress=False)
+    apply_hf_plan(src, tmp_path / "out", plan, progress=False)
     assert_same_logits(src, tmp_path / "out")
 
 
@@ -151,7 +154,7 @@ def test_zero_kv_group_prunes_exactly(tiny_hf, tmp_path):
                            num_attention_heads=shape.num_attention_heads - hpg)
     plan = plan_dropping(shape, target, groups=[g])
     assert all(g not in lp.query_groups for lp in plan.layers)
-    prune_hf(src, tmp_path / "out", plan, progress=False)
+    apply_hf_plan(src, tmp_path / "out", plan, progress=False)
     assert_same_logits(src, tmp_path / "out")
 
 
@@ -172,11 +175,11 @@ def test_zero_hidden_channels_prune_exactly_with_norm_rescale(tmp_path):
     H, H2 = shape.hidden_size, shape.hidden_size - len(drop)
     plan = plan_dropping(shape, shape.replace(hidden_size=H2), hidden=drop, norm_scale=math.sqrt(H / H2))
     assert set(plan.hidden).isdisjoint(drop)
-    prune_hf(tmp_path / "src", tmp_path / "out", plan, progress=False)
+    apply_hf_plan(tmp_path / "src", tmp_path / "out", plan, progress=False)
     assert_same_logits(tmp_path / "src", tmp_path / "out", atol=1e-4, rtol=1e-4)
     # Without the rescale the same pruning is measurably wrong: the test above is not vacuous.
     plain = PrunePlan(plan.source, plan.target, plan.hidden, plan.layers)
-    prune_hf(tmp_path / "src", tmp_path / "plain", plain, progress=False)
+    apply_hf_plan(tmp_path / "src", tmp_path / "plain", plain, progress=False)
     ids = sample_ids()
     assert not torch.allclose(logits(tmp_path / "src", ids), logits(tmp_path / "plain", ids), atol=1e-3)
 

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from megatron.prune.cli import main
-from megatron.prune.evaluate import load_hf, perplexity, tokenize
+from megatron.prune.perplexity import perplexity
+from megatron.prune.runtime import load_hf, tokenize
 from megatron.prune.text import builtin_text
 
 pytestmark = pytest.mark.slow

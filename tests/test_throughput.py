@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.prune.shape import shape_from_hf_config
+from megatron.prune.core.shape import shape_from_hf_config
 from megatron.prune.training.throughput import (
     flops_per_token,
     iteration_times_ms,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.prune.torch_stream import TorchStreamWriter
+from megatron.prune.io.torch_stream import TorchStreamWriter
 
 
 def sample() -> dict:
@@ -73,7 +73,7 @@ def test_contiguous_view_at_an_offset_is_written_from_its_first_byte(tmp_path: P
 
     code = f"""
 import argparse, torch
-from megatron.prune.torch_stream import TorchStreamWriter
+from megatron.prune.io.torch_stream import TorchStreamWriter
 base = torch.arange(48, dtype=torch.bfloat16).reshape(8, 6)
 with TorchStreamWriter({str(tmp_path / "rows.pt")!r}) as out:
     out.finish({{"rows": out.tensor(base[3:5]), "none": out.tensor(base[2:2]), "all": out.tensor(base)}})

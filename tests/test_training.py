@@ -39,8 +39,11 @@ import numpy as np
 import pytest
 import torch
 
-from megatron.prune.shape import PruneError
+from megatron.prune.errors import PruneError
+from megatron.prune.formats.mcore import read
+from megatron.prune.training import checkpoints
 from megatron.prune.training import kd
+from megatron.prune.training import teacher as teacher_mod
 from tests.procs import free_port
 from tests.tiny import LLAMA3_ROPE
 from tests.tiny_corpus import make_hf_tokenizer, make_spm_tokenizer, pydoc_documents, write_ids, write_jsonl
@@ -109,7 +112,7 @@ def inputs(tmp_path_factory):
     from megatron.prune.data import preprocess
     from transformers import AutoTokenizer
 
-    from megatron.prune.megatron_ckpt import hf_to_megatron, reshard
+    from megatron.prune.formats.mcore.ops import hf_to_megatron, reshard
     from megatron.prune.vocab import prune_hf_vocab, prune_megatron_vocab
     from megatron.prune.vocab.folder import tokenizer_tokens
     from tests.tiny import make_tiny_hf
@@ -388,7 +391,7 @@ def test_tensorboard_dir_gets_the_logged_losses(runs, inputs):
 
 def test_tensorboard_dir_without_tensorboard_is_refused(monkeypatch):
     """Without the package the stock loop would only warn and write nothing."""
-    from megatron.prune.training.recipe import check_tensorboard
+    from megatron.prune.training.checks import check_tensorboard
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
@@ -427,7 +430,7 @@ def test_converted_tp1_checkpoint_loads_with_finetune(runs, inputs):
     assert same_tensors(model_tensors(next(conv.glob("iter_*")) if not (conv / "release").is_dir()
                                       else conv / "release"), model_tensors(out / "iter_0000002"))
     # hf_meta (HF config) travelled from LOAD to SAVE, so the export has the source's exact config
-    from megatron.prune.megatron_ckpt import megatron_to_hf
+    from megatron.prune.formats.mcore.ops import megatron_to_hf
 
     assert (out / "hf_meta" / "config.json").read_text() == (conv / "hf_meta" / "config.json").read_text()
     back = megatron_to_hf(out, inputs["dir"] / "conv_tp1_back", progress=False)
@@ -452,9 +455,9 @@ def test_never_trained_checkpoint_starts_without_finetune(runs, inputs):
     assert "has never been trained (iteration 0, no optimizer state): starting it as with --finetune" in r.stdout
     assert parse_losses(r.stdout) == {1: parse_losses(first.stdout)[1]}
     assert (inputs["dir"] / "in_place" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
-    assert kd.never_trained({"iteration": 0, "args": None})
-    assert not kd.never_trained({"iteration": 0, "args": None, "optimizer": {}})  # saved at iteration 0
-    assert not kd.never_trained({"iteration": 5, "args": None})  # trained, saved with --no-save-optim
+    assert checkpoints.never_trained({"iteration": 0, "args": None})
+    assert not checkpoints.never_trained({"iteration": 0, "args": None, "optimizer": {}})  # saved at iteration 0
+    assert not checkpoints.never_trained({"iteration": 5, "args": None})  # trained, saved with --no-save-optim
 
 
 def test_kd_teacher_equal_to_student_gives_zero_kd_loss_and_gradient_at_tp2(runs, inputs):
@@ -487,7 +490,7 @@ def test_bf16_kd_run_as_on_a_gpu(runs, inputs):
     assert all(saved[k].dtype == torch.bfloat16 for k in saved)
     assert same_tensors({k: v.to(torch.bfloat16) for k, v in src.items()}, saved)
     # exported as bf16, and its config says so (the source's says float32): transformers loads what was written
-    from megatron.prune.megatron_ckpt import megatron_to_hf
+    from megatron.prune.formats.mcore.ops import megatron_to_hf
 
     assert json.loads((conv / "hf_meta" / "config.json").read_text())["dtype"] == "float32"
     back = megatron_to_hf(inputs["dir"] / "kd_bf16_out", inputs["dir"] / "kd_bf16_hf", progress=False)
@@ -503,8 +506,8 @@ def test_vocabulary_pruned_student_distils_from_the_teacher_given_its_vocabulary
     r = ok(case_result(next(c for c in runs["cases"] if c["name"] == "kd_vocab_like")))
     assert {k: float(v) for k, v in parse_losses(r.stdout, "kd loss").items()} == {1: 0.0}
     vp = inputs["vocab_pruned"]
-    assert kd.checkpoint_args(kd.find_checkpoint(vp["teacher_full"], "teacher")).padded_vocab_size == \
-        kd.checkpoint_args(kd.find_checkpoint(vp["mg"], "student")).padded_vocab_size == 384
+    assert checkpoints.checkpoint_args(checkpoints.find_checkpoint(vp["teacher_full"], "teacher")).padded_vocab_size == \
+        checkpoints.checkpoint_args(checkpoints.find_checkpoint(vp["mg"], "student")).padded_vocab_size == 384
 
 
 def test_tied_checkpoint_at_pp2_is_the_same_model_as_at_pp1(runs):
@@ -570,7 +573,7 @@ def test_llama3_rope_scaling_is_taken_from_the_checkpoint(runs):
 
 
 def test_checkpoint_args_the_stock_loader_leaves_out():
-    from megatron.prune.training.recipe import adopt_checkpoint_args, check_checkpoint_shape
+    from megatron.prune.training.checks import adopt_checkpoint_args, check_checkpoint_shape
 
     ckpt = Namespace(norm_epsilon=1e-6, use_rope_scaling=True, rope_scaling_factor=32.0, padded_vocab_size=384)
     flags = Namespace(norm_epsilon=1e-5, use_rope_scaling=False, rope_scaling_factor=8.0, padded_vocab_size=384,
@@ -585,17 +588,18 @@ def test_checkpoint_args_the_stock_loader_leaves_out():
 
 
 def test_layer_spec_mismatch_is_refused(monkeypatch):
-    from megatron.prune.training import recipe
+    from megatron.prune.training import checks
+    from megatron.prune.training import model as model_mod
 
     run = Namespace(transformer_impl="transformer_engine")  # selected, but TE is not installed here
-    assert recipe.layer_spec_name(run) == "local"
-    recipe.check_layer_spec(Namespace(transformer_impl="local"), run, "--load", "ck")
-    recipe.check_layer_spec(Namespace(), run, "--load", "ck")  # args that do not say: the load hook decides
+    assert model_mod.layer_spec_name(run) == "local"
+    checks.check_layer_spec(Namespace(transformer_impl="local"), run, "--load", "ck")
+    checks.check_layer_spec(Namespace(), run, "--load", "ck")  # args that do not say: the load hook decides
     with pytest.raises(PruneError, match="reshard --input ck --output ck-local --transformer-impl local$"):
-        recipe.check_layer_spec(Namespace(transformer_impl="transformer_engine"), run, "--load", "ck")
-    monkeypatch.setattr(recipe, "have_transformer_engine", lambda: True)  # a GPU machine with TE
+        checks.check_layer_spec(Namespace(transformer_impl="transformer_engine"), run, "--load", "ck")
+    monkeypatch.setattr(model_mod, "have_transformer_engine", lambda: True)  # a GPU machine with TE
     with pytest.raises(PruneError, match="--transformer-impl transformer_engine, or pass --transformer-impl local"):
-        recipe.check_layer_spec(Namespace(transformer_impl="local"), run, "--load", "ck/")
+        checks.check_layer_spec(Namespace(transformer_impl="local"), run, "--load", "ck/")
 
 
 def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeypatch, tmp_path):
@@ -604,13 +608,13 @@ def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeyp
     empty run name, no folder for its files or no package, a sequence longer than the checkpoint's positions, a
     torch_dist checkpoint read as torch, and a moved checkpoint whose args name a tokenizer that is gone; an explicit
     --tokenizer-model is kept."""
-    from megatron.prune.training import recipe
+    from megatron.prune.training import checks
 
     def flags_first(argv: list[str]) -> None:
-        recipe.check_flags_first(recipe.preflight_flags(argv))
+        checks.check_flags_first(checks.preflight_flags(argv))
 
     def paths_first(argv: list[str]) -> None:
-        recipe.check_paths_first(recipe.preflight_flags(argv))
+        checks.check_paths_first(checks.preflight_flags(argv))
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     tp2 = ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2"]  # 4 processes: data-parallel 2
@@ -641,7 +645,7 @@ def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeyp
         flags_first(wandb)
 
     pruned = str(inputs["pruned"][1])
-    max_pos = kd.checkpoint_args(kd.find_checkpoint(pruned, "--load")).max_position_embeddings
+    max_pos = checkpoints.checkpoint_args(checkpoints.find_checkpoint(pruned, "--load")).max_position_embeddings
     with pytest.raises(PruneError, match=f"--seq-length {max_pos + 1}: longer than the checkpoint's "
                                          f"max_position_embeddings {max_pos}"):
         paths_first(["--load", pruned, "--use-checkpoint-args", "--seq-length", str(max_pos + 1)])
@@ -653,24 +657,24 @@ def test_flags_megatron_refuses_late_are_refused_before_start_up(inputs, monkeyp
     (dist / "iter_0000003" / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
     with pytest.raises(PruneError, match="a torch_dist checkpoint, but --ckpt-format is torch"):
         paths_first(["--load", str(dist), "--ckpt-format", "torch_dist", "--ckpt-format", "torch"])
-    assert kd.checkpoint_format(dist) == "torch_dist" and kd.checkpoint_format(pruned) == "torch"
-    assert kd.checkpoint_format(tmp_path) == "none"
+    assert checkpoints.checkpoint_format(dist) == "torch_dist" and checkpoints.checkpoint_format(pruned) == "torch"
+    assert checkpoints.checkpoint_format(tmp_path) == "none"
 
     vp = inputs["vocab_pruned"]  # moved after conversion: its args name <made>/hf_meta, now gone
     with pytest.raises(PruneError, match=f"its args name the tokenizer {vp['made'] / 'hf_meta'}, which does not "
                                          "exist here"):
         paths_first(["--load", str(vp["mg"]), "--use-checkpoint-args"])
     argv = ["--load", str(vp["mg"]), "--use-checkpoint-args", "--tokenizer-model", vp["TOKENIZER"]]
-    kept = recipe.keep_own_tokenizer(argv)
+    kept = checks.keep_own_tokenizer(argv)
     assert kept == [*argv, "--no-use-tokenizer-model-from-checkpoint-args"]
     paths_first(kept)
-    assert recipe.keep_own_tokenizer(kept) == kept and recipe.keep_own_tokenizer(argv[:3]) == argv[:3]
+    assert checks.keep_own_tokenizer(kept) == kept and checks.keep_own_tokenizer(argv[:3]) == argv[:3]
 
 
 def test_schedules_megatron_fails_on_late_are_refused():
     """Evaluation without validation data (crashed after the last step, before the final save), WSD without
     its decay length (a bare assertion); a missing --eval-interval becomes the run's length."""
-    from megatron.prune.training import recipe
+    from megatron.prune.training import checks
 
     def args(**kw) -> Namespace:
         base = dict(eval_interval=5, train_iters=20, train_samples=None, global_batch_size=4, eval_iters=0,
@@ -680,109 +684,113 @@ def test_schedules_megatron_fails_on_late_are_refused():
 
     for ok_args in (args(), args(eval_iters=2, split="98,2,0"), args(eval_iters=2, valid_data_path=["v"]),
                     args(lr_decay_style="WSD", lr_wsd_decay_iters=4)):
-        recipe.check_schedule(ok_args)
+        checks.check_schedule(ok_args)
     with pytest.raises(PruneError, match=r"--eval-iters 2 \(EVAL_ITERS\) but no validation data: --split 100,0,0"):
-        recipe.check_schedule(args(eval_iters=2))
+        checks.check_schedule(args(eval_iters=2))
     with pytest.raises(PruneError, match="WSD needs the length of its decay phase: --lr-wsd-decay-iters"):
-        recipe.check_schedule(args(lr_decay_style="WSD"))
+        checks.check_schedule(args(lr_decay_style="WSD"))
     for kw, interval in (({}, 20), ({"train_iters": None, "train_samples": 30}, 8)):
         a = args(eval_interval=None, **kw)
-        recipe.check_schedule(a)
+        checks.check_schedule(a)
         assert a.eval_interval == interval
 
 
 def test_unsupported_parallelism_is_refused(monkeypatch):
     """get_batch gives every rank whole sequences: CP > 1 would not split them (and needs TE attention). Sequence
     parallelism needs TE's norms: the local spec's torch RMSNorm asserts it away once the model is built."""
-    from megatron.prune.training import recipe
+    from megatron.prune.training import checks
+    from megatron.prune.training import model as model_mod
 
     local = Namespace(context_parallel_size=1, sequence_parallel=False, transformer_impl="local")
-    recipe.check_parallelism(local)
+    checks.check_parallelism(local)
     with pytest.raises(PruneError, match="--context-parallel-size 2: pretrain_llama.py supports only 1"):
-        recipe.check_parallelism(Namespace(**{**vars(local), "context_parallel_size": 2}))
+        checks.check_parallelism(Namespace(**{**vars(local), "context_parallel_size": 2}))
     sp = Namespace(**{**vars(local), "sequence_parallel": True})
     with pytest.raises(PruneError, match="--sequence-parallel: this run builds megatron-core's local layer spec"):
-        recipe.check_parallelism(sp)
-    monkeypatch.setattr(recipe, "have_transformer_engine", lambda: True)  # a GPU machine with TE
-    recipe.check_parallelism(Namespace(**{**vars(sp), "transformer_impl": "transformer_engine"}))
+        checks.check_parallelism(sp)
+    monkeypatch.setattr(model_mod, "have_transformer_engine", lambda: True)  # a GPU machine with TE
+    checks.check_parallelism(Namespace(**{**vars(sp), "transformer_impl": "transformer_engine"}))
 
 
 def test_document_masking_needs_attention_that_applies_the_mask(monkeypatch):
     """Only megatron-core's unfused local attention applies the dataset's per-document mask: TE's causal attention
     and the fused causal softmax would ignore it (and train across documents), so those are refused."""
-    from megatron.prune.training import recipe
+    from megatron.prune.training import checks
+    from megatron.prune.training import model as model_mod
 
     local = Namespace(reset_attention_mask=True, masked_softmax_fusion=False, transformer_impl="local",
                       dataloader_inter_document_masking=False, window_size=None, bf16=True, fp16=False)
-    recipe.check_document_masking(local)
+    checks.check_document_masking(local)
     with pytest.raises(PruneError, match="--reset-attention-mask: the fused causal softmax kernel ignores the "
                                          "per-document mask .* add --no-masked-softmax-fusion"):
-        recipe.check_document_masking(Namespace(**{**vars(local), "masked_softmax_fusion": True}))
+        checks.check_document_masking(Namespace(**{**vars(local), "masked_softmax_fusion": True}))
     # in fp32 the fused kernel never runs
-    recipe.check_document_masking(Namespace(**{**vars(local), "masked_softmax_fusion": True, "bf16": False}))
+    checks.check_document_masking(Namespace(**{**vars(local), "masked_softmax_fusion": True, "bf16": False}))
     with pytest.raises(PruneError, match="--window-size 64: megatron-core's local attention replaces the "
                                          "per-document mask"):
-        recipe.check_document_masking(Namespace(**{**vars(local), "window_size": 64}))
-    monkeypatch.setattr(recipe, "have_transformer_engine", lambda: True)
+        checks.check_document_masking(Namespace(**{**vars(local), "window_size": 64}))
+    monkeypatch.setattr(model_mod, "have_transformer_engine", lambda: True)
     te = Namespace(**{**vars(local), "transformer_impl": "transformer_engine"})
     with pytest.raises(PruneError, match="Transformer Engine's causal attention ignores the per-document mask"):
-        recipe.check_document_masking(te)
-    recipe.check_document_masking(Namespace(**{**vars(te), "reset_attention_mask": False}))
+        checks.check_document_masking(te)
+    checks.check_document_masking(Namespace(**{**vars(te), "reset_attention_mask": False}))
     with pytest.raises(PruneError, match="--dataloader-inter-document-masking: pretrain_llama.py does not build"):
-        recipe.check_document_masking(Namespace(**{**vars(te), "dataloader_inter_document_masking": True}))
+        checks.check_document_masking(Namespace(**{**vars(te), "dataloader_inter_document_masking": True}))
 
 
 def test_flags_stock_pretrain_gpt_honours(tmp_path, inputs):
     """Megatron flags the stock GPT script acts on: the ones this recipe cannot honour are refused (not ignored),
     the rest reach the model, the dataset config and the data checks."""
-    from megatron.prune.training import recipe
+    from megatron.prune.training import checks
+    from megatron.prune.training import datasets
+    from megatron.prune.training import model as model_mod
 
-    base = {name: None for name, _ in recipe.UNSUPPORTED_FLAGS.values()}
-    recipe.check_unsupported_flags(Namespace(**base, transformer_impl="local"))
-    for flag, (name, _) in recipe.UNSUPPORTED_FLAGS.items():
+    base = {name: None for name, _ in checks.UNSUPPORTED_FLAGS.values()}
+    checks.check_unsupported_flags(Namespace(**base, transformer_impl="local"))
+    for flag, (name, _) in checks.UNSUPPORTED_FLAGS.items():
         with pytest.raises(PruneError, match=f"^{flag} .*: not supported: "):
-            recipe.check_unsupported_flags(Namespace(**{**base, name: True}, transformer_impl="local"))
+            checks.check_unsupported_flags(Namespace(**{**base, name: True}, transformer_impl="local"))
     with pytest.raises(PruneError, match="--transformer-impl inference_optimized: for inference only"):
-        recipe.check_unsupported_flags(Namespace(**base, transformer_impl="inference_optimized"))
+        checks.check_unsupported_flags(Namespace(**base, transformer_impl="inference_optimized"))
     # RoPE position interpolation: adopted from a checkpoint, checked against it, and passed to GPTModel
-    assert "rotary_seq_len_interpolation_factor" in recipe.UNLOADED_MODEL_ARGS  # the teacher takes its own:
-    assert "rotary_seq_len_interpolation_factor" in kd.TEACHER_SHAPE_FIELDS
+    assert "rotary_seq_len_interpolation_factor" in checks.UNLOADED_MODEL_ARGS  # the teacher takes its own:
+    assert "rotary_seq_len_interpolation_factor" in teacher_mod.TEACHER_SHAPE_FIELDS
     rope = Namespace(padded_vocab_size=384, max_position_embeddings=64, untie_embeddings_and_output_weights=False,
                      position_embedding_type="rope", rotary_percent=1.0, rotary_base=10000,
                      rotary_seq_len_interpolation_factor=4)
-    assert recipe.gpt_model_kwargs(rope)["seq_len_interpolation_factor"] == 4
+    assert model_mod.gpt_model_kwargs(rope)["seq_len_interpolation_factor"] == 4
     # dataset flags reach GPTDatasetConfig
     seqs = tmp_path / "seqs.json"
     seqs.write_text(json.dumps({"a": 3}))
-    tuned = recipe.dataset_tuning(Namespace(multiple_validation_sets=True, mid_level_dataset_surplus=0.5,
+    tuned = datasets.dataset_tuning(Namespace(multiple_validation_sets=True, mid_level_dataset_surplus=0.5,
                                             allow_ambiguous_pad_tokens=True, per_dataset_sequences_path=str(seqs)))
     assert tuned["multiple_validation_sets"] and tuned["allow_ambiguous_pad_tokens"]
     assert tuned["mid_level_dataset_surplus"] == 0.5 and tuned["sequences_per_dataset"] == {"a": 3}
     with pytest.raises(PruneError, match=r"--per-dataset-sequences-path .*nope\.json: No such file"):
-        recipe.read_sequence_counts(str(tmp_path / "nope.json"))
+        datasets.read_sequence_counts(str(tmp_path / "nope.json"))
     seqs.write_text("[3]")
     with pytest.raises(PruneError, match=r"seqs\.json: must hold a JSON object .*, not list"):
-        recipe.read_sequence_counts(str(seqs))
+        datasets.read_sequence_counts(str(seqs))
     seqs.write_text("{")
     with pytest.raises(PruneError, match=r"seqs\.json: not JSON"):
-        recipe.read_sequence_counts(str(seqs))
+        datasets.read_sequence_counts(str(seqs))
     # --data-args-path (a long blend kept in a file) is read as the dataset provider reads it
     blend = tmp_path / "blend.txt"
     blend.write_text(f"0.7 {inputs['DATA']}\n0.3 {inputs['DATA']}_b\n")
     none = dict(data_path=None, train_data_path=None, valid_data_path=None, test_data_path=None,
                 per_split_data_args_path=None)
-    assert recipe.data_prefixes(Namespace(**none, data_args_path=str(blend))) == [inputs["DATA"], inputs["DATA"] + "_b"]
+    assert checks.data_prefixes(Namespace(**none, data_args_path=str(blend))) == [inputs["DATA"], inputs["DATA"] + "_b"]
     with pytest.raises(PruneError, match=r"--data-args-path .*nope\.txt: no such file"):
-        recipe.data_prefixes(Namespace(**none, data_args_path=str(tmp_path / "nope.txt")))
+        checks.data_prefixes(Namespace(**none, data_args_path=str(tmp_path / "nope.txt")))
     with pytest.raises(PruneError, match="--data-args-path .* and --data-path: give one"):
-        recipe.data_prefixes(Namespace(**{**none, "data_path": [inputs["DATA"]]}, data_args_path=str(blend)))
+        checks.data_prefixes(Namespace(**{**none, "data_path": [inputs["DATA"]]}, data_args_path=str(blend)))
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": inputs["DATA"]}))
     with pytest.raises(PruneError, match="split.json: no test, valid entry"):
-        recipe.data_prefixes(Namespace(**{**none, "per_split_data_args_path": str(split)}, data_args_path=None))
+        checks.data_prefixes(Namespace(**{**none, "per_split_data_args_path": str(split)}, data_args_path=None))
     split.write_text(json.dumps({"train": f"1 {inputs['DATA']}", "valid": inputs["DATA"] + "_v",
                                  "test": inputs["DATA"] + "_t"}))
-    assert recipe.data_prefixes(Namespace(**{**none, "per_split_data_args_path": str(split)}, data_args_path=None)) \
+    assert checks.data_prefixes(Namespace(**{**none, "per_split_data_args_path": str(split)}, data_args_path=None)) \
         == [inputs["DATA"], inputs["DATA"] + "_v", inputs["DATA"] + "_t"]
 
 
@@ -793,12 +801,14 @@ def test_gpu_diagnostic_and_te_flags_reach_megatron_core(monkeypatch):
     import megatron.core.models.gpt.gpt_layer_specs as specs
     import megatron.training
     import megatron.training.utils
+    from megatron.prune.training import checks
+    from megatron.prune.training import model as model_mod
     from megatron.prune.training import recipe
 
     seen: dict[str, object] = {}
-    monkeypatch.setattr(recipe, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(model_mod, "have_transformer_engine", lambda: True)
     monkeypatch.setattr(specs, "get_gpt_layer_with_transformer_engine_spec", lambda **kw: seen.update(kw))
-    recipe._layer_spec(Namespace(transformer_impl="transformer_engine", qk_layernorm=False,
+    model_mod._layer_spec(Namespace(transformer_impl="transformer_engine", qk_layernorm=False,
                                  use_te_activation_func=True, use_transformer_engine_op_fuser=True), None)
     assert seen == {"qk_layernorm": False, "use_te_activation_func": True, "use_te_op_fuser": True}
 
@@ -812,14 +822,14 @@ def test_gpu_diagnostic_and_te_flags_reach_megatron_core(monkeypatch):
         return torch.nn.Linear(1, 1)
 
     monkeypatch.setattr(recipe, "build_gpt", build)
-    recipe.model_provider()
+    recipe.Recovery().model_provider()
     assert seen["history_first"] and (seen["record_memory_history"], seen["profile_ranks"],
                                     seen["memory_snapshot_path"]) == (True, [1], "snap.pickle")
-    monkeypatch.setattr(recipe, "shims_active", lambda: True)
+    monkeypatch.setattr(checks, "shims_active", lambda: True)
     with pytest.raises(PruneError, match="--record-memory-history: records CUDA allocations, and this run has no "
                                          "GPU; drop the flag"):
-        recipe.check_memory_history(args)
-    recipe.check_memory_history(Namespace(record_memory_history=False))
+        checks.check_memory_history(args)
+    checks.check_memory_history(Namespace(record_memory_history=False))
 
 
 def test_attention_kernel_of_the_local_spec(monkeypatch):
@@ -828,11 +838,12 @@ def test_attention_kernel_of_the_local_spec(monkeypatch):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnBackend
 
-    from megatron.prune.training import attention, recipe
+    from megatron.prune.training import attention
+    from megatron.prune.training import model as model_mod
 
     def core(**kw: object) -> type:
         args = Namespace(transformer_impl="local", qk_layernorm=False, normalization="RMSNorm", **kw)
-        return recipe._layer_spec(args, None).submodules.self_attention.submodules.core_attention
+        return model_mod._layer_spec(args, None).submodules.self_attention.submodules.core_attention
 
     monkeypatch.setattr(attention, "on_gpu", lambda: False)
     assert core(attention_backend=AttnBackend.auto) is DotProductAttention
@@ -842,12 +853,12 @@ def test_attention_kernel_of_the_local_spec(monkeypatch):
     assert core(attention_backend=AttnBackend.auto, deterministic_mode=False) is attention.SDPAttention
     assert core(attention_backend=AttnBackend.auto, deterministic_mode=True) is DotProductAttention
     assert core(attention_backend=AttnBackend.unfused) is DotProductAttention
-    assert recipe.spec_description(Namespace(transformer_impl="local", attention_backend=AttnBackend.auto)) \
+    assert model_mod.spec_description(Namespace(transformer_impl="local", attention_backend=AttnBackend.auto)) \
         == "local spec, torch SDPA attention"
 
 
 def test_partial_loads_are_refused():
-    from megatron.prune.training.recipe import refuse_partial_loads
+    from megatron.prune.training.model import refuse_partial_loads
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
     refuse_partial_loads(model)
@@ -873,32 +884,32 @@ def test_bad_inputs_fail_before_training(runs):
 def test_checkpoint_reads_are_memory_mapped(tmp_path):
     """Reading a shard's args (done for --load and the teacher on every rank) maps the file instead of reading
     every tensor into RAM; a legacy (non-zip) file is still read."""
-    from megatron.prune.memory import file_mappings
+    from megatron.prune.io.memory import file_mappings
 
     state = {"model": {"w": torch.arange(4096.0)}, "args": Namespace(num_layers=2)}
     torch.save(state, tmp_path / "zip.pt")
     torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
-    loaded = kd.load_torch_shard(tmp_path / "zip.pt")
+    loaded = read.load_shard(tmp_path / "zip.pt")
     ptr = loaded["model"]["w"].data_ptr()
     assert any(lo <= ptr < hi for lo, hi in file_mappings(tmp_path / "zip.pt"))
-    legacy = kd.load_torch_shard(tmp_path / "legacy.pt")
+    legacy = read.load_shard(tmp_path / "legacy.pt")
     assert legacy["args"].num_layers == 2 and torch.equal(legacy["model"]["w"], state["model"]["w"])
     assert not file_mappings(tmp_path / "legacy.pt")
 
 
 def test_teacher_checks():
     student = Namespace(tensor_model_parallel_size=2, padded_vocab_size=384, pipeline_model_parallel_size=1)
-    kd.check_teacher(Namespace(tensor_model_parallel_size=2, padded_vocab_size=384), student)
+    teacher_mod.check_teacher(Namespace(tensor_model_parallel_size=2, padded_vocab_size=384), student)
     with pytest.raises(PruneError, match="TP=1"):
-        kd.check_teacher(Namespace(tensor_model_parallel_size=1, padded_vocab_size=384), student)
+        teacher_mod.check_teacher(Namespace(tensor_model_parallel_size=1, padded_vocab_size=384), student)
     with pytest.raises(PruneError, match="padded vocab 320"):
-        kd.check_teacher(Namespace(tensor_model_parallel_size=2, padded_vocab_size=320), student)
+        teacher_mod.check_teacher(Namespace(tensor_model_parallel_size=2, padded_vocab_size=320), student)
     # the same padded size, but 300 vs 290 tokens (our checkpoints record both; a stock one may have no vocab_size)
     teacher = Namespace(tensor_model_parallel_size=2, padded_vocab_size=384, vocab_size=300)
     with pytest.raises(PruneError, match="teacher's vocabulary has 300 tokens, the student's .--load. 290"):
-        kd.check_teacher(teacher, student, student_ckpt_args=Namespace(vocab_size=290))
-    kd.check_teacher(teacher, student, student_ckpt_args=Namespace(vocab_size=300))
-    kd.check_teacher(teacher, student, student_ckpt_args=Namespace(vocab_size=None))
+        teacher_mod.check_teacher(teacher, student, student_ckpt_args=Namespace(vocab_size=290))
+    teacher_mod.check_teacher(teacher, student, student_ckpt_args=Namespace(vocab_size=300))
+    teacher_mod.check_teacher(teacher, student, student_ckpt_args=Namespace(vocab_size=None))
 
 
 def test_teacher_layout_checks():
@@ -910,34 +921,34 @@ def test_teacher_layout_checks():
                         num_layers=4)
     with pytest.raises(PruneError, match=r"saved at TP=1, PP=1, the student runs at TP=2, PP=2; reshard the teacher: "
                                          r"megatron-prune reshard --input /t/ --output /t-tp2-pp2 --tp 2 --pp 2$"):
-        kd.check_teacher(teacher, student)
-    kd.check_teacher(teacher, student, teacher_torch_dist=True)
-    kd.check_teacher(Namespace(**{**vars(teacher), "tensor_model_parallel_size": 2,
+        teacher_mod.check_teacher(teacher, student)
+    teacher_mod.check_teacher(teacher, student, teacher_torch_dist=True)
+    teacher_mod.check_teacher(Namespace(**{**vars(teacher), "tensor_model_parallel_size": 2,
                                   "pipeline_model_parallel_size": 2}), student)
     with pytest.raises(PruneError, match="the teacher's 3 layers do not split evenly over PP=2 stages"):
-        kd.check_teacher(Namespace(**{**vars(teacher), "num_layers": 3}), student, teacher_torch_dist=True)
+        teacher_mod.check_teacher(Namespace(**{**vars(teacher), "num_layers": 3}), student, teacher_torch_dist=True)
     with pytest.raises(PruneError, match="virtual pipeline"):
-        kd.check_teacher(teacher, Namespace(**{**vars(student), "virtual_pipeline_model_parallel_size": 2}),
+        teacher_mod.check_teacher(teacher, Namespace(**{**vars(student), "virtual_pipeline_model_parallel_size": 2}),
                          teacher_torch_dist=True)
 
 
 def test_checkpoint_tokenizer_must_be_the_training_tokenizer(inputs):
     """A checkpoint's hf_meta/ tokenizer against --tokenizer-model: the same vocabulary passes, another is refused
     naming the fix (for a teacher: `vocab prune --like`), no hf_meta/ tokenizer goes unchecked."""
-    from megatron.prune.training import recipe
+    from megatron.prune.training import checks
 
     vp = inputs["vocab_pruned"]
     args = Namespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=vp["TOKENIZER"])
-    recipe.check_vocabulary(str(vp["mg"]), args, "--load")
-    recipe.check_vocabulary(str(vp["teacher_v"]), args, "--kd-teacher-load")
-    recipe.check_vocabulary(str(inputs["conv"][1]), args, "--kd-teacher-load")  # hf_meta/ without a tokenizer
+    checks.check_vocabulary(str(vp["mg"]), args, "--load")
+    checks.check_vocabulary(str(vp["teacher_v"]), args, "--kd-teacher-load")
+    checks.check_vocabulary(str(inputs["conv"][1]), args, "--kd-teacher-load")  # hf_meta/ without a tokenizer
     with pytest.raises(PruneError, match=r"300 tokens\) is not the training tokenizer .* 290 tokens; 300 vs 290"):
-        recipe.check_vocabulary(str(vp["teacher_full"]), args, "--kd-teacher-load")
+        checks.check_vocabulary(str(vp["teacher_full"]), args, "--kd-teacher-load")
     full = Namespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=inputs["TOKENIZER"])
     fix = f"tokenize the data with it and pass it as --tokenizer-model (TOKENIZER={vp['mg']}/hf_meta)"
     with pytest.raises(PruneError, match=re.escape(fix)):
-        recipe.check_vocabulary(str(vp["mg"]), full, "--load")
-    recipe.check_vocabulary(str(vp["mg"]), Namespace(tokenizer_type="NullTokenizer", tokenizer_model=None), "--load")
+        checks.check_vocabulary(str(vp["mg"]), full, "--load")
+    checks.check_vocabulary(str(vp["mg"]), Namespace(tokenizer_type="NullTokenizer", tokenizer_model=None), "--load")
 
 
 # ---- vocab-parallel KL (and LM loss) vs plain torch at TP=2, and what they keep for backward ----------

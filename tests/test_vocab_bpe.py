@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron.prune.cli import main as cli_main
-from megatron.prune.shape import PruneError
+from megatron.prune.errors import PruneError
 from megatron.prune.text import builtin_text
 from megatron.prune.vocab import (TokenCounts, closure, count_tokens, minimum_keep, open_tokenizer,
                                   prune_tokenizer)

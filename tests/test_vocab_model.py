@@ -16,8 +16,8 @@ from conftest import tree_hash
 from test_vocab_bpe import calib_docs, make_bytelevel_tokenizer, needed_for, write_docs
 from tiny import logits, make_tiny_hf
 
-from megatron.prune.plan import PrunePlan
-from megatron.prune.shape import PruneError
+from megatron.prune.core.plan import PrunePlan
+from megatron.prune.errors import PruneError
 from megatron.prune.vocab import count_tokens, open_tokenizer, prune_hf_vocab, prune_tokenizer
 from megatron.prune.vocab.folder import tokenizer_tokens
 
@@ -170,7 +170,8 @@ def test_megatron_tp2_vocab_prune_equals_hf_path(family, bbpe, tmp_path):
     """HF -> Megatron TP=2 -> vocab prune (shards rewritten, padding recomputed) -> HF equals the HF-path result."""
     from safetensors.torch import load_file
 
-    from megatron.prune.megatron_ckpt import META_DIR, hf_to_megatron, iter_state_dicts, megatron_to_hf
+    from megatron.prune.formats.mcore.ops import hf_to_megatron, iter_state_dicts, megatron_to_hf
+    from megatron.prune.formats.mcore.schema import META_DIR
     from megatron.prune.vocab import prune_megatron_vocab
 
     src = model_with_tokenizer(tmp_path / "src", family, bbpe, bos_token_id=1, eos_token_id=2, pad_token_id=2999)

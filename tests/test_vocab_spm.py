@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron.prune.shape import PruneError
+from megatron.prune.errors import PruneError
 from megatron.prune.text import builtin_text
 from megatron.prune.vocab import TokenCounts, closure, count_tokens, minimum_keep, open_tokenizer, prune_tokenizer
 

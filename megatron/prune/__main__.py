@@ -1,5 +1,7 @@
+"""``python -m megatron.prune``: the same as the ``megatron-prune`` command."""
+
 import sys
 
-from .cli import main
+from megatron.prune.cli import main
 
 sys.exit(main())

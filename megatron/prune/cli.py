@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from .shape import PruneError
+from megatron.prune.errors import PruneError
 
 # verb -> module; the module's docstring is the verb's long help.
 VERBS: dict[str, str] = {

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .shape import PruneError
+from megatron.prune.errors import PruneError
 
 SUFFIX = "_text_document"  # Megatron's naming for a dataset built from the "text" key
 

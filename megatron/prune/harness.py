@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .shape import PruneError
+from megatron.prune.errors import PruneError
 
 
 def run_tasks(model, tok, tasks: Sequence[str], include_path: Sequence[Path] | None = None,

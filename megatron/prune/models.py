@@ -10,8 +10,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .io import atomic_output
-from .shape import PruneError
+from megatron.prune.io.atomic import atomic_output
+from megatron.prune.errors import PruneError
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from .shape import PruneError
+from megatron.prune.errors import PruneError
 
 SPLITS = ("calib", "eval")
 

@@ -2,7 +2,7 @@
 
 import argparse
 
-CKPT_FORMATS = ("torch", "torch_dist")
+from megatron.prune.formats.mcore.schema import CKPT_FORMATS
 
 
 def add_ckpt_format_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, when: str = "") -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_ckpt_format_argument
+from megatron.prune.commands import add_ckpt_format_argument
 
 HELP = "convert HF <-> Megatron checkpoints (hf-to-megatron with --tp/--pp, megatron-to-hf)"
 DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
@@ -40,10 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..megatron_ckpt import hf_to_megatron, megatron_to_hf
+    from megatron.prune.formats.mcore.ops import hf_to_megatron, megatron_to_hf
 
     if args.direction == "hf-to-megatron" and args.iteration is not None:
-        from ..shape import PruneError
+        from megatron.prune.errors import PruneError
 
         raise PruneError(f"--iteration {args.iteration}: only for megatron-to-hf (an HF folder has one set of weights)")
     if args.direction == "hf-to-megatron":

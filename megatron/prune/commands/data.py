@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..data import INPUT_FORMATS, MEGATRON_TOKENIZER_TYPES
+from megatron.prune.data import INPUT_FORMATS, MEGATRON_TOKENIZER_TYPES
 
 HELP = "tokenize text into a Megatron indexed dataset (.bin/.idx) for recovery training"
 
@@ -77,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import preprocess
-    from ..shape import PruneError
+    from megatron.prune.data import preprocess
+    from megatron.prune.errors import PruneError
 
     if len(args.json_keys) != 1:
         raise PruneError(f"--json-keys {' '.join(args.json_keys)}: one key per run; run once per key "

@@ -10,10 +10,11 @@ import argparse
 import time
 from pathlib import Path
 
-from ..evaluate import greedy, load_hf, perplexity, tokenize
-from ..models import cache_root, embedded_model_dir
-from ..selectors import SCORERS
-from ..text import builtin_text
+from megatron.prune.models import cache_root, embedded_model_dir
+from megatron.prune.perplexity import greedy, perplexity
+from megatron.prune.runtime import load_hf, tokenize
+from megatron.prune.scoring.methods import SCORERS
+from megatron.prune.text import builtin_text
 
 HELP = "prune the embedded model with each method and compare perplexity and generations"
 # The documented demo shape: every width axis and depth shrink (134.5M -> ~72M parameters).
@@ -36,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import build_parser
+    from megatron.prune.cli import build_parser
 
     out_root = args.output or cache_root() / "demo"
     src = embedded_model_dir()

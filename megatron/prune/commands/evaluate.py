@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ..evaluate import Perplexity, check_model_folder, load_hf, load_tokenizer, perplexity, tokenize
-from ..layerwise import MODES, perplexity_layerwise, source_shape, use_layerwise
-from ..shape import PruneError
-from ..text import builtin_text, read_texts
+from megatron.prune.errors import PruneError
+from megatron.prune.perplexity import Perplexity, perplexity
+from megatron.prune.runtime import DTYPES, check_model_folder, load_hf, load_tokenizer, tokenize
+from megatron.prune.scoring.layerwise import MODES, perplexity_layerwise, source_shape, use_layerwise
+from megatron.prune.text import builtin_text, read_texts
 
 HELP = "perplexity (or lm-eval tasks) of an HF or Megatron checkpoint on held-out text"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                                                  args.device, progress=not args.no_progress), t0)
     model, tok = load_hf(args.model, DTYPES[args.dtype], args.device)
     if args.tasks:
-        from ..harness import format_results, run_tasks
+        from megatron.prune.harness import format_results, run_tasks
 
         results = run_tasks(model, tok, args.tasks, args.include_path, args.batch_size, args.limit, args.num_fewshot)
         if args.json:

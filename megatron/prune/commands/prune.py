@@ -16,14 +16,17 @@ import argparse
 import time
 from pathlib import Path
 
-from ..formats import detect_format
-from ..io import check_output_path
-from ..plan import PrunePlan
-from .. import importance
-from ..selectors import SCORERS, TargetRequest, check_tp_balance, make_plan, resolve_target
-from ..shape import PruneError
-from .score import add_calibration_arguments
-from . import add_ckpt_format_argument
+from megatron.prune.commands import add_ckpt_format_argument
+from megatron.prune.commands.score import add_calibration_arguments, scoring_options
+from megatron.prune.core.plan import NORM_RESCALES, PrunePlan, norm_rescale
+from megatron.prune.core.select import make_plan
+from megatron.prune.core.target import GQA_MODES, TargetRequest, check_tp_balance, gqa_query_groups, resolve_target
+from megatron.prune.errors import PruneError
+from megatron.prune.formats import ADAPTERS
+from megatron.prune.formats.folder import open_model
+from megatron.prune.formats.source import FormatAdapter, TensorSource, WriteOptions
+from megatron.prune.io.atomic import check_output_path
+from megatron.prune.scoring.methods import SCORERS, auto_method
 
 HELP = "prune a checkpoint to a smaller shape (layers, hidden, heads, KV groups, FFN)"
 
@@ -81,11 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="balance: keep the same number of heads/groups/FFN channels inside each of the --tp "
                         "slices, so each TP shard can be pruned on its own; unbalance: select globally")
     s.add_argument("--plan", type=Path, help="re-apply a saved prune_plan.json instead of selecting")
-    s.add_argument("--gqa", choices=importance.GQA_MODES, default="drop-groups",
+    s.add_argument("--gqa", choices=GQA_MODES, default="drop-groups",
                    help="when only --num-attention-heads is given on a GQA model: trim-heads keeps every KV group "
                         "and fewer heads per group; drop-groups drops whole KV groups (default %(default)s, "
                         "the better by bench/quality.py)")
-    s.add_argument("--norm-rescale", choices=importance.NORM_RESCALES, default="sqrt",
+    s.add_argument("--norm-rescale", choices=NORM_RESCALES, default="sqrt",
                    help="when the hidden size shrinks, multiply RMSNorm weights by sqrt(h/h') (sqrt) or leave them "
                         "(none); recorded in the plan (default %(default)s, measured in bench/quality.py)")
     a = p.add_argument_group("activation scoring (--method activation)")
@@ -100,7 +103,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def build_plan(args: argparse.Namespace, src, adapter) -> PrunePlan:
+def write_options(args: argparse.Namespace) -> WriteOptions:
+    """The output flags as the adapters take them."""
+    return WriteOptions(overwrite=args.overwrite, progress=not args.no_progress, max_shard_bytes=args.max_shard_size,
+                        prune_type=args.prune_type, tp=args.tp, ckpt_format=args.ckpt_format)
+
+
+def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapter) -> PrunePlan:
     """A plan from ``--plan``, or from the target flags and the selection method; checked for the format."""
     if args.plan is not None:
         if any(getattr(args, k) is not None for k in ("hidden_size", "num_attention_heads", "num_query_groups",
@@ -109,43 +118,44 @@ def build_plan(args: argparse.Namespace, src, adapter) -> PrunePlan:
         plan = PrunePlan.load(args.plan)
         if plan.source != src.shape:
             raise PruneError(f"plan {args.plan} was made for {plan.source}, but the input is {src.shape}")
-        adapter.check_target(src, plan.target, args)
+        adapter.check_target(src, plan.target, write_options(args))
         return plan
     auto = args.drop_layers == "auto"
     if auto and args.num_layers is None:
         raise PruneError("--drop-layers auto needs --num-layers N (how many layers to keep)")
-    groups = importance.gqa_query_groups(src.shape, args.num_attention_heads, args.num_query_groups, args.gqa)
+    groups = gqa_query_groups(src.shape, args.num_attention_heads, args.num_query_groups, args.gqa)
     req = TargetRequest(args.hidden_size, args.num_attention_heads, groups,
                         args.ffn_hidden_size, args.num_layers, None if auto else args.drop_layers)
     target, drop = resolve_target(src.shape, req)
-    tp = args.tp or getattr(src, "tp", 1)
+    tp = args.tp or src.tp
     if args.prune_type == "balance":
         check_tp_balance(src.shape, target, tp)  # every refusal comes before the scoring pass
-    adapter.check_target(src, target, args)
+    adapter.check_target(src, target, write_options(args))
     method = args.method
+    options = scoring_options(args, args.seed, args.scores)
     if method == "auto":
-        method, why = importance.auto_method(src, vars(args))
+        method, why = auto_method(src, options)
         if target == src.shape and drop is None:
             method, why = "random", "nothing to prune"  # keep-all: no scores needed
         print(f"--method auto: {method} ({why})")
-    scores = SCORERS[method](src, vars(args))
+    scores = SCORERS[method](src, options)
     if auto and scores.layers is None:
         raise PruneError(f"--drop-layers auto needs block-influence scores; --method {method} has none "
                          "(use --method activation)")
     plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=args.prune_type == "balance",
                      info={"seed": args.seed} if method == "random" else {})
-    return importance.norm_rescale(plan, args.norm_rescale)
+    return norm_rescale(plan, args.norm_rescale)
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
-    adapter = detect_format(args.input)
-    src = adapter.open(args.input)
+    folder = open_model(args.input)
+    adapter = ADAPTERS[folder.kind]()
+    src = adapter.open(folder.path)
     check_output_path(args.input, args.output, args.overwrite)
     plan = build_plan(args, src, adapter)
     describe(plan)
-    adapter.write(src, plan, args.output, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
-                  progress=not args.no_progress, args=args)
+    adapter.write(src, plan, args.output, write_options(args))
     s, t = plan.source, plan.target
     print(f"wrote {args.output}: {s.num_params() / 1e6:.1f}M -> {t.num_params() / 1e6:.1f}M parameters "
           f"in {time.time() - t0:.1f}s")

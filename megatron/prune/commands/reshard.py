@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_ckpt_format_argument
+from megatron.prune.commands import add_ckpt_format_argument
 
 HELP = "change a Megatron checkpoint's TP/PP size (or layer spec)"
 
@@ -28,10 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..megatron_ckpt import MegatronCheckpoint, reshard
+    from megatron.prune.formats.folder import open_megatron
+    from megatron.prune.formats.mcore.ops import reshard
 
     reshard(args.input, args.output, args.tp, args.pp, args.transformer_impl, overwrite=args.overwrite,
             progress=not args.no_progress, ckpt_format=args.ckpt_format)
-    out = MegatronCheckpoint.open(args.output)
+    out = open_megatron(args.output)
     print(f"wrote {args.output} (TP={out.tp}, PP={out.pp}, {out.spec} spec, {args.ckpt_format} format)")
     return 0

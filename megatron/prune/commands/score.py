@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import importance as imp
-from ..layerwise import MODES
-from ..shape import PruneError
+from megatron.prune.runtime import DTYPES
+from megatron.prune.scoring import methods
+from megatron.prune.scoring.layerwise import MODES
+from megatron.prune.scoring.stats import AGGREGATIONS, DEFAULT_AGGREGATION
+from megatron.prune.errors import PruneError
 
 HELP = "score channels, heads, KV groups, FFN channels and layers by their activations (for --method activation)"
 
@@ -34,23 +36,32 @@ def add_calibration_arguments(p: argparse.ArgumentParser | argparse._ArgumentGro
     p.add_argument("--calib", type=Path, nargs="+", metavar="FILE",
                    help=".txt or .jsonl ('text' field) calibration files; default: the built-in calibration text "
                         "(Python's documentation, disjoint from the held-out evaluation text)")
-    p.add_argument("--samples", type=int, default=imp.DEFAULT_SAMPLES,
+    p.add_argument("--samples", type=int, default=methods.DEFAULT_SAMPLES,
                    help="calibration windows, spread evenly over the text (default %(default)s)")
-    p.add_argument("--seq-len", type=int, default=imp.DEFAULT_SEQ_LEN,
+    p.add_argument("--seq-len", type=int, default=methods.DEFAULT_SEQ_LEN,
                    help="tokens per calibration window (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=imp.DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=int, default=methods.DEFAULT_BATCH_SIZE,
                    help="windows per forward pass (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
-    p.add_argument("--dtype", choices=sorted(imp.DTYPES), default="float32",
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype of the scoring pass; statistics accumulate in float32 (default %(default)s)")
     p.add_argument("--layer-by-layer", choices=MODES, default="auto",
                    help="hold one decoder layer at a time on --device (read from the checkpoint as it goes), for "
                         "models that do not fit: peak memory is one layer plus the calibration activations, the "
                         "scores are the same; auto does so when the whole model would take more than half of the "
                         "free memory (default %(default)s)")
-    p.add_argument("--aggregation", choices=list(imp.AGGREGATIONS), default=imp.DEFAULT_AGGREGATION,
+    p.add_argument("--aggregation", choices=list(AGGREGATIONS), default=DEFAULT_AGGREGATION,
                    help="how per-token statistics become one score: mean-l2 = mean over the sequence then L2 over "
                         "samples (Minitron); mean = over all tokens; rms = L2 over all tokens (default %(default)s)")
+
+
+def scoring_options(args: argparse.Namespace, seed: int = 0, scores: Path | None = None) -> methods.ScoringOptions:
+    """The calibration flags (:func:`add_calibration_arguments`) as the scoring methods take them; ``prune`` adds
+    its random seed and scores file."""
+    return methods.ScoringOptions(seed=seed, progress=not args.no_progress, scores=scores,
+                                  calib=tuple(args.calib) if args.calib else None, samples=args.samples,
+                                  seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
+                                  dtype=args.dtype, aggregation=args.aggregation, layer_by_layer=args.layer_by_layer)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,14 +85,12 @@ def check_output(path: Path, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, args.overwrite)
-    result = imp.score_model(args.model, args.calib, args.samples, args.seq_len, args.batch_size, args.device,
-                             args.dtype, args.aggregation, progress=not args.no_progress,
-                             layer_by_layer=args.layer_by_layer)
-    imp.save_scores(result, args.output)
+    result = methods.score_model(args.model, scoring_options(args))
+    methods.save_scores(result, args.output)
     m = result.meta
     print(f"scored {m['tokens']} tokens ({m['samples']} x {m['seq_len']}, {m['calib']}) in {m['seconds']:.1f}s, "
           f"aggregation {m['aggregation']}{', layer by layer' if m['layer_by_layer'] else ''}")
-    for line in imp.summary(result.scores):
+    for line in methods.summary(result.scores):
         print("  " + line)
     print(f"wrote {args.output}")
     return 0

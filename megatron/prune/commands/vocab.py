@@ -53,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def count(args: argparse.Namespace) -> int:
     """Count token frequencies of a corpus with a tokenizer; the file remembers which tokenizer."""
-    from ..shape import PruneError
-    from ..vocab import count_tokens, open_tokenizer
+    from megatron.prune.errors import PruneError
+    from megatron.prune.vocab import count_tokens, open_tokenizer
 
     if args.output.is_dir():
         raise PruneError(f"--output {args.output} is a folder; give a file name such as counts.json")
@@ -72,20 +72,21 @@ def count(args: argparse.Namespace) -> int:
 
 def prune(args: argparse.Namespace) -> int:
     """Prune the vocabulary of a model or a tokenizer folder."""
-    from ..shape import PruneError
-    from ..megatron_ckpt import is_megatron_dir
-    from ..vocab import TokenCounts, prune_hf_vocab, prune_megatron_vocab, prune_tokenizer, read_keep_ids
+    from megatron.prune.errors import PruneError
+    from megatron.prune.formats.folder import model_kind
+    from megatron.prune.vocab import TokenCounts, prune_hf_vocab, prune_megatron_vocab, prune_tokenizer, read_keep_ids
 
     if not args.input.is_dir():
         raise PruneError(f"--input {args.input} is not a folder")
     counts = TokenCounts.load(args.counts) if args.counts else None
     keep_ids = read_keep_ids(args.keep_ids) if args.keep_ids else None
     like = like_tokens(args.like) if args.like else None
-    if is_megatron_dir(args.input):
+    kind = model_kind(args.input)
+    if kind == "megatron":
         plan = prune_megatron_vocab(args.input, args.output, args.keep, keep_ids, counts, args.overwrite,
                                     progress=not args.no_progress, like=like)
         print(f"vocabulary {plan.source.vocab_size} -> {plan.target.vocab_size} (Megatron) -> {args.output}")
-    elif (args.input / "config.json").is_file():
+    elif kind == "hf":
         plan = prune_hf_vocab(args.input, args.output, args.keep, keep_ids, counts, args.overwrite,
                               progress=not args.no_progress, like=like)
         s, t = plan.source, plan.target
@@ -99,13 +100,14 @@ def prune(args: argparse.Namespace) -> int:
 
 def like_tokens(path: Path) -> tuple[str, ...]:
     """The tokens of --like: a tokenizer folder or file, an HF model folder, or a Megatron checkpoint's hf_meta/."""
-    from ..megatron_ckpt import META_DIR, is_megatron_dir
-    from ..shape import PruneError
-    from ..vocab.folder import tokenizer_tokens
+    from megatron.prune.errors import PruneError
+    from megatron.prune.formats.folder import as_model_folder
+    from megatron.prune.formats.mcore.schema import META_DIR
+    from megatron.prune.vocab.folder import tokenizer_tokens
 
     if not path.exists():
         raise PruneError(f"--like {path}: no such file or folder")
-    tokens = tokenizer_tokens(path / META_DIR if is_megatron_dir(path) else path)
+    tokens = tokenizer_tokens(as_model_folder(path).tokenizer_dir)
     if tokens is None:
         raise PruneError(f"--like {path}: no tokenizer there (tokenizer.json or tokenizer.model; for a Megatron "
                          f"checkpoint, in {META_DIR}/)")

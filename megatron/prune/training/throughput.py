@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..shape import ModelShape, shape_from_hf_config
+from megatron.prune.core.shape import ModelShape, shape_from_hf_config
 
 ITERATION_MS = re.compile(r"elapsed time per iteration \(ms\): ([0-9.]+)")
 MEGATRON_TFLOPS = re.compile(r"throughput per GPU \(TFLOP/s/GPU\): ([0-9.]+)")  # with --log-throughput

@@ -3,7 +3,7 @@ rewrite SentencePiece and BPE tokenizers, and slice the embedding / output rows 
 
 from .counts import TokenCounts, count_tokens
 from .folder import TokenizerFolder, make_encoder, open_tokenizer, write_pruned_tokenizer
-from .prune import (choose_kept, prune_hf_vocab, prune_megatron_vocab, prune_tokenizer, read_keep_ids,
+from .apply import (choose_kept, prune_hf_vocab, prune_megatron_vocab, prune_tokenizer, read_keep_ids,
                     vocab_plan)
 from .rules import VocabRules, closure, minimum_keep, select_top
 

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..shape import PruneError
+from megatron.prune.errors import PruneError
 from .rules import VocabRules
 
 TOKENIZER_JSON = "tokenizer.json"

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
-from ..shape import PruneError
+from megatron.prune.errors import PruneError
 from .rules import VocabRules
 
 COUNTS_FORMAT = "megatron-prune-token-counts"
@@ -88,7 +88,7 @@ class TokenCounts:
 
 def check_data_files(paths: Sequence[Path | str]) -> list[Path]:
     """Existing files (read as ``megatron-prune data`` reads them), else a PruneError naming the offending path."""
-    from ..data import check_input_file
+    from megatron.prune.data import check_input_file
 
     if not paths:
         raise PruneError("no data files given")
@@ -100,7 +100,7 @@ def check_data_files(paths: Sequence[Path | str]) -> list[Path]:
 def iter_tasks(paths: Sequence[Path], chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, int, str]]:
     """(format:path, first line number, raw text) pieces of the corpus, cut at line boundaries; formats, gzip and
     UTF-8 errors as in ``megatron-prune data``."""
-    from ..data import numbered_lines, resolve_input_format
+    from megatron.prune.data import numbered_lines, resolve_input_format
 
     for p in paths:
         tag = f"{resolve_input_format(p)}:{p}"
@@ -118,7 +118,7 @@ def iter_tasks(paths: Sequence[Path], chunk_chars: int = CHUNK_CHARS) -> Iterato
 
 def _documents(tag: str, start: int, raw: str) -> list[str]:
     """A plain-text piece is one document; a JSON-lines piece has one document (its ``text``) per non-empty line."""
-    from ..data import json_document
+    from megatron.prune.data import json_document
 
     kind, path = tag.split(":", 1)
     if kind == "text":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ..shape import PruneError
+from megatron.prune.errors import PruneError
 from . import bpe, spm
 from .rules import VocabRules
 

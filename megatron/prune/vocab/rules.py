@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from ..shape import PruneError
+from megatron.prune.errors import PruneError
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..shape import PruneError
+from megatron.prune.errors import PruneError
 from .rules import VocabRules
 
 SPM_FILE = "tokenizer.model"

@@ -10,9 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-
-class PruneError(ValueError):
-    """A user-facing error: bad input, detected before anything is written."""
+from megatron.prune.errors import PruneError
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,15 @@ class ModelShape:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelShape":
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+# The sizes tensor parallelism splits (KV groups, query heads, FFN channels), in the order errors name them.
+TP_SPLIT_SIZES = ("num_query_groups", "num_attention_heads", "ffn_hidden_size")
+
+
+def not_divisible(shape: ModelShape, n: int, sizes: tuple[str, ...] = TP_SPLIT_SIZES) -> list[tuple[str, int]]:
+    """(name, size) of each of ``sizes`` of ``shape`` that ``n`` does not divide, in order."""
+    return [(name, getattr(shape, name)) for name in sizes if getattr(shape, name) % n]
 
 
 def family_of(config: Mapping[str, Any]) -> Family:

@@ -6,12 +6,15 @@ of the same model, and re-applying a saved plan gives a bit-identical result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .shape import ModelShape, PruneError
+from megatron.prune.core.shape import ModelShape
+from megatron.prune.errors import PruneError
 
 PLAN_FILE = "prune_plan.json"
 PLAN_VERSION = 1
@@ -171,3 +174,21 @@ def _check_indices(name: str, idx: Sequence[int], source_n: int, target_n: int) 
         raise PruneError(f"plan {name}: indices must be strictly increasing")
     if idx and (idx[0] < 0 or idx[-1] >= source_n):
         raise PruneError(f"plan {name}: index out of range [0, {source_n})")
+
+
+NORM_RESCALES = ("sqrt", "none")
+
+
+def norm_rescale(plan: PrunePlan, mode: str = "sqrt") -> PrunePlan:
+    """Rescale every RMSNorm weight by ``sqrt(h / h')`` when the hidden size shrinks (``mode='sqrt'``).
+
+    RMSNorm divides by the RMS over the kept channels; the dropped ones carried little energy, so that RMS
+    grows by about ``sqrt(h / h')`` and every normalised activation shrinks by the same factor. Scaling the
+    norm weights back keeps the activations at their trained magnitude (measured in ``bench/quality.py``).
+    """
+    if mode not in NORM_RESCALES:
+        raise PruneError(f"--norm-rescale {mode!r}; choose one of {', '.join(NORM_RESCALES)}")
+    h, h2 = plan.source.hidden_size, plan.target.hidden_size
+    scale = math.sqrt(h / h2) if mode == "sqrt" and h2 != h else 1.0
+    info = {**plan.info, "norm_rescale": mode if h2 != h else "none (hidden kept)", "norm_scale": scale}
+    return dataclasses.replace(plan, norm_scale=scale, info=info)

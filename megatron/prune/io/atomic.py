@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .shape import PruneError
+from megatron.prune.errors import PruneError
 
 
 def check_output_path(inputs: Path | list[Path], output: Path, overwrite: bool = False) -> Path:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .direct_io import ALIGN, SequentialFile
+from megatron.prune.io.direct_io import ALIGN, SequentialFile
 
 STORAGE_ALIGNMENT = ALIGN  # records start on disk blocks (torch.save uses 64; loaders read the recorded value)
 PICKLE_PROTOCOL = torch.serialization.DEFAULT_PROTOCOL

@@ -1,7 +1,7 @@
 """HF safetensors format adapter: maps HF parameter names to logical roles and streams tensors.
 
-Reading goes tensor by tensor through ``safetensors.safe_open``; writing keeps at most one output
-shard in memory. All slicing is delegated to :mod:`megatron.prune.slicing`.
+Reading goes tensor by tensor through ``safetensors.safe_open``; writing keeps at most one tensor in memory
+(:mod:`.safetensors`). All slicing is delegated to :mod:`megatron.prune.core.slicing`.
 """
 
 from __future__ import annotations
@@ -9,20 +9,22 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .direct_io import SequentialFile
-from .io import atomic_output, check_output_path, copy_side_files
-from .plan import PrunePlan
-from .shape import ModelShape, PruneError, hf_config_for_shape, nearest_multiples, shape_from_hf_config
-from .slicing import ROLE_AXES, layer_index, model_index, slice_role
+from megatron.prune.core.plan import PrunePlan
+from megatron.prune.core.roles import expected_roles, role_shape, stored_role
+from megatron.prune.core.shape import ModelShape, hf_config_for_shape, nearest_multiples, shape_from_hf_config
+from megatron.prune.core.slicing import layer_index, model_index, slice_role
+from megatron.prune.errors import PruneError
+from megatron.prune.formats.safetensors import DTYPE_CODES, DTYPE_SIZES, read_header, write_safetensors
+from megatron.prune.formats.source import DEFAULT_MAX_SHARD_BYTES, FormatAdapter, TensorSource, WriteOptions
+from megatron.prune.io.atomic import atomic_output, check_output_path, copy_side_files
 
 # One name table, used in both directions: logical role -> HF name ("{}" is the layer number).
 HF_NAMES: dict[str, str] = {
@@ -42,14 +44,18 @@ HF_NAMES: dict[str, str] = {
     "up": "model.layers.{}.mlp.up_proj.weight",
     "down": "model.layers.{}.mlp.down_proj.weight",
 }
+
+
 _PATTERNS = [(re.compile("^" + re.escape(t).replace(r"\{\}", r"(\d+)") + "$"), r) for r, t in HF_NAMES.items()]
+
+
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # buffers some old exports carry; recomputed by the model
+
+
 WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
 SINGLE_WEIGHTS = "model.safetensors"
-DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
-_DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8"}
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 
 def hf_name(role: str, layer: int | None = None) -> str:
@@ -65,52 +71,9 @@ def parse_hf_name(name: str) -> tuple[str, int | None]:
     raise KeyError(name)
 
 
-def expected_roles(shape: ModelShape) -> Iterator[tuple[str, int | None]]:
-    """Every (role, layer) a checkpoint of ``shape`` holds, in write order."""
-    yield "embed", None
-    layer_roles = ["input_norm", "q", "k", "v"]
-    layer_roles += ["q_bias", "k_bias", "v_bias"] if shape.qkv_bias else []
-    layer_roles += ["o", "post_norm", "gate", "up", "down"]
-    for i in range(shape.num_layers):
-        for r in layer_roles:
-            yield r, i
-    yield "final_norm", None
-    if not shape.tied_embeddings:
-        yield "lm_head", None
-
-
-def role_shape(role: str, shape: ModelShape) -> tuple[int, ...]:
-    """The tensor shape of ``role`` in a model of ``shape``."""
-    size = {
-        "hidden": shape.hidden_size,
-        "heads": shape.num_attention_heads * shape.head_dim,
-        "groups": shape.num_query_groups * shape.head_dim,
-        "ffn": shape.ffn_hidden_size,
-        "vocab": shape.vocab_size,
-    }
-    return tuple(size[a] for a in ROLE_AXES[role])
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """Read and sanity-check a safetensors header; detects truncated or corrupt files without loading data."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            if n > size - 8:
-                raise ValueError("header length exceeds file size")
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-        raise PruneError(f"{path} is not a readable safetensors file ({e})") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        raise PruneError(f"{path} is truncated or corrupt: header promises {8 + n + end} bytes, file has {size}")
-    return header
-
-
 @dataclass
 class HFCheckpoint:
-    """An HF LLaMA-family checkpoint folder, opened lazily: implements the selectors' TensorSource."""
+    """An HF LLaMA-family checkpoint folder, opened lazily: a TensorSource."""
 
     folder: Path
     config: dict[str, Any]
@@ -145,7 +108,7 @@ class HFCheckpoint:
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise PruneError(f"{folder}: shard(s) listed in {WEIGHTS_INDEX} are missing: {', '.join(missing)}")
-            headers = {s: _safetensors_header(folder / s) for s in shards}
+            headers = {s: read_header(folder / s) for s in shards}
             for name, s in weight_map.items():
                 if name not in headers[s]:
                     raise PruneError(f"{folder / s} lacks tensor {name} that {WEIGHTS_INDEX} places there")
@@ -153,7 +116,7 @@ class HFCheckpoint:
                     {n: headers[s][n]["dtype"] for n, s in weight_map.items()})
         single = folder / SINGLE_WEIGHTS
         if single.is_file():
-            header = _safetensors_header(single)
+            header = read_header(single)
             header.pop("__metadata__", None)
             return {n: single for n in header}, {n: v["dtype"] for n, v in header.items()}
         others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
@@ -175,10 +138,27 @@ class HFCheckpoint:
         if missing:
             raise PruneError(f"{self.folder}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        return self.config
+
+    @property
+    def tp(self) -> int:
+        """HF checkpoints are not tensor-parallel."""
+        return 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the final norm weight (read from the header): what a Megatron conversion's args record."""
+        return {code: dtype for dtype, code in DTYPE_CODES.items()}[self.dtype_code("final_norm")]
+
+    def release(self) -> None:
+        """Nothing is held open between reads."""
+
     def _name(self, role: str, layer: int | None) -> str:
         name = hf_name(role, layer)
-        if role == "lm_head" and name not in self.files and self.shape.tied_embeddings:
-            return hf_name("embed")
+        if name not in self.files and stored_role(role, self.shape) != role:
+            return hf_name(stored_role(role, self.shape), layer)
         return name
 
     def dtype_code(self, role: str, layer: int | None = None) -> str:
@@ -229,39 +209,18 @@ def _shard_groups(sizes: list[int], max_bytes: int) -> list[list[int]]:
     return groups
 
 
-def write_safetensors(path: Path, specs: list[tuple[str, str, tuple[int, ...]]],
-                      tensors: Iterator[torch.Tensor]) -> None:
-    """Write a safetensors file whose header (name, dtype code, shape) is known before the data.
-
-    Tensors are streamed one at a time, so memory holds a single tensor, never a whole shard.
-    """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, code, shape in specs:
-        n = _DTYPE_SIZES[code] * math.prod(shape)
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
-    with SequentialFile(path) as f:  # O_DIRECT where the filesystem allows: no page-cache copy
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for (name, code, shape), t in zip(specs, tensors, strict=True):
-            if tuple(t.shape) != tuple(shape) or _DTYPE_CODES.get(t.dtype) != code:
-                raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, header promised {shape} {code}")
-            f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-
-def write_pruned(ckpt: HFCheckpoint, plan: PrunePlan, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 progress: bool = True) -> None:
+def write_pruned(ckpt: TensorSource, plan: PrunePlan, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 progress: bool = True, hf_config: Mapping[str, Any] | None = None,
+                 side_files: Path | None = None) -> None:
     """Apply ``plan`` to ``ckpt`` and write an HF checkpoint into the (existing, empty) folder ``out``.
 
-    ``ckpt`` may be any source with ``folder`` (side files), ``config``, ``shape``, ``get`` and ``dtype_code``:
-    the Megatron adapter exports to HF through this same writer.
+    ``ckpt`` may be any TensorSource: the Megatron adapter exports to HF through this same writer, giving the HF
+    config (``hf_config``, default the source's) and the folder of tokenizer and other side files (``side_files``,
+    default the source's folder).
     """
     items = list(_out_tensors(plan))
     specs = [(name, ckpt.dtype_code(r, l), role_shape(r, plan.target)) for name, r, l, _ in items]
-    sizes = [_DTYPE_SIZES[code] * math.prod(shape) for _, code, shape in specs]
+    sizes = [DTYPE_SIZES[code] * math.prod(shape) for _, code, shape in specs]
     groups = _shard_groups(sizes, max_shard_bytes)
     names = ([SINGLE_WEIGHTS] if len(groups) == 1
              else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
@@ -282,16 +241,17 @@ def write_pruned(ckpt: HFCheckpoint, plan: PrunePlan, out: Path, max_shard_bytes
         total = sum(sizes)
         (out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                     indent=2))
-    config = hf_config_for_shape(ckpt.config, plan.target)
+    config = hf_config_for_shape(ckpt.hf_config if hf_config is None else hf_config, plan.target)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    copy_side_files(ckpt.folder, out, skip={"config.json", WEIGHTS_INDEX, "prune_plan.json"},
+    copy_side_files(ckpt.folder if side_files is None else side_files, out, skip={"config.json", WEIGHTS_INDEX, "prune_plan.json"},
                     skip_suffixes=(".safetensors", ".bin", ".pt", ".pth", ".gguf"))
     plan.save(out)
 
 
-def prune_hf(input_dir: Path, output_dir: Path, plan: PrunePlan, overwrite: bool = False,
-             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
-    """Validate, then write the pruned checkpoint atomically (temp folder renamed into place)."""
+def apply_plan(input_dir: Path, output_dir: Path, plan: PrunePlan, overwrite: bool = False,
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
+    """Validate, then write ``plan`` applied to the HF checkpoint ``input_dir`` atomically (temp folder renamed
+    into place)."""
     ckpt = HFCheckpoint.open(input_dir)
     if plan.source != ckpt.shape:
         raise PruneError(f"plan was made for {plan.source} but {input_dir} has {ckpt.shape}")
@@ -301,3 +261,15 @@ def prune_hf(input_dir: Path, output_dir: Path, plan: PrunePlan, overwrite: bool
     with atomic_output(output_dir, overwrite) as tmp:
         write_pruned(ckpt, plan, tmp, max_shard_bytes, progress)
     return Path(output_dir)
+
+
+def format_adapter() -> FormatAdapter:
+    """The ``hf`` entry of :data:`megatron.prune.formats.ADAPTERS`."""
+
+    def write(src: HFCheckpoint, plan: PrunePlan, output: Path, options: WriteOptions) -> Path:
+        return apply_plan(src.folder, output, plan, options.overwrite, options.max_shard_bytes, options.progress)
+
+    def check_target(src: HFCheckpoint, target: ModelShape, options: WriteOptions) -> None:
+        check_hf_target(target)
+
+    return FormatAdapter("hf", HFCheckpoint.open, check_target, write)

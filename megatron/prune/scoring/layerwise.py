@@ -16,8 +16,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .selectors import Scores
-from .shape import ModelShape, PruneError
+from megatron.prune.core.select import Scores
+from megatron.prune.core.shape import ModelShape
+from megatron.prune.errors import PruneError
+from megatron.prune.formats.folder import as_model_folder
+from megatron.prune.formats.source import TensorSource
 
 MODES = ("auto", "always", "never")
 # auto: layer by layer once the whole model would take more than this share of the free memory of the device
@@ -28,18 +31,17 @@ class _Caught(Exception):
     """Raised by the first layer's hook to stop a forward pass once that layer's inputs are known."""
 
 
-def open_source(folder: Path) -> tuple[Any, Any]:
+def open_source(folder: Path) -> tuple[TensorSource, Any]:
     """The checkpoint to read tensors from (``get(role, layer)``) and the transformers config of its HF model."""
     from transformers import AutoConfig
 
-    from .evaluate import megatron_hf_config
-    from .hf import HFCheckpoint
-    from .megatron_ckpt import MegatronCheckpoint, is_megatron_dir
+    from megatron.prune.runtime import megatron_hf_config
 
-    if is_megatron_dir(folder):
-        src = MegatronCheckpoint.open(folder)
+    model = as_model_folder(folder)
+    src = model.open()
+    if model.kind == "megatron":
         return src, megatron_hf_config(src)
-    return HFCheckpoint.open(folder), AutoConfig.from_pretrained(folder, local_files_only=True)
+    return src, AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 def skeleton(config: Any, dtype: torch.dtype) -> torch.nn.Module:
@@ -50,9 +52,9 @@ def skeleton(config: Any, dtype: torch.dtype) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
-def materialise(module: torch.nn.Module, prefix: str, src: Any, device: str) -> None:
+def materialise(module: torch.nn.Module, prefix: str, src: TensorSource, device: str) -> None:
     """Give ``module`` (named ``prefix`` in the HF model) real storage on ``device`` and the checkpoint's values."""
-    from .hf import parse_hf_name
+    from megatron.prune.formats.hf import parse_hf_name
 
     module.to_empty(device=device)
     with torch.no_grad():
@@ -102,7 +104,7 @@ def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def prepare(folder: Path, windows: torch.Tensor, batch_size: int, dtype: torch.dtype,
-            device: str) -> tuple[Any, torch.nn.Module, list[tuple[tuple, dict]]]:
+            device: str) -> tuple[TensorSource, torch.nn.Module, list[tuple[tuple, dict]]]:
     """The checkpoint, the model skeleton and the first decoder layer's inputs for every batch of ``windows``."""
     src, config = open_source(folder)
     model = skeleton(config, dtype)
@@ -115,7 +117,7 @@ def prepare(folder: Path, windows: torch.Tensor, batch_size: int, dtype: torch.d
     return src, model, inputs
 
 
-def run_decoder_layers(model: torch.nn.Module, src: Any, inputs: list[tuple[tuple, dict]], device: str,
+def run_decoder_layers(model: torch.nn.Module, src: TensorSource, inputs: list[tuple[tuple, dict]], device: str,
                        desc: str, progress: bool) -> None:
     """Each decoder layer in turn: materialised, run over every batch (outputs replace inputs), freed."""
     for i, layer in enumerate(tqdm(model.model.layers, desc=desc, unit="layer", disable=not progress)):
@@ -129,21 +131,22 @@ def run_decoder_layers(model: torch.nn.Module, src: Any, inputs: list[tuple[tupl
 @torch.no_grad()
 def collect_scores_layerwise(folder: Path, shape: ModelShape, windows: torch.Tensor, batch_size: int,
                              dtype: torch.dtype, device: str, agg: str, progress: bool = True) -> Scores:
-    """:func:`importance.collect_scores` of the model in ``folder``, holding one decoder layer at a time."""
-    from .importance import importance_hooks, scores_from_stats
+    """:func:`.stats.collect_scores` of the model in ``folder``, holding one decoder layer at a time."""
+    from megatron.prune.scoring.stats import importance_hooks, scores_from_stats
 
     src, model, inputs = prepare(folder, windows, batch_size, dtype, device)
     with importance_hooks(model, shape, agg) as stats:
         run_decoder_layers(model, src, inputs, device, "scoring layer by layer", progress)
-    getattr(src, "release", lambda: None)()
+    src.release()
     return scores_from_stats(stats, agg)
 
 
 @torch.no_grad()
 def perplexity_layerwise(folder: Path, ids: torch.Tensor, seq_len: int, batch_size: int, dtype: torch.dtype,
                          device: str, progress: bool = True):
-    """:func:`evaluate.perplexity` of the model in ``folder``, holding one decoder layer (then the head) at a time."""
-    from .evaluate import Perplexity, batch_nll, eval_windows
+    """:func:`megatron.prune.perplexity.perplexity` of the model in ``folder``, holding one decoder layer (then the
+    head) at a time."""
+    from megatron.prune.perplexity import Perplexity, batch_nll, eval_windows
 
     windows = eval_windows(ids, seq_len)
     src, model, inputs = prepare(folder, windows, batch_size, dtype, device)
@@ -156,16 +159,13 @@ def perplexity_layerwise(folder: Path, ids: torch.Tensor, seq_len: int, batch_si
         batch = windows[start : start + batch_size].to(device)
         total += batch_nll(logits, batch)
         count += batch[:, 1:].numel()
-    getattr(src, "release", lambda: None)()
+    src.release()
     return Perplexity.of(total, count, windows.shape[0])
 
 
 def source_shape(folder: Path) -> ModelShape:
     """The shape of the HF or Megatron checkpoint in ``folder`` (read from its config or args, no tensors)."""
-    from .hf import HFCheckpoint
-    from .megatron_ckpt import MegatronCheckpoint, is_megatron_dir
-
-    return (MegatronCheckpoint if is_megatron_dir(folder) else HFCheckpoint).open(folder).shape
+    return as_model_folder(folder).open().shape
 
 
 def free_bytes(device: str) -> int:

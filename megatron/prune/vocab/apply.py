@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..plan import PrunePlan
-from ..shape import ModelShape, PruneError
+from megatron.prune.core.plan import PrunePlan
+from megatron.prune.core.shape import ModelShape
+from megatron.prune.errors import PruneError
 from .counts import TokenCounts
 from .folder import TokenizerFolder, check_loads, open_tokenizer, write_pruned_tokenizer
 from .rules import VocabRules, complete_ids, select_top
@@ -128,7 +129,7 @@ def prune_tokenizer(tokenizer_dir: Path | str, output: Path | str, keep: int | N
                     overwrite: bool = False, verify: bool = True,
                     like: Sequence[str] | None = None) -> tuple[int, ...]:
     """Write a pruned copy of a tokenizer folder (no model); returns the kept ids in source numbering."""
-    from ..io import atomic_output, check_output_path
+    from megatron.prune.io.atomic import atomic_output, check_output_path
 
     tf = open_tokenizer(tokenizer_dir)
     kept = choose_kept(tf.rules, keep, keep_ids, counts, like)
@@ -156,7 +157,7 @@ def prepare_model(input_dir: Path, keep: int | None, keep_ids: Sequence[int] | N
                   counts: TokenCounts | None, like: Sequence[str] | None = None
                   ) -> tuple[TokenizerFolder, tuple[int, ...], ModelShape, dict, dict]:
     """Checks shared by every checkpoint format: tokenizer present, sizes agree, special ids kept."""
-    from ..shape import shape_from_hf_config
+    from megatron.prune.core.shape import shape_from_hf_config
 
     config = _read_json(input_dir / "config.json")
     if not config:
@@ -178,8 +179,8 @@ def prune_hf_vocab(input_dir: Path | str, output: Path | str, keep: int | None =
 
     Rows past the tokenizer's size (padding some models carry) are dropped with the unkept tokens.
     """
-    from ..hf import HFCheckpoint, check_hf_target, write_pruned
-    from ..io import atomic_output, check_output_path
+    from megatron.prune.formats.hf import HFCheckpoint, check_hf_target, write_pruned
+    from megatron.prune.io.atomic import atomic_output, check_output_path
 
     input_dir, output = Path(input_dir), Path(output)
     tf, kept, shape, config, gen = prepare_model(input_dir, keep, keep_ids, counts, like)
@@ -213,10 +214,12 @@ def prune_megatron_vocab(input_dir: Path | str, output: Path | str, keep: int | 
     import shutil
     import tempfile
 
-    from ..megatron_ckpt import META_DIR, MegatronCheckpoint, prune_megatron
+    from megatron.prune.formats.folder import open_megatron
+    from megatron.prune.formats.mcore.ops import apply_plan
+    from megatron.prune.formats.mcore.schema import META_DIR
 
     input_dir, output = Path(input_dir), Path(output)
-    src = MegatronCheckpoint.open(input_dir)
+    src = open_megatron(input_dir)
     meta = input_dir / META_DIR
     if not meta.is_dir():
         raise PruneError(f"{input_dir} has no {META_DIR}/ folder with the tokenizer; convert it with "
@@ -234,8 +237,7 @@ def prune_megatron_vocab(input_dir: Path | str, output: Path | str, keep: int | 
         if (staged / "tokenizer.json").is_file():
             check_loads(staged, len(kept))
         # unbalance = gather, slice, re-shard: kept ids are not spread evenly over the TP vocab slices
-        prune_megatron(src, plan, output, overwrite, prune_type="unbalance", tp=src.tp, pp=src.pp,
-                       progress=progress)
+        apply_plan(src, plan, output, overwrite, prune_type="unbalance", tp=src.tp, pp=src.pp, progress=progress)
         try:
             out_meta = output / META_DIR
             for f in staged.iterdir():

@@ -25,9 +25,13 @@ from typing import Any, Iterator, Mapping
 import torch
 from tqdm import tqdm
 
-from .megatron_ckpt import (CHECKPOINT_VERSION, META_DIR, PARAM_BY_KEY, PARAM_OF_ROLE, PARAMS, CheckpointHeader,
-                            Param, check_tp_pp, hf_config_from_args, params_for, shape_from_args, unfuse)
-from .shape import ModelShape, PruneError
+from megatron.prune.core.roles import has_role, stored_role
+from megatron.prune.errors import PruneError
+from megatron.prune.formats.mcore.args import hf_config_from_args, shape_from_args
+from megatron.prune.formats.mcore.read import CheckpointHeader
+from megatron.prune.formats.mcore.schema import (CHECKPOINT_VERSION, EXTRA_STATE, META_DIR, PARAM_BY_KEY, PARAM_OF_ROLE,
+                                                 PARAMS, Param, check_tp_pp, dist_name, params_for, stored_shape,
+                                                 unfuse)
 
 METADATA_FILE = "metadata.json"
 SKIPPED = ("optimizer.", "rng_state", "rerun_state_machine", "common_state")  # not carried over
@@ -41,11 +45,6 @@ def is_torch_dist(iter_dir: Path) -> bool:
         return json.loads(meta.read_text()).get("sharded_backend") == "torch_dist"
     except (OSError, json.JSONDecodeError):
         return False
-
-
-def dist_name(param: Param) -> str:
-    """The global key of ``param``: TE names, layer number dropped (layers are the leading axis)."""
-    return param.te.replace("decoder.layers.{}.", "decoder.layers.")
 
 
 @dataclass
@@ -102,17 +101,11 @@ class TorchDistCheckpoint(CheckpointHeader):
                 raise PruneError(f"{self.iter_dir}: {name} has shape {size}, args imply {self._global_shape(p)}")
 
     def _holds(self, p: Param) -> bool:
-        return (p.key != "lm_head" or not self.shape.tied_embeddings) and (p.key != "qkv_bias" or self.shape.qkv_bias)
+        return has_role(self.shape, p.roles[0])
 
     def _global_shape(self, p: Param) -> tuple[int, ...]:
-        s = self.shape
-        h, hn = s.hidden_size, s.head_dim
-        qkv = (s.num_attention_heads + 2 * s.num_query_groups) * hn
-        one = {"embed": (self.padded_vocab, h), "lm_head": (self.padded_vocab, h), "final_norm": (h,),
-               "input_norm": (h,), "post_norm": (h,), "qkv": (qkv, h), "qkv_bias": (qkv,),
-               "proj": (h, s.num_attention_heads * hn), "fc1": (2 * s.ffn_hidden_size, h),
-               "fc2": (h, s.ffn_hidden_size)}[p.key]
-        return (s.num_layers, *one) if p.per_layer else one
+        one = stored_shape(p, self.shape, self.padded_vocab)
+        return (self.shape.num_layers, *one) if p.per_layer else one
 
     def _load(self, name: str, layer: int | None = None) -> torch.Tensor:
         """One global tensor, or one layer of a per-layer one (only that layer's bytes are read); the last one read
@@ -130,6 +123,7 @@ class TorchDistCheckpoint(CheckpointHeader):
         return self._cache[1]
 
     def release(self) -> None:
+        """Drop the cached tensor."""
         self._cache = (None, None)
 
     def get(self, role: str, layer: int | None = None) -> torch.Tensor:
@@ -137,9 +131,7 @@ class TorchDistCheckpoint(CheckpointHeader):
             return self._get(role, layer)
 
     def _get(self, role: str, layer: int | None) -> torch.Tensor:
-        param = PARAM_OF_ROLE[role]
-        if role == "lm_head" and self.shape.tied_embeddings:
-            param = PARAM_BY_KEY["embed"]
+        param = PARAM_OF_ROLE[stored_role(role, self.shape)]
         t = self._load(dist_name(param), layer if param.per_layer else None)
         s = self.shape
         part = unfuse(param, t, s.num_query_groups, s.num_attention_heads, s.head_dim)
@@ -172,8 +164,6 @@ def _layer_planner(name: str, layer: int):
 
 def dist_extra_state_names(spec: str) -> list[str]:
     """Per-layer ``_extra_state`` keys megatron-core's sharded state dict has (GPTModel drops the output layer's)."""
-    from .megatron_ckpt import EXTRA_STATE
-
     return [t.replace("decoder.layers.{}.", "decoder.layers.") for t in EXTRA_STATE[spec] if "{}" in t]
 
 
@@ -208,7 +198,7 @@ def sharded_state_dict(ckpt: Any, shard: Mapping[str, Any], tp_rank: int, pp_ran
     first, last = pp_rank == 0, pp_rank == ckpt.pp - 1
     model_params, layer_params = params_for(s, first, last)
     for p in model_params:
-        if p.key == "lm_head" and s.tied_embeddings:
+        if not has_role(s, p.roles[0]):
             continue  # a tied output layer is the embedding (megatron-core saves it once)
         add(p, shard[p.name(ckpt.spec)], None, f"{tp_rank}:{p.name(ckpt.spec)}")
     for i in range(ckpt.layers_per_stage):
@@ -244,7 +234,7 @@ def torch_to_dist(folder: Path, progress: bool = True) -> None:
     The saver assumes CUDA in places, so it runs in a child process that installs the CPU shims
     (:mod:`megatron.prune.cpu`) without leaking them into this one.
     """
-    cmd = [sys.executable, "-m", "megatron.prune.megatron_dist", str(folder)] + ([] if progress else ["--no-progress"])
+    cmd = [sys.executable, "-m", "megatron.prune.formats.mcore.dist", str(folder)] + ([] if progress else ["--no-progress"])
     proc = subprocess.run(cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise PruneError(f"writing torch_dist failed: {proc.stderr.strip()[-2000:]}")
@@ -255,11 +245,11 @@ def _torch_to_dist_here(folder: Path, progress: bool) -> None:
     memory) and removed once the torch_dist iteration folder is complete."""
     from megatron.core import dist_checkpointing
 
-    from .cpu import apply_cpu_shims
-    from .megatron_ckpt import MegatronCheckpoint, load_shard
+    from megatron.prune.cpu import apply_cpu_shims
+    from megatron.prune.formats.mcore.read import MegatronCheckpoint, find_iteration_dir, load_shard
 
     apply_cpu_shims()  # no-op with a GPU
-    ckpt = MegatronCheckpoint.open(folder)
+    ckpt = MegatronCheckpoint.open(folder, find_iteration_dir(folder))
     args = argparse.Namespace(**vars(ckpt.args))
     args.ckpt_format = "torch_dist"
     state: dict[str, Any] = {}

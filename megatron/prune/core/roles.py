@@ -1,0 +1,84 @@
+"""The logical tensors (roles) of a LLaMA-family model: their named axes, which exist for a shape, their shapes.
+
+Every format maps its parameter names to these roles; slicing (:mod:`.slicing`) works on roles only.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from megatron.prune.core.shape import ModelShape
+
+# Axis vocabulary: hidden [h], query heads [np] and KV groups [ng] (each head_dim rows wide),
+# FFN channels [f], vocabulary [v].
+ROLE_AXES: dict[str, tuple[str, ...]] = {
+    # model-level
+    "embed": ("vocab", "hidden"),  # [v, h]
+    "lm_head": ("vocab", "hidden"),  # [v, h]
+    "final_norm": ("hidden",),  # [h]
+    # per layer
+    "input_norm": ("hidden",),
+    "post_norm": ("hidden",),
+    "q": ("heads", "hidden"),  # [np*hn, h]
+    "k": ("groups", "hidden"),  # [ng*hn, h]
+    "v": ("groups", "hidden"),
+    "q_bias": ("heads",),
+    "k_bias": ("groups",),
+    "v_bias": ("groups",),
+    "o": ("hidden", "heads"),  # [h, np*hn]
+    "gate": ("ffn", "hidden"),  # [f, h]
+    "up": ("ffn", "hidden"),
+    "down": ("hidden", "ffn"),  # [h, f]
+}
+
+
+MODEL_ROLES = ("embed", "lm_head", "final_norm")
+
+
+LAYER_ROLES = tuple(r for r in ROLE_AXES if r not in MODEL_ROLES)
+
+
+NORM_ROLES = frozenset({"final_norm", "input_norm", "post_norm"})
+
+
+HEAD_AXES = frozenset({"heads", "groups"})  # axes whose unit is head_dim rows
+
+
+def has_role(shape: ModelShape, role: str) -> bool:
+    """Whether a model of ``shape`` stores ``role``: ``lm_head`` only when untied, q/k/v biases only with them."""
+    if role == "lm_head":
+        return not shape.tied_embeddings
+    if role.endswith("_bias"):
+        return shape.qkv_bias
+    return role in ROLE_AXES
+
+
+def stored_role(role: str, shape: ModelShape) -> str:
+    """The role whose tensor holds ``role``: a tied ``lm_head`` is the embedding."""
+    return "embed" if role == "lm_head" and shape.tied_embeddings else role
+
+
+def expected_roles(shape: ModelShape) -> Iterator[tuple[str, int | None]]:
+    """Every (role, layer) a checkpoint of ``shape`` holds, in write order."""
+    yield "embed", None
+    layer_roles = ["input_norm", "q", "k", "v"]
+    layer_roles += ["q_bias", "k_bias", "v_bias"] if shape.qkv_bias else []
+    layer_roles += ["o", "post_norm", "gate", "up", "down"]
+    for i in range(shape.num_layers):
+        for r in layer_roles:
+            yield r, i
+    yield "final_norm", None
+    if has_role(shape, "lm_head"):
+        yield "lm_head", None
+
+
+def role_shape(role: str, shape: ModelShape) -> tuple[int, ...]:
+    """The tensor shape of ``role`` in a model of ``shape``."""
+    size = {
+        "hidden": shape.hidden_size,
+        "heads": shape.num_attention_heads * shape.head_dim,
+        "groups": shape.num_query_groups * shape.head_dim,
+        "ffn": shape.ffn_hidden_size,
+        "vocab": shape.vocab_size,
+    }
+    return tuple(size[a] for a in ROLE_AXES[role])

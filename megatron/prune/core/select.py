@@ -1,0 +1,128 @@
+"""Selection: turn importance scores and a target shape into a :class:`PrunePlan`.
+
+Every scoring method (:mod:`megatron.prune.scoring.methods`) produces :class:`Scores` (higher = more important);
+one function, :func:`make_plan`, turns them into a plan, so top-k, GQA grouping and tensor-parallel balancing are
+written once whatever the method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from megatron.prune.core.plan import LayerPlan, PrunePlan
+from megatron.prune.core.shape import ModelShape
+from megatron.prune.core.target import check_tp_balance
+from megatron.prune.errors import PruneError
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Importance per unit of each axis; ``groups``/``layers`` may be None (derived or heuristic)."""
+
+    hidden: torch.Tensor  # [h]
+    heads: torch.Tensor  # [L, np]
+    ffn: torch.Tensor  # [L, f]
+    groups: torch.Tensor | None = None  # [L, ng]; None: sum of the group's head scores
+    layers: torch.Tensor | None = None  # [L]; None: the seed's "spread through the middle" rule
+    method: str = "unknown"
+
+    def save(self, path: Path) -> None:
+        torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Scores":
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+            raise PruneError(f"cannot read scores file {path}: {e}") from e
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k in d})
+
+    def check(self, shape: ModelShape) -> "Scores":
+        expect = {
+            "hidden": (shape.hidden_size,),
+            "heads": (shape.num_layers, shape.num_attention_heads),
+            "ffn": (shape.num_layers, shape.ffn_hidden_size),
+            "groups": (shape.num_layers, shape.num_query_groups),
+            "layers": (shape.num_layers,),
+        }
+        for name, want in expect.items():
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != want:
+                raise PruneError(f"scores '{name}' have shape {tuple(t.shape)}, the model needs {want}: "
+                                 "were they computed for another model?")
+        return self
+
+
+def spread_middle(num_layers: int, n_drop: int) -> tuple[int, ...]:
+    """The seed project's depth rule: drop layers spread evenly through the middle, never first or last."""
+    if n_drop == 0:
+        return ()
+    inner = num_layers - 2
+    if n_drop > inner:  # cannot spare first and last: fall back to the last middle-most ones
+        return tuple(range(1, num_layers))[:n_drop]
+    step = inner / n_drop
+    return tuple(sorted({1 + int(step * i + step / 2) for i in range(n_drop)}))
+
+
+def top_k(score: torch.Tensor, k: int, slices: int = 1) -> tuple[int, ...]:
+    """Indices of the ``k`` highest scores, ``k/slices`` from each contiguous slice, ascending.
+
+    Ties go to the lower index so the choice is deterministic.
+    """
+    n = score.numel()
+    per_n, per_k = n // slices, k // slices
+    kept: list[int] = []
+    for s in range(slices):
+        part = score[s * per_n : (s + 1) * per_n].double()
+        order = torch.argsort(-part, stable=True)[:per_k]
+        kept.extend((order + s * per_n).tolist())
+    return tuple(sorted(kept))
+
+
+def make_plan(
+    shape: ModelShape,
+    target: ModelShape,
+    scores: Scores,
+    drop_layers: Sequence[int] | None = None,
+    tp: int = 1,
+    balance: bool = True,
+    info: dict[str, Any] | None = None,
+) -> PrunePlan:
+    """Turn scores into a plan for ``target``; with ``balance`` every TP slice keeps equal counts."""
+    scores.check(shape)
+    slices = tp if balance else 1
+    if balance:
+        check_tp_balance(shape, target, tp)
+    L = shape.num_layers
+    if drop_layers is not None:
+        kept_layers = tuple(i for i in range(L) if i not in set(drop_layers))
+        layer_rule = "explicit"
+    elif target.num_layers == L:
+        kept_layers, layer_rule = tuple(range(L)), "all"
+    elif scores.layers is not None:
+        kept_layers, layer_rule = top_k(scores.layers, target.num_layers), "block-influence"
+    else:
+        dropped = spread_middle(L, L - target.num_layers)
+        kept_layers = tuple(i for i in range(L) if i not in dropped)
+        layer_rule = "spread-middle"
+    hpg_s, hpg_t = shape.heads_per_group, target.heads_per_group
+    layer_plans = []
+    for i in kept_layers:
+        head_s = scores.heads[i]
+        group_s = scores.groups[i] if scores.groups is not None else head_s.reshape(-1, hpg_s).sum(1)
+        groups = top_k(group_s, target.num_query_groups, slices)
+        heads: list[int] = []
+        for g in groups:
+            within = top_k(head_s[g * hpg_s : (g + 1) * hpg_s], hpg_t)
+            heads.extend(g * hpg_s + h for h in within)
+        ffn = top_k(scores.ffn[i], target.ffn_hidden_size, slices)
+        layer_plans.append(LayerPlan(i, groups, tuple(heads), ffn))
+    hidden = top_k(scores.hidden, target.hidden_size)
+    meta = {"method": scores.method, "layer_rule": layer_rule, "tp": tp,
+            "prune_type": "balance" if balance else "unbalance"}
+    meta.update(info or {})
+    return PrunePlan(shape, target, hidden, tuple(layer_plans), info=meta).validate()

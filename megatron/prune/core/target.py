@@ -1,0 +1,117 @@
+"""Target resolution: what the user asked for (sizes per axis, dropped layers, the GQA rule), checked against the
+source shape and turned into the target shape, before any selection work is done."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.prune.core.shape import ModelShape, nearest_multiples, not_divisible
+from megatron.prune.errors import PruneError
+
+
+@dataclass(frozen=True)
+class TargetRequest:
+    """What the user asked for; None keeps that axis."""
+
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_query_groups: int | None = None
+    ffn_hidden_size: int | None = None
+    num_layers: int | None = None
+    drop_layers: tuple[int, ...] | None = None
+
+
+def _check_size(name: str, value: int | None, source: int) -> int:
+    if value is None:
+        return source
+    if value < 1 or value > source:
+        raise PruneError(f"--{name.replace('_', '-')} {value} is not possible: the source has {source}; "
+                         f"valid values are 1..{source} (pruning only shrinks)")
+    return value
+
+
+def resolve_target(shape: ModelShape, req: TargetRequest) -> tuple[ModelShape, tuple[int, ...] | None]:
+    """Validate a request against the source shape; return the target shape and explicit dropped layers."""
+    hidden = _check_size("hidden_size", req.hidden_size, shape.hidden_size)
+    ffn = _check_size("ffn_hidden_size", req.ffn_hidden_size, shape.ffn_hidden_size)
+    heads_req = _check_size("num_attention_heads", req.num_attention_heads, shape.num_attention_heads)
+    groups_req = _check_size("num_query_groups", req.num_query_groups, shape.num_query_groups)
+    mha = shape.num_query_groups == shape.num_attention_heads
+    if req.num_query_groups is None:
+        groups = heads_req if (mha and req.num_attention_heads is not None) else shape.num_query_groups
+    else:
+        groups = groups_req
+    if req.num_attention_heads is None:
+        heads = groups * shape.heads_per_group
+    else:
+        heads = heads_req
+    if heads % groups:
+        raise PruneError(
+            f"--num-attention-heads {heads} is not a multiple of the {groups} kept query groups; "
+            f"nearest valid: {nearest_multiples(heads, groups, groups * shape.heads_per_group)}"
+        )
+    if heads // groups > shape.heads_per_group:
+        raise PruneError(
+            f"--num-attention-heads {heads} with {groups} query groups needs {heads // groups} heads per group, "
+            f"but the source has only {shape.heads_per_group}; valid: multiples of {groups} up to "
+            f"{groups * shape.heads_per_group}"
+        )
+    L = shape.num_layers
+    drop = None
+    if req.drop_layers is not None:
+        drop = tuple(req.drop_layers)
+        bad = [i for i in drop if not 0 <= i < L]
+        if bad:
+            raise PruneError(f"--drop-layers {','.join(map(str, bad))}: out of range; valid layers are 0..{L - 1}")
+        dup = sorted({i for i in drop if drop.count(i) > 1})
+        if dup:
+            raise PruneError(f"--drop-layers repeats layer(s) {','.join(map(str, dup))}")
+        if len(drop) >= L:
+            raise PruneError(f"--drop-layers would drop all {L} layers; keep at least one")
+        if req.num_layers is not None and req.num_layers != L - len(drop):
+            raise PruneError(f"--num-layers {req.num_layers} disagrees with --drop-layers "
+                             f"({L} - {len(drop)} = {L - len(drop)})")
+        drop = tuple(sorted(drop))
+    layers = _check_size("num_layers", req.num_layers, L) if drop is None else L - len(drop)
+    target = shape.replace(
+        num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
+        ffn_hidden_size=ffn,
+    )
+    return target, drop
+
+
+def check_tp_balance(shape: ModelShape, target: ModelShape, tp: int) -> None:
+    """Balanced TP pruning keeps the same count in each of ``tp`` slices: sizes must divide evenly."""
+    if tp < 1:
+        raise PruneError(f"--tp {tp}: must be at least 1")
+    balanced = ("num_query_groups", "ffn_hidden_size")  # heads follow their groups
+    for name, src in not_divisible(shape, tp, balanced)[:1]:
+        raise PruneError(f"source {name} {src} is not divisible by --tp {tp}")
+    for name, tgt in not_divisible(target, tp, balanced)[:1]:
+        raise PruneError(
+            f"--{name.replace('_', '-')} {tgt} is not divisible by --tp {tp} (balanced pruning keeps the same "
+            f"number in each TP slice); nearest valid: {nearest_multiples(tgt, tp, getattr(shape, name))}"
+        )
+
+
+GQA_MODES = ("trim-heads", "drop-groups")
+
+
+def gqa_query_groups(shape: ModelShape, num_attention_heads: int | None, num_query_groups: int | None,
+                     mode: str) -> int | None:
+    """The KV-group count implied by ``--gqa`` when only ``--num-attention-heads`` is given.
+
+    ``trim-heads`` keeps every KV group and fewer query heads per group (Minitron); ``drop-groups`` keeps the
+    heads per group and drops whole KV groups. Explicit ``--num-query-groups`` always wins.
+    """
+    if mode not in GQA_MODES:
+        raise PruneError(f"--gqa {mode!r}; choose one of {', '.join(GQA_MODES)}")
+    if num_query_groups is not None or num_attention_heads is None or shape.heads_per_group == 1:
+        return num_query_groups
+    if mode == "trim-heads":
+        return shape.num_query_groups
+    hpg = shape.heads_per_group
+    if num_attention_heads % hpg:
+        raise PruneError(f"--gqa drop-groups keeps {hpg} heads per KV group, so --num-attention-heads must be a "
+                         f"multiple of {hpg}; got {num_attention_heads} (or use --gqa trim-heads)")
+    return num_attention_heads // hpg

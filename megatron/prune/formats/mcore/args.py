@@ -1,0 +1,111 @@
+"""The ``args`` Namespace of a Megatron checkpoint: written for a shape (what ``--use-checkpoint-args`` reads) and read
+back into a :class:`ModelShape` and an HF config."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from megatron.prune.core.shape import ModelShape, hf_config_for_shape
+from megatron.prune.errors import PruneError
+
+
+def rope_scaling_args(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Megatron's RoPE scaling flags for an HF config; only LLaMA-3 scaling with megatron-core's fixed factors.
+
+    The stock ``--use-checkpoint-args`` loader does not read these; ``pretrain_llama.py`` adopts them itself.
+    """
+    rs = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
+    kind = rs.get("rope_type") or rs.get("type") or "default"
+    if kind == "default":
+        return {"use_rope_scaling": False}
+    fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if kind != "llama3" or any(float(rs.get(k, v)) != v for k, v in fixed.items()):
+        raise PruneError(f"RoPE scaling {dict(rs)} is not supported by megatron-core (only llama3 scaling with "
+                         f"{fixed})")
+    return {"use_rope_scaling": True, "rope_scaling_factor": float(rs["factor"])}
+
+
+def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, pp: int, padded: int,
+                   divisible_by: int, dtype: torch.dtype, spec: str, hf_config: Mapping[str, Any],
+                   tokenizer_dir: Path | None) -> argparse.Namespace:
+    """The ``args`` Namespace of an output checkpoint: ``base`` (if any) with every shape field set."""
+    a = argparse.Namespace(**vars(base)) if base is not None else argparse.Namespace()
+    max_pos = int(hf_config.get("max_position_embeddings") or getattr(a, "max_position_embeddings", None) or 4096)
+    rope = hf_config.get("rope_theta") or (hf_config.get("rope_parameters") or {}).get("rope_theta")
+    fields = dict(
+        num_layers=shape.num_layers, hidden_size=shape.hidden_size, ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
+        group_query_attention=shape.num_query_groups != shape.num_attention_heads, kv_channels=shape.head_dim,
+        max_position_embeddings=max_pos, position_embedding_type="rope", add_position_embedding=False,
+        use_rotary_position_embeddings=True,
+        rotary_base=float(rope or getattr(a, "rotary_base", 10000)),
+        rotary_percent=1.0, rotary_interleaved=False, add_bias_linear=False, add_qkv_bias=shape.qkv_bias,
+        squared_relu=False, swiglu=True, untie_embeddings_and_output_weights=not shape.tied_embeddings,
+        apply_layernorm_1p=False, normalization="RMSNorm",
+        norm_epsilon=float(hf_config.get("rms_norm_eps") or getattr(a, "norm_epsilon", 1e-5)),
+        apply_query_key_layer_scaling=False, attention_dropout=0.0, hidden_dropout=0.0,
+        vocab_size=shape.vocab_size, padded_vocab_size=padded, make_vocab_size_divisible_by=divisible_by,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
+        expert_model_parallel_size=1, num_experts=None, ckpt_format="torch", transformer_impl=spec,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        iteration=0, consumed_train_samples=0, consumed_valid_samples=0,
+    )
+    fields.update(rope_scaling_args(hf_config))
+    fields.setdefault("seq_length", getattr(a, "seq_length", None) or min(max_pos, 4096))
+    a.__dict__.update(fields)
+    if tokenizer_dir is not None:
+        a.tokenizer_type, a.tokenizer_model = "HuggingFaceTokenizer", str(tokenizer_dir)
+    return a
+
+
+def hf_config_from_args(args: argparse.Namespace, shape: ModelShape, dtype: torch.dtype) -> dict[str, Any]:
+    """An HF config for a Megatron checkpoint that came without ``hf_meta/config.json``."""
+    arch, model_type = ("Qwen2ForCausalLM", "qwen2") if shape.qkv_bias else ("LlamaForCausalLM", "llama")
+    cfg = {"architectures": [arch], "model_type": model_type, "hidden_act": "silu",
+           "rms_norm_eps": float(getattr(args, "norm_epsilon", 1e-5)),
+           "rope_theta": float(getattr(args, "rotary_base", 10000)),
+           "max_position_embeddings": int(getattr(args, "max_position_embeddings", 4096) or 4096),
+           "attention_bias": shape.qkv_bias, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if getattr(args, "use_rope_scaling", False):
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    return hf_config_for_shape(cfg, shape)
+
+
+def shape_from_args(args: argparse.Namespace, vocab_size: int | None) -> ModelShape:
+    """Read a :class:`ModelShape` from a checkpoint's args; refuse what LLaMA-family layers are not."""
+    wrong = {k: getattr(args, k, None) for k, want in (("normalization", "RMSNorm"), ("swiglu", True),
+                                                        ("position_embedding_type", "rope"),
+                                                        ("add_bias_linear", False))
+             if getattr(args, k, want) != want}
+    if getattr(args, "num_experts", None):
+        wrong["num_experts"] = args.num_experts
+    if wrong:
+        raise PruneError(f"not a LLaMA-family Megatron checkpoint: {wrong} (need RMSNorm, swiglu, rope, "
+                         "no linear biases, no experts)")
+    try:
+        heads = int(args.num_attention_heads)
+        groups = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
+        return ModelShape(
+            num_layers=int(args.num_layers), hidden_size=int(args.hidden_size), num_attention_heads=heads,
+            num_query_groups=groups, head_dim=int(getattr(args, "kv_channels", None) or args.hidden_size // heads),
+            ffn_hidden_size=int(args.ffn_hidden_size),
+            vocab_size=int(vocab_size or getattr(args, "vocab_size", None) or args.padded_vocab_size),
+            tied_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
+            qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
+        )
+    except (AttributeError, TypeError) as e:
+        raise PruneError(f"checkpoint args lack a shape field ({e})") from e
+
+
+def config_with_dtype(config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``config`` naming the dtype the weights are written in: after bf16 training the weights are bf16 even where
+    the source's config says float32, and transformers loads a checkpoint in its config's dtype."""
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    return {**config, **{k: name for k in keys}}

@@ -1,0 +1,69 @@
+"""What every format adapter provides: a TensorSource (read one logical tensor at a time) and a FormatAdapter (open,
+check a target, write a plan's result), with the options a write takes as one typed record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from megatron.prune.core.plan import PrunePlan
+from megatron.prune.core.shape import ModelShape
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+class TensorSource(Protocol):
+    """Read access to a checkpoint's logical (unsharded, unfused) tensors, one at a time."""
+
+    folder: Path  # the checkpoint folder
+    shape: ModelShape
+    tp: int  # tensor-parallel size it is stored at (1 for HF)
+
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        """The HF config of the model (an HF checkpoint's own; a Megatron checkpoint's hf_meta/ or args)."""
+        ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype a Megatron output records for the model."""
+        ...
+
+    def get(self, role: str, layer: int | None = None) -> torch.Tensor: ...
+
+    def has(self, role: str, layer: int | None = None) -> bool: ...
+
+    def dtype_code(self, role: str, layer: int | None = None) -> str:
+        """The safetensors dtype code ("F32", "BF16", ...) of a tensor, without reading it."""
+        ...
+
+    def release(self) -> None:
+        """Let go of what is held open (memory-mapped shards, cached tensors)."""
+        ...
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How an adapter writes a plan's result; each adapter reads the fields that concern it."""
+
+    overwrite: bool = False
+    progress: bool = True
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES  # HF output: split safetensors files above this size
+    prune_type: str = "balance"  # Megatron: prune each TP shard on its own (balance) or select globally
+    tp: int | None = None  # Megatron output TP (unbalance only); None: the input's
+    pp: int | None = None  # Megatron output PP; None: the input's
+    ckpt_format: str = "torch"  # Megatron output format
+
+
+@dataclass(frozen=True)
+class FormatAdapter:
+    """One checkpoint format: open a folder as a TensorSource, refuse a target it cannot write (before any selection
+    work), write a plan's result atomically."""
+
+    name: str
+    open: Callable[[Path], Any]  # -> TensorSource
+    check_target: Callable[[Any, ModelShape, WriteOptions], None]
+    write: Callable[[Any, PrunePlan, Path, WriteOptions], Path]
