@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
+import json
+import shutil
 import os
 import sys
 from pathlib import Path
@@ -30,6 +31,38 @@ def tiny_hf(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tok_model(tmp_path_factory, real_model):
+    """A tiny random LLaMA with the real model's tokenizer (vocab 49152); layer 2 is a no-op. Read-only."""
+    import torch
+
+    from tiny import make_tiny_model
+
+    folder = tmp_path_factory.mktemp("tok") / "model"
+    model = make_tiny_model("llama-gqa", vocab_size=49152)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    model.save_pretrained(folder)
+    from compare import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        if (real_model / name).is_file():
+            shutil.copy(real_model / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory):
+    """Ten JSON lines of the built-in calibration text."""
+    from megatron.prune.text import builtin_text
+
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    text = builtin_text("calib")
+    path.write_text("\n".join(json.dumps({"text": text[i : i + 4000]}) for i in range(0, 40000, 4000)))
+    return path
+
+
+@pytest.fixture(scope="session")
 def real_model() -> Path:
     """The embedded SmolLM2-135M-Instruct as an HF folder (converted from its GGUF once, then cached)."""
     from megatron.prune.models import embedded_model_dir
@@ -37,14 +70,4 @@ def real_model() -> Path:
     return embedded_model_dir()
 
 
-def tree_hash(folder: Path) -> str:
-    """Hash of every file's name and bytes under ``folder``: proves an input was left untouched."""
-    h = hashlib.sha256()
-    for p in sorted(Path(folder).rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-__all__ = ["FAMILIES", "tree_hash"]
+__all__ = ["FAMILIES"]

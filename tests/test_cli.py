@@ -52,25 +52,6 @@ def test_console_script_lists_verbs():
         assert verb in out
 
 
-def test_seed_compatible_hf_entry_point(tiny_hf, tmp_path):
-    import json
-    from pathlib import Path
-
-    from megatron.prune.core.plan import PrunePlan
-
-    cfg = tmp_path / "target.json"
-    cfg.write_text(json.dumps({"intermediate_size": 32, "num_hidden_layers": 3, "num_key_value_heads": 2,
-                               "num_attention_heads": 4, "hidden_size": 40}))
-    script = Path(__file__).parent.parent / "prune_hf" / "prune_llama.py"
-    r = subprocess.run([sys.executable, str(script), "--model_name_or_path", str(tiny_hf("llama-gqa")),
-                        "--prune_config_path", str(cfg), "--output_path", str(tmp_path / "out")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    t = PrunePlan.load(tmp_path / "out").target
-    assert (t.ffn_hidden_size, t.num_layers, t.num_query_groups, t.num_attention_heads, t.hidden_size) == (
-        32, 3, 2, 4, 40)
-
-
 def test_pretrain_llama_help_prints_megatrons_flags_and_ours():
     """argparse %-formats every help text, and megatron-core 0.19.2 has a bare "10%)" in one: --help raised
     ValueError. It now prints Megatron's flags and the distillation group."""

@@ -12,8 +12,16 @@ import numpy as np
 import pytest
 
 from megatron.prune.cli import main
-from megatron.prune.data import (TextTokenizer, dataset_paths, json_document, preprocess, read_documents,
-                                 resolve_input_format, split_paragraphs, validate_dataset_prefix)
+from megatron.prune.data import (
+    TextTokenizer,
+    dataset_paths,
+    json_document,
+    preprocess,
+    read_documents,
+    resolve_input_format,
+    split_paragraphs,
+    validate_dataset_prefix,
+)
 from megatron.prune.errors import PruneError
 from tests.tiny_corpus import make_hf_tokenizer, make_spm_tokenizer, pydoc_documents, write_ids, write_jsonl
 
@@ -116,7 +124,6 @@ def test_token_id_check_exact_and_sampled(tmp_path, dtype):
     foreign = write_ids(tmp_path / "f", [rng.integers(0, 5000, size=100_000)], dtype)  # another tokenizer's ids
     with pytest.raises(PruneError, match=r"token id 4\d{3} \(in a sample of the file\) is outside .* of 1000"):
         check_token_ids(foreign, 1000, budget, blocks=4)
-
 
 
 def _cli(tmp_path, hf_tok, *extra: str, prefix: str = "o") -> list[str]:

@@ -6,20 +6,18 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tree_hash
-from test_vocab_bpe import calib_docs, make_bytelevel_tokenizer, needed_for, write_docs
-from tiny import logits, make_tiny_hf
-
+from compare import tree_hash
 from megatron.prune.core.plan import PrunePlan
 from megatron.prune.errors import PruneError
 from megatron.prune.vocab import count_tokens, open_tokenizer, prune_hf_vocab, prune_tokenizer
 from megatron.prune.vocab.folder import tokenizer_tokens
+from tiny import logits
+from tiny_corpus import calib_docs, make_bytelevel_tokenizer, model_with_tokenizer, needed_for, write_docs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -27,15 +25,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 @pytest.fixture(scope="module")
 def bbpe(tmp_path_factory):
     return make_bytelevel_tokenizer(tmp_path_factory.mktemp("bbpe") / "tok")
-
-
-def model_with_tokenizer(folder: Path, family: str, tok_dir: Path, **overrides) -> Path:
-    overrides.setdefault("vocab_size", open_tokenizer(tok_dir).rules.size)
-    make_tiny_hf(folder, family, **overrides)
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copy(tok_dir / name, folder / name)
-    return folder
 
 
 def n_params(folder: Path) -> int:

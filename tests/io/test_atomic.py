@@ -1,16 +1,12 @@
-"""Every bad input is refused before anything is written: exit 2, a message naming the value, input untouched."""
+"""Atomic output: bad output paths refused, a failure or Ctrl-C mid-write leaves nothing behind."""
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
-import pytest
-
-from conftest import tree_hash
-from megatron.prune.formats.folder import open_megatron
+from compare import tree_hash
 from megatron.prune.cli import main
+from megatron.prune.formats.folder import open_megatron
 
 CASES = {
     "larger than source": (["--ffn-hidden-size", "100"], "--ffn-hidden-size 100", "1..64"),
@@ -26,55 +22,6 @@ CASES = {
     "hf hidden not multiple of heads": (["--hidden-size", "44"], "--hidden-size 44", "[40, 48]"),
     "zero layers": (["--num-layers", "0"], "--num-layers 0", "1..4"),
 }
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_target_refused(tiny_hf, tmp_path, capsys, case):
-    flags, must_say, valid = CASES[case]
-    src = tiny_hf("llama-gqa")
-    before = tree_hash(src)
-    rc = main(["prune", "--input", str(src), "--output", str(tmp_path / "out"), "--no-progress", *flags])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert must_say in err and valid in err, err
-    assert not (tmp_path / "out").exists()
-    assert list(tmp_path.iterdir()) == []  # no temporary leftovers either
-    assert tree_hash(src) == before
-
-
-def _broken(src: Path, dst: Path, how: str) -> Path:
-    shutil.copytree(src, dst)
-    if how == "no config":
-        (dst / "config.json").unlink()
-    elif how == "no weights":
-        (dst / "model.safetensors").unlink()
-    elif how == "truncated":
-        data = (dst / "model.safetensors").read_bytes()
-        (dst / "model.safetensors").write_bytes(data[: len(data) - 100])
-    elif how == "garbage":
-        (dst / "model.safetensors").write_bytes(b"\x00" * 7)
-    elif how == "unsupported architecture":
-        cfg = json.loads((dst / "config.json").read_text())
-        cfg["architectures"] = ["GPT2LMHeadModel"]
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
-@pytest.mark.parametrize("how,must_say", [
-    ("no config", "expected config.json (HF)"),
-    ("no weights", "no model.safetensors"),
-    ("truncated", "truncated or corrupt"),
-    ("garbage", "not a readable safetensors"),
-    ("unsupported architecture", "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
-])
-def test_bad_checkpoint_refused(tiny_hf, tmp_path, capsys, how, must_say):
-    src = _broken(tiny_hf("llama-gqa"), tmp_path / "src", how)
-    before = tree_hash(src)
-    rc = main(["prune", "--input", str(src), "--output", str(tmp_path / "out"), "--num-layers", "2", "--no-progress"])
-    assert rc == 2
-    assert must_say in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-    assert tree_hash(src) == before
 
 
 def test_bad_output_paths_refused(tiny_hf, tmp_path, capsys):
@@ -125,8 +72,7 @@ def test_interrupt_while_writing_megatron_shards_leaves_nothing(tiny_hf, tmp_pat
     import threading
     import time
 
-    from megatron.prune.formats.mcore import ops
-    from megatron.prune.formats.mcore import write
+    from megatron.prune.formats.mcore import ops, write
 
     mg = ops.hf_to_megatron(tiny_hf("llama-gqa"), tmp_path / "mg", tp=2, progress=False)
     before = tree_hash(mg)
@@ -151,12 +97,3 @@ def test_interrupt_while_writing_megatron_shards_leaves_nothing(tiny_hf, tmp_pat
     per_shard = len(write.shard_jobs(write.Layout(open_megatron(mg).shape, 2, 1, "local", 128),
                                   lambda *a: None, 0, 0)[0])
     assert len(written) < per_shard  # the other writer gave up early instead of finishing its shard
-
-
-def test_plan_for_another_model_refused(tiny_hf, tmp_path, capsys):
-    assert main(["prune", "--input", str(tiny_hf("mistral")), "--output", str(tmp_path / "a"), "--num-layers", "2",
-                 "--no-progress"]) == 0
-    rc = main(["prune", "--input", str(tiny_hf("llama-gqa")), "--output", str(tmp_path / "b"), "--plan",
-               str(tmp_path / "a" / "prune_plan.json"), "--no-progress"])
-    assert rc == 2 and "was made for" in capsys.readouterr().err
-    assert not (tmp_path / "b").exists()

@@ -1,5 +1,4 @@
-"""Activation importance and block influence: the hooks see what a hand-written forward computes, unused units
-score lowest and go first, scores are deterministic, and TP-balanced selection keeps top-k inside each slice."""
+"""Activation statistics: the hooks equal a hand-written forward, leave the model unchanged, rank unused units last."""
 
 from __future__ import annotations
 
@@ -8,24 +7,17 @@ import math
 import pytest
 import torch
 
-from megatron.prune.core import plan as plan_mod
-from megatron.prune.core import target
-from megatron.prune.scoring import methods
-from megatron.prune.scoring import stats
+from compare import shape_of
 from megatron.prune.core.select import make_plan
 from megatron.prune.core.target import TargetRequest, resolve_target
-from megatron.prune.core.shape import shape_from_hf_config
-from megatron.prune.errors import PruneError
+from megatron.prune.scoring import stats
 from tiny import make_tiny_model, sample_ids
 
-
-def shape_of(model):
-    cfg = model.config.to_dict()
-    cfg["architectures"] = model.config.architectures
-    return shape_from_hf_config(cfg)
-
-
-# ---- a hand-written LLaMA forward, independent of transformers ---------------------------------------------
+MANUAL_AGG = {  # stat [b, s, n] -> [n], written out directly
+    "mean-l2": lambda t: t.mean(1).pow(2).mean(0).sqrt(),
+    "mean": lambda t: t.mean((0, 1)),
+    "rms": lambda t: t.pow(2).mean((0, 1)).sqrt(),
+}
 
 
 def rms_norm(x, w, eps):
@@ -65,13 +57,6 @@ def manual_activations(model, ids):
         out.append(dict(n1=n1, n2=n2, attn=attn, act=act, x_in=x, x_out=x3))
         x = x3
     return out
-
-
-MANUAL_AGG = {  # stat [b, s, n] -> [n], written out directly
-    "mean-l2": lambda t: t.mean(1).pow(2).mean(0).sqrt(),
-    "mean": lambda t: t.mean((0, 1)),
-    "rms": lambda t: t.pow(2).mean((0, 1)).sqrt(),
-}
 
 
 @pytest.mark.parametrize("agg", list(stats.AGGREGATIONS))
@@ -120,9 +105,6 @@ def test_scores_are_deterministic():
         assert torch.equal(getattr(s1, name), getattr(s2, name)), name
 
 
-# ---- provably unused units ------------------------------------------------------------------------------
-
-
 def zero_units(model, channel=5, group=(1, 2), ffn=(2, 17), layer=3):
     """Zero one hidden channel everywhere, one KV group's V, one FFN channel's gate, one layer's outputs."""
     sd = model.state_dict()
@@ -167,62 +149,3 @@ def test_unused_head_is_removed_first_mha():
     target, drop = resolve_target(shape, TargetRequest(num_attention_heads=3))
     plan = make_plan(shape, target, scores, drop)
     assert plan.layers[0].heads == (0, 1, 3)
-
-
-def test_tp_balanced_selection_keeps_top_k_inside_each_slice():
-    model = make_tiny_model("llama-gqa")
-    f = model.config.intermediate_size
-    with torch.no_grad():  # the first TP half of every FFN dominates: a global top-k would take only it
-        for layer in model.model.layers:
-            layer.mlp.gate_proj.weight[: f // 2] *= 20
-    shape = shape_of(model)
-    scores = stats.collect_scores(model, shape, sample_ids(batch=4, seq=16), progress=False)
-    target = shape.replace(ffn_hidden_size=f // 2, num_query_groups=2, num_attention_heads=2 * shape.heads_per_group)
-    balanced = make_plan(shape, target, scores, tp=2, balance=True)
-    unbalanced = make_plan(shape, target, scores, tp=2, balance=False)
-    for lp in balanced.layers:
-        sc = scores.ffn[lp.source_layer]
-        for r in range(2):
-            part = sc[r * f // 2 : (r + 1) * f // 2]
-            want = sorted(int(i) + r * f // 2 for i in torch.argsort(-part, stable=True)[: f // 4])
-            assert [i for i in lp.ffn if r * f // 2 <= i < (r + 1) * f // 2] == want
-        g = scores.groups[lp.source_layer]
-        assert lp.query_groups == (int(g[:2].argmax()), 2 + int(g[2:].argmax()))
-    assert any(max(lp.ffn) < f // 2 for lp in unbalanced.layers)  # the skew is real
-
-
-# ---- choices around the plan -----------------------------------------------------------------------------
-
-
-def test_norm_rescale_records_sqrt_factor_and_can_be_switched_off():
-    model = make_tiny_model("llama-gqa")
-    shape = shape_of(model)
-    scores = stats.collect_scores(model, shape, sample_ids(), progress=False)
-    plan = make_plan(shape, shape.replace(hidden_size=32), scores)
-    scaled = plan_mod.norm_rescale(plan, "sqrt")
-    assert scaled.norm_scale == pytest.approx(math.sqrt(48 / 32)) and scaled.info["norm_rescale"] == "sqrt"
-    assert plan_mod.norm_rescale(plan, "none").norm_scale == 1.0
-    same_width = make_plan(shape, shape.replace(ffn_hidden_size=32), scores)
-    assert plan_mod.norm_rescale(same_width, "sqrt").norm_scale == 1.0
-    with pytest.raises(PruneError, match="sqrt, none"):
-        plan_mod.norm_rescale(plan, "cube")
-
-
-def test_gqa_modes():
-    model = make_tiny_model("llama-tied")  # 6 heads, 2 KV groups, 3 heads per group
-    shape = shape_of(model)
-    assert target.gqa_query_groups(shape, 4, None, "trim-heads") == 2
-    assert target.gqa_query_groups(shape, 3, None, "drop-groups") == 1
-    assert target.gqa_query_groups(shape, 3, 2, "drop-groups") == 2  # explicit wins
-    with pytest.raises(PruneError, match="multiple of 3"):
-        target.gqa_query_groups(shape, 4, None, "drop-groups")
-
-
-def test_calibration_windows_spread_and_errors():
-    ids = torch.arange(100)
-    w = methods.calibration_windows(ids, 3, 10)
-    assert w[:, 0].tolist() == [0, 40, 90] and w.shape == (3, 10)
-    with pytest.raises(PruneError, match="at most 10"):
-        methods.calibration_windows(ids, 11, 10)
-    with pytest.raises(PruneError, match="mean-l2"):
-        stats.aggregator("median")

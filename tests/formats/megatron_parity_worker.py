@@ -78,7 +78,7 @@ def main(jobs_path: str, out_path: str) -> None:
     from megatron.prune.formats.folder import open_megatron
     from megatron.prune.formats.mcore.read import load_shard
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parent.parent))
     from tiny import logits, sample_ids
 
     jobs = sorted(json.loads(Path(jobs_path).read_text()), key=lambda j: j["tp"])

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from compare import assert_same_tensors, hf_tensors
+from megatron.prune.core.select import make_plan
 from megatron.prune.formats.folder import open_megatron
-from megatron.prune.formats.mcore import ops
 from megatron.prune.formats.hf import HFCheckpoint
 from megatron.prune.formats.hf import apply_plan as apply_hf_plan
-from megatron.prune.core.select import make_plan
+from megatron.prune.formats.mcore import ops
 from megatron.prune.scoring.methods import random_scores
 from tests.tiny import LLAMA3_ROPE, llama3_rope, logits, make_tiny_hf, make_tiny_model, sample_ids
 
@@ -104,8 +105,7 @@ def test_sdpa_attention_matches_megatron_cores_unfused_attention(parity, family,
 
 def test_torch_dist_input_matches_and_prunes_like_hf(parity, tmp_path):
     """A torch_dist checkpoint written by megatron-core at TP=2 reads back as the same logical tensors."""
-    from test_megatron_ckpt import assert_same_tensors, hf_tensors
-
+    
     from megatron.prune.formats.mcore.dist import TorchDistCheckpoint
 
     src, hf = parity["torch_dist"]["mg"], parity["torch_dist"]["hf"]

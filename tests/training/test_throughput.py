@@ -29,7 +29,7 @@ from megatron.prune.training.throughput import (
 from tests.procs import free_port
 from tests.tiny import FAMILIES, make_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # a line as megatron-core 0.19.2's training_log prints it
 LOG_LINE = (" [2026-11-27 19:55:03.210780] iteration        {i}/       3 | consumed samples:            2 | "
             "elapsed time per iteration (ms): {ms} | throughput per GPU (TFLOP/s/GPU): {tf} | learning rate: "

@@ -11,50 +11,15 @@ import pytest
 from megatron.prune.cli import main as cli_main
 from megatron.prune.errors import PruneError
 from megatron.prune.text import builtin_text
-from megatron.prune.vocab import (TokenCounts, closure, count_tokens, minimum_keep, open_tokenizer,
-                                  prune_tokenizer)
+from megatron.prune.vocab import TokenCounts, count_tokens, minimum_keep, open_tokenizer, prune_tokenizer
+from tiny_corpus import SPECIALS, calib_docs, make_bytelevel_tokenizer, needed_for, write_docs
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 UNICODE = [
     "naïve café, Ærøskøbing, Dvořák, São Paulo, Łódź",
     "日本語のテキストと中文字符 한국어",
     "emoji 😀🚀🧪 and flags 🇫🇷, zwj 👩‍💻",
     "math ∀x∈ℝ: x² ≥ 0;\ttabs,\u00a0nbsp, \r\n crlf and   runs of    spaces",
 ]
-
-
-def calib_docs() -> list[str]:
-    return [d for d in builtin_text("calib").split("\n\n") if d.strip()]
-
-
-def make_bytelevel_tokenizer(folder: Path, vocab: int = 3000) -> Path:
-    """A GPT-2 style byte-level BPE trained on the built-in text, with chat specials, saved as an HF folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(builtin_text("calib").split("\n"), trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    cfg = {"tokenizer_class": "TokenizersBackend", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-           "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>",
-           "added_tokens_decoder": {str(i): {"content": s, "special": True} for i, s in enumerate(SPECIALS)}}
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return folder
-
-
-def write_docs(path: Path, docs: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return path
-
-
-def needed_for(folder: Path, counts: TokenCounts) -> set[int]:
-    """Every id the counted text used, the always-kept set, and what they all need."""
-    rules = open_tokenizer(folder).rules
-    return closure([i for i, c in enumerate(counts.counts) if c] + list(rules.required), rules)
 
 
 def _tok(folder: Path):

@@ -1,0 +1,77 @@
+"""The prune plan: JSON round trip and re-application, the RMSNorm rescale it records, and a plan for another model refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from compare import prune_cli, shape_of
+from megatron.prune.cli import main
+from megatron.prune.core import plan as plan_mod
+from megatron.prune.core.plan import PrunePlan
+from megatron.prune.core.select import make_plan
+from megatron.prune.errors import PruneError
+from megatron.prune.scoring import stats
+from tiny import make_tiny_model, sample_ids
+
+MANUAL_AGG = {  # stat [b, s, n] -> [n], written out directly
+    "mean-l2": lambda t: t.mean(1).pow(2).mean(0).sqrt(),
+    "mean": lambda t: t.mean((0, 1)),
+    "rms": lambda t: t.pow(2).mean((0, 1)).sqrt(),
+}
+
+CASES = {
+    "larger than source": (["--ffn-hidden-size", "100"], "--ffn-hidden-size 100", "1..64"),
+    "heads not multiple of groups": (["--num-query-groups", "4", "--num-attention-heads", "6"],
+                                     "not a multiple of the 4", "[4, 8]"),
+    "drop-groups needs whole groups": (["--num-attention-heads", "5"], "multiple of 2", "--gqa trim-heads"),
+    "too many heads per group": (["--num-query-groups", "2", "--num-attention-heads", "6"], "heads per group",
+                                 "multiples of 2 up to 4"),
+    "balance not divisible by tp": (["--tp", "2", "--ffn-hidden-size", "33"], "not divisible by --tp 2", "[32, 34]"),
+    "drop layer out of range": (["--drop-layers", "1,9"], "--drop-layers 9", "0..3"),
+    "drop layer repeated": (["--drop-layers", "1,1"], "repeats layer(s) 1", ""),
+    "drop every layer": (["--drop-layers", "0,1,2,3"], "all 4 layers", ""),
+    "hf hidden not multiple of heads": (["--hidden-size", "44"], "--hidden-size 44", "[40, 48]"),
+    "zero layers": (["--num-layers", "0"], "--num-layers 0", "1..4"),
+}
+
+
+def test_same_seed_same_bytes_and_plan_reapplies(tiny_hf, tmp_path):
+    src = tiny_hf("mistral")
+    flags = ["--hidden-size", "40", "--num-attention-heads", "4", "--ffn-hidden-size", "48", "--num-layers", "3",
+             "--seed", "7"]
+    assert prune_cli(src, tmp_path / "a", *flags) == 0
+    assert prune_cli(src, tmp_path / "b", *flags) == 0
+    assert prune_cli(src, tmp_path / "c", "--plan", str(tmp_path / "a" / "prune_plan.json")) == 0
+    assert prune_cli(src, tmp_path / "d", *flags[:-1], "8") == 0
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "c" / "model.safetensors").read_bytes()
+    assert a != (tmp_path / "d" / "model.safetensors").read_bytes()  # another seed, another choice
+    pa = PrunePlan.load(tmp_path / "a")
+    assert PrunePlan.from_json(pa.to_json()) == pa
+    assert pa == PrunePlan.load(tmp_path / "c")
+
+
+def test_norm_rescale_records_sqrt_factor_and_can_be_switched_off():
+    model = make_tiny_model("llama-gqa")
+    shape = shape_of(model)
+    scores = stats.collect_scores(model, shape, sample_ids(), progress=False)
+    plan = make_plan(shape, shape.replace(hidden_size=32), scores)
+    scaled = plan_mod.norm_rescale(plan, "sqrt")
+    assert scaled.norm_scale == pytest.approx(math.sqrt(48 / 32)) and scaled.info["norm_rescale"] == "sqrt"
+    assert plan_mod.norm_rescale(plan, "none").norm_scale == 1.0
+    same_width = make_plan(shape, shape.replace(ffn_hidden_size=32), scores)
+    assert plan_mod.norm_rescale(same_width, "sqrt").norm_scale == 1.0
+    with pytest.raises(PruneError, match="sqrt, none"):
+        plan_mod.norm_rescale(plan, "cube")
+
+
+def test_plan_for_another_model_refused(tiny_hf, tmp_path, capsys):
+    assert main(["prune", "--input", str(tiny_hf("mistral")), "--output", str(tmp_path / "a"), "--num-layers", "2",
+                 "--no-progress"]) == 0
+    rc = main(["prune", "--input", str(tiny_hf("llama-gqa")), "--output", str(tmp_path / "b"), "--plan",
+               str(tmp_path / "a" / "prune_plan.json"), "--no-progress"])
+    assert rc == 2 and "was made for" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

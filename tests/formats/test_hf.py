@@ -1,0 +1,129 @@
+"""The HF safetensors adapter: identity, shapes, sharded and bf16 output, damaged checkpoints refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from compare import prune_cli, safetensors_of, tree_hash
+from megatron.prune.cli import main
+from megatron.prune.core.plan import PrunePlan
+from megatron.prune.formats.hf import HFCheckpoint
+from tiny import FAMILIES, logits, make_tiny_model, sample_ids
+
+CASES = {
+    "larger than source": (["--ffn-hidden-size", "100"], "--ffn-hidden-size 100", "1..64"),
+    "heads not multiple of groups": (["--num-query-groups", "4", "--num-attention-heads", "6"],
+                                     "not a multiple of the 4", "[4, 8]"),
+    "drop-groups needs whole groups": (["--num-attention-heads", "5"], "multiple of 2", "--gqa trim-heads"),
+    "too many heads per group": (["--num-query-groups", "2", "--num-attention-heads", "6"], "heads per group",
+                                 "multiples of 2 up to 4"),
+    "balance not divisible by tp": (["--tp", "2", "--ffn-hidden-size", "33"], "not divisible by --tp 2", "[32, 34]"),
+    "drop layer out of range": (["--drop-layers", "1,9"], "--drop-layers 9", "0..3"),
+    "drop layer repeated": (["--drop-layers", "1,1"], "repeats layer(s) 1", ""),
+    "drop every layer": (["--drop-layers", "0,1,2,3"], "all 4 layers", ""),
+    "hf hidden not multiple of heads": (["--hidden-size", "44"], "--hidden-size 44", "[40, 48]"),
+    "zero layers": (["--num-layers", "0"], "--num-layers 0", "1..4"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_no_target_is_identity(tiny_hf, tmp_path, family):
+    """With no target the output equals the input, tensor for tensor, and logits bit for bit."""
+    src = tiny_hf(family)
+    assert prune_cli(src, tmp_path / "out") == 0
+    a, b = safetensors_of(src), safetensors_of(tmp_path / "out")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ids = sample_ids()
+    assert torch.equal(logits(src, ids), logits(tmp_path / "out", ids))
+    assert PrunePlan.load(tmp_path / "out").is_identity()
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias", "llama-tied", "mistral"])
+def test_pruned_output_loads_and_matches_shape(tiny_hf, tmp_path, family):
+    src = tiny_hf(family)
+    shape = HFCheckpoint.open(src).shape
+    heads = shape.num_query_groups * (shape.heads_per_group - 1 if shape.heads_per_group > 1 else 1)
+    flags = ["--hidden-size", str(heads * 4), "--num-attention-heads", str(heads), "--gqa", "trim-heads",
+             "--ffn-hidden-size", "40",
+             "--num-layers", "3", "--method", "magnitude"]
+    assert prune_cli(src, tmp_path / "out", *flags) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    plan = PrunePlan.load(tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    t = plan.target
+    assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (
+        heads * 4, heads, 40, 3)
+    assert cfg["head_dim"] == shape.head_dim and cfg["tie_word_embeddings"] == shape.tied_embeddings
+    assert sum(p.numel() for p in model.parameters()) == t.num_params()
+    assert torch.isfinite(model(input_ids=sample_ids()).logits).all()
+    if shape.tied_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_sharded_output_equals_single_file(tiny_hf, tmp_path):
+    src = tiny_hf("llama-gqa")
+    assert prune_cli(src, tmp_path / "one", "--ffn-hidden-size", "32") == 0
+    assert prune_cli(src, tmp_path / "many", "--ffn-hidden-size", "32", "--max-shard-size", "20KB") == 0
+    shards = sorted((tmp_path / "many").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "many" / "model.safetensors.index.json").is_file()
+    one, many = safetensors_of(tmp_path / "one"), safetensors_of(tmp_path / "many")
+    assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
+    # and a sharded checkpoint is valid input again
+    assert prune_cli(tmp_path / "many", tmp_path / "again", "--num-layers", "2") == 0
+
+
+def test_bf16_checkpoint_streams_exactly(tmp_path):
+    """The streaming safetensors writer keeps dtype and bytes: bf16 in, identical bf16 out."""
+    model = make_tiny_model("llama-gqa").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    assert prune_cli(tmp_path / "src", tmp_path / "same") == 0
+    assert prune_cli(tmp_path / "src", tmp_path / "small", "--ffn-hidden-size", "32") == 0
+    a, b, c = safetensors_of(tmp_path / "src"), safetensors_of(tmp_path / "same"), safetensors_of(tmp_path / "small")
+    assert all(torch.equal(a[k], b[k]) and b[k].dtype == torch.bfloat16 for k in a)
+    plan = PrunePlan.load(tmp_path / "small")
+    kept = list(plan.layers[0].ffn)
+    assert torch.equal(c["model.layers.0.mlp.down_proj.weight"], a["model.layers.0.mlp.down_proj.weight"][:, kept])
+
+
+def _broken(src: Path, dst: Path, how: str) -> Path:
+    shutil.copytree(src, dst)
+    if how == "no config":
+        (dst / "config.json").unlink()
+    elif how == "no weights":
+        (dst / "model.safetensors").unlink()
+    elif how == "truncated":
+        data = (dst / "model.safetensors").read_bytes()
+        (dst / "model.safetensors").write_bytes(data[: len(data) - 100])
+    elif how == "garbage":
+        (dst / "model.safetensors").write_bytes(b"\x00" * 7)
+    elif how == "unsupported architecture":
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["architectures"] = ["GPT2LMHeadModel"]
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("how,must_say", [
+    ("no config", "expected config.json (HF)"),
+    ("no weights", "no model.safetensors"),
+    ("truncated", "truncated or corrupt"),
+    ("garbage", "not a readable safetensors"),
+    ("unsupported architecture", "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+])
+def test_bad_checkpoint_refused(tiny_hf, tmp_path, capsys, how, must_say):
+    src = _broken(tiny_hf("llama-gqa"), tmp_path / "src", how)
+    before = tree_hash(src)
+    rc = main(["prune", "--input", str(src), "--output", str(tmp_path / "out"), "--num-layers", "2", "--no-progress"])
+    assert rc == 2
+    assert must_say in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert tree_hash(src) == before

@@ -1,0 +1,73 @@
+"""The Megatron schema and args: fusions and their inverses, TP split axes, RoPE scaling and the args `--use-checkpoint-args` reads."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from megatron.prune.core.roles import ROLE_AXES
+from megatron.prune.errors import PruneError
+from megatron.prune.formats.folder import open_megatron
+from megatron.prune.formats.mcore import args as mcore_args
+from megatron.prune.formats.mcore import schema
+
+ROUND_TRIPS = [("llama-gqa", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
+              [("qwen2-bias", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
+              [("llama-tied", tp, pp) for tp in (1, 2) for pp in (1, 2)]
+
+
+def test_fuse_qkv_layout_is_per_group_and_inverts():
+    ng, np_, hn, h = 2, 6, 2, 3
+    q = torch.arange(np_ * hn * h, dtype=torch.float32).reshape(np_ * hn, h)
+    k = -torch.arange(1, ng * hn * h + 1, dtype=torch.float32).reshape(ng * hn, h)
+    v = 1000 + torch.arange(ng * hn * h, dtype=torch.float32).reshape(ng * hn, h)
+    qkv = schema.fuse_qkv(q, k, v, ng)
+    per = (np_ // ng + 2) * hn
+    for g in range(ng):  # group g's rows: its 3 q heads, then k_g, then v_g
+        block = qkv[g * per : (g + 1) * per]
+        qh = np_ // ng * hn
+        assert torch.equal(block[:qh], q[g * qh : (g + 1) * qh])
+        assert torch.equal(block[qh : qh + hn], k[g * hn : (g + 1) * hn])
+        assert torch.equal(block[qh + hn :], v[g * hn : (g + 1) * hn])
+    for a, b in zip(schema.unfuse_qkv(qkv, ng, np_, hn), (q, k, v)):
+        assert torch.equal(a, b)
+    bias = schema.fuse_qkv(q[:, 0], k[:, 0], v[:, 0], ng)
+    assert all(torch.equal(a, b) for a, b in zip(schema.unfuse_qkv(bias, ng, np_, hn), (q[:, 0], k[:, 0], v[:, 0])))
+
+
+def test_fuse_fc1_inverts():
+    gate, up = torch.randn(4, 3), torch.randn(4, 3)
+    g2, u2 = schema.unfuse_fc1(schema.fuse_fc1(gate, up))
+    assert torch.equal(g2, gate) and torch.equal(u2, up)
+
+
+def test_tp_axis_declared_once_and_consistent_with_role_axes():
+    for p in schema.PARAMS:
+        assert {schema.role_tp_axis(r) for r in p.roles} == {p.tp_axis}, p.key
+    assert set(schema.PARAM_OF_ROLE) == set(ROLE_AXES)
+
+
+def test_rope_scaling_llama3_is_carried_and_others_refused():
+    assert mcore_args.rope_scaling_args({"rope_theta": 1e4}) == {"use_rope_scaling": False}
+    cfg = {"rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}}
+    assert mcore_args.rope_scaling_args(cfg) == {"use_rope_scaling": True, "rope_scaling_factor": 32.0}
+    with pytest.raises(PruneError, match="not supported"):
+        mcore_args.rope_scaling_args({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_args_carry_use_checkpoint_args_fields(tp2):
+    a = open_megatron(tp2).args
+    assert isinstance(a, argparse.Namespace)
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads",
+                 "num_query_groups", "group_query_attention", "kv_channels", "max_position_embeddings",
+                 "position_embedding_type", "add_position_embedding", "use_rotary_position_embeddings",
+                 "rotary_base", "rotary_percent", "rotary_interleaved", "add_bias_linear", "add_qkv_bias",
+                 "squared_relu", "swiglu", "untie_embeddings_and_output_weights", "apply_layernorm_1p",
+                 "normalization", "apply_query_key_layer_scaling", "attention_dropout", "hidden_dropout",
+                 "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "make_vocab_size_divisible_by", "norm_epsilon", "ckpt_format"):
+        assert getattr(a, name, None) is not None, name
+    assert a.padded_vocab_size == 256 and a.vocab_size == 96 and a.tensor_model_parallel_size == 2
