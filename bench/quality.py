@@ -66,7 +66,9 @@ def other_domain_text() -> str:
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     return "\n\n".join((stdlib / name).read_text(encoding="utf-8") for name in ("LICENSE.txt", "idlelib/NEWS.txt"))
-GQA_SHAPE = ("heads 9->6, hidden 576->504", dict(hidden_size=504, num_attention_heads=6))
+
+
+GQA_SHAPE = ("heads 9->6, hidden 576->504", {"hidden_size": 504, "num_attention_heads": 6})
 
 
 def in_memory_prune(state: dict[str, torch.Tensor], config: dict, plan: PrunePlan, overrides=None):
@@ -89,6 +91,22 @@ def in_memory_prune(state: dict[str, torch.Tensor], config: dict, plan: PrunePla
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     model.tie_weights()
     return model
+
+
+DEFAULT_REFIT = RefitOptions()
+
+
+class Without:
+    """A refit store with one model-level role hidden (what the model is without that part of the refit)."""
+
+    def __init__(self, store: RefitStore, role: str) -> None:
+        self.store, self.role = store, role
+
+    def has(self, role: str, layer: int | None = None) -> bool:
+        return not (role == self.role and layer is None) and self.store.has(role, layer)
+
+    def get(self, role: str, layer: int | None = None) -> torch.Tensor:
+        return self.store.get(role, layer)
 
 
 def random_with_layers(shape, seed: int) -> Scores:
@@ -114,6 +132,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=methods.DEFAULT_SEQ_LEN)
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--no-ablations", action="store_true", help="shapes only")
+    ap.add_argument("--baselines", action="store_true",
+                    help="also random (3 seeds) and magnitude selection per shape (measured at 4k tokens before: "
+                         "bench/results/quality_selection.json)")
+    ap.add_argument("--all-ablations", action="store_true",
+                    help="also aggregation on the width shape, RMSNorm rescaling and the GQA choice")
+    ap.add_argument("--damping-ablation", action="store_true", help="also refit the demo shape at damping 0.001 and 0.1")
     ap.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     ap.add_argument("--chart", type=Path, default=ROOT / "assets" / "quality.png")
     args = ap.parse_args(argv)
@@ -178,43 +202,58 @@ def main(argv=None) -> int:
             out["ppl_other"] = ppl(m, "other")
         return out
 
-    def refit(target_req: TargetRequest, sc: Scores, options: RefitOptions = RefitOptions()) -> dict:
+    def refit(target_req: TargetRequest, sc: Scores, options: RefitOptions = DEFAULT_REFIT,
+              with_head_ablation: bool = False) -> dict:
         plan = plan_for(target_req, sc)
         with tempfile.TemporaryDirectory(prefix="bench-refit-") as scratch:
             store = RefitStore(Path(scratch))
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             summary = refit_model(ckpt, AutoConfig.from_pretrained(folder), plan, calib, bs, torch.float32, "cpu",
                                   store, options, progress=False)
-            seconds = time.perf_counter() - t
+            seconds, cpu = time.perf_counter() - t, time.process_time() - c
             m = in_memory_prune(state, ckpt.config, plan, store)
-        return {"ppl": ppl(m), "ppl_other": ppl(m, "other"), "refit_s": seconds,
-                "error_sliced_refit": summary.mean_error()}
+            out = {"ppl": ppl(m), "ppl_other": ppl(m, "other"), "refit_s": seconds, "refit_cpu_s": cpu,
+                   "error_sliced_refit": summary.mean_error(), "head": [summary.head_role, summary.head]}
+            if with_head_ablation and store.has("final_norm"):  # the tied head's gain refit left out
+                out["ppl_without_head_gain"] = ppl(in_memory_prune(state, ckpt.config, plan, Without(store, "final_norm")))
+        return out
 
     act_scores = scores[stats.DEFAULT_AGGREGATION]
     for name in args.shapes:
         desc, req = SHAPES[name]
         row: dict = {"description": desc}
-        rnd = [run(req, random_with_layers(shape, seed)) for seed in (0, 1, 2)]
-        row["random_seeds"] = [r["ppl"] for r in rnd]
-        row["random"] = statistics.fmean(row["random_seeds"])
-        if req.num_layers:
-            row["random_spread_middle"] = run(req, random_scores(shape, 0))["ppl"]  # the CLI's random: seed rule
-        row["magnitude"] = run(req, mag)["ppl"]
+        if args.baselines:
+            rnd = [run(req, random_with_layers(shape, seed)) for seed in (0, 1, 2)]
+            row["random_seeds"] = [r["ppl"] for r in rnd]
+            row["random"] = statistics.fmean(row["random_seeds"])
+            if req.num_layers:
+                row["random_spread_middle"] = run(req, random_scores(shape, 0))["ppl"]  # the CLI's random: seed rule
+            row["magnitude"] = run(req, mag)["ppl"]
         act = run(req, act_scores, other=True)  # what `prune --method activation --reconstruct none` does
         row["activation"], row["activation_other"] = act["ppl"], act["ppl_other"]
         row["params"], row["activation_dropped_layers"] = act["params"], act["dropped_layers"]
-        rec = refit(req, act_scores)  # what `prune --method activation` does (the refit is its default)
+        # what `prune --method activation` does (the refit is its default)
+        rec = refit(req, act_scores, with_head_ablation=not args.no_ablations)
         row["reconstructed"], row["reconstructed_other"] = rec["ppl"], rec["ppl_other"]
-        row["refit_s"], row["refit_error"] = rec["refit_s"], rec["error_sliced_refit"]
-        row["ratio_vs_random"] = row["activation"] / row["random"]
+        row["refit_s"], row["refit_cpu_s"] = rec["refit_s"], rec["refit_cpu_s"]
+        row["refit_error"], row["refit_head"] = rec["error_sliced_refit"], rec["head"]
+        if "ppl_without_head_gain" in rec:
+            results["ablations"].setdefault("tied head: final-norm gain refit", {})[name] = {
+                "with (default)": rec["ppl"], "without": rec["ppl_without_head_gain"]}
+        if args.baselines:
+            row["ratio_vs_random"] = row["activation"] / row["random"]
         row["reconstructed_vs_activation"] = row["reconstructed"] / row["activation"]
         row["scoring_plus_refit_vs_forward"] = (scoring_s + rec["refit_s"]) / forward_s
+        row["scoring_plus_refit_vs_forward_cpu_time"] = (min(c for _, c in score_t) + rec["refit_cpu_s"]) / min(
+            c for _, c in fwd)
         results["shapes"][name] = row
         print(f"{name:12s} {json.dumps({k: v for k, v in row.items() if k != 'description'})}", flush=True)
+        save(results, args.output)  # as it goes: a long run that fails later keeps what it measured
 
     # -- measured choices: aggregation, norm rescaling, GQA, the depth refit, damping
     ab = results["ablations"]
-    for name in () if args.no_ablations else [n for n in ("width", "width+depth") if n in args.shapes]:
+    aggregation_shapes = ("width", "width+depth") if args.all_ablations else ("width+depth",)
+    for name in () if args.no_ablations else [n for n in aggregation_shapes if n in args.shapes]:
         req = SHAPES[name][1]
         ab[f"{name}: aggregation (held-out)"] = {}
         ab[f"{name}: aggregation (other domain)"] = {}
@@ -222,32 +261,35 @@ def main(argv=None) -> int:
             r = run(req, scores[agg], other=True)
             ab[f"{name}: aggregation (held-out)"][agg] = r["ppl"]
             ab[f"{name}: aggregation (other domain)"][agg] = r["ppl_other"]
-        ab[f"{name}: norm rescale"] = {"sqrt": results["shapes"][name]["activation"],
-                                       "none": run(req, act_scores, "none")["ppl"]}
-        print(f"{name}: {ab[f'{name}: aggregation (held-out)']} {ab[f'{name}: norm rescale']}", flush=True)
-    if not args.no_ablations:
+        print(f"{name}: {ab[f'{name}: aggregation (held-out)']} {ab[f'{name}: aggregation (other domain)']}",
+              flush=True)
+        if args.all_ablations:
+            ab[f"{name}: norm rescale"] = {"sqrt": results["shapes"][name]["activation"],
+                                           "none": run(req, act_scores, "none")["ppl"]}
+    if args.all_ablations:
         greq = TargetRequest(**GQA_SHAPE[1])
         ab["gqa"] = {"description": GQA_SHAPE[0],
                      "trim-heads (3 groups x 2 heads)": run(greq, act_scores, groups=3)["ppl"],
                      "drop-groups (2 groups x 3 heads)": run(greq, act_scores, groups=2)["ppl"],
                      "random trim-heads (seed 0)": run(greq, random_with_layers(shape, 0), groups=3)["ppl"]}
         print(f"gqa: {ab['gqa']}", flush=True)
-        for name in [n for n in ("depth", "width+depth") if n in args.shapes]:
+    if not args.no_ablations:
+        for name in [n for n in ("depth", "width+depth") if n in args.shapes][: None if args.all_ablations else 1]:
             plain = refit(SHAPES[name][1], act_scores, RefitOptions(depth="none"))
             row = results["shapes"][name]
             ab[f"{name}: depth refit"] = {"residual (default)": row["reconstructed"], "none": plain["ppl"],
                                           "residual, other domain": row["reconstructed_other"],
                                           "none, other domain": plain["ppl_other"]}
             print(f"{name}: {ab[f'{name}: depth refit']}", flush=True)
-        if "demo" in args.shapes:
+        if "demo" in args.shapes and args.damping_ablation:
             ab["demo: damping"] = {f"{d:g}": refit(SHAPES["demo"][1], act_scores, RefitOptions(damping=d))["ppl"]
                                    for d in (0.001, 0.1)}
             ab["demo: damping"][f"{RefitOptions().damping:g} (default)"] = results["shapes"]["demo"]["reconstructed"]
             print(f"damping: {ab['demo: damping']}", flush=True)
     shapes = results["shapes"]
     results["targets"] = {
-        "activation <= 0.1 x random (mean of 3 seeds), every shape":
-            all(r["ratio_vs_random"] <= 0.1 for r in shapes.values()),
+        **({"activation <= 0.1 x random (mean of 3 seeds), every shape":
+            all(r["ratio_vs_random"] <= 0.1 for r in shapes.values())} if args.baselines else {}),
         "scoring <= 1.5 x plain forward": results["timing"]["ratio"] <= 1.5,
         "reconstructed <= 0.5 x activation (width, width+depth, demo; held-out)":
             all(shapes[n]["reconstructed_vs_activation"] <= 0.5 for n in ("width", "width+depth", "demo")
@@ -263,27 +305,37 @@ def main(argv=None) -> int:
             all(r["scoring_plus_refit_vs_forward"] <= 3 for r in shapes.values()),
     }
     results["seconds"] = round(time.time() - t0, 1)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1))
+    save(results, args.output)
     print(table(results))
     chart(results, args.chart)
     return 0
 
 
+def save(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+
+
 def table(r: dict) -> str:
     o = r["original_ppl"]
+    base = all("random" in row for row in r["shapes"].values())
     lines = [f"perplexity, 0 training tokens, {r['eval_tokens']['held-out']} held-out tokens (original "
              f"{o['held-out']:.2f}; other domain {o['other']:.2f})",
-             "| shape | params | random (3 seeds: mean; range) | magnitude | activation | + reconstruction | "
-             "other domain: activation / + reconstruction | scoring + refit vs forward |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| shape | params | " + ("random (3 seeds: mean; range) | magnitude | " if base else "")
+             + "activation | + reconstruction | other domain: activation / + reconstruction | "
+             "scoring + refit vs forward |",
+             "|---|---|---|---|---|---|" + ("---|---|" if base else "")]
     for name, row in r["shapes"].items():
-        seeds = row["random_seeds"]
-        extra = f"; seed rule {row['random_spread_middle']:,.0f}" if "random_spread_middle" in row else ""
-        lines.append(f"| {name}: {row['description']} | {row['params'] / 1e6:.0f}M | {row['random']:,.0f} "
-                     f"({min(seeds):,.0f}-{max(seeds):,.0f}{extra}) | {row['magnitude']:,.0f} | "
-                     f"{row['activation']:,.1f} | **{row['reconstructed']:,.1f}** | {row['activation_other']:,.1f} / "
-                     f"**{row['reconstructed_other']:,.1f}** | {row['scoring_plus_refit_vs_forward']:.2f}x |")
+        cells = [f"{name}: {row['description']}", f"{row['params'] / 1e6:.0f}M"]
+        if base:
+            seeds = row["random_seeds"]
+            extra = f"; seed rule {row['random_spread_middle']:,.0f}" if "random_spread_middle" in row else ""
+            cells += [f"{row['random']:,.0f} ({min(seeds):,.0f}-{max(seeds):,.0f}{extra})", f"{row['magnitude']:,.0f}"]
+        cells += [f"{row['activation']:,.1f}", f"**{row['reconstructed']:,.1f}**",
+                  f"{row['activation_other']:,.1f} / **{row['reconstructed_other']:,.1f}**",
+                  f"{row['scoring_plus_refit_vs_forward']:.2f}x ({row['scoring_plus_refit_vs_forward_cpu_time']:.2f}x "
+                  "CPU time)"]
+        lines.append("| " + " | ".join(cells) + " |")
     t = r["timing"]
     lines.append(f"scoring {t['scoring_s']:.1f}s vs plain forward {t['plain_forward_s']:.1f}s over {t['tokens']} tokens "
                  f"= {t['ratio']:.2f}x wall ({t['ratio_cpu_time']:.2f}x CPU time)")
@@ -305,11 +357,12 @@ def chart(r: dict, path: Path) -> None:
     names = list(r["shapes"])
     series = [("random", "random (mean of 3 seeds)"), ("magnitude", "magnitude"), ("activation", "activation"),
               ("reconstructed", "activation + least-squares refit")]
+    series = [(k, label) for k, label in series if all(k in r["shapes"][n] for n in names)]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     w = 0.2
     for j, (key, label) in enumerate(series):
         vals = [r["shapes"][n][key] for n in names]
-        bars = ax.bar([i + (j - 1.5) * w for i in range(len(names))], vals, w, label=label)
+        bars = ax.bar([i + (j - (len(series) - 1) / 2) * w for i in range(len(names))], vals, w, label=label)
         ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals], fontsize=6)
     ax.axhline(r["original_ppl"]["held-out"], color="k", ls="--", lw=0.8,
                label=f"original {r['original_ppl']['held-out']:.1f}")

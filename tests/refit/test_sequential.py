@@ -25,11 +25,28 @@ def refit_pair(tok_model, tmp_path_factory):
     return d
 
 
-def test_refit_is_the_default_with_activation_and_recorded_in_the_plan(refit_pair):
+def _calib_loss(folder: Path) -> float:
+    """Next-token loss of the HF model in ``folder`` on the refit's calibration windows (4 x 32, batches of 2)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron.prune.runtime import load_tokenizer, tokenize
+    from megatron.prune.scoring.methods import calibration_windows
+    from megatron.prune.text import builtin_text
+
+    windows = calibration_windows(tokenize(load_tokenizer(folder), builtin_text("calib"), None), 4, 32)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return sum(float(model(input_ids=windows[i:i + 2], labels=windows[i:i + 2]).loss) for i in (0, 2)) / 2
+
+
+def test_refit_is_the_default_with_activation_and_recorded_in_the_plan(refit_pair, tok_model):
     plan = PrunePlan.load(refit_pair / "refit")
     info = plan.info["reconstruct"]
     assert info["method"] == "least-squares" and info["samples"] == 4 and info["calib"] == "builtin:calib"
     assert info["error_refit"] < info["error_sliced"]
+    loss = info["calibration_loss"]  # what the original and the written pruned model give on the calibration windows
+    assert loss["original"] == pytest.approx(_calib_loss(tok_model), abs=2e-5)
+    assert loss["pruned_refit"] == pytest.approx(_calib_loss(refit_pair / "refit"), abs=2e-5)
     plain = PrunePlan.load(refit_pair / "plain")
     assert "reconstruct" not in plain.info and plain == plan  # same selection, only the weights differ
     refit, sliced = hf_tensors(refit_pair / "refit"), hf_tensors(refit_pair / "plain")
@@ -39,16 +56,56 @@ def test_refit_is_the_default_with_activation_and_recorded_in_the_plan(refit_pai
     assert not any(k.startswith(("embed", "input_norm", "post_norm", "final_norm")) for k in changed)
 
 
-def test_refit_lowers_the_calibration_loss(refit_pair, tok_model):
+@pytest.fixture(scope="module")
+def tied_tok_model(real_model, tmp_path_factory):
+    """A tiny random LLaMA with tied embeddings and the real model's tokenizer."""
+    import shutil
+
+    from compare import TOKENIZER_FILES
+    from tiny import make_tiny_model
+
+    folder = tmp_path_factory.mktemp("tied") / "model"
+    make_tiny_model("llama-tied", vocab_size=49152).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (real_model / name).is_file():
+            shutil.copy(real_model / name, folder / name)
+    return folder
+
+
+def test_a_tied_head_refits_the_final_norm_gain_on_both_paths(tied_tok_model, tmp_path):
+    """With tied embeddings the head is the embedding, so the refit fits the final norm's gain instead (its logit
+    error falls, the calibration loss too); the Megatron path (TP=2, PP=2) writes the same tensors."""
+    shape = ["--hidden-size", "36", "--num-attention-heads", "4", "--num-query-groups", "2", "--ffn-hidden-size", "48",
+             *SHAPE[6:]]
+    assert prune_cli(tied_tok_model, tmp_path / "refit", *shape) == 0
+    assert prune_cli(tied_tok_model, tmp_path / "plain", *shape, "--reconstruct", "none") == 0
+    head = PrunePlan.load(tmp_path / "refit").info["reconstruct"]["head_refit"]
+    assert head["role"] == "final_norm" and head["error_refit"] < head["error_sliced"]
+    refit, plain = hf_tensors(tmp_path / "refit"), hf_tensors(tmp_path / "plain")
+    assert not torch.equal(refit["final_norm.None"], plain["final_norm.None"])
+    assert torch.equal(refit["embed.None"], plain["embed.None"]) and not any(k.startswith("lm_head") for k in refit)
+    assert _calib_ppl(tmp_path / "refit") < _calib_ppl(tmp_path / "plain")
+    assert main(["convert", "hf-to-megatron", "--input", str(tied_tok_model), "--output", str(tmp_path / "mg"),
+                 "--tp", "2", "--pp", "2", "--no-progress"]) == 0
+    assert main(["prune", "--input", str(tmp_path / "mg"), "--output", str(tmp_path / "mg_out"), "--plan",
+                 str(tmp_path / "refit" / "prune_plan.json"), "--prune-type", "unbalance", *SHAPE[8:],
+                 "--no-progress"]) == 0
+    assert main(["convert", "megatron-to-hf", "--input", str(tmp_path / "mg_out"), "--output",
+                 str(tmp_path / "back"), "--no-progress"]) == 0
+    assert_same_tensors(refit, hf_tensors(tmp_path / "back"))
+
+
+def _calib_ppl(folder: Path) -> float:
     from megatron.prune.perplexity import perplexity
     from megatron.prune.runtime import load_hf, tokenize
     from megatron.prune.text import builtin_text
 
-    def ppl(folder: Path) -> float:
-        model, tok = load_hf(folder)
-        return perplexity(model, tokenize(tok, builtin_text("calib"), 2048), 32, progress=False).perplexity
+    model, tok = load_hf(folder)
+    return perplexity(model, tokenize(tok, builtin_text("calib"), 2048), 32, progress=False).perplexity
 
-    assert ppl(refit_pair / "refit") < ppl(refit_pair / "plain")
+
+def test_refit_lowers_the_calibration_loss(refit_pair, tok_model):
+    assert _calib_ppl(refit_pair / "refit") < _calib_ppl(refit_pair / "plain")
 
 
 def test_layers_are_refit_on_the_pruned_models_own_inputs(tok_model, tmp_path, monkeypatch):

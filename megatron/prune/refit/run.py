@@ -74,12 +74,21 @@ def reconstruct(src: TensorSource, plan: PrunePlan, scoring: ScoringOptions, opt
             "samples": scoring.samples, "seq_len": scoring.seq_len, "dtype": scoring.dtype,
             "tokens": summary.tokens, "error_sliced": round(sliced, 6), "error_refit": round(refit, 6),
             "seconds": round(summary.seconds, 2)}
+    if summary.loss is not None:
+        info["calibration_loss"] = {"original": round(summary.loss[0], 5), "pruned_refit": round(summary.loss[1], 5)}
+    if summary.head is not None:
+        info["head_refit"] = {"role": summary.head_role, "error_sliced": round(summary.head[0], 6),
+                              "error_refit": round(summary.head[1], 6)}
     return store, summary, dataclasses.replace(plan, info={**plan.info, "reconstruct": info})
 
 
 def describe(summary: RefitSummary) -> str:
     """One line saying what the refit did."""
     sliced, refit = summary.mean_error()
-    head = "" if summary.head is None else f"; lm_head {summary.head[0]:.4f} -> {summary.head[1]:.4f}"
+    head = "" if summary.head is None else (f"; {'lm_head' if summary.head_role == 'lm_head' else 'final norm gain'}"
+                                            f" {summary.head[0]:.4f} -> {summary.head[1]:.4f}")
+    loss = "" if summary.loss is None else (f"; calibration loss {summary.loss[0]:.3f} (original), "
+                                            f"{summary.loss[1]:.3f} (pruned, refit)")
     return (f"reconstruct: {len(summary.layers)} layers refit on {summary.tokens} calibration tokens in "
-            f"{summary.seconds:.1f}s; relative error of the refit linears {sliced:.4f} (sliced) -> {refit:.4f}{head}")
+            f"{summary.seconds:.1f}s; relative error of the refit linears {sliced:.4f} (sliced) -> {refit:.4f}{head}"
+            f"{loss}")

@@ -29,7 +29,9 @@ from megatron.prune.refit.layer import GROUPS, Call, LayerReport, refit_layer, r
 from megatron.prune.refit.solve import DEFAULT_DAMPING, Moment, solve_from_moments
 from megatron.prune.refit.store import RefitStore
 
-HEADS = ("auto", "none")  # auto: refit an untied lm_head on the final norm's output; a tied head is the embedding
+# auto: refit an untied lm_head on the final norm's output; with a tied head (the embedding, which the residual stream
+# reads too) refit the final norm's gain instead, per kept channel; none: both keep the plan's slices
+HEADS = ("auto", "none")
 # residual: the down_proj of the last kept layer before a run of dropped layers is refit so that layer's output is the
 # original's residual stream after the run (ReplaceMe's idea as one least squares; no new parameters); none: the
 # layers are dropped as they are
@@ -51,9 +53,11 @@ class RefitSummary:
     """Per kept layer, how each refit group's calibration error went from the sliced weights to the refitted ones."""
 
     layers: list[LayerReport] = field(default_factory=list)
-    head: tuple[float, float] | None = None  # lm_head: (sliced, refit) relative error
+    head: tuple[float, float] | None = None  # lm_head (or the tied head's final-norm gain): (sliced, refit) error
+    head_role: str = "lm_head"
     tokens: int = 0
     seconds: float = 0.0
+    loss: tuple[float, float] | None = None  # calibration LM loss: (original, pruned and refit)
 
     def mean_error(self) -> tuple[float, float]:
         """Mean relative error over every refit group of every layer: (sliced, refit)."""
@@ -122,6 +126,73 @@ def refit_head(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, teache
 
 
 @torch.no_grad()
+def refit_final_gain(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, teacher_hidden: list[torch.Tensor],
+                     student_hidden: list[torch.Tensor], damping: float) -> tuple[torch.Tensor, tuple[float, float]]:
+    """With tied embeddings the head cannot change without changing the input embedding, so fit the final norm's
+    gain g instead: ``min E‖E_K (g ∘ r_s) − E x_t‖²`` over the logits (kept vocabulary), ``r_s`` the pruned model's
+    normalised final hidden state, ``x_t`` the original's final-norm output (:func:`.solve.logit_gain_moments`);
+    the ridge pulls toward the plan's sliced (and rescaled) gain. Returns g and the (sliced, refit) relative error."""
+    from megatron.prune.refit.solve import fit_diagonal, logit_gain_moments
+
+    prior = slice_role("final_norm", norm.weight, AxisIndex(hidden=plan.hidden), plan.source.head_dim,
+                       plan.norm_scale).double()
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    R, C, T = Moment(torch.float32), Moment(torch.float32), Moment(torch.float32)
+    for h_t, h_s in zip(teacher_hidden, student_hidden, strict=True):
+        h = h_s.float()
+        r = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        x_t = norm(h_t)
+        R.add(r)
+        C.add(x_t, r)
+        T.add(x_t)
+    E = src.get("embed").double()
+    if plan.vocab is not None:
+        E = E.index_select(0, torch.as_tensor(plan.vocab))
+    E_K = E.index_select(1, torch.as_tensor(plan.hidden))
+    Q, b = logit_gain_moments(E_K, E, R.mean(), C.mean())
+    gain = fit_diagonal(Q, b, prior, damping)
+    energy = float(((E.T @ E) * T.mean()).sum())  # E‖E x_t‖²
+    scale = max(energy, 1e-30)
+
+    def error(g: torch.Tensor) -> float:
+        return float(g @ Q @ g - 2 * b @ g + energy) / scale
+    return gain, (error(prior), error(gain))
+
+
+@torch.no_grad()
+def calibration_loss(norm: torch.nn.Module, head: torch.Tensor, hidden: list[torch.Tensor], windows: torch.Tensor,
+                     batch_size: int) -> float:
+    """Mean next-token cross entropy of the final hidden states ``hidden`` (per batch of ``windows``) through the
+    final ``norm`` and the ``head`` weight ``[v, h]``."""
+    total, count = 0.0, 0
+    for k, h in enumerate(hidden):
+        ids = windows[k * batch_size : (k + 1) * batch_size].to(h.device)
+        logits = norm(h)[:, :-1] @ head.to(h.dtype).T
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                                         reduction="sum"))
+        count += ids[:, 1:].numel()
+    return total / count
+
+
+def model_losses(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, store: RefitStore,
+                 teacher_hidden: list[torch.Tensor], student_hidden: list[torch.Tensor], windows: torch.Tensor,
+                 batch_size: int) -> tuple[float, float] | None:
+    """Calibration loss of the original and of the pruned, refit model (None when the vocabulary is pruned: the
+    token ids differ)."""
+    if plan.vocab is not None:
+        return None
+    head = src.get("lm_head" if src.has("lm_head") and not plan.source.tied_embeddings else "embed")
+    norm_s = copy.deepcopy(norm)
+    sliced = slice_role("final_norm", norm.weight, AxisIndex(hidden=plan.hidden), plan.source.head_dim,
+                        plan.norm_scale)
+    norm_s.weight = torch.nn.Parameter(store.get("final_norm") if store.has("final_norm") else sliced)
+    head_s = store.get("lm_head") if store.has("lm_head") else head.index_select(1, torch.as_tensor(plan.hidden))
+    device = norm.weight.device
+    return (calibration_loss(norm, head.to(device), teacher_hidden, windows, batch_size),
+            calibration_loss(norm_s.to(device), head_s.to(device), student_hidden, windows, batch_size))
+
+
+@torch.no_grad()
 def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.Tensor, batch_size: int,
                 dtype: torch.dtype, device: str, store: RefitStore, options: RefitOptions = RefitOptions(),
                 progress: bool = True) -> RefitSummary:
@@ -182,12 +253,17 @@ def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.
         bar.update(end - i)
         i = end
     bar.close()
-    if options.head == "auto" and src.has("lm_head"):  # a tied head is the embedding the residual stream reads too
-        materialise(body.norm, "model.norm", src, device)
-        head, summary.head = refit_head(src, body.norm, plan, [c.hidden for c in teacher_calls],
-                                        [c.hidden for c in student_calls], options.damping)
-        store.put(None, {"lm_head": head.to(storage_dtype(src, "lm_head", None)).cpu()})
-        release(body.norm)
+    materialise(body.norm, "model.norm", src, device)
+    if options.head == "auto":
+        untied = not plan.source.tied_embeddings and src.has("lm_head")
+        fit = refit_head if untied else refit_final_gain
+        summary.head_role = "lm_head" if untied else "final_norm"
+        tensor, summary.head = fit(src, body.norm, plan, [c.hidden for c in teacher_calls],
+                                   [c.hidden for c in student_calls], options.damping)
+        store.put(None, {summary.head_role: tensor.to(storage_dtype(src, summary.head_role, None)).cpu()})
+    summary.loss = model_losses(src, body.norm, plan, store, [c.hidden for c in teacher_calls],
+                                [c.hidden for c in student_calls], windows, batch_size)
+    release(body.norm)
     src.release()
     summary.seconds = time.perf_counter() - t0
     return summary
