@@ -170,8 +170,9 @@ def main(argv=None) -> int:
     # -- scoring, and its cost vs a plain forward over the same tokens (min of 2, interleaved: the machine is shared)
     bs = methods.DEFAULT_BATCH_SIZE
     fwd, score_t, scores = [], [], {}
-    for agg in ("mean-l2", "rms", "mean"):  # timing: interleaved, best of each (the machine may be shared)
-        if agg != "mean":
+    aggregations = [stats.DEFAULT_AGGREGATION] if args.no_ablations else ["mean-l2", "rms", "mean"]
+    for agg in aggregations:  # timing: interleaved, best of each (the machine may be shared)
+        if agg != "mean":  # a plain forward before every scoring pass but the third
             fwd.append(time_forward(model, calib, bs))
         t, c = time.perf_counter(), time.process_time()
         scores[agg] = stats.collect_scores(model, shape, calib, bs, agg, progress=False)

@@ -115,8 +115,8 @@ def test_layers_are_refit_on_the_pruned_models_own_inputs(tok_model, tmp_path, m
 
     from megatron.prune.refit import layer as refit_layer_mod
     from megatron.prune.refit import sequential
-    from megatron.prune.scoring.methods import calibration_windows
     from megatron.prune.runtime import load_tokenizer, tokenize
+    from megatron.prune.scoring.methods import calibration_windows
     from megatron.prune.text import builtin_text
 
     seen: list[torch.Tensor] = []

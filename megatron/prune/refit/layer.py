@@ -10,9 +10,9 @@ MLP, residual; Mistral and Qwen2 are the same), so the pruned layer's outputs ar
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 

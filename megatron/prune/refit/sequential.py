@@ -96,6 +96,30 @@ def storage_dtype(src: TensorSource, role: str, layer: int | None) -> torch.dtyp
     return {code: dtype for dtype, code in DTYPE_CODES.items()}[src.dtype_code(role, layer)]
 
 
+def sliced_final_norm(norm: torch.nn.Module, plan: PrunePlan) -> torch.Tensor:
+    """The plan's slice of the final norm's weight (rescaled as the plan says)."""
+    return slice_role("final_norm", norm.weight, AxisIndex(hidden=plan.hidden), plan.source.head_dim, plan.norm_scale)
+
+
+def head_rows(src: TensorSource, role: str, plan: PrunePlan) -> torch.Tensor:
+    """The output head (``lm_head``, or ``embed`` when tied) in float64, restricted to the kept vocabulary."""
+    W = src.get(role).double()
+    return W if plan.vocab is None else W.index_select(0, torch.as_tensor(plan.vocab))
+
+
+def final_moments(student_input: Any, norm: torch.nn.Module, teacher_hidden: list[torch.Tensor],
+                  student_hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``E[x_s x_sᵀ]``, ``E[x_t x_sᵀ]`` and ``E[x_t x_tᵀ]`` of the head's inputs: ``x_t`` the original's final-norm
+    output, ``x_s = student_input(h_s)`` what the pruned model's head (or gain) reads."""
+    H, C, T = Moment(torch.float32), Moment(torch.float32), Moment(torch.float32)
+    for h_t, h_s in zip(teacher_hidden, student_hidden, strict=True):
+        x_s, x_t = student_input(h_s), norm(h_t)
+        H.add(x_s)
+        C.add(x_t, x_s)
+        T.add(x_t)
+    return H.mean(), C.mean(), T.mean()
+
+
 @torch.no_grad()
 def refit_head(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, teacher_hidden: list[torch.Tensor],
                student_hidden: list[torch.Tensor], damping: float) -> tuple[torch.Tensor, tuple[float, float]]:
@@ -103,23 +127,14 @@ def refit_head(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, teache
     (sliced, refit) relative error. ``norm`` is the original final norm, materialised."""
     from megatron.prune.refit.solve import reconstruction_error
 
-    weight = slice_role("final_norm", norm.weight, AxisIndex(hidden=plan.hidden), plan.source.head_dim,
-                        plan.norm_scale)
     norm_s = copy.deepcopy(norm)
-    norm_s.weight = torch.nn.Parameter(weight)
-    H, C, T = Moment(torch.float32), Moment(torch.float32), Moment(torch.float32)
-    for h_t, h_s in zip(teacher_hidden, student_hidden, strict=True):
-        x_s, x_t = norm_s(h_s), norm(h_t)
-        H.add(x_s)
-        C.add(x_t, x_s)
-        T.add(x_t)
-    W = src.get("lm_head").double()
-    if plan.vocab is not None:
-        W = W.index_select(0, torch.as_tensor(plan.vocab))
+    norm_s.weight = torch.nn.Parameter(sliced_final_norm(norm, plan))
+    H_ss, C_ts, T_tt = final_moments(norm_s, norm, teacher_hidden, student_hidden)
+    W = head_rows(src, "lm_head", plan)
     prior = W.index_select(1, torch.as_tensor(plan.hidden))
-    H_ss, C_ys = H.mean(), W @ C.mean()
+    C_ys = W @ C_ts
     new = solve_from_moments(C_ys, H_ss, prior, damping)
-    energy = float(((W @ T.mean()) * W).sum())
+    energy = float(((W @ T_tt) * W).sum())
     scale = max(energy, 1e-30)
     return new, (reconstruction_error(prior, H_ss, C_ys, energy) / scale,
                  reconstruction_error(new, H_ss, C_ys, energy) / scale)
@@ -134,24 +149,19 @@ def refit_final_gain(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, 
     the ridge pulls toward the plan's sliced (and rescaled) gain. Returns g and the (sliced, refit) relative error."""
     from megatron.prune.refit.solve import fit_diagonal, logit_gain_moments
 
-    prior = slice_role("final_norm", norm.weight, AxisIndex(hidden=plan.hidden), plan.source.head_dim,
-                       plan.norm_scale).double()
+    prior = sliced_final_norm(norm, plan).double()
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-    R, C, T = Moment(torch.float32), Moment(torch.float32), Moment(torch.float32)
-    for h_t, h_s in zip(teacher_hidden, student_hidden, strict=True):
-        h = h_s.float()
-        r = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        x_t = norm(h_t)
-        R.add(r)
-        C.add(x_t, r)
-        T.add(x_t)
-    E = src.get("embed").double()
-    if plan.vocab is not None:
-        E = E.index_select(0, torch.as_tensor(plan.vocab))
+
+    def normalised(h: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+    R, C, T = final_moments(normalised, norm, teacher_hidden, student_hidden)
+    E = head_rows(src, "embed", plan)
     E_K = E.index_select(1, torch.as_tensor(plan.hidden))
-    Q, b = logit_gain_moments(E_K, E, R.mean(), C.mean())
+    Q, b = logit_gain_moments(E_K, E, R, C)
     gain = fit_diagonal(Q, b, prior, damping)
-    energy = float(((E.T @ E) * T.mean()).sum())  # E‖E x_t‖²
+    energy = float(((E.T @ E) * T).sum())  # E‖E x_t‖²
     scale = max(energy, 1e-30)
 
     def error(g: torch.Tensor) -> float:
@@ -183,9 +193,8 @@ def model_losses(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, stor
         return None
     head = src.get("lm_head" if src.has("lm_head") and not plan.source.tied_embeddings else "embed")
     norm_s = copy.deepcopy(norm)
-    sliced = slice_role("final_norm", norm.weight, AxisIndex(hidden=plan.hidden), plan.source.head_dim,
-                        plan.norm_scale)
-    norm_s.weight = torch.nn.Parameter(store.get("final_norm") if store.has("final_norm") else sliced)
+    norm_s.weight = torch.nn.Parameter(store.get("final_norm") if store.has("final_norm")
+                                       else sliced_final_norm(norm, plan))
     head_s = store.get("lm_head") if store.has("lm_head") else head.index_select(1, torch.as_tensor(plan.hidden))
     device = norm.weight.device
     return (calibration_loss(norm, head.to(device), teacher_hidden, windows, batch_size),
@@ -225,20 +234,21 @@ def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.
         index = None if j is None else layer_index(plan, plan.layers[j])
         materialise(layers[i], f"model.layers.{i}", src, device)
         run = run_teacher(layers[i], teacher_calls, index, hn)
-        release(layers[i])
         end, residual = i + 1, None
-        if index is not None and options.depth == "residual" and "down" in options.groups:
-            after = run.outputs  # the original through the run of dropped layers that follows this kept one
+        if index is None:
+            release(layers[i])
+        elif options.depth == "residual" and "down" in options.groups and i + 1 < L and i + 1 not in kept:
+            release(layers[i])  # one layer at a time: read it again after the run of dropped layers that follows
+            after = run.outputs  # the original through that run
             while end < L and end not in kept:
                 materialise(layers[end], f"model.layers.{end}", src, device)
                 after = run_teacher(layers[end], [Call(h, c.kwargs) for h, c in zip(after, teacher_calls)], None,
                                     hn).outputs
                 release(layers[end])
                 end += 1
-            if end > i + 1:
-                residual, run.outputs = [h.index_select(-1, hidden) for h in after], after
+            residual, run.outputs = [h.index_select(-1, hidden) for h in after], after
+            materialise(layers[i], f"model.layers.{i}", src, device)
         if index is not None:
-            materialise(layers[i], f"model.layers.{i}", src, device)  # again, after the run: one layer at a time
             student = pruned_layer(layers[i], s_config, j, index, hn, plan.norm_scale)
             storage = {role: storage_dtype(src, role, i) for g in options.groups for role, _ in GROUPS[g]}
             outputs, report = refit_layer(student, layers[i], student_calls, run, index, hn, options.groups,

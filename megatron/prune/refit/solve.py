@@ -13,7 +13,7 @@ Nothing here knows about models, checkpoints or plans.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
