@@ -40,6 +40,8 @@ HF_NAMES: dict[str, str] = {
     "q_bias": "model.layers.{}.self_attn.q_proj.bias",
     "k_bias": "model.layers.{}.self_attn.k_proj.bias",
     "v_bias": "model.layers.{}.self_attn.v_proj.bias",
+    "q_norm": "model.layers.{}.self_attn.q_norm.weight",
+    "k_norm": "model.layers.{}.self_attn.k_norm.weight",
     "o": "model.layers.{}.self_attn.o_proj.weight",
     "gate": "model.layers.{}.mlp.gate_proj.weight",
     "up": "model.layers.{}.mlp.up_proj.weight",
