@@ -73,6 +73,26 @@ def test_pruned_output_loads_and_matches_shape(tiny_hf, tmp_path, family):
         assert model.model.layers[0].self_attn.k_norm.weight.shape == (shape.head_dim,)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "qwen2-bias", "mistral"])
+def test_hidden_size_need_not_be_a_multiple_of_the_heads_where_transformers_allows(tiny_hf, tmp_path, family):
+    """Only LLaMA's config refuses a hidden size that is not a multiple of the heads (a registry fact,
+    ``Family.hidden_multiple_of_heads``; refused for LLaMA in test_target.py): Qwen3 (head_dim apart from hidden and
+    heads) and the others prune to hidden 44 with 8 heads, and megatron-to-hf exports the same model."""
+    from transformers import AutoModelForCausalLM
+
+    from compare import assert_same_tensors, hf_tensors
+    from megatron.prune.formats.mcore import ops
+
+    assert prune_cli(tiny_hf(family), tmp_path / "out", "--hidden-size", "44", "--method", "magnitude") == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.hidden_size == 44 and model.config.num_attention_heads == 8
+    assert sum(p.numel() for p in model.parameters()) == PrunePlan.load(tmp_path / "out").target.num_params()
+    assert torch.isfinite(model(input_ids=sample_ids()).logits).all()
+    mg = ops.hf_to_megatron(tmp_path / "out", tmp_path / "mg", tp=2, progress=False)
+    assert_same_tensors(hf_tensors(tmp_path / "out"), hf_tensors(ops.megatron_to_hf(mg, tmp_path / "back",
+                                                                                    progress=False)))
+
+
 def test_sharded_output_equals_single_file(tiny_hf, tmp_path):
     src = tiny_hf("llama-gqa")
     assert prune_cli(src, tmp_path / "one", "--ffn-hidden-size", "32") == 0

@@ -21,6 +21,9 @@ class Family:
     model_type: str
     qkv_bias: bool  # q/k/v projections carry a bias (Qwen2)
     qk_norm: bool = False  # per-head RMSNorm of queries and keys, one [head_dim] weight each per layer (Qwen3)
+    # transformers' config refuses a hidden size that is not a multiple of the heads, even with an explicit head_dim
+    # (LlamaConfig in transformers 5; Mistral, Qwen2 and Qwen3 take any)
+    hidden_multiple_of_heads: bool = False
 
     def fits(self, shape: "ModelShape") -> bool:
         """Whether a model of ``shape`` has this family's layers (what a checkpoint without an HF config shows)."""
@@ -30,7 +33,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.architecture: f
     for f in (
-        Family("LlamaForCausalLM", "llama", qkv_bias=False),
+        Family("LlamaForCausalLM", "llama", qkv_bias=False, hidden_multiple_of_heads=True),
         Family("MistralForCausalLM", "mistral", qkv_bias=False),
         Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True),
         Family("Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_norm=True),
