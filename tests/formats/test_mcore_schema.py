@@ -97,3 +97,17 @@ def test_qk_l2_norm_checkpoint_refused(tiny_hf, tmp_path):
                            add_bias_linear=False, qk_l2_norm=True)
     with pytest.raises(PruneError, match="qk_l2_norm"):
         mcore_args.shape_from_args(a, 96)
+
+
+def test_hf_meta_of_another_family_refused(tp2, tmp_path):
+    """An hf_meta/config.json that names QK-norm layers (Qwen3) over args without qk_layernorm is refused on open:
+    exported, transformers would initialise the missing QK-norms at random."""
+    import json
+    import shutil
+
+    mg = shutil.copytree(tp2, tmp_path / "copy")
+    meta = mg / schema.META_DIR / "config.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "architectures": ["Qwen3ForCausalLM"],
+                                "model_type": "qwen3"}))
+    with pytest.raises(PruneError, match="its HF config is Qwen3ForCausalLM, but its args say qk_layernorm=False"):
+        open_megatron(mg)

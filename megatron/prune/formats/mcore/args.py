@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
-from megatron.prune.core.shape import ModelShape, family_for_shape, hf_config_for_shape
+from megatron.prune.core.shape import ModelShape, family_for_shape, family_of, hf_config_for_shape
 from megatron.prune.errors import PruneError
 
 
@@ -76,6 +76,18 @@ def hf_config_from_args(args: argparse.Namespace, shape: ModelShape, dtype: torc
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), "low_freq_factor": 1.0,
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     return hf_config_for_shape(cfg, shape)
+
+
+def check_meta_family(hf_config: Mapping[str, Any], shape: ModelShape, where: Path) -> None:
+    """The HF config kept beside a Megatron checkpoint must have the layers its args describe: a Qwen3 config over
+    args without ``qk_layernorm`` would export a model whose QK-norms transformers initialises at random."""
+    if not hf_config:
+        return
+    family = family_of(hf_config)
+    if family.qk_norm != shape.qk_norm or (family.qkv_bias and not shape.qkv_bias):
+        raise PruneError(f"{where}: its HF config is {family.architecture}, but its args say "
+                         f"qk_layernorm={shape.qk_norm}, add_qkv_bias={shape.qkv_bias}: the two describe different "
+                         "models")
 
 
 def shape_from_args(args: argparse.Namespace, vocab_size: int | None) -> ModelShape:
