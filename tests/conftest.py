@@ -30,25 +30,34 @@ def tiny_hf(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="session")
-def tok_model(tmp_path_factory, real_model):
-    """A tiny random LLaMA with the real model's tokenizer (vocab 49152); layer 2 is a no-op. Read-only."""
+def with_real_tokenizer(folder: Path, family: str, real_model: Path) -> Path:
+    """A tiny random ``family`` model with the real model's tokenizer (vocab 49152); layer 2 is a no-op."""
     import torch
 
+    from compare import TOKENIZER_FILES
     from tiny import make_tiny_model
 
-    folder = tmp_path_factory.mktemp("tok") / "model"
-    model = make_tiny_model("llama-gqa", vocab_size=49152)
+    model = make_tiny_model(family, vocab_size=49152)
     with torch.no_grad():
         model.model.layers[2].self_attn.o_proj.weight.zero_()
         model.model.layers[2].mlp.down_proj.weight.zero_()
     model.save_pretrained(folder)
-    from compare import TOKENIZER_FILES
-
     for name in TOKENIZER_FILES:
         if (real_model / name).is_file():
             shutil.copy(real_model / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tok_model(tmp_path_factory, real_model):
+    """A tiny random LLaMA with the real model's tokenizer (vocab 49152); layer 2 is a no-op. Read-only."""
+    return with_real_tokenizer(tmp_path_factory.mktemp("tok") / "model", "llama-gqa", real_model)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tok_model(tmp_path_factory, real_model):
+    """:func:`tok_model`, a tiny random Qwen3 (QK-norm). Read-only."""
+    return with_real_tokenizer(tmp_path_factory.mktemp("tok_qwen3") / "model", "qwen3", real_model)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 
 from compare import TOKENIZER_FILES
@@ -39,11 +40,14 @@ def test_eval_refuses_folders_without_an_hf_model(tok_model, tmp_path, capsys):
     assert "--method auto: random (the input has no tokenizer" in capsys.readouterr().out
 
 
-def test_a_megatron_checkpoint_is_scored_and_evaluated_as_its_hf_model(tok_model, tmp_path, capsys):
+@pytest.mark.parametrize("model", ["tok_model", "qwen3_tok_model"])
+def test_a_megatron_checkpoint_is_scored_and_evaluated_as_its_hf_model(model, request, tmp_path, capsys):
     """score and eval on a Megatron checkpoint (TP=2 PP=2 torch, and torch_dist) build the HF model in memory: the
     scores and the perplexity equal those of the HF checkpoint bit for bit, and so do the scores and the perplexity of
     each input taken one decoder layer at a time (short last batches); prune --method auto on it scores
-    activations and keeps the same layers and units as on the HF input; a layout error comes before scoring."""
+    activations and keeps the same layers and units as on the HF input; a layout error comes before scoring.
+    LLaMA and Qwen3 (QK-norm) alike."""
+    tok_model = request.getfixturevalue(model)
     hf_to_megatron(tok_model, tmp_path / "mg", tp=2, pp=2, progress=False)
     hf_to_megatron(tok_model, tmp_path / "dist", tp=2, progress=False, ckpt_format="torch_dist")
     ppl, scores = {}, {}

@@ -12,6 +12,8 @@ FAMILIES: dict[str, dict] = {
     "mistral": dict(arch="mistral", num_attention_heads=8, num_key_value_heads=2),
     "qwen2-bias": dict(arch="qwen2", num_attention_heads=8, num_key_value_heads=4),
     "llama-tied": dict(arch="llama", num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+    # QK-norm; head_dim 16 with hidden 48 and 8 heads: the attention width (128) is not the hidden size
+    "qwen3": dict(arch="qwen3", num_attention_heads=8, num_key_value_heads=4, head_dim=16),
 }
 
 
@@ -26,10 +28,10 @@ LLAMA3_ROPE = llama3_rope(32.0)  # as Llama-3.2
 
 
 def tiny_config(family: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     spec = dict(FAMILIES[family])
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[spec.pop("arch")]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[spec.pop("arch")]
     kw = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=4, vocab_size=96, head_dim=8,
               max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0)
     kw.update(spec)

@@ -96,7 +96,7 @@ def megatron_hf_config(src: TensorSource):
 
     from megatron.prune.formats.hf import check_hf_target
 
-    check_hf_target(src.shape)
+    check_hf_target(src.shape, src.hf_config)
     cfg = hf_config_for_shape(src.hf_config, src.shape)
     return AutoConfig.for_model(cfg.pop("model_type", "llama"), **cfg)
 

@@ -65,9 +65,11 @@ def test_zero_ffn_channels_prune_exactly(tiny_hf, tmp_path, family):
     assert_same_logits(src, tmp_path / "out")
 
 
-def test_zero_query_heads_prune_exactly(tiny_hf, tmp_path):
-    """A query head whose o_proj columns are zero is dead: drop one per group (GQA stays even)."""
-    src0 = tiny_hf("llama-gqa")
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3"])
+def test_zero_query_heads_prune_exactly(tiny_hf, tmp_path, family):
+    """A query head whose o_proj columns are zero is dead: drop one per group (GQA stays even). Qwen3's q_norm and
+    k_norm, shared by the heads, stay whole."""
+    src0 = tiny_hf(family)
     shape = HFCheckpoint.open(src0).shape
     hpg, hn = shape.heads_per_group, shape.head_dim
     dead = [g * hpg + 1 for g in range(shape.num_query_groups)]
@@ -86,9 +88,10 @@ def test_zero_query_heads_prune_exactly(tiny_hf, tmp_path):
     assert_same_logits(src, tmp_path / "out")
 
 
-def test_zero_kv_group_prunes_exactly(tiny_hf, tmp_path):
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3"])
+def test_zero_kv_group_prunes_exactly(tiny_hf, tmp_path, family):
     """A KV group whose query heads all have zero o_proj columns is dead: dropping the whole group is exact."""
-    src0 = tiny_hf("llama-gqa")
+    src0 = tiny_hf(family)
     shape = HFCheckpoint.open(src0).shape
     hpg, hn, g = shape.heads_per_group, shape.head_dim, 2
 
@@ -106,13 +109,15 @@ def test_zero_kv_group_prunes_exactly(tiny_hf, tmp_path):
     assert_same_logits(src, tmp_path / "out")
 
 
-def test_zero_hidden_channels_prune_exactly_with_norm_rescale(tmp_path):
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3"])
+def test_zero_hidden_channels_prune_exactly_with_norm_rescale(tmp_path, family):
     """A residual channel nobody writes is always zero; dropping it changes every RMSNorm's mean by H'/H,
-    which a norm_scale of sqrt(H/H') undoes exactly (up to epsilon)."""
+    which a norm_scale of sqrt(H/H') undoes exactly (up to epsilon). Qwen3's QK-norms normalise over a head, not
+    the hidden size: they must be left as they are (rescaling them would change every attention score)."""
     from tiny import make_tiny_model
 
     drop = [1, 5, 9, 17, 22, 30, 33, 41]  # 48 -> 40, still a multiple of the 8 heads
-    model = make_tiny_model("llama-gqa", rms_norm_eps=1e-12)
+    model = make_tiny_model(family, rms_norm_eps=1e-12)
     with torch.no_grad():
         model.model.embed_tokens.weight[:, drop] = 0
         for layer in model.model.layers:
@@ -130,6 +135,10 @@ def test_zero_hidden_channels_prune_exactly_with_norm_rescale(tmp_path):
     apply_hf_plan(tmp_path / "src", tmp_path / "plain", plain, progress=False)
     ids = sample_ids()
     assert not torch.allclose(logits(tmp_path / "src", ids), logits(tmp_path / "plain", ids), atol=1e-3)
+    if family == "qwen3":  # the QK-norms came through untouched (what a rescale of them would break)
+        a, b = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+        norms = [k for k in a if k.endswith(("q_norm.weight", "k_norm.weight"))]
+        assert len(norms) == 2 * shape.num_layers and all(torch.equal(a[k], b[k]) for k in norms)
 
 
 def test_dropping_a_layer_equals_skipping_it(tiny_hf, tmp_path):

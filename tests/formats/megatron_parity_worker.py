@@ -31,16 +31,17 @@ def build_gpt(a, sdpa: bool = False):
         num_query_groups=a.num_query_groups if a.group_query_attention else None, kv_channels=a.kv_channels,
         ffn_hidden_size=a.ffn_hidden_size, normalization=a.normalization, gated_linear_unit=a.swiglu,
         activation_func=F.silu, add_bias_linear=a.add_bias_linear, add_qkv_bias=a.add_qkv_bias,
+        qk_layernorm=getattr(a, "qk_layernorm", False),
         layernorm_epsilon=a.norm_epsilon, hidden_dropout=a.hidden_dropout, attention_dropout=a.attention_dropout,
         tensor_model_parallel_size=a.tensor_model_parallel_size, pipeline_model_parallel_size=1,
         params_dtype=torch.float32, use_cpu_initialization=True, apply_rope_fusion=False,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False,
     )
-    spec = get_gpt_layer_local_spec(normalization=a.normalization)
+    spec = get_gpt_layer_local_spec(normalization=a.normalization, qk_layernorm=cfg.qk_layernorm)
     if sdpa:
-        spec = _layer_spec(Namespace(transformer_impl="local", qk_layernorm=False, normalization=a.normalization,
-                                     attention_backend="flash"), cfg)
+        spec = _layer_spec(Namespace(transformer_impl="local", qk_layernorm=cfg.qk_layernorm,
+                                     normalization=a.normalization, attention_backend="flash"), cfg)
     return GPTModel(config=cfg, transformer_layer_spec=spec, parallel_output=False, **gpt_model_kwargs(a)).eval()
 
 

@@ -16,7 +16,8 @@ ROUND_TRIPS = [("llama-gqa", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
               [("llama-tied", tp, pp) for tp in (1, 2) for pp in (1, 2)]
 
 
-def test_torch_dist_output_round_trips_and_reshards(tiny_hf, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen2-bias", "qwen3"])
+def test_torch_dist_output_round_trips_and_reshards(tiny_hf, tmp_path, monkeypatch, family):
     """hf -> torch_dist (TP=2, PP=2, megatron-core's saver) -> hf is bit-exact, reading each stored element once
     (layer by layer, not the whole stacked tensor per layer); CLI reshard of it to torch TP=1 is bit-exact too.
     (megatron-core's own loader at TP=2 is checked in test_megatron_parity.py.)"""
@@ -26,7 +27,7 @@ def test_torch_dist_output_round_trips_and_reshards(tiny_hf, tmp_path, monkeypat
 
     from megatron.prune.formats.mcore.dist import TorchDistCheckpoint
 
-    hf = tiny_hf("qwen2-bias")
+    hf = tiny_hf(family)
     out = ops.hf_to_megatron(hf, tmp_path / "dist", tp=2, pp=2, progress=False, ckpt_format="torch_dist")
     ck = open_megatron(out)
     assert isinstance(ck, TorchDistCheckpoint) and (ck.tp, ck.pp) == (2, 2)

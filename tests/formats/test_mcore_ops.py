@@ -20,7 +20,8 @@ from megatron.prune.scoring.methods import magnitude_scores, random_scores
 
 ROUND_TRIPS = [("llama-gqa", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
               [("qwen2-bias", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
-              [("llama-tied", tp, pp) for tp in (1, 2) for pp in (1, 2)]
+              [("llama-tied", tp, pp) for tp in (1, 2) for pp in (1, 2)] + \
+              [("qwen3", tp, pp) for tp in (1, 2) for pp in (1, 2)]
 
 
 @pytest.mark.parametrize("family,tp,pp", ROUND_TRIPS)
@@ -37,6 +38,7 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(tiny_hf, tmp_path, family, tp, p
         src.shape.ffn_hidden_size)
     assert a.untie_embeddings_and_output_weights == (not src.shape.tied_embeddings)
     assert a.add_qkv_bias == (family == "qwen2-bias")
+    assert a.qk_layernorm == (family == "qwen3")
     assert a.norm_epsilon == src.config["rms_norm_eps"] and a.normalization == "RMSNorm" and a.swiglu
     back = ops.megatron_to_hf(mg, tmp_path / "hf", progress=False)
     assert_same_tensors(hf_tensors(hf), hf_tensors(back))
@@ -95,7 +97,8 @@ def small_plan(shape, tp: int, balance: bool, seed: int = 3, **target) -> PruneP
 
 
 @pytest.mark.parametrize("family,pp,spec", [("llama-gqa", 1, "local"), ("qwen2-bias", 2, "transformer_engine"),
-                                            ("llama-tied", 1, "local")])
+                                            ("llama-tied", 1, "local"), ("qwen3", 1, "local"),
+                                            ("qwen3", 2, "transformer_engine")])
 def test_balanced_prune_of_tp2_equals_pruning_hf(tiny_hf, tmp_path, family, pp, spec):
     hf = tiny_hf(family)
     src = HFCheckpoint.open(hf)
@@ -113,8 +116,9 @@ def test_balanced_prune_of_tp2_equals_pruning_hf(tiny_hf, tmp_path, family, pp, 
     assert_same_tensors(hf_tensors(ref), hf_tensors(back))
 
 
-def test_unbalanced_prune_changes_tp_and_equals_pruning_hf(tiny_hf, tmp_path):
-    hf = tiny_hf("llama-gqa")
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3"])
+def test_unbalanced_prune_changes_tp_and_equals_pruning_hf(tiny_hf, tmp_path, family):
+    hf = tiny_hf(family)
     src = HFCheckpoint.open(hf)
     plan = small_plan(src.shape, 1, False, seed=7, ffn_hidden_size=24)
     mg = ops.hf_to_megatron(hf, tmp_path / "mg", tp=2, progress=False)
@@ -204,3 +208,15 @@ def test_real_model_tp3_round_trip_and_balanced_prune(real_model, tmp_path):
     pruned = ops.apply_plan(open_megatron(mg), plan, tmp_path / "pruned", progress=False)
     ref = apply_hf_plan(real_model, tmp_path / "ref", plan, progress=False)
     assert_same_tensors(hf_tensors(ref), hf_tensors(ops.megatron_to_hf(pruned, tmp_path / "pruned_hf", progress=False)))
+
+
+def test_qwen3_megatron_names_in_both_specs(tiny_hf, tmp_path):
+    """QK-norm weights are megatron-core's ``self_attention.{q,k}_layernorm.weight`` (the local and the TE spec build
+    the same module there), replicated: every TP rank holds the whole ``[head_dim]`` weight."""
+    hf = tiny_hf("qwen3")
+    want = HFCheckpoint.open(hf)
+    for spec in ("local", "transformer_engine"):
+        mg = ops.hf_to_megatron(hf, tmp_path / spec, tp=2, spec=spec, progress=False)
+        for (tp_rank, _), sd in ops.iter_state_dicts(mg):
+            for role, name in (("q_norm", "q_layernorm"), ("k_norm", "k_layernorm")):
+                assert torch.equal(sd["model"][f"decoder.layers.1.self_attention.{name}.weight"], want.get(role, 1))

@@ -23,8 +23,9 @@ from megatron.prune.formats.mcore import ops
 from megatron.prune.scoring.methods import random_scores
 from tests.tiny import LLAMA3_ROPE, llama3_rope, logits, make_tiny_hf, make_tiny_model, sample_ids
 
-FAMILIES = ("llama-gqa", "qwen2-bias", "llama-tied")
-DIST_OUTPUT = {"qwen2-bias": "convert", "llama-gqa": "prune"}  # torch_dist output checked per family
+FAMILIES = ("llama-gqa", "qwen2-bias", "llama-tied", "qwen3")
+# torch_dist output checked per family
+DIST_OUTPUT = {"qwen2-bias": "convert", "llama-gqa": "prune", "qwen3": "prune"}
 WORKER = Path(__file__).with_name("megatron_parity_worker.py")
 ROPE_SEQ = 64
 

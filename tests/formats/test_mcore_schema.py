@@ -68,6 +68,46 @@ def test_args_carry_use_checkpoint_args_fields(tp2):
                  "squared_relu", "swiglu", "untie_embeddings_and_output_weights", "apply_layernorm_1p",
                  "normalization", "apply_query_key_layer_scaling", "attention_dropout", "hidden_dropout",
                  "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                 "make_vocab_size_divisible_by", "norm_epsilon", "ckpt_format"):
+                 "make_vocab_size_divisible_by", "norm_epsilon", "ckpt_format", "qk_layernorm"):
         assert getattr(a, name, None) is not None, name
     assert a.padded_vocab_size == 256 and a.vocab_size == 96 and a.tensor_model_parallel_size == 2
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias", "qwen3"])
+def test_checkpoint_without_hf_meta_exports_its_family(tiny_hf, tmp_path, family):
+    """A checkpoint converted elsewhere (no hf_meta/) gets its HF architecture from the registry, by the layers its
+    args describe (q/k/v bias: Qwen2, QK-norm: Qwen3), and exports to the same tensors."""
+    import shutil
+
+    from compare import assert_same_tensors, hf_tensors
+    from megatron.prune.formats.hf import HFCheckpoint
+    from megatron.prune.formats.mcore import ops
+
+    hf = tiny_hf(family)
+    mg = ops.hf_to_megatron(hf, tmp_path / "mg", progress=False)
+    shutil.rmtree(mg / schema.META_DIR)
+    back = ops.megatron_to_hf(mg, tmp_path / "hf", progress=False)
+    assert HFCheckpoint.open(back).config["architectures"] == HFCheckpoint.open(hf).config["architectures"]
+    assert_same_tensors(hf_tensors(hf), hf_tensors(back))
+
+
+def test_qk_l2_norm_checkpoint_refused(tiny_hf, tmp_path):
+    """megatron-core's parameter-free L2 QK-norm is not Qwen3's RMSNorm: refused, not read as either."""
+    a = argparse.Namespace(normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+                           add_bias_linear=False, qk_l2_norm=True)
+    with pytest.raises(PruneError, match="qk_l2_norm"):
+        mcore_args.shape_from_args(a, 96)
+
+
+def test_hf_meta_of_another_family_refused(tp2, tmp_path):
+    """An hf_meta/config.json that names QK-norm layers (Qwen3) over args without qk_layernorm is refused on open:
+    exported, transformers would initialise the missing QK-norms at random."""
+    import json
+    import shutil
+
+    mg = shutil.copytree(tp2, tmp_path / "copy")
+    meta = mg / schema.META_DIR / "config.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "architectures": ["Qwen3ForCausalLM"],
+                                "model_type": "qwen3"}))
+    with pytest.raises(PruneError, match="its HF config is Qwen3ForCausalLM, but its args say qk_layernorm=False"):
+        open_megatron(mg)

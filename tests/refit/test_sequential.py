@@ -214,3 +214,30 @@ def test_a_model_without_a_tokenizer_is_refused(tiny_hf, tmp_path, capsys):
     code = main(["prune", "--input", str(tiny_hf()), "--output", str(tmp_path / "out"), "--hidden-size", "40",
                  "--method", "random", "--reconstruct", "least-squares", "--calib", __file__, "--no-progress"])
     assert code == 2 and "has no tokenizer" in capsys.readouterr().err
+
+
+def test_qwen3_refit_leaves_qk_norms_whole_and_megatron_path_equals_hf_path(qwen3_tok_model, tmp_path):
+    """Qwen3: the refit runs the stock Qwen3 layers (QK-norm inside attention), refits the same linears as for
+    LLaMA and lowers the error; q_norm/k_norm read no pruned axis and pass through the writers untouched; the
+    balanced TP=2 Megatron path gives the HF path's tensors."""
+    from megatron.prune.formats.hf import HFCheckpoint
+
+    flags = [*SHAPE, "--tp", "2"]
+    assert prune_cli(qwen3_tok_model, tmp_path / "refit", *flags) == 0
+    assert prune_cli(qwen3_tok_model, tmp_path / "plain", *flags, "--reconstruct", "none") == 0
+    info = PrunePlan.load(tmp_path / "refit").info["reconstruct"]
+    assert info["error_refit"] < info["error_sliced"]
+    refit, sliced = hf_tensors(tmp_path / "refit"), hf_tensors(tmp_path / "plain")
+    changed = {k.split(".")[0] for k in refit if not torch.equal(refit[k], sliced[k])}
+    assert changed == {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}, changed
+    src, plan = HFCheckpoint.open(qwen3_tok_model), PrunePlan.load(tmp_path / "refit")
+    for i, lp in enumerate(plan.layers):
+        for role in ("q_norm", "k_norm"):
+            assert torch.equal(refit[f"{role}.{i}"], src.get(role, lp.source_layer))
+    assert main(["convert", "hf-to-megatron", "--input", str(qwen3_tok_model), "--output", str(tmp_path / "mg"),
+                 "--tp", "2", "--no-progress"]) == 0
+    assert prune_cli(tmp_path / "mg", tmp_path / "mg_out", *SHAPE) == 0  # balance, the checkpoint's TP
+    assert main(["convert", "megatron-to-hf", "--input", str(tmp_path / "mg_out"), "--output",
+                 str(tmp_path / "back"), "--no-progress"]) == 0
+    assert PrunePlan.load(tmp_path / "mg_out") == plan
+    assert_same_tensors(refit, hf_tensors(tmp_path / "back"))

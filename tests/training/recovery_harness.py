@@ -116,6 +116,10 @@ def make_inputs(d: Path) -> dict:
         state = torch.load(f, weights_only=False)
         del state["args"].transformer_impl
         torch.save(state, f)
+    # Qwen3 (QK-norm): converted, and pruned like the LLaMA above; the pruned one distils from the converted one
+    qwen3 = hf_to_megatron(make_tiny_hf(d / "qwen3_hf", "qwen3", vocab_size=VOCAB), d / "qwen3_tp1", tp=1,
+                           make_vocab_size_divisible_by=DIVISIBLE_BY, progress=False)
+    assert cli_main(["prune", "--input", str(qwen3), "--output", str(d / "qwen3_pruned"), *PRUNE_FLAGS]) == 0
     shutil.copytree(conv[1], d / "in_place")  # trained where it lies (LOAD == SAVE)
     nan = shutil.copytree(conv[1], d / "nan_weights")  # a NaN final norm: every loss is NaN
     for f in nan.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
@@ -150,7 +154,7 @@ def make_inputs(d: Path) -> dict:
             "repeated": repeated,
             "foreign": write_ids(d / "foreign_text_document", [np.arange(VOCAB - 50, DIVISIBLE_BY * 2)]),
             "tied": tied_mg, "tied_pruned": d / "tied_pruned", "dist_tp2": dist_tp2,
-            "te": te, "te_unnamed": unnamed, "rope": rope,
+            "te": te, "te_unnamed": unnamed, "rope": rope, "qwen3": {"mg": qwen3, "pruned": d / "qwen3_pruned"},
             "spm": {"TOKENIZER": str(spm), "DATA": str(spm_data.bin_path)[: -len(".bin")], "mg": spm_mg}}
 
 
@@ -223,6 +227,9 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
                             inputs["spm"]["TOKENIZER"], "--data-path", inputs["spm"]["DATA"], iters=1,
                             load=inputs["spm"]["mg"]), None),
         ("llama3_rope", driver_argv(inputs, iters=1, load=inputs["rope"]), None),
+        ("qwen3_kd", driver_argv(inputs, "--kd-teacher-load", str(inputs["qwen3"]["mg"]), "--kd-alpha", "0.5",
+                                 "--save", str(d / "qwen3_out"), "--save-interval", "2",
+                                 load=inputs["qwen3"]["pruned"]), None),
         ("tied_pp1", driver_argv(inputs, iters=1, load=inputs["tied"][1]), None),
         ("one_document", driver_argv({**inputs, "DATA": inputs["repeated"]}, "--seq-length", "16", iters=1,
                                      load=inputs["tied"][1]), None),

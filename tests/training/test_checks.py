@@ -30,16 +30,19 @@ def test_tensorboard_dir_without_tensorboard_is_refused(monkeypatch):
 def test_checkpoint_args_the_stock_loader_leaves_out():
     from megatron.prune.training.checks import adopt_checkpoint_args, check_checkpoint_shape
 
-    ckpt = Namespace(norm_epsilon=1e-6, use_rope_scaling=True, rope_scaling_factor=32.0, padded_vocab_size=384)
+    ckpt = Namespace(norm_epsilon=1e-6, use_rope_scaling=True, rope_scaling_factor=32.0, padded_vocab_size=384,
+                     qk_layernorm=True)
     flags = Namespace(norm_epsilon=1e-5, use_rope_scaling=False, rope_scaling_factor=8.0, padded_vocab_size=384,
-                      load="ck")
+                      qk_layernorm=False, load="ck")
     with pytest.raises(PruneError) as e:  # without --use-checkpoint-args: refused, each difference named
         check_checkpoint_shape(ckpt, flags, "--load")
     assert "use_rope_scaling: checkpoint True vs flags False" in str(e.value)
     assert "rope_scaling_factor: checkpoint 32.0 vs flags 8.0" in str(e.value) and "norm_epsilon" in str(e.value)
+    assert "qk_layernorm: checkpoint True vs flags False" in str(e.value)  # a Qwen3 checkpoint without --qk-layernorm
     adopt_checkpoint_args(ckpt, flags)
     check_checkpoint_shape(ckpt, flags, "--load")
     assert (flags.norm_epsilon, flags.use_rope_scaling, flags.rope_scaling_factor) == (1e-6, True, 32.0)
+    assert flags.qk_layernorm and "qk_layernorm" in teacher_mod.TEACHER_SHAPE_FIELDS  # the teacher takes its own
 
 
 def test_layer_spec_mismatch_is_refused(monkeypatch):

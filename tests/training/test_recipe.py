@@ -213,3 +213,29 @@ def test_llama3_rope_scaling_is_taken_from_the_checkpoint(runs):
     assert "Setting use_rope_scaling to True from checkpoint" in r.stdout
     assert "Setting rope_scaling_factor to 32.0 from checkpoint" in r.stdout
     assert sorted(parse_losses(r.stdout)) == [1]
+
+
+def test_pruned_qwen3_trains_with_qk_layernorm_taken_from_the_checkpoint(runs, inputs, tmp_path):
+    """The stock --use-checkpoint-args loader leaves qk_layernorm out (megatron-core 0.19.2); the recipe adopts it,
+    so the pruned Qwen3 student and its unpruned teacher are built with QK-norm and load strictly. The QK-norms
+    train, and the saved checkpoint exports to a Qwen3 model transformers runs."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron.prune.formats.mcore.ops import megatron_to_hf
+    from tests.tiny import sample_ids
+
+    ok(runs["driver"])
+    r = ok(case_result(next(c for c in runs["cases"] if c["name"] == "qwen3_kd")))
+    assert "Setting qk_layernorm to True from checkpoint" in r.stdout
+    losses, kd_losses = parse_losses(r.stdout), parse_losses(r.stdout, "kd loss")
+    assert sorted(losses) == sorted(kd_losses) == [1, 2] and all(float(v) > 0 for v in kd_losses.values())
+    pruned = model_tensors(next(inputs["qwen3"]["pruned"].glob("iter_*")))
+    trained = model_tensors(inputs["dir"] / "qwen3_out" / "iter_0000002")
+    assert pruned.keys() == trained.keys()
+    norms = [k for k in trained if "q_layernorm" in k or "k_layernorm" in k]
+    assert len(norms) == 2 * 3 and all(not torch.equal(pruned[k], trained[k]) for k in norms)
+    back = megatron_to_hf(inputs["dir"] / "qwen3_out", tmp_path / "hf", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(back).eval()
+    assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.num_hidden_layers == 3
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=sample_ids(300)).logits).all()

@@ -47,7 +47,7 @@ def test_matmul_params_are_the_linear_weights(family):
     assert matmul_params(_shape(model)) == linear
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "llama-tied"])
+@pytest.mark.parametrize("family", ["llama-gqa", "llama-tied", "qwen3"])
 def test_forward_flops_match_torch_flop_counter(family):
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -42,7 +42,7 @@ def encode(folder: Path, docs: list[str], length: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "llama-tied", "qwen2-bias"])
+@pytest.mark.parametrize("family", ["llama-gqa", "llama-tied", "qwen2-bias", "qwen3"])
 def test_hf_vocab_prune_keeps_logits_of_kept_tokens(family, bbpe, tmp_path):
     # pad_token_id names an ordinary, rarely used token: it must survive and be renumbered
     src = model_with_tokenizer(tmp_path / "src", family, bbpe, bos_token_id=1, eos_token_id=2, pad_token_id=2999)
@@ -154,7 +154,7 @@ def test_smollm2_vocab_8k(real_model, tmp_path):
     assert abs(math.exp(l32) - math.exp(l0)) / math.exp(l0) < 0.01
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "llama-tied"])
+@pytest.mark.parametrize("family", ["llama-gqa", "llama-tied", "qwen3"])
 def test_megatron_tp2_vocab_prune_equals_hf_path(family, bbpe, tmp_path):
     """HF -> Megatron TP=2 -> vocab prune (shards rewritten, padding recomputed) -> HF equals the HF-path result."""
     from safetensors.torch import load_file

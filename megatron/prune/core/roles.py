@@ -10,7 +10,7 @@ from typing import Iterator
 from megatron.prune.core.shape import ModelShape
 
 # Axis vocabulary: hidden [h], query heads [np] and KV groups [ng] (each head_dim rows wide),
-# FFN channels [f], vocabulary [v].
+# FFN channels [f], vocabulary [v], and the width of one head [hn], which no plan changes.
 ROLE_AXES: dict[str, tuple[str, ...]] = {
     # model-level
     "embed": ("vocab", "hidden"),  # [v, h]
@@ -25,6 +25,8 @@ ROLE_AXES: dict[str, tuple[str, ...]] = {
     "q_bias": ("heads",),
     "k_bias": ("groups",),
     "v_bias": ("groups",),
+    "q_norm": ("head_dim",),  # [hn]: one RMSNorm weight shared by every query head of the layer (Qwen3)
+    "k_norm": ("head_dim",),  # [hn]: shared by every KV group
     "o": ("hidden", "heads"),  # [h, np*hn]
     "gate": ("ffn", "hidden"),  # [f, h]
     "up": ("ffn", "hidden"),
@@ -38,18 +40,27 @@ MODEL_ROLES = ("embed", "lm_head", "final_norm")
 LAYER_ROLES = tuple(r for r in ROLE_AXES if r not in MODEL_ROLES)
 
 
-NORM_ROLES = frozenset({"final_norm", "input_norm", "post_norm"})
+NORM_ROLES = frozenset({"final_norm", "input_norm", "post_norm"})  # RMSNorms over the hidden size
+
+
+QK_NORM_ROLES = ("q_norm", "k_norm")
 
 
 HEAD_AXES = frozenset({"heads", "groups"})  # axes whose unit is head_dim rows
 
 
+FIXED_AXES = frozenset({"head_dim"})  # axes every plan keeps whole (RoPE is tied to head_dim)
+
+
 def has_role(shape: ModelShape, role: str) -> bool:
-    """Whether a model of ``shape`` stores ``role``: ``lm_head`` only when untied, q/k/v biases only with them."""
+    """Whether a model of ``shape`` stores ``role``: ``lm_head`` only when untied, q/k/v biases and QK-norms only
+    with them."""
     if role == "lm_head":
         return not shape.tied_embeddings
     if role.endswith("_bias"):
         return shape.qkv_bias
+    if role in QK_NORM_ROLES:
+        return shape.qk_norm
     return role in ROLE_AXES
 
 
@@ -63,6 +74,7 @@ def expected_roles(shape: ModelShape) -> Iterator[tuple[str, int | None]]:
     yield "embed", None
     layer_roles = ["input_norm", "q", "k", "v"]
     layer_roles += ["q_bias", "k_bias", "v_bias"] if shape.qkv_bias else []
+    layer_roles += list(QK_NORM_ROLES) if shape.qk_norm else []
     layer_roles += ["o", "post_norm", "gate", "up", "down"]
     for i in range(shape.num_layers):
         for r in layer_roles:
@@ -80,5 +92,6 @@ def role_shape(role: str, shape: ModelShape) -> tuple[int, ...]:
         "groups": shape.num_query_groups * shape.head_dim,
         "ffn": shape.ffn_hidden_size,
         "vocab": shape.vocab_size,
+        "head_dim": shape.head_dim,
     }
     return tuple(size[a] for a in ROLE_AXES[role])

@@ -20,14 +20,23 @@ class Family:
     architecture: str
     model_type: str
     qkv_bias: bool  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys, one [head_dim] weight each per layer (Qwen3)
+    # transformers' config refuses a hidden size that is not a multiple of the heads, even with an explicit head_dim
+    # (LlamaConfig in transformers 5; Mistral, Qwen2 and Qwen3 take any)
+    hidden_multiple_of_heads: bool = False
+
+    def fits(self, shape: "ModelShape") -> bool:
+        """Whether a model of ``shape`` has this family's layers (what a checkpoint without an HF config shows)."""
+        return (self.qkv_bias, self.qk_norm) == (shape.qkv_bias, shape.qk_norm)
 
 
 FAMILIES: dict[str, Family] = {
     f.architecture: f
     for f in (
-        Family("LlamaForCausalLM", "llama", qkv_bias=False),
+        Family("LlamaForCausalLM", "llama", qkv_bias=False, hidden_multiple_of_heads=True),
         Family("MistralForCausalLM", "mistral", qkv_bias=False),
         Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True),
+        Family("Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_norm=True),
     )
 }
 
@@ -36,7 +45,7 @@ FAMILIES: dict[str, Family] = {
 class ModelShape:
     """Every dimension pruning can change, plus the fixed ones it must respect.
 
-    ``head_dim`` is never pruned: RoPE frequencies are tied to it.
+    ``head_dim`` is never pruned: RoPE frequencies are tied to it (and QK-norm weights are ``[head_dim]``).
     """
 
     num_layers: int
@@ -48,6 +57,7 @@ class ModelShape:
     vocab_size: int
     tied_embeddings: bool
     qkv_bias: bool = False
+    qk_norm: bool = False
 
     @property
     def heads_per_group(self) -> int:
@@ -60,7 +70,7 @@ class ModelShape:
         """Parameter count implied by the shape (what ``sum(p.numel())`` of the HF model gives)."""
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
-        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0)
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (2 * d if self.qk_norm else 0)
         mlp = 3 * h * self.ffn_hidden_size
         per_layer = attn + mlp + 2 * h
         emb = self.vocab_size * h * (1 if self.tied_embeddings else 2)
@@ -95,6 +105,16 @@ def family_of(config: Mapping[str, Any]) -> Family:
     )
 
 
+def family_for_shape(shape: ModelShape) -> Family:
+    """The first registered family whose layers ``shape`` has: the HF architecture of a Megatron checkpoint that
+    came without its HF config."""
+    for family in FAMILIES.values():
+        if family.fits(shape):
+            return family
+    raise PruneError(f"no supported architecture has q/k/v bias={shape.qkv_bias} and QK-norm={shape.qk_norm}; "
+                     f"supported: {', '.join(sorted(FAMILIES))}")
+
+
 def shape_from_hf_config(config: Mapping[str, Any]) -> ModelShape:
     """Read a :class:`ModelShape` from an HF config dict."""
     family = family_of(config)
@@ -111,6 +131,7 @@ def shape_from_hf_config(config: Mapping[str, Any]) -> ModelShape:
         vocab_size=int(config["vocab_size"]),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=family.qkv_bias or bool(config.get("attention_bias", False)),
+        qk_norm=family.qk_norm,
     )
 
 

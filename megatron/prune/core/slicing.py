@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from megatron.prune.core.plan import LayerPlan, PrunePlan
-from megatron.prune.core.roles import HEAD_AXES, NORM_ROLES, ROLE_AXES
+from megatron.prune.core.roles import FIXED_AXES, HEAD_AXES, NORM_ROLES, ROLE_AXES
 
 @dataclass(frozen=True)
 class AxisIndex:
@@ -48,13 +48,14 @@ def expand_heads(units: Sequence[int], head_dim: int) -> torch.Tensor:
 
 
 def slice_role(role: str, tensor: torch.Tensor, index: AxisIndex, head_dim: int, norm_scale: float = 1.0) -> torch.Tensor:
-    """Prune ``tensor`` (of logical role ``role``) to the kept indices; returns a new contiguous tensor."""
+    """Prune ``tensor`` (of logical role ``role``) to the kept indices; returns a new contiguous tensor. Axes in
+    ``FIXED_AXES`` (a QK-norm's ``[hn]``) are kept whole, and only hidden-size norms are rescaled."""
     axes = ROLE_AXES[role]
     if tensor.dim() != len(axes):
         raise ValueError(f"{role}: expected {len(axes)} dims {axes}, got shape {tuple(tensor.shape)}")
     out = tensor
     for dim, axis in enumerate(axes):
-        keep = index.for_axis(axis)
+        keep = None if axis in FIXED_AXES else index.for_axis(axis)
         if keep is None:
             continue
         rows = expand_heads(keep, head_dim) if axis in HEAD_AXES else torch.as_tensor(list(keep), dtype=torch.long)

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from megatron.prune.core.plan import PrunePlan
 from megatron.prune.core.roles import expected_roles, role_shape, stored_role
-from megatron.prune.core.shape import ModelShape, hf_config_for_shape, nearest_multiples, shape_from_hf_config
+from megatron.prune.core.shape import (ModelShape, family_of, hf_config_for_shape, nearest_multiples,
+                                      shape_from_hf_config)
 from megatron.prune.core.slicing import layer_index, model_index, slice_role
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.safetensors import DTYPE_CODES, DTYPE_SIZES, read_header, write_safetensors
@@ -40,6 +41,8 @@ HF_NAMES: dict[str, str] = {
     "q_bias": "model.layers.{}.self_attn.q_proj.bias",
     "k_bias": "model.layers.{}.self_attn.k_proj.bias",
     "v_bias": "model.layers.{}.self_attn.v_proj.bias",
+    "q_norm": "model.layers.{}.self_attn.q_norm.weight",
+    "k_norm": "model.layers.{}.self_attn.k_norm.weight",
     "o": "model.layers.{}.self_attn.o_proj.weight",
     "gate": "model.layers.{}.mlp.gate_proj.weight",
     "up": "model.layers.{}.mlp.up_proj.weight",
@@ -180,12 +183,14 @@ class HFCheckpoint:
         return t
 
 
-def check_hf_target(target: ModelShape) -> None:
-    """transformers refuses hidden_size not divisible by num_attention_heads, even with explicit head_dim."""
-    if target.hidden_size % target.num_attention_heads:
+def check_hf_target(target: ModelShape, config: Mapping[str, Any]) -> None:
+    """Refuse what transformers cannot build for the family of ``config``: some families' configs (LLaMA) refuse
+    a hidden_size not divisible by num_attention_heads, even with an explicit head_dim."""
+    family = family_of(config)
+    if family.hidden_multiple_of_heads and target.hidden_size % target.num_attention_heads:
         raise PruneError(
             f"--hidden-size {target.hidden_size} is not a multiple of {target.num_attention_heads} attention heads, "
-            f"which transformers requires of an HF checkpoint; nearest valid hidden sizes: "
+            f"which transformers requires of an HF {family.architecture} checkpoint; nearest valid hidden sizes: "
             f"{nearest_multiples(target.hidden_size, target.num_attention_heads, target.hidden_size + target.num_attention_heads)}"
             f" (Megatron outputs have no such limit)"
         )
@@ -261,7 +266,7 @@ def apply_plan(input_dir: Path, output_dir: Path, plan: PrunePlan, overwrite: bo
     if plan.source != ckpt.shape:
         raise PruneError(f"plan was made for {plan.source} but {input_dir} has {ckpt.shape}")
     plan.validate()
-    check_hf_target(plan.target)
+    check_hf_target(plan.target, ckpt.config)
     check_output_path(input_dir, output_dir, overwrite)
     with atomic_output(output_dir, overwrite) as tmp:
         write_pruned(ckpt, plan, tmp, max_shard_bytes, progress, overrides=overrides)
@@ -277,6 +282,6 @@ def format_adapter() -> FormatAdapter:
                           overrides)
 
     def check_target(src: HFCheckpoint, target: ModelShape, options: WriteOptions) -> None:
-        check_hf_target(target)
+        check_hf_target(target, src.config)
 
     return FormatAdapter("hf", HFCheckpoint.open, check_target, write)

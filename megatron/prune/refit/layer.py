@@ -5,7 +5,8 @@ gave: ``W' = argmin E‖W' x_s − W x_t‖²`` (:func:`.solve.refit_two_stream`
 input as the already refitted linears before it make it.
 
 The layer is taken apart as the stock ``LlamaDecoderLayer.forward`` composes it (norm, attention, residual, norm,
-MLP, residual; Mistral and Qwen2 are the same), so the pruned layer's outputs are what its stock forward gives.
+MLP, residual; Mistral, Qwen2 and Qwen3 are the same, Qwen3's QK-norm running inside the stock attention), so the
+pruned layer's outputs are what its stock forward gives. The QK-norm weights read no pruned axis: never refit.
 """
 
 from __future__ import annotations

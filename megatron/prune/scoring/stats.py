@@ -24,7 +24,7 @@ from megatron.prune.core.select import Scores
 from megatron.prune.core.shape import ModelShape
 from megatron.prune.errors import PruneError
 
-# Where the statistics are read, as HF module paths inside ``model.model.layers[i]`` (LLaMA, Mistral, Qwen2).
+# Where the statistics are read, as HF module paths inside ``model.model.layers[i]`` (LLaMA, Mistral, Qwen2, Qwen3).
 ATTN_NORM = "input_layernorm"  # output [b, s, h]: feeds q/k/v
 
 

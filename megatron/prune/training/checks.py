@@ -24,7 +24,7 @@ from megatron.prune.training.teacher import check_teacher
 # Megatron args that the stock --use-checkpoint-args loader leaves out (megatron-core 0.19.2) but that change
 # the model's outputs: adopted from the checkpoint by adopt_checkpoint_args.
 UNLOADED_MODEL_ARGS: tuple[str, ...] = ("norm_epsilon", "use_rope_scaling", "rope_scaling_factor",
-                                        "rotary_seq_len_interpolation_factor")
+                                        "rotary_seq_len_interpolation_factor", "qk_layernorm")
 
 
 # Model args a checkpoint must agree with (checked before training).
@@ -72,7 +72,8 @@ def check_checkpoint_shape(ckpt_args: Any, args: Any, flag: str) -> None:
 
 
 def adopt_checkpoint_args(ckpt_args: Any, args: Any) -> None:
-    """With --use-checkpoint-args also take what the stock loader leaves out (eps, RoPE scaling, vocab sizes)."""
+    """With --use-checkpoint-args also take what the stock loader leaves out (eps, RoPE scaling, QK-norm, vocab
+    sizes)."""
     for name in UNLOADED_MODEL_ARGS:
         if hasattr(ckpt_args, name) and getattr(ckpt_args, name) != getattr(args, name, None):
             setattr(args, name, getattr(ckpt_args, name))

@@ -60,6 +60,7 @@ TEACHER_SHAPE_FIELDS: tuple[str, ...] = (
     "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights", "rotary_base",
     "rotary_percent", "position_embedding_type", "max_position_embeddings", "padded_vocab_size",
     "apply_layernorm_1p", "use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor",
+    "qk_layernorm",
 )
 
 

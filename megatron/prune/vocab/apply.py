@@ -186,7 +186,7 @@ def prune_hf_vocab(input_dir: Path | str, output: Path | str, keep: int | None =
     tf, kept, shape, config, gen = prepare_model(input_dir, keep, keep_ids, counts, like)
     ckpt = HFCheckpoint.open(input_dir)
     plan = vocab_plan(shape, kept, {"tokenizer": tf.kind, "keep": len(kept)})
-    check_hf_target(plan.target)
+    check_hf_target(plan.target, config)
     check_output_path(input_dir, output, overwrite)
     with atomic_output(output, overwrite) as tmp:
         write_pruned(ckpt, plan, tmp, progress=progress)

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
-from megatron.prune.core.shape import ModelShape, hf_config_for_shape
+from megatron.prune.core.shape import ModelShape, family_for_shape, family_of, hf_config_for_shape
 from megatron.prune.errors import PruneError
 
 
@@ -44,6 +44,7 @@ def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, 
         use_rotary_position_embeddings=True,
         rotary_base=float(rope or getattr(a, "rotary_base", 10000)),
         rotary_percent=1.0, rotary_interleaved=False, add_bias_linear=False, add_qkv_bias=shape.qkv_bias,
+        qk_layernorm=shape.qk_norm, qk_l2_norm=False,
         squared_relu=False, swiglu=True, untie_embeddings_and_output_weights=not shape.tied_embeddings,
         apply_layernorm_1p=False, normalization="RMSNorm",
         norm_epsilon=float(hf_config.get("rms_norm_eps") or getattr(a, "norm_epsilon", 1e-5)),
@@ -65,8 +66,8 @@ def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, 
 
 def hf_config_from_args(args: argparse.Namespace, shape: ModelShape, dtype: torch.dtype) -> dict[str, Any]:
     """An HF config for a Megatron checkpoint that came without ``hf_meta/config.json``."""
-    arch, model_type = ("Qwen2ForCausalLM", "qwen2") if shape.qkv_bias else ("LlamaForCausalLM", "llama")
-    cfg = {"architectures": [arch], "model_type": model_type, "hidden_act": "silu",
+    family = family_for_shape(shape)
+    cfg = {"architectures": [family.architecture], "model_type": family.model_type, "hidden_act": "silu",
            "rms_norm_eps": float(getattr(args, "norm_epsilon", 1e-5)),
            "rope_theta": float(getattr(args, "rotary_base", 10000)),
            "max_position_embeddings": int(getattr(args, "max_position_embeddings", 4096) or 4096),
@@ -77,17 +78,30 @@ def hf_config_from_args(args: argparse.Namespace, shape: ModelShape, dtype: torc
     return hf_config_for_shape(cfg, shape)
 
 
+def check_meta_family(hf_config: Mapping[str, Any], shape: ModelShape, where: Path) -> None:
+    """The HF config kept beside a Megatron checkpoint must have the layers its args describe: a Qwen3 config over
+    args without ``qk_layernorm`` would export a model whose QK-norms transformers initialises at random."""
+    if not hf_config:
+        return
+    family = family_of(hf_config)
+    if family.qk_norm != shape.qk_norm or (family.qkv_bias and not shape.qkv_bias):
+        raise PruneError(f"{where}: its HF config is {family.architecture}, but its args say "
+                         f"qk_layernorm={shape.qk_norm}, add_qkv_bias={shape.qkv_bias}: the two describe different "
+                         "models")
+
+
 def shape_from_args(args: argparse.Namespace, vocab_size: int | None) -> ModelShape:
     """Read a :class:`ModelShape` from a checkpoint's args; refuse what LLaMA-family layers are not."""
     wrong = {k: getattr(args, k, None) for k, want in (("normalization", "RMSNorm"), ("swiglu", True),
                                                         ("position_embedding_type", "rope"),
                                                         ("add_bias_linear", False))
              if getattr(args, k, want) != want}
-    if getattr(args, "num_experts", None):
-        wrong["num_experts"] = args.num_experts
+    for name in ("num_experts", "qk_l2_norm"):
+        if getattr(args, name, None):
+            wrong[name] = getattr(args, name)
     if wrong:
         raise PruneError(f"not a LLaMA-family Megatron checkpoint: {wrong} (need RMSNorm, swiglu, rope, "
-                         "no linear biases, no experts)")
+                         "no linear biases, no experts, QK-norm if any an RMSNorm)")
     try:
         heads = int(args.num_attention_heads)
         groups = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
@@ -98,6 +112,7 @@ def shape_from_args(args: argparse.Namespace, vocab_size: int | None) -> ModelSh
             vocab_size=int(vocab_size or getattr(args, "vocab_size", None) or args.padded_vocab_size),
             tied_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
             qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
+            qk_norm=bool(getattr(args, "qk_layernorm", False)),
         )
     except (AttributeError, TypeError) as e:
         raise PruneError(f"checkpoint args lack a shape field ({e})") from e

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from megatron.prune.core.roles import has_role, stored_role
 from megatron.prune.errors import PruneError
-from megatron.prune.formats.mcore.args import hf_config_from_args, shape_from_args
+from megatron.prune.formats.mcore.args import check_meta_family, hf_config_from_args, shape_from_args
 from megatron.prune.formats.mcore.read import CheckpointHeader
 from megatron.prune.formats.mcore.schema import (CHECKPOINT_VERSION, EXTRA_STATE, META_DIR, PARAM_BY_KEY, PARAM_OF_ROLE,
                                                  PARAMS, Param, check_tp_pp, dist_name, params_for, stored_shape,
@@ -72,6 +72,7 @@ class TorchDistCheckpoint(CheckpointHeader):
         meta = folder / META_DIR / "config.json"
         hf_config = json.loads(meta.read_text()) if meta.is_file() else {}
         shape = shape_from_args(args, hf_config.get("vocab_size"))
+        check_meta_family(hf_config, shape, folder)
         tp = int(getattr(args, "tensor_model_parallel_size", 1))
         pp = int(getattr(args, "pipeline_model_parallel_size", 1))
         spec = getattr(args, "transformer_impl", "local")

@@ -90,7 +90,7 @@ def megatron_to_hf(mg_dir: Path | str, out_dir: Path | str, overwrite: bool = Fa
     """Convert a Megatron checkpoint (its ``iteration``, default the latest) back to HF safetensors (vocab
     padding removed, TP/PP gathered)."""
     src = open_megatron(mg_dir, iteration)
-    check_hf_target(src.shape)
+    check_hf_target(src.shape, src.hf_config)
     check_output_path(mg_dir, out_dir, overwrite)
     with atomic_output(Path(out_dir), overwrite) as tmp:
         side = src.folder / META_DIR

@@ -18,7 +18,7 @@ from megatron.prune.core.roles import has_role, stored_role
 from megatron.prune.core.shape import ModelShape
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.safetensors import DTYPE_CODES
-from megatron.prune.formats.mcore.args import hf_config_from_args, shape_from_args
+from megatron.prune.formats.mcore.args import check_meta_family, hf_config_from_args, shape_from_args
 from megatron.prune.formats.mcore.schema import (EXTRA_STATE, META_DIR, MODEL_FILE, PARAM_BY_KEY, PARAM_OF_ROLE,
                                                  TRACKER, _SHARD_DIR, Param, check_tp_pp, params_for, shard_dir_name,
                                                  stored_shape, unfuse)
@@ -164,6 +164,7 @@ class MegatronCheckpoint(CheckpointHeader):
         meta = folder / META_DIR / "config.json"
         hf_config = json.loads(meta.read_text()) if meta.is_file() else {}
         shape = shape_from_args(args, hf_config.get("vocab_size"))
+        check_meta_family(hf_config, shape, folder)
         spec = "transformer_engine" if PARAM_BY_KEY["input_norm"].te.format(0) in first["model"] else "local"
         embed = first["model"].get(PARAM_BY_KEY["embed"].name(spec))
         dtype = embed.dtype if isinstance(embed, torch.Tensor) else torch.float32

@@ -79,6 +79,11 @@ PARAMS: tuple[Param, ...] = (
           0, True),
     Param("qkv_bias", _L + "self_attention.linear_qkv.bias", _L + "self_attention.linear_qkv.bias",
           ("q_bias", "k_bias", "v_bias"), 0, True),
+    # QK-norm (Qwen3): the same module, megatron-core's RMSNorm of one head's width, in both specs; replicated
+    Param("q_norm", _L + "self_attention.q_layernorm.weight", _L + "self_attention.q_layernorm.weight", ("q_norm",),
+          None, True),
+    Param("k_norm", _L + "self_attention.k_layernorm.weight", _L + "self_attention.k_layernorm.weight", ("k_norm",),
+          None, True),
     Param("proj", _L + "self_attention.linear_proj.weight", _L + "self_attention.linear_proj.weight", ("o",), 1, True),
     Param("post_norm", _L + "pre_mlp_layernorm.weight", _L + "mlp.linear_fc1.layer_norm_weight", ("post_norm",), None,
           True),
