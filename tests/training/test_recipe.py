@@ -203,6 +203,7 @@ def test_nan_loss_stops_the_run_even_in_its_first_iteration(runs, inputs):
     assert r.returncode != 0, (r.stdout + r.stderr)[-3000:]
     assert "found NaN in local forward loss calculation in the run's first iteration" in r.stderr, r.stderr[-3000:]
     assert not list((inputs["dir"] / "nan_out").glob("iter_*"))  # nothing saved
+    assert not (inputs["dir"] / "nan_out" / "hf_meta").exists()  # hf_meta/ comes with the first checkpoint
 
 
 def test_llama3_rope_scaling_is_taken_from_the_checkpoint(runs):
