@@ -10,6 +10,7 @@ flags first.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import shutil
@@ -77,6 +78,41 @@ def without_log_writers() -> None:
 
     for name in ("_set_tensorboard_writer", "_set_wandb_writer", "_set_one_logger"):
         setattr(global_vars, name, lambda args: None)
+
+
+class WarnOnce(logging.Filter):
+    """Lets each distinct warning through once per rank: megatron-core repeats some at every evaluation and save
+    ("Setting RerunStateMachine mode ...", "RerunStateMachine checkpoints ONLY SUPPORTED ...")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def warn_once_per_rank() -> None:
+    """Install :class:`WarnOnce` on the handlers megatron-core logs through (its training module sets them up).
+    Its handler overrides ``filter`` (dropping other libraries' records) and so ignores ``addFilter``: chain the
+    two instead."""
+    import megatron.training.training
+
+    once = WarnOnce()
+    for handler in logging.getLogger().handlers:
+        stock = getattr(handler.filter, "stock", handler.filter)  # a second run in this process replaces the first
+        handler.filter = partial(_both_filters, stock, once)  # type: ignore[method-assign]
+        handler.filter.stock = stock  # type: ignore[attr-defined]
+
+
+def _both_filters(stock: Any, once: WarnOnce, record: logging.LogRecord) -> bool:
+    return bool(stock(record)) and once.filter(record)
 
 
 def carry_hf_meta_with_first_save(args: Any) -> None:
@@ -254,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if stage == "only":
         return 0
+    warn_once_per_rank()
     carry_hf_meta_with_first_save(args)
     cfg = pretrain_cfg_container_from_args(args)
     try:
