@@ -61,6 +61,7 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
         (d / f"plan_{name}.json").write_text(json.dumps(change(plan)))
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n\nmore text\n".encode("latin-1"))
     (d / "empty.txt").write_text("")
+    (d / "short.txt").write_text("hello")
     (d / "bad.json").write_text('{"hidden_size": 32,\n')
     (d / "garbage.pt").write_bytes(b"not a torch file")
     (d / "a_file").write_text("a file where a folder should be")
@@ -211,6 +212,17 @@ CASES: dict[str, Case] = {
                                  ("--ckpt-format torch_dist", "HF checkpoint")),
     "megatron-to-hf tp": Case("convert megatron-to-hf --input {mg} --output {o} --tp 2 --no-progress", 2,
                               ("--tp 2: only for hf-to-megatron",)),
+    # the refit of the kept weights (the default with activation selection)
+    "prune damping 0": Case(HF_OUT.replace("random", "activation") + " --damping 0", 2,
+                            ("--damping 0.0: must be > 0 and finite",)),
+    "prune damping -1": Case(HF_OUT.replace("random", "activation") + " --damping -1", 2, ("--damping -1.0",)),
+    "prune damping inf": Case(HF_OUT.replace("random", "activation") + " --damping inf", 2, ("--damping inf",)),
+    "refit without calibration": Case(HF_OUT + " --reconstruct least-squares", 2,
+                                      ("--reconstruct least-squares with --method random", "--calib FILE")),
+    "calibration text empty": Case(HF_OUT.replace("random", "activation") + " --calib {empty_txt}", 2,
+                                   ("--calib", "empty.txt: no text")),
+    "calibration text too short": Case(HF_OUT.replace("random", "activation") + " --calib {short_txt}", 2,
+                                       ("calibration text has 1 tokens", "fewer than --samples 64")),
     # plans
     "plan a JSON list": Case("prune --input {hf} --output {o} --plan {plan_list_json} --no-progress", 2,
                              ("plan_list.json", "JSON list")),
@@ -332,8 +344,9 @@ def test_inputs_are_byte_for_byte_unchanged(inputs):
 
 
 def test_partials_of_killed_runs_are_removed_by_the_next_run(inputs, tmp_path, capsys):
-    """``kill -9`` leaves the temporary sibling behind; the next run writing the same output removes it (its process
-    is gone) and says so; one of a live process (another run writing there) is named and kept."""
+    """``kill -9`` leaves the temporary sibling (and the refit's scratch folder) behind; the next run writing the same
+    output removes them (their process is gone) and says so; one of a live process (another run writing there) is
+    named and kept."""
     from megatron.prune.io.atomic import partial_name
 
     out = tmp_path / "o"
@@ -342,11 +355,14 @@ def test_partials_of_killed_runs_are_removed_by_the_next_run(inputs, tmp_path, c
     stale = tmp_path / partial_name(out).replace(f"-{os.getpid()}@", f"-{dead.pid}@")
     (stale / "iter_0000000").mkdir(parents=True)
     (stale / "iter_0000000" / "model.bin").write_bytes(b"x" * 4096)
+    scratch = stale.with_name(f"{stale.name}-refit")  # the refit's scratch folder of that run
+    scratch.mkdir()
     alive = tmp_path / partial_name(out).replace(f"-{os.getpid()}@", f"-{os.getppid()}@")
     alive.mkdir()
     assert main(HF_OUT.format(hf=inputs["hf"], o=out).split()) == 0
     err = capsys.readouterr().err
     assert f"note: removed {stale}, left by an interrupted run (process {dead.pid})" in err
+    assert f"note: removed {scratch}, left by an interrupted run (process {dead.pid})" in err
     assert f"{alive} is being written by process {os.getppid()}" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "o"])
 

@@ -74,7 +74,7 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "localhost"
 
 
-_OWNER = re.compile(r"(\d+)(?:@([A-Za-z0-9_.]*))?(?:-[0-9a-f]{8})?")
+_OWNER = re.compile(r"(\d+)(?:@([A-Za-z0-9_.]*))?(?:-[0-9a-f]{8})?(?:-[a-z]+)?")  # -WHAT: a scratch_folder
 
 
 def partial_owner(out: Path, sibling: str) -> tuple[int, str] | None:
@@ -177,6 +177,21 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def scratch_folder(output: Path, what: str) -> Iterator[Path]:
+    """A temporary folder beside ``output`` (its filesystem), removed on exit; named like :func:`atomic_output`'s with
+    ``-WHAT`` added, so that the next run removes one a killed run left."""
+    out = Path(output).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(out)
+    tmp = out.parent / f"{partial_name(out)}-{what}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _raise_exit(signum: int, frame: object) -> None:
