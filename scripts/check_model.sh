@@ -80,6 +80,21 @@ fi
 if [[ "$has_gpu" == 1 && "${PRECISION:-bf16}" == bf16 ]]; then flags+=(--bf16); fi
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1
+# Every check a rank makes before start-up, made once here, before torchrun (which would wrap a refusal of each rank
+# in its own traceback): a refusal is one line. The ranks then skip the slow part (reading every shard).
+preflight_log="$(mktemp)"
+set +e
+MEGATRON_PRUNE_PREFLIGHT=only RANK=0 LOCAL_RANK=0 WORLD_SIZE=$((NPROC * NNODES)) PYTHONWARNINGS=ignore \
+  "$PYTHON" "$here/pretrain_llama.py" "${flags[@]}" "$@" >/dev/null 2>"$preflight_log"
+rc=$?
+set -e
+if [[ "$rc" != 0 ]]; then
+  grep -E "^pretrain_llama.py: error:" "$preflight_log" >&2 || tail -n 20 "$preflight_log" >&2
+  rm -f "$preflight_log"
+  exit "$rc"
+fi
+rm -f "$preflight_log"
+export MEGATRON_PRUNE_PREFLIGHT=done
 exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --nnodes "$NNODES" \
   --node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-127.0.0.1}" \
   --master-port "${MASTER_PORT:-29500}" "$here/pretrain_llama.py" "${flags[@]}" "$@"

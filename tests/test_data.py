@@ -226,7 +226,7 @@ def test_overwrite_interrupted_between_renames_leaves_no_mismatched_pair(tmp_pat
         preprocess(write_jsonl(tmp_path / "b.jsonl", pydoc_documents(5)), tmp_path / "out", hf_tok, overwrite=True,
                    progress=False)
     assert old.bin_path.is_file() and not old.idx_path.exists()
-    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temp files either
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # no temp files either
 
 
 def test_worker_error_terminates_the_pool_and_removes_temp_files(tmp_path, hf_tok, monkeypatch):

@@ -7,11 +7,14 @@ Each verb lives in its own module under ``megatron.prune.commands`` exposing ``H
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import re
 import sys
 from typing import Sequence
 
 from megatron.prune.errors import PruneError
+from megatron.prune.io.atomic import FINISHED
 
 # verb -> module; the module's docstring is the verb's long help.
 VERBS: dict[str, str] = {
@@ -65,22 +68,53 @@ def quiet_optional_backends() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; a refusal, a filesystem fault or Ctrl-C ends with one line on stderr, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    quiet_optional_backends()
-    # Build only the requested verb's parser: importing every verb pulls in torch/megatron.
     verb = argv[0] if argv and argv[0] in VERBS else None
+    name = f"megatron-prune {verb}" if verb else "megatron-prune"
+    FINISHED.clear()
+    args = None
+    try:
+        args = parse(argv, verb)
+        return int(args._run(args) or 0)
+    except PruneError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only filesystem, a file gone mid-run: every output is written atomically
+        print(f"{name}: error: {os_error_line(e, args)}; stopped, nothing half-written is left", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # also during start-up imports
+        print(f"{name}: {interrupted_line()}", file=sys.stderr)
+        return 130
+
+
+def parse(argv: list[str], verb: str | None) -> argparse.Namespace:
+    """``argv`` parsed by the requested verb's parser alone (importing every verb pulls in torch)."""
+    quiet_optional_backends()
     parser = build_parser([verb] if verb else None)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would report them under the top-level usage, not the verb's
         verb_parser(parser, args.verb).error(f"unrecognized arguments: {' '.join(unknown)}")
-    try:
-        return int(args._run(args) or 0)
-    except PruneError as e:
-        print(f"megatron-prune {args.verb}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # outputs are written to temp folders and renamed at the end: nothing half-done
-        print(f"megatron-prune {args.verb}: interrupted; nothing half-written is left", file=sys.stderr)
-        return 130
+    return args
+
+
+def os_error_line(e: OSError, args: argparse.Namespace | None = None) -> str:
+    """An OSError in one line: a full or read-only disk by the output it stopped, anything else by its file (an
+    output's temporary sibling by the output's name)."""
+    output = next((getattr(args, k) for k in ("output", "output_prefix") if getattr(args, k, None)), None)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and output is not None:
+        fix = "make it writable" if e.errno == errno.EROFS else "free some space there"
+        return f"{e.strerror} while writing {output}: {fix}, or write elsewhere"
+    where = re.sub(r"\.([^/]+)\.partial-[^/]+", r"\1", str(e.filename)) if e.filename else ""
+    return f"{e.strerror or e}" + (f": {where}" if where else "")
+
+
+def interrupted_line() -> str:
+    """What a Ctrl-C left: nothing (outputs are written to temporary siblings and renamed at the end), or, when it
+    came after the last rename, a complete output."""
+    if FINISHED:
+        return f"interrupted after {FINISHED[-1]} was written in full; it is complete"
+    return "interrupted; nothing half-written is left"
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from megatron.prune.errors import PruneError
+from megatron.prune.io.atomic import FINISHED, check_writable_parent, clean_stale_partials, partial_name
+from megatron.prune.io.workers import end_with_parent
 
 SUFFIX = "_text_document"  # Megatron's naming for a dataset built from the "text" key
 
@@ -135,17 +137,17 @@ class TextTokenizer:
         return self.encode(text) + [self.info.eod_id]
 
 
-def check_input_file(path: str | os.PathLike) -> None:
+def check_input_file(path: str | os.PathLike, flag: str = "--input") -> None:
     """Refuse a missing input or a folder: one file per run (several files or globs are not supported)."""
     p = Path(path)
     if p.is_dir():
-        raise PruneError(f"--input {p}: is a folder; pass a file (one file per run: concatenate several files "
+        raise PruneError(f"{flag} {p}: is a folder; pass a file (one file per run: concatenate several files "
                          f"into one, or run once per file)")
     if not p.is_file():
-        raise PruneError(f"--input {p}: no such file")
+        raise PruneError(f"{flag} {p}: no such file")
 
 
-def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+def numbered_lines(path: str | os.PathLike, flag: str = "--input") -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 file, gunzipped if it ends in ``.gz``, a leading BOM dropped;
     a byte that is not UTF-8 is an error naming its line and column instead of a decoder traceback."""
     p = Path(path)
@@ -155,11 +157,11 @@ def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
             for n, line in enumerate(f, 1):
                 bad = _UNDECODED.search(line)
                 if bad:
-                    raise PruneError(f"--input {p}:{n}: not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at column "
+                    raise PruneError(f"{flag} {p}:{n}: not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at column "
                                      f"{bad.start() + 1}); convert the file to UTF-8 (e.g. with iconv)")
                 yield n, line
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise PruneError(f"--input {p}: not a readable gzip file ({e}); check the file or drop the .gz suffix") from e
+        raise PruneError(f"{flag} {p}: not a readable gzip file ({e}); check the file or drop the .gz suffix") from e
 
 
 def format_suffix(path: str | os.PathLike) -> str:
@@ -176,7 +178,7 @@ def is_json_object(line: str) -> bool:
         return False
 
 
-def resolve_input_format(path: str | os.PathLike, requested: str = "auto") -> str:
+def resolve_input_format(path: str | os.PathLike, requested: str = "auto", flag: str = "--input") -> str:
     """``"jsonl"`` or ``"text"``: as requested, else by suffix, else sniffed from the first non-blank line."""
     if requested not in INPUT_FORMATS:
         raise PruneError(f"--input-format {requested}: expected one of {', '.join(INPUT_FORMATS)}")
@@ -187,7 +189,7 @@ def resolve_input_format(path: str | os.PathLike, requested: str = "auto") -> st
         return "jsonl"
     if suffix in TEXT_SUFFIXES:
         return "text"
-    lines = numbered_lines(path)
+    lines = numbered_lines(path, flag)
     try:
         first = next((line for _, line in lines if line.strip()), "")
     finally:
@@ -324,9 +326,11 @@ def check_token_ids(prefix: str, vocab_size: int, budget: int = CHECK_BYTES, blo
 _WORKER_TOKENIZER: TextTokenizer | None = None
 
 
-def _init_worker(path: str) -> None:
-    """Load the tokenizer once per worker; Ctrl-C is left to the main process, which terminates the pool."""
+def _init_worker(path: str, parent_pid: int) -> None:
+    """Load the tokenizer once per worker; Ctrl-C is left to the main process, which terminates the pool, and the
+    worker ends with that process however it ends."""
     global _WORKER_TOKENIZER
+    end_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_TOKENIZER = TextTokenizer(path)
 
@@ -343,7 +347,7 @@ def encoder_pool(workers: int, tokenizer_path: str) -> Iterator[multiprocessing.
     if workers == 1:
         yield None
         return
-    pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_path,))
+    pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_path, os.getpid()))
     try:
         yield pool
     except BaseException:
@@ -386,7 +390,9 @@ def preprocess(
     if existing and not overwrite:
         raise PruneError(f"output exists: {', '.join(existing)} (pass --overwrite to replace it)")
     if not bin_path.parent.is_dir():
+        check_writable_parent(bin_path, "--output-prefix")  # a file on the way says so
         raise PruneError(f"--output-prefix {output_prefix}: folder {bin_path.parent} does not exist")
+    check_writable_parent(bin_path, "--output-prefix")
     check_tokenizer_type(tokenizer_type, tokenizer)
     tok = TextTokenizer(tokenizer)  # validates the tokenizer before any output
     check_input_file(input_path)
@@ -404,8 +410,9 @@ def preprocess(
         yield from docs
 
     indexed = indexed_dataset_module()
-    tmp_bin = bin_path.with_name(f".{bin_path.name}.tmp{os.getpid()}")
-    tmp_idx = idx_path.with_name(f".{idx_path.name}.tmp{os.getpid()}")
+    for p in (bin_path, idx_path):
+        clean_stale_partials(p)
+    tmp_bin, tmp_idx = (p.with_name(partial_name(p)) for p in (bin_path, idx_path))
     builder = indexed.IndexedDatasetBuilder(str(tmp_bin), dtype=indexed.DType.optimal_dtype(tok.info.vocab_size))
     n_docs = n_tokens = 0
     try:
@@ -422,6 +429,7 @@ def preprocess(
         idx_path.unlink(missing_ok=True)
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
+        FINISHED.extend((bin_path, idx_path))
     finally:
         for t in (tmp_bin, tmp_idx):
             t.unlink(missing_ok=True)

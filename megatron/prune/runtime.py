@@ -3,6 +3,7 @@ tokenizer of an HF checkpoint, or of a Megatron checkpoint built into the same H
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from megatron.prune.core.shape import hf_config_for_shape
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.folder import as_model_folder, has_tokenizer, open_megatron
 from megatron.prune.formats.mcore.schema import META_DIR
-from megatron.prune.formats.source import TensorSource
+from megatron.prune.formats.source import TensorSource, check_finite
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,7 +28,46 @@ def load_hf(folder: Path | str, dtype: torch.dtype = torch.float32, device: str 
         return megatron_as_hf(folder, dtype, device)
     check_model_folder(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device).eval()
+    for name, p in model.named_parameters():  # a Megatron checkpoint's tensors are checked as they are read
+        check_finite(p.detach(), f"{folder}: {name}")
     return model, load_tokenizer(folder)
+
+
+DEVICE_CHOICES = "auto (cuda where a GPU is available, else cpu), cpu, cuda or cuda:N"
+
+
+def resolve_device(device: str) -> str:
+    """``--device`` as torch takes it: ``auto`` is cuda where a GPU is available, else cpu; an unknown device, or
+    CUDA where there is none, is refused here, once, before any work."""
+    name = device.strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if m is None:
+        raise PruneError(f"--device {device}: unknown device; choose {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        raise PruneError(f"--device {device}: no CUDA device is available here; use --device cpu (or auto)")
+    count = torch.cuda.device_count()
+    if m.group(1) is not None and int(m.group(1)) >= count:
+        raise PruneError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return name
+
+
+def model_seq_len(folder: Path | str, seq_len: int | None, default: int) -> int:
+    """``--seq-len`` checked against the model's positions (``max_position_embeddings``): refused beyond them (past
+    its trained length a model's perplexity is not the one it was trained for); not given, ``default`` or the
+    model's length where that is shorter."""
+    limit = as_model_folder(folder).open().hf_config.get("max_position_embeddings")
+    if not isinstance(limit, int) or limit < 2:
+        return default if seq_len is None else seq_len
+    if seq_len is None:
+        return min(default, limit)
+    if seq_len > limit:
+        raise PruneError(f"--seq-len {seq_len}: longer than the model's max_position_embeddings {limit}; use "
+                         f"--seq-len {limit} or less")
+    return seq_len
 
 
 def check_model_folder(folder: Path) -> None:

@@ -131,9 +131,40 @@ def prune_hf(argv: list[str] | None = None) -> int:
     p.add_argument("--output_path", required=True, help="new folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     a = p.parse_args(argv)
-    config = json.loads(Path(a.prune_config_path).read_text())
+    try:
+        config = read_prune_config(a.prune_config_path)
+    except PruneError as e:
+        print(f"prune_llama.py: error: {e}", file=sys.stderr)
+        return 2
     argv = ["prune", "--input", a.model_name_or_path, "--output", a.output_path, *prune_hf_flags(config)]
     return main(argv + (["--overwrite"] if a.overwrite else []))
+
+
+def read_prune_config(path: str | Path) -> dict:
+    """The JSON target of ``prune_hf/prune_llama.py``, or a PruneError saying what is wrong with the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise PruneError(f"--prune_config_path {path}: no such file")
+    try:
+        config = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PruneError(f"--prune_config_path {path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise PruneError(f"--prune_config_path {path}: expected a JSON object of target sizes, like "
+                         '{"hidden_size": 2048, "num_hidden_layers": 20}')
+    return config
+
+
+def check_output_files(*paths: Path | str) -> None:
+    """The seed scripts' output files can be written (their folder exists and takes files), before any work."""
+    from megatron.prune.io.atomic import check_writable_parent
+
+    for path in paths:
+        folder = Path(path).parent
+        if not folder.is_dir():
+            check_writable_parent(path, "output")  # a file on the way says so
+            raise PruneError(f"output {path}: folder {folder} does not exist")
+        check_writable_parent(path, "output")
 
 
 # ---- emb_pruner/get_vocab_freq.py: token frequencies and the kept ids -----------------------------------------
@@ -168,6 +199,7 @@ def get_vocab_freq(argv: list[str] | None = None) -> int:
     try:
         if a.data_type not in ("txt", "jsonl"):
             raise PruneError(f"--data_type {a.data_type!r} is not supported; choose txt or jsonl")
+        check_output_files(f"{a.vocab_freq}.json", f"{a.vocab_freq}.txt", a.remain_vocab_ids_path)
         tok_dir = Path(a.spm) if Path(a.spm).is_dir() else Path(a.spm).parent
         tf = open_tokenizer(tok_dir)
         counts = count_tokens(tok_dir, a.data_path, tf.rules, a.workers)
@@ -176,7 +208,7 @@ def get_vocab_freq(argv: list[str] | None = None) -> int:
         order = sorted(range(counts.vocab_size), key=lambda i: (-counts.counts[i], i))
         Path(f"{a.vocab_freq}.txt").write_text("".join(f"{i} {counts.counts[i]}\n" for i in order))
         save_ids(list(kept), Path(a.remain_vocab_ids_path))
-    except PruneError as e:
+    except (PruneError, OSError) as e:  # OSError: a full disk, a read-only filesystem
         print(f"get_vocab_freq: error: {e}", file=sys.stderr)
         return 2
     print(f"kept {len(kept)} of {tf.rules.size} token ids -> {a.remain_vocab_ids_path}")
@@ -211,8 +243,16 @@ def load_ids(path: Path) -> list[int]:
     if path.suffix == ".pt":
         import torch
 
-        ids = torch.load(path, weights_only=True)
-        return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        try:
+            ids = torch.load(path, weights_only=True)
+            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise TypeError("not whole numbers")
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
+            raise PruneError(f"{path}: not a torch-saved list of token ids ({str(e).splitlines()[0]})") from None
+        if not ids:
+            raise PruneError(f"{path} holds no token ids")
+        return ids
     from megatron.prune.vocab import read_keep_ids
 
     return read_keep_ids(path)
@@ -232,6 +272,8 @@ def prune_spm_and_emb(argv: list[str] | None = None) -> int:
     try:
         if not a.remain_vocab_path.is_file():
             raise PruneError(f"--remain_vocab_path {a.remain_vocab_path} does not exist")
+        if a.remain_ids_with_spt:
+            check_output_files(a.remain_ids_with_spt)
         ids = load_ids(a.remain_vocab_path)
         in_place = a.save_dir is None
         out = a.hf_dir.parent / f".{a.hf_dir.name}.vocab-{uuid.uuid4().hex[:8]}" if in_place else a.save_dir
@@ -249,7 +291,7 @@ def prune_spm_and_emb(argv: list[str] | None = None) -> int:
                 torch.save(kept, a.remain_ids_with_spt)
             else:
                 a.remain_ids_with_spt.write_text(json.dumps(kept))
-    except PruneError as e:
+    except (PruneError, OSError) as e:  # OSError: a full disk, a read-only filesystem
         print(f"prune_spm_and_emb: error: {e}", file=sys.stderr)
         return 2
     print(f"vocabulary {plan.source.vocab_size} -> {plan.target.vocab_size} -> {a.save_dir or a.hf_dir}")

@@ -25,21 +25,20 @@ def builtin_text(split: str = "eval") -> str:
     return "\n\n".join(topics[n].strip() for n in chosen)
 
 
-def read_texts(paths: list[Path]) -> str:
-    """Concatenate documents from .txt files or .jsonl files (a ``text`` field per line)."""
-    import json
+def read_texts(paths: list[Path], flag: str = "--text") -> str:
+    """Concatenate the documents of text files (whole) and JSON-lines files (a ``text`` field per line), read as
+    ``megatron-prune data`` reads them: the format by suffix or by the first line, ``.gz`` unpacked, a byte that is not
+    UTF-8 refused by line and column. ``flag`` names the files in errors."""
+    from megatron.prune.data import check_input_file, json_document, numbered_lines, resolve_input_format
 
     docs: list[str] = []
     for p in map(Path, paths):
-        if not p.is_file():
-            raise PruneError(f"text file {p} does not exist")
-        if p.suffix == ".jsonl":
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        docs.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise PruneError(f"{p}:{n}: expected a JSON object with a 'text' field ({e})") from e
+        check_input_file(p, flag)
+        lines = numbered_lines(p, flag)
+        if resolve_input_format(p, flag=flag) == "text":
+            docs.append("".join(line for _, line in lines))
         else:
-            docs.append(p.read_text(encoding="utf-8"))
+            docs.extend(json_document(line, "text", f"{flag} {p}:{n}") for n, line in lines if line.strip())
+    if not any(d.strip() for d in docs):
+        raise PruneError(f"{flag} {' '.join(map(str, paths))}: no text")
     return "\n\n".join(docs)

@@ -126,6 +126,11 @@ def make_inputs(d: Path) -> dict:
         state = torch.load(f, weights_only=False)
         state["model"]["decoder.final_layernorm.weight"].fill_(float("nan"))
         torch.save(state, f)
+    truncated = shutil.copytree(conv[1], d / "truncated_shard")  # a copy that stopped halfway
+    for f in truncated.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        os.truncate(f, f.stat().st_size // 2)
+    shutil.copy(s.idx_path, d / "cut_text_document.idx")  # a dataset whose .bin stops early
+    (d / "cut_text_document.bin").write_bytes(s.bin_path.read_bytes()[:1000])
     # one 16-token document (its last token EOD) over and over: every 32-token sample is two whole documents
     eod = AutoTokenizer.from_pretrained(tok).eos_token_id
     doc = np.append(np.random.default_rng(0).integers(2, VOCAB, 15), eod)
@@ -187,7 +192,7 @@ def _run_cases(spec_path: str) -> None:
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
                 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **case.get("env", {}))
                 code = 1
                 try:
                     code = recipe.main(case["argv"])
@@ -235,8 +240,16 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
                                      load=inputs["tied"][1]), None),
         ("two_documents_masked", driver_argv({**inputs, "DATA": inputs["repeated"]}, "--reset-attention-mask",
                                              "--reset-position-ids", iters=1, load=inputs["tied"][1]), None),
+        # past the pre-start scan (as after check_model.sh's pre-flight): the first iteration's loss check stops it
         ("nan_loss", driver_argv(inputs, "--save", str(d / "nan_out"), "--save-interval", "1", load=d / "nan_weights",
                                  iters=1), None),
+        ("nan_weights", driver_argv(inputs, load=d / "nan_weights"),
+         f"--load {d / 'nan_weights'}/iter_0000000/mp_rank_00/model_optim_rng.pt: decoder.final_layernorm.weight "
+         "holds 48 NaN and 0 Inf value(s)"),
+        ("truncated_shard", driver_argv(inputs, load=d / "truncated_shard"),
+         f"cannot read Megatron shard {d / 'truncated_shard'}/iter_0000000/mp_rank_00/model_optim_rng.pt"),
+        ("truncated_bin", driver_argv({**inputs, "DATA": str(d / "cut_text_document")}, load=pruned[1]),
+         f"data prefix {d / 'cut_text_document'}: {d / 'cut_text_document'}.bin is truncated (1000 bytes"),
         ("missing_sequence_counts", driver_argv(inputs, "--per-dataset-sequences-path", str(d / "counts.json"),
                                                 load=pruned[1]),
          f"--per-dataset-sequences-path {d / 'counts.json'}: No such file or directory"),
@@ -268,7 +281,8 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
         ("kd_vocab_like", driver_argv({**inputs, **vp}, "--kd-teacher-load", str(vp["teacher_v"]), "--kd-alpha", "1",
                                       load=vp["mg"], iters=1), None),
     ]
-    spec = [{"name": n, "argv": a, "log": str(d / f"case_{n}"), "message": m} for n, a, m in cases]
+    spec = [{"name": n, "argv": a, "log": str(d / f"case_{n}"), "message": m,
+             "env": {"MEGATRON_PRUNE_PREFLIGHT": "done"} if n == "nan_loss" else {}} for n, a, m in cases]
     (d / "cases.json").write_text(json.dumps(spec))
     p = subprocess.Popen([sys.executable, __file__, "cases", str(d / "cases.json")], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -203,6 +203,45 @@ def test_nan_loss_stops_the_run_even_in_its_first_iteration(runs, inputs):
     assert r.returncode != 0, (r.stdout + r.stderr)[-3000:]
     assert "found NaN in local forward loss calculation in the run's first iteration" in r.stderr, r.stderr[-3000:]
     assert not list((inputs["dir"] / "nan_out").glob("iter_*"))  # nothing saved
+    assert not (inputs["dir"] / "nan_out" / "hf_meta").exists()  # hf_meta/ comes with the first checkpoint
+
+
+def test_each_warning_passes_megatron_handler_once(monkeypatch):
+    """megatron-core's handler overrides ``filter`` (an added filter alone is never asked): each distinct warning
+    still passes once, other records every time."""
+    import io
+    import logging
+
+    from megatron.training.log_handler import CustomHandler
+
+    from megatron.prune.training.recipe import warn_once_per_rank
+
+    handler = CustomHandler()
+    handler.setStream(io.StringIO())
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    warn_once_per_rank()
+    log = logging.getLogger("megatron.core.warn_once_test")
+    log.setLevel(logging.INFO)
+    for _ in range(3):
+        log.warning("checkpoints ONLY SUPPORTED for torch_dist")
+        log.info("saving checkpoint")
+    log.warning("another warning")
+    logging.getLogger("torch.distributed.warn_once_test").warning("not megatron's")  # the handler's own filter
+    out = handler.stream.getvalue()
+    assert out.count("ONLY SUPPORTED") == 1 and out.count("saving checkpoint") == 3, out
+    assert "another warning" in out and "not megatron's" not in out, out
+    warn_once_per_rank()  # a second run in this process: its own once, not the first run's as well
+    for _ in range(2):
+        log.warning("checkpoints ONLY SUPPORTED for torch_dist")
+    assert handler.stream.getvalue().count("ONLY SUPPORTED") == 2
+
+
+def test_megatron_warnings_show_once_per_rank(runs):
+    """megatron-core logs some warnings at every save (and evaluation); each rank shows each once. The TP=1 run
+    saves twice."""
+    out = ok(runs["tp1"]).stdout
+    assert out.count("saving checkpoint at iteration") == 2
+    assert out.count("RerunStateMachine checkpoints ONLY SUPPORTED for checkpoint format torch_dist") == 1
 
 
 def test_llama3_rope_scaling_is_taken_from_the_checkpoint(runs):

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from megatron.prune.commands import add_ckpt_format_argument
+from megatron.prune.errors import PruneError, check_at_least
 
 HELP = "convert HF <-> Megatron checkpoints (hf-to-megatron with --tp/--pp, megatron-to-hf)"
 DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
@@ -24,13 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("direction", choices=DIRECTIONS, help="which way to convert")
     p.add_argument("--input", required=True, type=Path, help="source checkpoint folder")
     p.add_argument("--output", required=True, type=Path, help="new folder for the converted checkpoint")
-    p.add_argument("--tp", type=int, default=1, help="hf-to-megatron: tensor-parallel size (default %(default)s)")
-    p.add_argument("--pp", type=int, default=1, help="hf-to-megatron: pipeline-parallel size (default %(default)s)")
-    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
-                   help="hf-to-megatron: layer spec whose parameter names to write (default %(default)s; "
+    p.add_argument("--tp", type=int, help="hf-to-megatron: tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, help="hf-to-megatron: pipeline-parallel size (default 1)")
+    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
+                   help="hf-to-megatron: layer spec whose parameter names to write (default local; "
                         "match the --transformer-impl you train with)")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="hf-to-megatron: vocab padding unit before the TP factor (default %(default)s)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, metavar="N",
+                   help="hf-to-megatron: vocab padding unit before the TP factor (default 128)")
     add_ckpt_format_argument(p, "hf-to-megatron: ")
     p.add_argument("--iteration", type=int, metavar="N",
                    help="megatron-to-hf: export saved iteration N (default: the latest, named by "
@@ -39,13 +40,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+# hf-to-megatron's flags and their defaults; megatron-to-hf takes none of them (its input's layout is read).
+TO_MEGATRON_DEFAULTS = {"tp": 1, "pp": 1, "transformer_impl": "local", "make_vocab_size_divisible_by": 128,
+                        "ckpt_format": "torch"}
+
+
+def flag(dest: str) -> str:
+    """The command-line flag of an argparse destination."""
+    return "--" + dest.replace("_", "-")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse flags of the other direction and numbers that cannot apply (none takes 0 to mean its default); fill in
+    hf-to-megatron's defaults."""
+    if args.direction == "hf-to-megatron":
+        if args.iteration is not None:
+            raise PruneError(f"--iteration {args.iteration}: only for megatron-to-hf (an HF folder has one set of "
+                             "weights)")
+        for name, default in TO_MEGATRON_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        for name in ("tp", "pp", "make_vocab_size_divisible_by"):
+            check_at_least(flag(name), getattr(args, name), 1)
+        return
+    given = [f"{flag(n)} {getattr(args, n)}" for n in TO_MEGATRON_DEFAULTS if getattr(args, n) is not None]
+    if given:
+        raise PruneError(f"{', '.join(given)}: only for hf-to-megatron; megatron-to-hf gathers every shard into one "
+                         "HF checkpoint (to change a Megatron checkpoint's layout, use `megatron-prune reshard`)")
+    check_at_least("--iteration", args.iteration, 0)
+
+
 def run(args: argparse.Namespace) -> int:
     from megatron.prune.formats.mcore.ops import hf_to_megatron, megatron_to_hf
 
-    if args.direction == "hf-to-megatron" and args.iteration is not None:
-        from megatron.prune.errors import PruneError
-
-        raise PruneError(f"--iteration {args.iteration}: only for megatron-to-hf (an HF folder has one set of weights)")
+    check_arguments(args)
     if args.direction == "hf-to-megatron":
         hf_to_megatron(args.input, args.output, args.tp, args.pp, args.transformer_impl,
                        args.make_vocab_size_divisible_by, args.overwrite, not args.no_progress, args.ckpt_format)

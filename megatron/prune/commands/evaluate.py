@@ -15,14 +15,15 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from megatron.prune.errors import PruneError
+from megatron.prune.data import check_input_file
+from megatron.prune.errors import PruneError, check_at_least
 from megatron.prune.perplexity import Perplexity, perplexity
-from megatron.prune.runtime import DTYPES, check_model_folder, load_hf, load_tokenizer, tokenize
+from megatron.prune.runtime import (DTYPES, check_model_folder, load_hf, load_tokenizer, model_seq_len, resolve_device,
+                                    tokenize)
 from megatron.prune.scoring.layerwise import MODES, perplexity_layerwise, source_shape, use_layerwise
 from megatron.prune.text import builtin_text, read_texts
 
+DEFAULT_SEQ_LEN = 512
 HELP = "perplexity (or lm-eval tasks) of an HF or Megatron checkpoint on held-out text"
 
 
@@ -30,10 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path,
                    help="HF checkpoint folder, or Megatron checkpoint with a tokenizer in hf_meta/")
     p.add_argument("--text", type=Path, nargs="+", help=".txt or .jsonl ('text' field) files; default: built-in held-out text")
-    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default %(default)s)")
+    p.add_argument("--seq-len", type=int, help=f"window length in tokens (default {DEFAULT_SEQ_LEN}, or the model's "
+                                               "max_position_embeddings where that is shorter; at most that)")
     p.add_argument("--max-tokens", type=int, default=16384, help="use at most this many tokens (default %(default)s; 0 = all)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda where a GPU is available, else cpu), cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default %(default)s)")
     p.add_argument("--layer-by-layer", choices=MODES, default="auto",
                    help="perplexity with one decoder layer at a time on --device (read from the checkpoint as it "
@@ -49,13 +52,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse numbers that cannot run (none takes 0 or -1 to mean its default) and unknown devices, before any work."""
+    check_at_least("--batch-size", args.batch_size, 1)
+    check_at_least("--seq-len", args.seq_len, 2)
+    check_at_least("--max-tokens", args.max_tokens, 0, " (0 = all)")
+    check_at_least("--limit", args.limit, 1)
+    check_at_least("--num-fewshot", args.num_fewshot, 0)
+    args.device = resolve_device(args.device)
+    for path in args.text or ():
+        check_input_file(path, "--text")
+    check_model_folder(args.model)
+    args.seq_len = model_seq_len(args.model, args.seq_len, DEFAULT_SEQ_LEN)
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
+    check_arguments(args)
     if args.tasks and args.layer_by_layer == "always":
         raise PruneError("--layer-by-layer always: lm-eval tasks need the whole model in memory; drop one of "
                          "--tasks and --layer-by-layer")
     if not args.tasks and layer_by_layer(args):
-        text = read_texts(args.text) if args.text else builtin_text("eval")
+        text = read_texts(args.text, "--text") if args.text else builtin_text("eval")
         ids = tokenize(load_tokenizer(args.model), text, args.max_tokens or None)
         return report(args, perplexity_layerwise(args.model, ids, args.seq_len, args.batch_size, DTYPES[args.dtype],
                                                  args.device, progress=not args.no_progress), t0)
@@ -68,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"model": str(args.model), "tasks": results}, default=str))
         print("\n".join(format_results(results)))
         return 0
-    text = read_texts(args.text) if args.text else builtin_text("eval")
+    text = read_texts(args.text, "--text") if args.text else builtin_text("eval")
     ids = tokenize(tok, text, args.max_tokens or None)
     return report(args, perplexity(model, ids, args.seq_len, args.batch_size, progress=not args.no_progress), t0)
 

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 from megatron.prune.commands import add_ckpt_format_argument
-from megatron.prune.commands.score import add_calibration_arguments, scoring_options
+from megatron.prune.commands.score import add_calibration_arguments, check_calibration_arguments, scoring_options
 from megatron.prune.core.plan import NORM_RESCALES, PrunePlan, norm_rescale
 from megatron.prune.core.select import make_plan
 from megatron.prune.core.target import GQA_MODES, TargetRequest, check_tp_balance, gqa_query_groups, resolve_target
-from megatron.prune.errors import PruneError
+from megatron.prune.errors import PruneError, check_at_least
 from megatron.prune.formats import ADAPTERS
 from megatron.prune.formats.folder import open_model
 from megatron.prune.formats.source import FormatAdapter, TensorSource, WriteOptions
@@ -126,7 +126,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def write_options(args: argparse.Namespace) -> WriteOptions:
     """The output flags as the adapters take them."""
     return WriteOptions(overwrite=args.overwrite, progress=not args.no_progress, max_shard_bytes=args.max_shard_size,
-                        prune_type=args.prune_type, tp=args.tp, ckpt_format=args.ckpt_format)
+                        prune_type=args.prune_type, tp=args.tp, ckpt_format=args.ckpt_format or "torch")
 
 
 def refit_options(args: argparse.Namespace) -> RefitOptions:
@@ -180,9 +180,21 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
     return norm_rescale(plan, args.norm_rescale), reconstruct
 
 
+def check_arguments(args: argparse.Namespace, kind: str) -> None:
+    """Refuse flags that cannot apply (none takes 0 to mean its default), before any work."""
+    check_at_least("--tp", args.tp, 1)
+    check_at_least("--max-shard-size", args.max_shard_size, 1)
+    check_calibration_arguments(args)
+    if kind == "hf" and args.ckpt_format is not None:
+        raise PruneError(f"--ckpt-format {args.ckpt_format}: the output of an HF input is an HF checkpoint "
+                         "(safetensors); the flag is for Megatron inputs (convert the output with `megatron-prune "
+                         "convert hf-to-megatron --ckpt-format ...`)")
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     folder = open_model(args.input)
+    check_arguments(args, folder.kind)
     adapter = ADAPTERS[folder.kind]()
     src = adapter.open(folder.path)
     check_output_path(args.input, args.output, args.overwrite)

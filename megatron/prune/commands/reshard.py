@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from megatron.prune.commands import add_ckpt_format_argument
+from megatron.prune.errors import check_at_least
 
 HELP = "change a Megatron checkpoint's TP/PP size (or layer spec)"
 
@@ -31,8 +32,11 @@ def run(args: argparse.Namespace) -> int:
     from megatron.prune.formats.folder import open_megatron
     from megatron.prune.formats.mcore.ops import reshard
 
+    check_at_least("--tp", args.tp, 1, " (leave it out to keep the checkpoint's)")
+    check_at_least("--pp", args.pp, 1, " (leave it out to keep the checkpoint's)")
+    ckpt_format = args.ckpt_format or "torch"
     reshard(args.input, args.output, args.tp, args.pp, args.transformer_impl, overwrite=args.overwrite,
-            progress=not args.no_progress, ckpt_format=args.ckpt_format)
+            progress=not args.no_progress, ckpt_format=ckpt_format)
     out = open_megatron(args.output)
-    print(f"wrote {args.output} (TP={out.tp}, PP={out.pp}, {out.spec} spec, {args.ckpt_format} format)")
+    print(f"wrote {args.output} (TP={out.tp}, PP={out.pp}, {out.spec} spec, {ckpt_format} format)")
     return 0

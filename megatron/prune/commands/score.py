@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megatron.prune.runtime import DTYPES
+from megatron.prune.data import check_input_file
+from megatron.prune.errors import PruneError, check_at_least
+from megatron.prune.io.atomic import check_writable_parent
+from megatron.prune.runtime import DTYPES, resolve_device
 from megatron.prune.scoring import methods
 from megatron.prune.scoring.layerwise import MODES
 from megatron.prune.scoring.stats import AGGREGATIONS, DEFAULT_AGGREGATION
-from megatron.prune.errors import PruneError
 
 HELP = "score channels, heads, KV groups, FFN channels and layers by their activations (for --method activation)"
 
@@ -42,7 +44,8 @@ def add_calibration_arguments(p: argparse.ArgumentParser | argparse._ArgumentGro
                    help="tokens per calibration window (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=methods.DEFAULT_BATCH_SIZE,
                    help="windows per forward pass (default %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda where a GPU is available, else cpu), cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype of the scoring pass; statistics accumulate in float32 (default %(default)s)")
     p.add_argument("--layer-by-layer", choices=MODES, default="auto",
@@ -55,12 +58,22 @@ def add_calibration_arguments(p: argparse.ArgumentParser | argparse._ArgumentGro
                         "samples (Minitron); mean = over all tokens; rms = L2 over all tokens (default %(default)s)")
 
 
+def check_calibration_arguments(args: argparse.Namespace) -> None:
+    """Refuse calibration flags that cannot run (none takes 0 to mean its default), before any work."""
+    check_at_least("--samples", args.samples, 1)
+    check_at_least("--seq-len", args.seq_len, 2)
+    check_at_least("--batch-size", args.batch_size, 1)
+    resolve_device(args.device)
+    for path in args.calib or ():
+        check_input_file(path, "--calib")
+
+
 def scoring_options(args: argparse.Namespace, seed: int = 0, scores: Path | None = None) -> methods.ScoringOptions:
     """The calibration flags (:func:`add_calibration_arguments`) as the scoring methods take them; ``prune`` adds
     its random seed and scores file."""
     return methods.ScoringOptions(seed=seed, progress=not args.no_progress, scores=scores,
                                   calib=tuple(args.calib) if args.calib else None, samples=args.samples,
-                                  seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
+                                  seq_len=args.seq_len, batch_size=args.batch_size, device=resolve_device(args.device),
                                   dtype=args.dtype, aggregation=args.aggregation, layer_by_layer=args.layer_by_layer)
 
 
@@ -75,16 +88,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_output(path: Path, overwrite: bool) -> None:
+    """Refuse a scores file that is a folder, lies in no folder, exists without ``overwrite``, or cannot be written."""
     if path.is_dir():
         raise PruneError(f"--output {path} is a folder; give a file name such as {path / 'scores.pt'}")
     if not path.parent.is_dir():
+        check_writable_parent(path, "--output")  # a file on the way says so
         raise PruneError(f"--output {path}: folder {path.parent} does not exist")
     if path.exists() and not overwrite:
         raise PruneError(f"--output {path} exists; pass --overwrite to replace it")
+    check_writable_parent(path, "--output")
 
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, args.overwrite)
+    check_calibration_arguments(args)
     result = methods.score_model(args.model, scoring_options(args))
     methods.save_scores(result, args.output)
     m = result.meta

@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "optionally .gz")
     c.add_argument("--output", type=Path, required=True, help="counts file to write (JSON)")
     c.add_argument("--workers", type=int, default=0, help="processes (default: min(4, CPUs))")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing counts file")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(_vocab_run=count)
 
@@ -54,12 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def count(args: argparse.Namespace) -> int:
     """Count token frequencies of a corpus with a tokenizer; the file remembers which tokenizer."""
     from megatron.prune.errors import PruneError
+    from megatron.prune.io.atomic import check_writable_parent
     from megatron.prune.vocab import count_tokens, open_tokenizer
 
     if args.output.is_dir():
         raise PruneError(f"--output {args.output} is a folder; give a file name such as counts.json")
     if not args.output.parent.is_dir():
+        check_writable_parent(args.output, "--output")  # a file on the way says so
         raise PruneError(f"--output folder {args.output.parent} does not exist")
+    if args.output.exists() and not args.overwrite:
+        raise PruneError(f"--output {args.output} exists; pass --overwrite to replace it")
+    check_writable_parent(args.output, "--output")
     if args.workers < 0:
         raise PruneError(f"--workers {args.workers} must be >= 0")
     tf = open_tokenizer(args.tokenizer)

@@ -115,20 +115,29 @@ class PrunePlan:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PrunePlan":
+    def from_dict(cls, d: Any) -> "PrunePlan":
+        """A plan read back from its JSON, refused (naming the field) unless every field has its type: a JSON object,
+        whole-number indices (0.5 is not one), a positive ``norm_scale``."""
+        if not isinstance(d, Mapping):
+            raise PruneError(f"a plan is a JSON object with 'source', 'target', 'hidden' and 'layers'; this one is a "
+                             f"JSON {type(d).__name__}")
         if d.get("version") != PLAN_VERSION:
             raise PruneError(f"unsupported plan version {d.get('version')!r}; expected {PLAN_VERSION}")
+        layers = d["layers"]
+        if not isinstance(layers, list) or not all(isinstance(lp, Mapping) for lp in layers):
+            raise PruneError("plan layers: expected a list of objects (source_layer, query_groups, heads, ffn)")
         return cls(
-            source=ModelShape.from_dict(d["source"]),
-            target=ModelShape.from_dict(d["target"]),
-            hidden=tuple(d["hidden"]),
+            source=_shape("source", d["source"]),
+            target=_shape("target", d["target"]),
+            hidden=_indices("hidden", d["hidden"]),
             layers=tuple(
-                LayerPlan(l["source_layer"], tuple(l["query_groups"]), tuple(l["heads"]), tuple(l["ffn"]))
-                for l in d["layers"]
+                LayerPlan(_index("source_layer", l["source_layer"]), _indices("query_groups", l["query_groups"]),
+                          _indices("heads", l["heads"]), _indices("ffn", l["ffn"]))
+                for l in layers
             ),
-            vocab=None if d.get("vocab") is None else tuple(d["vocab"]),
-            norm_scale=float(d.get("norm_scale", 1.0)),
-            info=dict(d.get("info", {})),
+            vocab=None if d.get("vocab") is None else _indices("vocab", d["vocab"]),
+            norm_scale=_norm_scale(d.get("norm_scale", 1.0)),
+            info=dict(d.get("info") or {}),
         ).validate()
 
     def to_json(self) -> str:
@@ -150,8 +159,12 @@ class PrunePlan:
             path = path / PLAN_FILE
         try:
             return cls.from_json(path.read_text())
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise PruneError(f"cannot read plan {path}: {e}") from e
+        except PruneError as e:
+            raise PruneError(f"{path}: {e}") from None
+        except KeyError as e:
+            raise PruneError(f"plan {path}: no {e} field; is it a prune_plan.json?") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
+            raise PruneError(f"cannot read plan {path}: {e}") from None
 
 
 def _dumps(obj: Any, indent: str = "") -> str:
@@ -165,6 +178,37 @@ def _dumps(obj: Any, indent: str = "") -> str:
         inner = indent + " "
         return "[\n" + ",\n".join(inner + _dumps(v, inner) for v in obj) + f"\n{indent}]"
     return json.dumps(obj)
+
+
+def _index(name: str, value: Any) -> int:
+    """A whole-number index of a plan read from JSON (``3.0`` and ``true`` are not)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PruneError(f"plan {name}: {value!r} is not a whole-number index")
+    return value
+
+
+def _indices(name: str, values: Any) -> tuple[int, ...]:
+    """A list of whole-number indices of a plan read from JSON."""
+    if not isinstance(values, list):
+        raise PruneError(f"plan {name}: expected a list of indices, got {type(values).__name__}")
+    return tuple(_index(name, v) for v in values)
+
+
+def _shape(name: str, d: Any) -> ModelShape:
+    """A plan's source or target shape, every size a whole number."""
+    if not isinstance(d, Mapping):
+        raise PruneError(f"plan {name}: expected an object of model sizes")
+    for f in dataclasses.fields(ModelShape):
+        if f.name in d and f.type == "int":
+            _index(f"{name} {f.name}", d[f.name])
+    return ModelShape.from_dict(d)
+
+
+def _norm_scale(value: Any) -> float:
+    """The RMSNorm factor of a plan read from JSON: a finite positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise PruneError(f"plan norm_scale: {value!r} is not a positive number (1.0 leaves the norms as they are)")
+    return float(value)
 
 
 def _check_indices(name: str, idx: Sequence[int], source_n: int, target_n: int) -> None:

@@ -54,6 +54,9 @@ class Scores:
             if t is not None and tuple(t.shape) != want:
                 raise PruneError(f"scores '{name}' have shape {tuple(t.shape)}, the model needs {want}: "
                                  "were they computed for another model?")
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise PruneError(f"scores '{name}' hold NaN or Inf values (activations overflowed, e.g. in "
+                                 "--dtype float16?): the units they rank would be arbitrary; score in float32")
         return self
 
 

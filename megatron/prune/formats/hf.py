@@ -6,6 +6,7 @@ Reading goes tensor by tensor through ``safetensors.safe_open``; writing keeps a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -25,7 +26,7 @@ from megatron.prune.core.slicing import layer_index, model_index, slice_role
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.safetensors import DTYPE_CODES, DTYPE_SIZES, read_header, write_safetensors
 from megatron.prune.formats.source import (DEFAULT_MAX_SHARD_BYTES, FormatAdapter, TensorOverrides, TensorSource,
-                                           WriteOptions)
+                                           WriteOptions, check_finite)
 from megatron.prune.io.atomic import atomic_output, check_output_path, copy_side_files
 
 # One name table, used in both directions: logical role -> HF name ("{}" is the layer number).
@@ -59,6 +60,12 @@ IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # buffers some old exports car
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
+DTYPE_OF_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)  # float16 with bfloat16: float32
+
+
 SINGLE_WEIGHTS = "model.safetensors"
 
 
@@ -84,6 +91,7 @@ class HFCheckpoint:
     shape: ModelShape
     files: dict[str, Path]  # tensor name -> file
     dtypes: dict[str, str]  # tensor name -> safetensors dtype code ("F32", "BF16", ...)
+    cast: torch.dtype | None = None  # every tensor read in this dtype (see :meth:`in_one_dtype`)
 
     @classmethod
     def open(cls, folder: Path | str) -> "HFCheckpoint":
@@ -153,8 +161,25 @@ class HFCheckpoint:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the final norm weight (read from the header): what a Megatron conversion's args record."""
-        return {code: dtype for dtype, code in DTYPE_CODES.items()}[self.dtype_code("final_norm")]
+        """The dtype a Megatron conversion holds every tensor in (its args record one): the float dtype of the weights,
+        or one that holds each of them exactly where they mix (float32 for float32/float16/bfloat16)."""
+        if self.cast is not None:
+            return self.cast
+        floats = {DTYPE_OF_CODE.get(c) for n, c in self.dtypes.items() if not IGNORED.match(n)} & set(FLOAT_DTYPES)
+        if len(floats) == 1:
+            return floats.pop()
+        if torch.float64 in floats:
+            return torch.float64
+        return torch.float32 if floats else DTYPE_OF_CODE[self.dtypes[self._name("final_norm", None)]]
+
+    def in_one_dtype(self) -> "HFCheckpoint":
+        """This checkpoint read in one dtype (:attr:`dtype`), as a Megatron checkpoint holds it (saying so where the
+        tensors mix dtypes)."""
+        codes = sorted({c for n, c in self.dtypes.items() if not IGNORED.match(n)})
+        if len(codes) > 1:
+            print(f"note: {self.folder} mixes {', '.join(codes)} tensors; a Megatron checkpoint holds one dtype: "
+                  f"writing all in {str(self.dtype).removeprefix('torch.')}")
+        return dataclasses.replace(self, cast=self.dtype)
 
     def release(self) -> None:
         """Nothing is held open between reads."""
@@ -167,7 +192,7 @@ class HFCheckpoint:
 
     def dtype_code(self, role: str, layer: int | None = None) -> str:
         """safetensors dtype code ("F32", "BF16", ...) of a tensor, read from the header, not the data."""
-        return self.dtypes[self._name(role, layer)]
+        return DTYPE_CODES[self.cast] if self.cast is not None else self.dtypes[self._name(role, layer)]
 
     # TensorSource
     def has(self, role: str, layer: int | None = None) -> bool:
@@ -180,7 +205,8 @@ class HFCheckpoint:
         want = role_shape(role, self.shape)
         if tuple(t.shape) != want:
             raise PruneError(f"{name} has shape {tuple(t.shape)}, config implies {want}")
-        return t
+        check_finite(t, f"{self.files[name]}: {name}")
+        return t if self.cast is None else t.to(self.cast)
 
 
 def check_hf_target(target: ModelShape, config: Mapping[str, Any]) -> None:

@@ -10,8 +10,23 @@ from typing import Any, Callable, Protocol
 import torch
 
 from megatron.prune.core.shape import ModelShape
+from megatron.prune.errors import PruneError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+def check_finite(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Refuse a tensor read from a checkpoint that holds NaN or Inf, by name: pruned and written on, the damage would
+    reach the output without a word (and activation scores would be NaN). One min/max pass (NaN propagates through
+    both; no overflow, unlike a sum), cheaper than a copy; the count is taken only for the message."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return t
+    lo, hi = torch.aminmax(t)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return t
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    raise PruneError(f"{name} holds {nan} NaN and {inf} Inf value(s): the checkpoint is damaged (a diverged run, a "
+                     "bad conversion or a corrupt file)")
 
 
 class TensorSource(Protocol):

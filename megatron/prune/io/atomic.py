@@ -1,14 +1,20 @@
-"""Safe output handling: validate the output path early, write into a temporary folder, rename at the end.
+"""Safe output handling: validate the output path early, write into a temporary folder (or file), rename at the end.
 
 A failed or interrupted run therefore never leaves a half-written checkpoint at the output path and never
-touches its input.
+touches its input. A run killed outright (``kill -9``, a power cut) cannot clean up after itself: its temporary
+sibling (``.NAME.partial-PID@HOST-XXXXXXXX``) is removed by the next run writing the same output, once that
+process is gone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import socket
+import sys
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,9 +22,13 @@ from typing import Iterator
 
 from megatron.prune.errors import PruneError
 
+# Outputs renamed into place by this process, in order: a Ctrl-C after the last rename finds its output complete.
+FINISHED: list[Path] = []
+
 
 def check_output_path(inputs: Path | list[Path], output: Path, overwrite: bool = False) -> Path:
-    """Refuse an output that is an input, lies inside one, contains one, or is non-empty without ``overwrite``."""
+    """Refuse an output that is an input, lies inside one, contains one, is non-empty without ``overwrite``, or
+    cannot be written (a file on its path, a read-only filesystem, /proc)."""
     out = Path(output).resolve()
     for inp in [inputs] if isinstance(inputs, (str, Path)) else inputs:
         src = Path(inp).resolve()
@@ -33,15 +43,97 @@ def check_output_path(inputs: Path | list[Path], output: Path, overwrite: bool =
             raise PruneError(f"output {output} exists and is not a folder")
         if any(out.iterdir()) and not overwrite:
             raise PruneError(f"output folder {output} is not empty; pass --overwrite to replace it")
+    check_writable_parent(output)
     return out
+
+
+def check_writable_parent(output: Path | str, flag: str = "output") -> Path:
+    """Refuse ``output`` when its folder cannot be made or written in: a file where a folder should be, a read-only
+    filesystem, no permission, a pseudo-filesystem such as /proc. A probe folder is made and removed at once, so
+    the check is what the write will meet. Returns the nearest existing folder."""
+    out = Path(output).absolute()
+    folder = out.parent
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PruneError(f"{flag} {output}: {folder} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=folder))
+    except OSError as e:
+        raise PruneError(f"{flag} {output}: cannot write in {folder} ({e.strerror or e}); choose another "
+                         "place") from None
+    return folder
+
+
+def partial_name(out: Path) -> str:
+    """The temporary sibling of ``out`` this process writes into: ``.NAME.partial-PID@HOST-XXXXXXXX``."""
+    return f".{out.name}.partial-{os.getpid()}@{_host()}-{uuid.uuid4().hex[:8]}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "localhost"
+
+
+_OWNER = re.compile(r"(\d+)(?:@([A-Za-z0-9_.]*))?(?:-[0-9a-f]{8})?(?:-[a-z]+)?")  # -WHAT: a scratch_folder
+
+
+def partial_owner(out: Path, sibling: str) -> tuple[int, str] | None:
+    """(pid, host) of a temporary sibling of ``out`` named by :func:`partial_name` (or by earlier versions, which
+    named no host: taken as this one), None for any other name."""
+    prefix = f".{out.name}.partial-"
+    m = _OWNER.fullmatch(sibling[len(prefix):]) if sibling.startswith(prefix) else None
+    return None if m is None else (int(m.group(1)), m.group(2) or _host())
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_partials(output: Path | str) -> list[Path]:
+    """Remove the temporary siblings of ``output`` left by runs of this machine that were killed (their process is
+    gone), saying so; name the others (a run still writing, or another machine's). Returns what was removed."""
+    out = Path(output).absolute()
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for p in sorted(out.parent.glob(f".{glob_escape(out.name)}.partial-*")):
+        owner = partial_owner(out, p.name)
+        if owner is None:
+            continue
+        pid, host = owner
+        if host == _host() and not process_alive(pid):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+            print(f"note: removed {p}, left by an interrupted run (process {pid})", file=sys.stderr)
+        elif pid != os.getpid():
+            print(f"note: {p} is being written by process {pid} on {host}, or was left by it; remove it once that "
+                  "run is over", file=sys.stderr)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob metacharacters taken literally."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 @contextmanager
 def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``output``, on any failure it is removed."""
     out = Path(output).resolve()
+    check_writable_parent(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    clean_stale_partials(out)
+    tmp = out.parent / partial_name(out)
     tmp.mkdir()
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -57,9 +149,11 @@ def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
             trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(trash)
             tmp.rename(out)
+            FINISHED.append(out)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             tmp.rename(out)
+            FINISHED.append(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -69,11 +163,30 @@ def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 @contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary sibling file path; on success it replaces ``path`` (one rename), on any failure it is
+    removed. The folder must exist (checked first)."""
+    path = Path(path).absolute()
+    check_writable_parent(path)
+    clean_stale_partials(path)
+    tmp = path.with_name(partial_name(path))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+        FINISHED.append(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
 def scratch_folder(output: Path, what: str) -> Iterator[Path]:
-    """A temporary folder beside ``output`` (its filesystem; named like :func:`atomic_output`'s), removed on exit."""
+    """A temporary folder beside ``output`` (its filesystem), removed on exit; named like :func:`atomic_output`'s with
+    ``-WHAT`` added, so that the next run removes one a killed run left."""
     out = Path(output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}-{what}"
+    clean_stale_partials(out)
+    tmp = out.parent / f"{partial_name(out)}-{what}"
     tmp.mkdir()
     try:
         yield tmp

@@ -113,8 +113,9 @@ class SequentialFile:
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 self._error = e
 
-        self._writer = threading.Thread(target=run, name="direct-io-writer", daemon=True)
-        self._writer.start()
+        writer = threading.Thread(target=run, name="direct-io-writer", daemon=True)
+        writer.start()
+        self._writer = writer  # only once started: a Ctrl-C between the two lines must not leave an unjoinable one
         self._fill ^= 1
         self._used = 0
         self._offset += n

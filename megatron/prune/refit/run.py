@@ -4,6 +4,7 @@ windows, the scratch store beside the output, and the record of what was done in
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from megatron.prune.core.plan import PrunePlan
@@ -33,8 +34,9 @@ def check_reconstruct(src: TensorSource, reconstruct: str, method: str, calib: t
         raise PruneError(f"--reconstruct {reconstruct!r}: choose one of {', '.join(RECONSTRUCT)}")
     if reconstruct == "none":
         return
-    if not options.damping > 0:
-        raise PruneError(f"--damping {options.damping}: must be > 0 (a multiple of the moments' mean diagonal)")
+    if not (options.damping > 0 and math.isfinite(options.damping)):
+        raise PruneError(f"--damping {options.damping}: must be > 0 and finite (a multiple of the moments' mean "
+                         "diagonal)")
     unknown = [g for g in options.groups if g not in GROUPS]
     if unknown or options.head not in HEADS:
         raise PruneError(f"refit groups {unknown or list(options.groups)} / head {options.head!r}: choose groups from "
@@ -59,7 +61,7 @@ def reconstruct(src: TensorSource, plan: PrunePlan, scoring: ScoringOptions, opt
 
     if plan.is_identity():
         return None, None, plan
-    text = read_texts(list(scoring.calib)) if scoring.calib else builtin_text("calib")
+    text = read_texts(list(scoring.calib), "--calib") if scoring.calib else builtin_text("calib")
     windows = calibration_windows(tokenize(load_tokenizer(src.folder), text, None), scoring.samples, scoring.seq_len)
     store = RefitStore(scratch)
     try:

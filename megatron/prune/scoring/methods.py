@@ -34,7 +34,7 @@ class ScoringOptions:
     samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
     batch_size: int = DEFAULT_BATCH_SIZE
-    device: str = "cpu"
+    device: str = "auto"  # cuda where a GPU is available, else cpu
     dtype: str = "float32"
     aggregation: str = DEFAULT_AGGREGATION
     layer_by_layer: str = "auto"
@@ -67,7 +67,7 @@ def score_model(folder: Path, options: ScoringOptions = ScoringOptions()) -> Sco
     device."""
     import time
 
-    from megatron.prune.runtime import check_megatron_tokenizer, load_hf, load_tokenizer, tokenize
+    from megatron.prune.runtime import check_megatron_tokenizer, load_hf, load_tokenizer, resolve_device, tokenize
     from megatron.prune.scoring.layerwise import collect_scores_layerwise, source_shape, use_layerwise
     from megatron.prune.text import builtin_text, read_texts
 
@@ -78,9 +78,8 @@ def score_model(folder: Path, options: ScoringOptions = ScoringOptions()) -> Sco
     check_batch_size(batch_size)
     if dtype not in DTYPES:
         raise PruneError(f"--dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PruneError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    text = read_texts(list(texts)) if texts else builtin_text("calib")
+    device = resolve_device(device)
+    text = read_texts(list(texts), "--calib") if texts else builtin_text("calib")
     shape = source_shape(Path(folder))
     if as_model_folder(folder).kind == "megatron":
         check_megatron_tokenizer(Path(folder))
@@ -100,6 +99,7 @@ def score_model(folder: Path, options: ScoringOptions = ScoringOptions()) -> Sco
         windows = calibration_windows(tokenize(tok, text, None), samples, seq_len)
         t0 = time.perf_counter()
         scores = collect_scores(model, shape, windows, batch_size, agg, o.progress)
+    scores.check(shape)  # NaN/Inf scores (activations overflowed in float16?) would select arbitrary units
     meta = {"model": str(folder), "calib": [str(p) for p in texts] if texts else "builtin:calib",
             "samples": samples, "seq_len": seq_len, "tokens": int(windows.numel()), "aggregation": agg,
             "dtype": dtype, "device": device, "seconds": round(time.perf_counter() - t0, 3),
@@ -109,13 +109,15 @@ def score_model(folder: Path, options: ScoringOptions = ScoringOptions()) -> Sco
 
 def save_scores(run: ScoringRun, path: Path) -> None:
     """Write scores plus how they were made, atomically (temp file renamed into place)."""
-    import os
+    import io
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    from megatron.prune.io.atomic import atomic_file
+
     fields = {f.name: getattr(run.scores, f.name) for f in dataclasses.fields(run.scores)}
-    torch.save({**fields, "meta": dict(run.meta)}, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()  # small; written by Python, so a full disk is an OSError, not torch's RuntimeError
+    torch.save({**fields, "meta": dict(run.meta)}, buf)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def load_scores(path: Path, shape: ModelShape) -> Scores:

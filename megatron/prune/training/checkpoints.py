@@ -52,9 +52,19 @@ def checkpoint_state(ref: CheckpointRef) -> dict[str, Any]:
     """Rank 0's checkpoint dict (torch: memory-mapped; torch_dist: the common state): ``args``, ``iteration``,
     and ``optimizer`` where the checkpoint holds training state."""
     if ref.torch_dist:
+        import torch.distributed.checkpoint as dcp
         from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+        from torch.distributed.checkpoint.api import CheckpointException
 
-        state = load_common_state_dict(str(ref.folder))
+        from megatron.prune.formats.mcore.dist import check_storage_files, first_line
+
+        try:
+            check_storage_files(ref.folder, dcp.FileSystemReader(str(ref.folder)).read_metadata())
+            state = load_common_state_dict(str(ref.folder))
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's own is a BaseException
+            if isinstance(e, PruneError):
+                raise
+            raise PruneError(f"checkpoint {ref.folder}: cannot read it ({first_line(e)})") from None
     else:
         files = sorted(ref.folder.glob(f"mp_rank_00*/{MODEL_FILE}"))
         if not files:
@@ -103,3 +113,38 @@ def load_misfit(incompatible: Any) -> str | None:
         return None
     return (f"the checkpoint does not fit the model: {len(missing)} missing {missing[:4]}, "
             f"{len(unexpected)} unexpected {unexpected[:4]}")
+
+
+def check_weights(ref: CheckpointRef, flag: str) -> None:
+    """Every shard of the checkpoint there, readable and free of NaN/Inf, before start-up: a missing or truncated
+    shard, or NaN weights, would otherwise stop the run after start-up, on each rank, as tracebacks. Reads the
+    whole checkpoint (memory-mapped, one shard or layer at a time)."""
+    from megatron.prune.formats.mcore.dist import first_line, model_tensors
+    from megatron.prune.formats.mcore.read import load_shard
+    from megatron.prune.formats.source import check_finite
+
+    if ref.torch_dist:
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            for name, t in model_tensors(ref.folder):
+                check_finite(t, f"{flag} {ref.root}: {name}")
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - a damaged file; DCP's own is a BaseException
+            if isinstance(e, PruneError):
+                raise
+            raise PruneError(f"{flag} {ref.root}: cannot read the checkpoint ({first_line(e)})") from None
+        return
+    args = checkpoint_args(ref)
+    tp, pp = int(getattr(args, "tensor_model_parallel_size", 1)), int(getattr(args, "pipeline_model_parallel_size", 1))
+    for t_rank in range(tp):
+        for p_rank in range(pp):
+            path = _rank_file(ref, t_rank, p_rank, pp)
+            if not path.is_file():
+                raise PruneError(f"{flag} {ref.root}: missing shard {path} (its args say TP={tp} PP={pp})")
+            state = load_shard(path)  # a truncated or corrupt shard is refused by name here
+            # "model", or "model0", "model1", ... with virtual pipeline stages
+            for key in [k for k in state if k == "model" or (k.startswith("model") and k[5:].isdigit())]:
+                for name, t in state[key].items():
+                    if isinstance(t, torch.Tensor):
+                        check_finite(t, f"{flag} {path}: {name}")
+            del state

@@ -15,8 +15,9 @@ from megatron.prune.data import MEGATRON_TOKENIZER_TYPES, check_token_ids, valid
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.folder import is_megatron_dir
 from megatron.prune.formats.mcore.schema import META_DIR
-from megatron.prune.training.checkpoints import checkpoint_args, checkpoint_state, find_checkpoint, never_trained
-from megatron.prune.training.datasets import read_sequence_counts
+from megatron.prune.training.checkpoints import (check_weights, checkpoint_args, checkpoint_state, find_checkpoint,
+                                                 never_trained)
+from megatron.prune.training.datasets import check_dataset_files, read_sequence_counts
 from megatron.prune.training.model import layer_spec_name
 from megatron.prune.training.teacher import check_teacher
 
@@ -387,8 +388,9 @@ def check_schedule(args: Any) -> None:
                          "(or --lr-wsd-decay-samples N with --train-samples)")
 
 
-def validate_inputs(args: Any) -> None:
-    """Everything that can be wrong with the user's inputs, checked before the loop starts."""
+def validate_inputs(args: Any, scan_weights: bool = True) -> None:
+    """Everything that can be wrong with the user's inputs, checked before the loop starts; ``scan_weights`` also
+    reads every shard of the checkpoint and the teacher (:func:`check_weights`)."""
     check_tensorboard(args)
     check_memory_history(args)
     check_unsupported_flags(args)
@@ -400,6 +402,7 @@ def validate_inputs(args: Any) -> None:
         raise PruneError("no training data: pass --data-path PREFIX (from `megatron-prune data`)")
     for prefix in prefixes:
         validate_dataset_prefix(prefix)
+        check_dataset_files(prefix)
     read_sequence_counts(getattr(args, "per_dataset_sequences_path", None))  # now, not once datasets are built
     if prefixes:
         from megatron.training import get_tokenizer
@@ -408,8 +411,11 @@ def validate_inputs(args: Any) -> None:
             check_token_ids(prefix, get_tokenizer().vocab_size)
     ckpt_args = None
     if args.load and is_megatron_dir(args.load):
-        state = checkpoint_state(find_checkpoint(args.load, "--load"))
+        ref = find_checkpoint(args.load, "--load")
+        state = checkpoint_state(ref)
         ckpt_args = state["args"]
+        if scan_weights:
+            check_weights(ref, "--load")
         if args.use_checkpoint_args:
             adopt_checkpoint_args(ckpt_args, args)
         check_checkpoint_shape(ckpt_args, args, "--load")
@@ -425,6 +431,8 @@ def validate_inputs(args: Any) -> None:
                   "step, no effect on training)", flush=True)
         teacher_ref = find_checkpoint(args.kd_teacher_load, "--kd-teacher-load")
         teacher = checkpoint_args(teacher_ref)
+        if scan_weights:
+            check_weights(teacher_ref, "--kd-teacher-load")
         check_vocabulary(args.kd_teacher_load, args, "--kd-teacher-load")
         check_teacher(teacher, args, student_ckpt_args=ckpt_args, teacher_torch_dist=teacher_ref.torch_dist)
         check_layer_spec(teacher, args, "--kd-teacher-load", args.kd_teacher_load)

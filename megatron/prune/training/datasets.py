@@ -4,6 +4,8 @@ stock GPT script builds them."""
 from __future__ import annotations
 
 import json
+import os
+import struct
 from typing import Any, Sequence
 
 from megatron.prune.errors import PruneError
@@ -75,3 +77,31 @@ def train_valid_test_datasets_provider(train_val_test_num_samples: Sequence[int]
 
 # Every rank reads its own batches (TP ranks of one DP rank read the same ones): no broadcast.
 train_valid_test_datasets_provider.is_distributed = True  # type: ignore[attr-defined]
+
+
+def check_dataset_files(prefix: str) -> None:
+    """Refuse a dataset whose ``.idx`` or ``.bin`` is cut short (a copy that stopped, a full disk), before start-up:
+    megatron-core maps both and fails on each rank, mid-run, at the first sample past the end."""
+    from megatron.prune.data import token_dtype
+
+    idx, bin_path = f"{prefix}.idx", f"{prefix}.bin"
+    itemsize = token_dtype(prefix).itemsize  # refuses a file that is no index at all
+    head = 9 + 8 + 1  # magic, version, dtype code; then sequence and document counts
+    with open(idx, "rb") as f:
+        f.seek(head)
+        counts = f.read(16)
+        n, docs = struct.unpack("<QQ", counts) if len(counts) == 16 else (0, 0)
+        need = head + 16 + 12 * n + 8 * docs  # int32 lengths, int64 pointers, int64 document starts
+        if len(counts) < 16 or os.path.getsize(idx) < need:
+            raise PruneError(f"data prefix {prefix}: {idx} is truncated ({os.path.getsize(idx)} bytes, its header "
+                             f"promises {need}); tokenize the data again (megatron-prune data)")
+        if n == 0:
+            return
+        f.seek(head + 16 + 4 * (n - 1))
+        (last_len,) = struct.unpack("<i", f.read(4))
+        f.seek(head + 16 + 4 * n + 8 * (n - 1))
+        (last_start,) = struct.unpack("<q", f.read(8))
+    need = last_start + last_len * itemsize
+    if os.path.getsize(bin_path) < need:
+        raise PruneError(f"data prefix {prefix}: {bin_path} is truncated ({os.path.getsize(bin_path)} bytes, its "
+                         f"index needs {need}); tokenize the data again (megatron-prune data)")

@@ -10,12 +10,13 @@ flags first.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import shutil
 import sys
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,6 +64,71 @@ def escape_help_percents(parser: argparse.ArgumentParser) -> None:
 # Defaults of a LLaMA-family recipe where Megatron's differ: no dropout (Megatron: 0.1 each), as LLaMA-family models
 # are trained. Given before the user's flags, which win; --use-checkpoint-args takes the checkpoint's.
 LLAMA_DEFAULTS: tuple[str, ...] = ("--attention-dropout", "0.0", "--hidden-dropout", "0.0")
+
+
+# check_model.sh runs the checks of every rank once, before torchrun (``only``: check and stop), so that a refusal is
+# one line, not one per rank inside torchrun's own traceback; the ranks then skip the slow part (``done``).
+PREFLIGHT = "MEGATRON_PRUNE_PREFLIGHT"
+
+
+def without_log_writers() -> None:
+    """A pre-flight parses the run's flags as rank 0 does but must not start its TensorBoard, W&B or one-logger
+    writers (megatron-core's argument parsing starts them)."""
+    from megatron.training import global_vars
+
+    for name in ("_set_tensorboard_writer", "_set_wandb_writer", "_set_one_logger"):
+        setattr(global_vars, name, lambda args: None)
+
+
+class WarnOnce(logging.Filter):
+    """Lets each distinct warning through once per rank: megatron-core repeats some at every evaluation and save
+    ("Setting RerunStateMachine mode ...", "RerunStateMachine checkpoints ONLY SUPPORTED ...")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def warn_once_per_rank() -> None:
+    """Install :class:`WarnOnce` on the handlers megatron-core logs through (its training module sets them up).
+    Its handler overrides ``filter`` (dropping other libraries' records) and so ignores ``addFilter``: chain the
+    two instead."""
+    import megatron.training.training
+
+    once = WarnOnce()
+    for handler in logging.getLogger().handlers:
+        stock = getattr(handler.filter, "stock", handler.filter)  # a second run in this process replaces the first
+        handler.filter = partial(_both_filters, stock, once)  # type: ignore[method-assign]
+        handler.filter.stock = stock  # type: ignore[attr-defined]
+
+
+def _both_filters(stock: Any, once: WarnOnce, record: logging.LogRecord) -> bool:
+    return bool(stock(record)) and once.filter(record)
+
+
+def carry_hf_meta_with_first_save(args: Any) -> None:
+    """``hf_meta/`` goes into SAVE with the run's first checkpoint (:func:`carry_hf_meta`), not at start-up: a run
+    that fails before saving leaves SAVE as it was."""
+    import megatron.training.training as training
+
+    stock = getattr(training.save_checkpoint, "__wrapped__", training.save_checkpoint)  # once per process
+
+    @wraps(stock)
+    def save_checkpoint(*a: Any, **kw: Any) -> Any:
+        out = stock(*a, **kw)
+        carry_hf_meta(args)
+        return out
+
+    training.save_checkpoint = save_checkpoint
 
 
 def carry_hf_meta(args: Any) -> Path | None:
@@ -205,16 +271,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = [*WITHOUT_TE_FLAGS, *argv]
     argv = keep_own_tokenizer(argv)
     sys.argv = [sys.argv[0], *argv]
+    stage = os.environ.get(PREFLIGHT, "")
+    if stage == "only":
+        without_log_writers()
     try:
         flags = preflight_flags(argv)
         check_flags_first(flags)
         check_paths_first(flags)
         args = parse_and_validate_args(add_recovery_args)
-        validate_inputs(args)
+        # every shard is read once, before start-up: by check_model.sh's pre-flight, else by rank 0
+        validate_inputs(args, scan_weights=stage != "done" and os.environ.get("RANK", "0") == "0")
     except PruneError as e:
         print(f"pretrain_llama.py: error: {e}", file=sys.stderr, flush=True)
         return 2
-    carry_hf_meta(args)
+    except AssertionError as e:  # Megatron's own argument checks are bare assertions
+        print(f"pretrain_llama.py: error: {str(e).strip() or 'Megatron refused the arguments'}", file=sys.stderr,
+              flush=True)
+        return 2
+    if stage == "only":
+        return 0
+    warn_once_per_rank()
+    carry_hf_meta_with_first_save(args)
     cfg = pretrain_cfg_container_from_args(args)
     try:
         run = Recovery()

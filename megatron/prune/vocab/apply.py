@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,28 +25,31 @@ GENERATION_CONFIG = "generation_config.json"
 
 
 def read_keep_ids(path: Path | str) -> list[int]:
-    """Kept ids from a file: a JSON list, a JSON object with a ``kept`` list, or integers separated by space/commas."""
+    """Kept ids from a file: a JSON list, a JSON object with a ``kept`` list, or integers separated by space/commas;
+    refused when it holds none, or anything but whole numbers."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise PruneError(f"cannot read --keep-ids file {path}: {e}") from e
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PruneError(f"cannot read --keep-ids file {path}: {e}") from None
     try:
         data = json.loads(text)
-        if isinstance(data, Mapping):
-            data = data.get("kept")
-        if not isinstance(data, list):
-            raise PruneError(f"--keep-ids file {path}: expected a list of token ids (or an object with 'kept')")
-        return list(data)
     except json.JSONDecodeError:
-        pass
-    out = []
-    for word in text.replace(",", " ").split():
-        try:
-            out.append(int(word))
-        except ValueError:
-            raise PruneError(f"--keep-ids file {path}: {word!r} is not a token id") from None
-    return out
+        data = text.replace(",", " ").split()
+        for word in data:
+            if not re.fullmatch(r"[+-]?\d+", word):
+                raise PruneError(f"--keep-ids file {path}: {word!r} is not a token id") from None
+        data = [int(w) for w in data]
+    if isinstance(data, Mapping):
+        data = data.get("kept")
+    if not isinstance(data, list):
+        raise PruneError(f"--keep-ids file {path}: expected a list of token ids (or an object with 'kept')")
+    odd = next((v for v in data if isinstance(v, bool) or not isinstance(v, int)), None)
+    if odd is not None:
+        raise PruneError(f"--keep-ids file {path}: {odd!r} is not a token id (whole numbers only)")
+    if not data:
+        raise PruneError(f"--keep-ids file {path} holds no token ids; list the ids to keep")
+    return list(data)
 
 
 def choose_kept(rules: VocabRules, keep: int | None = None, keep_ids: Sequence[int] | None = None,

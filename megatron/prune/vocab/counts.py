@@ -58,11 +58,11 @@ class TokenCounts:
 
     def save(self, path: Path) -> Path:
         """Write atomically (temp file renamed into place)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-        return path
+        from megatron.prune.io.atomic import atomic_file
+
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        return Path(path)
 
     @classmethod
     def load(cls, path: Path) -> "TokenCounts":
@@ -93,7 +93,9 @@ def check_data_files(paths: Sequence[Path | str]) -> list[Path]:
     if not paths:
         raise PruneError("no data files given")
     for p in paths:
-        check_input_file(p)
+        check_input_file(p, "--data")
+        if Path(p).stat().st_size == 0:
+            raise PruneError(f"--data {p}: the file is empty; there is nothing to count")
     return list(map(Path, paths))
 
 
@@ -103,10 +105,10 @@ def iter_tasks(paths: Sequence[Path], chunk_chars: int = CHUNK_CHARS) -> Iterato
     from megatron.prune.data import numbered_lines, resolve_input_format
 
     for p in paths:
-        tag = f"{resolve_input_format(p)}:{p}"
+        tag = f"{resolve_input_format(p, flag='--data')}:{p}"
         buf: list[str] = []
         size, start = 0, 1
-        for n, line in numbered_lines(p):
+        for n, line in numbered_lines(p, "--data"):
             buf.append(line)
             size += len(line)
             if size >= chunk_chars:
@@ -130,8 +132,12 @@ def _documents(tag: str, start: int, raw: str) -> list[str]:
 _ENCODER = None
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+def _init_worker(tokenizer_dir: str, parent_pid: int | None = None) -> None:
     global _ENCODER
+    if parent_pid is not None:  # a pool worker: it ends with the counting process, however that ends
+        from megatron.prune.io.workers import end_with_parent
+
+        end_with_parent(parent_pid)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     from .folder import make_encoder
 
@@ -165,11 +171,13 @@ def count_tokens(tokenizer_dir: Path, data: Sequence[Path | str], rules: VocabRu
 
         # spawn, not fork: the caller may hold torch / tokenizers threads, and forking those can deadlock.
         # As with any spawn pool, a calling script needs an ``if __name__ == "__main__":`` guard.
-        with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_dir),)) as pool:
+        with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_dir), os.getpid())) as pool:
             for c, n in pool.imap_unordered(_count_task, tasks):
                 counter.update(c)
                 bar.update(n)
     bar.close()
+    if not counter:
+        raise PruneError(f"--data {' '.join(map(str, paths))}: no text to count (only blank lines?)")
     bad = [i for i in counter if not 0 <= i < rules.size]
     if bad:
         raise PruneError(f"the tokenizer produced id {bad[0]} outside its vocabulary of {rules.size}")

@@ -29,6 +29,7 @@ from megatron.prune.core.roles import has_role, stored_role
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.mcore.args import check_meta_family, hf_config_from_args, shape_from_args
 from megatron.prune.formats.mcore.read import CheckpointHeader
+from megatron.prune.formats.source import check_finite
 from megatron.prune.formats.mcore.schema import (CHECKPOINT_VERSION, EXTRA_STATE, META_DIR, PARAM_BY_KEY, PARAM_OF_ROLE,
                                                  PARAMS, Param, check_tp_pp, dist_name, params_for, stored_shape,
                                                  unfuse)
@@ -58,14 +59,18 @@ class TorchDistCheckpoint(CheckpointHeader):
     @classmethod
     def open(cls, folder: Path, iter_dir: Path) -> "TorchDistCheckpoint":
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         from megatron.core.dist_checkpointing import load_common_state_dict
 
         try:
-            common = load_common_state_dict(str(iter_dir))
             metadata = dcp.FileSystemReader(str(iter_dir)).read_metadata()
-        except Exception as e:  # noqa: BLE001 - unreadable input is a user error
-            raise PruneError(f"cannot read torch_dist checkpoint {iter_dir}: {str(e).splitlines()[0]}") from e
+            check_storage_files(iter_dir, metadata)  # the common state is read from them too
+            common = load_common_state_dict(str(iter_dir))
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - unreadable input is a user error
+            if isinstance(e, PruneError):
+                raise
+            raise PruneError(f"cannot read torch_dist checkpoint {iter_dir}: {first_line(e)}") from None
         args = common.get("args")
         if args is None:
             raise PruneError(f"{iter_dir}: the common state has no 'args'; not a Megatron-LM checkpoint")
@@ -113,14 +118,20 @@ class TorchDistCheckpoint(CheckpointHeader):
         stays cached, so q, k and v (gate, up) of a layer come from one read."""
         if self._cache[0] != (name, layer):
             import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.api import CheckpointException
 
             self._cache = (None, None)
             md = self.metadata.state_dict_metadata[name]
             size = tuple(md.size) if layer is None else (1, *md.size[1:])
             sd = {name: torch.empty(size, dtype=md.properties.dtype)}
-            dcp.load(sd, storage_reader=dcp.FileSystemReader(str(self.iter_dir)), no_dist=True,
-                     planner=None if layer is None else _layer_planner(name, layer))
-            self._cache = ((name, layer), sd[name] if layer is None else sd[name][0])
+            try:
+                dcp.load(sd, storage_reader=dcp.FileSystemReader(str(self.iter_dir)), no_dist=True,
+                         planner=None if layer is None else _layer_planner(name, layer))
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - a damaged file (DCP wraps what it met)
+                raise PruneError(f"cannot read {name} from torch_dist checkpoint {self.iter_dir}: "
+                                 f"{first_line(e)} (truncated or corrupt .distcp file?)") from None
+            where = f"{self.iter_dir}: {name}" + ("" if layer is None else f" (layer {layer})")
+            self._cache = ((name, layer), check_finite(sd[name] if layer is None else sd[name][0], where))
         return self._cache[1]
 
     def release(self) -> None:
@@ -136,8 +147,56 @@ class TorchDistCheckpoint(CheckpointHeader):
         t = self._load(dist_name(param), layer if param.per_layer else None)
         s = self.shape
         part = unfuse(param, t, s.num_query_groups, s.num_attention_heads, s.head_dim)
-        out = part["embed" if param.key == "embed" else role]
+        out = part["embed" if param.key == "embed" else role].to(self.dtype)
         return out[: s.vocab_size].contiguous() if role in ("embed", "lm_head") else out.contiguous()
+
+
+def first_line(e: BaseException) -> str:
+    """What went wrong, in one line: a DCP CheckpointException (a BaseException holding each rank's error and its
+    traceback) by the first rank's error; any other error by the first line of its message."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def check_storage_files(iter_dir: Path, metadata: Any) -> None:
+    """Every ``.distcp`` file the metadata reads from is there and long enough: a missing or truncated one is
+    refused now, by name, not as a reader's traceback halfway through the work."""
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        if hasattr(info, "relative_path"):  # a file-system storage record
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        path = Path(iter_dir) / name
+        if not path.is_file():
+            raise PruneError(f"torch_dist checkpoint {iter_dir}: {name} is missing (its metadata reads from it)")
+        if path.stat().st_size < size:
+            raise PruneError(f"torch_dist checkpoint {iter_dir}: {name} is truncated ({path.stat().st_size} bytes, "
+                             f"its metadata reads up to byte {size})")
+
+
+def model_tensors(iter_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every model tensor of a torch_dist iteration folder, whatever model it holds (optimizer and
+    RNG state skipped), a stacked per-layer tensor one layer at a time (named ``NAME[layer]``): a scan of the whole
+    checkpoint that holds one layer's tensor at a time."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(iter_dir)).read_metadata()
+    check_storage_files(iter_dir, metadata)
+    for name, md in sorted(metadata.state_dict_metadata.items()):
+        if not isinstance(md, TensorStorageMetadata) or name.startswith(SKIPPED):
+            continue
+        stacked = name.startswith("decoder.layers.") and len(md.size) > 1
+        for layer in range(md.size[0]) if stacked else [None]:
+            size = tuple(md.size) if layer is None else (1, *md.size[1:])
+            sd = {name: torch.empty(size, dtype=md.properties.dtype)}
+            dcp.load(sd, storage_reader=dcp.FileSystemReader(str(iter_dir)), no_dist=True,
+                     planner=None if layer is None else _layer_planner(name, layer))
+            yield (name, sd[name]) if layer is None else (f"{name}[{layer}]", sd[name][0])
 
 
 def _layer_planner(name: str, layer: int):

@@ -61,7 +61,7 @@ def hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, tp: int = 1, pp: int
                    make_vocab_size_divisible_by: int = 128, overwrite: bool = False, progress: bool = True,
                    ckpt_format: str = "torch") -> Path:
     """Convert an HF LLaMA-family checkpoint into a Megatron-LM checkpoint of TP ``tp`` and PP ``pp``."""
-    src = HFCheckpoint.open(hf_dir)
+    src = HFCheckpoint.open(hf_dir).in_one_dtype()  # mixed float32/float16/bfloat16 weights: one dtype, no loss
     check_tp_pp(src.shape, tp, pp)
     check_output_path(hf_dir, out_dir, overwrite)
     return save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec, make_vocab_size_divisible_by,

@@ -19,6 +19,7 @@ from megatron.prune.core.shape import ModelShape
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.safetensors import DTYPE_CODES
 from megatron.prune.formats.mcore.args import check_meta_family, hf_config_from_args, shape_from_args
+from megatron.prune.formats.source import check_finite
 from megatron.prune.formats.mcore.schema import (EXTRA_STATE, META_DIR, MODEL_FILE, PARAM_BY_KEY, PARAM_OF_ROLE,
                                                  TRACKER, _SHARD_DIR, Param, check_tp_pp, params_for, shard_dir_name,
                                                  stored_shape, unfuse)
@@ -57,8 +58,8 @@ def load_shard(path: Path) -> dict[str, Any]:
                 raise
             return load(mmap=False)
     except Exception as e:  # noqa: BLE001 - any unreadable shard is a user error
-        raise PruneError(f"cannot read Megatron shard {path}: {str(e).splitlines()[0]} "
-                         "(missing, truncated or corrupt?)") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # torch's run on for lines
+        raise PruneError(f"cannot read Megatron shard {path}: {first} (missing, truncated or corrupt?)") from None
 
 
 def saved_iterations(folder: Path) -> list[int]:
@@ -134,6 +135,7 @@ class MegatronCheckpoint(CheckpointHeader):
     _parts: "OrderedDict[tuple, dict[str, torch.Tensor]]" = field(default_factory=OrderedDict, repr=False)
     _maps: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _finite: set[tuple[int, int, str]] = field(default_factory=set, repr=False)  # stored tensors checked finite
 
     @classmethod
     def open(cls, folder: Path, iter_dir: Path) -> "MegatronCheckpoint":
@@ -249,7 +251,24 @@ class MegatronCheckpoint(CheckpointHeader):
         """The megatron-core tensor holding ``role`` in TP shard ``tp_rank``, as stored (memory-mapped, fused)."""
         _, stage, name = self._where(role, layer)
         with self._lock:
-            return self._shard(tp_rank, stage)[name]
+            t, first = self._shard(tp_rank, stage)[name], self._first_read(tp_rank, stage, name)
+        if first:  # outside the lock: the writer's threads check their tensors at once
+            check_finite(t, f"{self.files[(tp_rank, stage)]}: {name}")
+        return t
+
+    def _first_read(self, tp_rank: int, stage: int, name: str) -> bool:
+        """Whether this stored tensor is read for the first time (then it is checked for NaN/Inf)."""
+        key = (tp_rank, stage, name)
+        first = key not in self._finite
+        self._finite.add(key)
+        return first
+
+    def _checked(self, tp_rank: int, stage: int, name: str) -> torch.Tensor:
+        """A stored tensor of shard (tp_rank, stage), checked once for NaN/Inf (:func:`check_finite`)."""
+        t = self._shard(tp_rank, stage)[name]
+        if self._first_read(tp_rank, stage, name):
+            check_finite(t, f"{self.files[(tp_rank, stage)]}: {name}")
+        return t
 
     def get_local(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
         """The rank-local logical tensor of ``role`` (vocab still padded for embed/lm_head)."""
@@ -261,7 +280,7 @@ class MegatronCheckpoint(CheckpointHeader):
         key = (tp_rank, stage, name)
         if key not in self._parts:  # q, k, v (gate, up) come from one fused tensor: unfuse it once
             s = self.shape
-            self._parts[key] = unfuse(param, self._shard(tp_rank, stage)[name], s.num_query_groups // self.tp,
+            self._parts[key] = unfuse(param, self._checked(tp_rank, stage, name), s.num_query_groups // self.tp,
                                       s.num_attention_heads // self.tp, s.head_dim)
             while len(self._parts) > WORKERS + 1:  # one per writer thread
                 self._parts.popitem(last=False)
@@ -269,9 +288,9 @@ class MegatronCheckpoint(CheckpointHeader):
 
     def get(self, role: str, layer: int | None = None) -> torch.Tensor:
         param = PARAM_OF_ROLE[role]
-        if param.tp_axis is None:
-            return self.get_local(role, layer, 0)
-        t = torch.cat([self.get_local(role, layer, r) for r in range(self.tp)], dim=param.tp_axis)
+        if param.tp_axis is None:  # in the checkpoint's one dtype (a mixed one, from elsewhere, exports whole)
+            return self.get_local(role, layer, 0).to(self.dtype)
+        t = torch.cat([self.get_local(role, layer, r) for r in range(self.tp)], dim=param.tp_axis).to(self.dtype)
         self._done_with(role, layer)  # ``t`` is a copy: the pages it was read from can leave the resident set
         return t[: self.shape.vocab_size] if role in ("embed", "lm_head") else t
 

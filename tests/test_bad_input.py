@@ -1,0 +1,591 @@
+"""Bad input and faults, every verb and entry point, one table: each case runs through the CLI (or the seed
+script's entry point) on tiny checkpoints and must end with its exit code and one error line naming the offending
+value, no traceback, nothing left beside the output, and the inputs unchanged. Faults the table cannot stage in
+process (a full or read-only disk on a real filesystem, a killed parent, a refused recovery run) follow it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from compare import tree_hash
+from megatron.prune import seed
+from megatron.prune.cli import main
+from megatron.prune.core.plan import PrunePlan
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--samples", "2", "--seq-len", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
+    """Read-only inputs of the table: the tiny model (with a real tokenizer) as HF, Megatron TP=2 and torch_dist,
+    damaged copies of each, and the small files the cases name."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron.prune.formats.hf import HFCheckpoint
+    from megatron.prune.formats.mcore import ops
+
+    d = tmp_path_factory.mktemp("bad_input")
+    hf = shutil.copytree(tok_model, d / "hf")
+    mg = ops.hf_to_megatron(hf, d / "mg", tp=2, progress=False)
+    mgd = ops.hf_to_megatron(hf, d / "mgd", progress=False, ckpt_format="torch_dist")
+    missing = shutil.copytree(mgd, d / "mgd_missing")
+    next(missing.glob("iter_*/*.distcp")).unlink()
+    cut = shutil.copytree(mgd, d / "mgd_cut")
+    f = next(cut.glob("iter_*/*.distcp"))
+    os.truncate(f, f.stat().st_size // 2)
+    weights = load_file(hf / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(weights, shutil.copytree(hf, d / "hf_nan") / "model.safetensors", metadata={"format": "pt"})
+    mg_nan = shutil.copytree(mg, d / "mg_nan")
+    shard = mg_nan / "iter_0000000" / "mp_rank_01" / "model_optim_rng.pt"
+    state = torch.load(shard, weights_only=False)
+    state["model"]["decoder.layers.2.mlp.linear_fc2.weight"][0, 1] = float("inf")
+    torch.save(state, shard)
+    plan = PrunePlan.keep_all(HFCheckpoint.open(hf).shape).to_dict()
+    for name, change in {"list": lambda p: [p], "scale_text": lambda p: {**p, "norm_scale": "big"},
+                         "scale_negative": lambda p: {**p, "norm_scale": -1.0}, "half_index": half_index}.items():
+        (d / f"plan_{name}.json").write_text(json.dumps(change(plan)))
+    (d / "latin1.txt").write_bytes("caf\xe9 au lait\n\nmore text\n".encode("latin-1"))
+    (d / "empty.txt").write_text("")
+    (d / "short.txt").write_text("hello")
+    (d / "bad.json").write_text('{"hidden_size": 32,\n')
+    (d / "garbage.pt").write_bytes(b"not a torch file")
+    (d / "a_file").write_text("a file where a folder should be")
+    (d / "text.txt").write_text("hello world. " * 40)
+    (d / "text.jsonl").write_text(json.dumps({"text": "hello world, " * 40}) + "\n")
+    return {"d": d, "hf": hf, "mg": mg, "mgd": mgd, "mgd_missing": missing, "mgd_cut": cut,
+            "hf_nan": d / "hf_nan", "mg_nan": mg_nan, "hash": tree_hash(d)}
+
+
+def half_index(plan: dict) -> dict:
+    """A plan whose second FFN index of layer 0 is 1.5 (json would read it back as a float)."""
+    layers = [dict(lp) for lp in plan["layers"]]
+    layers[0]["ffn"] = [0, 1.5, *layers[0]["ffn"][2:]]
+    return {**plan, "layers": layers}
+
+
+def enospc(monkeypatch) -> None:
+    """The disk fills while the output is written: every write to a temporary output sibling fails."""
+    for name in ("write", "pwrite"):
+        real = getattr(os, name)
+
+        def full(fd, *a, _real=real):
+            if ".partial-" in os.readlink(f"/proc/self/fd/{fd}"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return _real(fd, *a)
+
+        monkeypatch.setattr(os, name, full)
+
+
+def erofs(monkeypatch) -> None:
+    """The output's filesystem is mounted read-only."""
+    import tempfile
+
+    def read_only(*a, **kw):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+
+
+def interrupt_on_import(monkeypatch) -> None:
+    """Ctrl-C while the verb's modules are still being imported."""
+    from megatron.prune import cli
+
+    def interrupted(name, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+
+
+def interrupt_after_rename(monkeypatch) -> None:
+    """Ctrl-C right after the output was renamed into place (before the summary is printed)."""
+    from megatron.prune.formats import hf
+
+    real = hf.apply_plan
+
+    def then_interrupted(*a, **kw):
+        real(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf, "apply_plan", then_interrupted)
+
+
+def busy_output(case_dir: Path) -> None:
+    (case_dir / "o").mkdir()
+    (case_dir / "o" / "keep.txt").write_text("mine")
+
+
+def existing_counts(case_dir: Path) -> None:
+    (case_dir / "c.json").write_text("{}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row: the command (``{hf}``-style names of the inputs, ``{o}`` the output in the case's own folder), the
+    exit code, what the error line must say, and optional set-up of the case folder or faults to stage."""
+
+    argv: str
+    rc: int
+    says: tuple[str, ...]
+    run: str = "cli"  # or a seed entry point of megatron.prune.seed
+    setup: Callable[[Path], None] | None = None
+    fault: Callable[[pytest.MonkeyPatch], None] | None = None
+    leaves: tuple[str, ...] = ()  # what the case may leave in its folder (a complete output)
+
+
+HF_OUT = "prune --input {hf} --output {o} --method random --ffn-hidden-size 32 --no-progress"
+CASES: dict[str, Case] = {
+    # damaged torch_dist checkpoints, in every verb that reads one
+    "prune dist missing": Case("prune --input {mgd_missing} --output {o} --method random --no-progress", 2,
+                               ("__0_0.distcp is missing",)),
+    "prune dist truncated": Case("prune --input {mgd_cut} --output {o} --method random --no-progress", 2,
+                                 ("__0_0.distcp is truncated",)),
+    "convert dist truncated": Case("convert megatron-to-hf --input {mgd_cut} --output {o} --no-progress", 2,
+                                   ("__0_0.distcp is truncated",)),
+    "reshard dist missing": Case("reshard --input {mgd_missing} --output {o} --tp 2 --no-progress", 2,
+                                 ("__0_0.distcp is missing",)),
+    "score dist truncated": Case("score --model {mgd_cut} --output {o}.pt " + " ".join(QUICK), 2,
+                                 ("__0_0.distcp is truncated",)),
+    "eval dist missing": Case("eval --model {mgd_missing} --seq-len 16 --max-tokens 64 --no-progress", 2,
+                              ("__0_0.distcp is missing",)),
+    "vocab dist truncated": Case("vocab prune --input {mgd_cut} --output {o} --keep 300 --no-progress", 2,
+                                 ("__0_0.distcp is truncated",)),
+    # outputs that cannot be written, and disks that fill or are read-only
+    "output under /proc": Case("prune --input {hf} --output /proc/x --method random --no-progress", 2,
+                               ("output /proc/x: cannot write in /proc",)),
+    "output parent a file": Case("prune --input {hf} --output {a_file}/x --method random --no-progress", 2,
+                                 ("a_file is a file, not a folder",)),
+    "convert under /proc": Case("convert hf-to-megatron --input {hf} --output /proc/x --no-progress", 2,
+                                ("cannot write in /proc",)),
+    "scores parent a file": Case("score --model {hf} --output {a_file}/s.pt " + " ".join(QUICK), 2,
+                                 ("a_file is a file, not a folder",)),
+    "counts under /proc": Case("vocab count --tokenizer {hf} --data {text_txt} --output /proc/c.json --no-progress",
+                               2, ("--output /proc/c.json: cannot write in /proc",)),
+    "data under /proc": Case("data --input {text_txt} --output-prefix /proc/x --tokenizer {hf} --no-progress", 2,
+                             ("--output-prefix /proc/x", "cannot write in /proc")),
+    "disk full mid-write": Case(HF_OUT, 1, ("No space left on device while writing", "free some space"),
+                                fault=enospc),
+    "read-only filesystem": Case(HF_OUT, 2, ("Read-only file system",), fault=erofs),
+    "read-only data folder": Case("data --input {text_txt} --output-prefix {o} --tokenizer {hf} --no-progress", 2,
+                                  ("Read-only file system",), fault=erofs),
+    # text files the data verb reads well: refused by line where they are not UTF-8
+    "score non-utf8 calib": Case("score --model {hf} --output {o}.pt --calib {latin1_txt} " + " ".join(QUICK), 2,
+                                 ("--calib", "latin1.txt:1: not UTF-8 (byte 0xe9 at column 4)")),
+    "prune non-utf8 calib": Case("prune --input {hf} --output {o} --ffn-hidden-size 32 --calib {latin1_txt} "
+                                 + " ".join(QUICK), 2, ("--calib", "latin1.txt:1: not UTF-8")),
+    "eval non-utf8 text": Case("eval --model {hf} --text {latin1_txt} --seq-len 4 --no-progress", 2,
+                               ("--text", "latin1.txt:1: not UTF-8")),
+    "eval missing text": Case("eval --model {hf} --text {d}/nope.txt --no-progress", 2, ("--text", "no such file")),
+    # devices and numbers
+    "score device tpu9": Case("score --model {hf} --output {o}.pt --device tpu9 " + " ".join(QUICK), 2,
+                              ("--device tpu9: unknown device; choose auto",)),
+    "eval device tpu9": Case("eval --model {hf} --device tpu9 --no-progress", 2, ("--device tpu9", "cuda:N")),
+    "prune device tpu9": Case(HF_OUT + " --device tpu9", 2, ("--device tpu9",)),
+    "eval batch 0": Case("eval --model {hf} --batch-size 0 --no-progress", 2, ("--batch-size 0: must be at least 1",)),
+    "eval seq-len past positions": Case("eval --model {hf} --seq-len 100000 --no-progress", 2,
+                                        ("--seq-len 100000", "max_position_embeddings 128")),
+    "eval max-tokens -1": Case("eval --model {hf} --max-tokens -1 --no-progress", 2, ("--max-tokens -1",)),
+    "convert vocab unit 0": Case("convert hf-to-megatron --input {hf} --output {o} --make-vocab-size-divisible-by 0",
+                                 2, ("--make-vocab-size-divisible-by 0: must be at least 1",)),
+    "convert vocab unit -4": Case("convert hf-to-megatron --input {hf} --output {o} --make-vocab-size-divisible-by -4",
+                                  2, ("--make-vocab-size-divisible-by -4",)),
+    "prune samples 0": Case(HF_OUT + " --samples 0", 2, ("--samples 0: must be at least 1",)),
+    "prune seq-len 0": Case(HF_OUT + " --seq-len 0", 2, ("--seq-len 0: must be at least 2",)),
+    "prune batch 0": Case(HF_OUT + " --batch-size 0", 2, ("--batch-size 0: must be at least 1",)),
+    "prune tp 0": Case(HF_OUT + " --tp 0", 2, ("--tp 0: must be at least 1",)),
+    "reshard tp 0": Case("reshard --input {mg} --output {o} --tp 0 --no-progress", 2, ("--tp 0: must be at least 1",)),
+    "hf output torch_dist": Case(HF_OUT + " --ckpt-format torch_dist", 2,
+                                 ("--ckpt-format torch_dist", "HF checkpoint")),
+    "megatron-to-hf tp": Case("convert megatron-to-hf --input {mg} --output {o} --tp 2 --no-progress", 2,
+                              ("--tp 2: only for hf-to-megatron",)),
+    # the refit of the kept weights (the default with activation selection)
+    "prune damping 0": Case(HF_OUT.replace("random", "activation") + " --damping 0", 2,
+                            ("--damping 0.0: must be > 0 and finite",)),
+    "prune damping -1": Case(HF_OUT.replace("random", "activation") + " --damping -1", 2, ("--damping -1.0",)),
+    "prune damping inf": Case(HF_OUT.replace("random", "activation") + " --damping inf", 2, ("--damping inf",)),
+    "refit without calibration": Case(HF_OUT + " --reconstruct least-squares", 2,
+                                      ("--reconstruct least-squares with --method random", "--calib FILE")),
+    "calibration text empty": Case(HF_OUT.replace("random", "activation") + " --calib {empty_txt}", 2,
+                                   ("--calib", "empty.txt: no text")),
+    "calibration text too short": Case(HF_OUT.replace("random", "activation") + " --calib {short_txt}", 2,
+                                       ("calibration text has 1 tokens", "fewer than --samples 64")),
+    # plans
+    "plan a JSON list": Case("prune --input {hf} --output {o} --plan {plan_list_json} --no-progress", 2,
+                             ("plan_list.json", "JSON list")),
+    "plan norm_scale text": Case("prune --input {hf} --output {o} --plan {plan_scale_text_json} --no-progress", 2,
+                                 ("norm_scale: 'big' is not a positive number",)),
+    "plan norm_scale negative": Case("prune --input {hf} --output {o} --plan {plan_scale_negative_json}", 2,
+                                     ("norm_scale: -1.0 is not a positive number",)),
+    "plan index 1.5": Case("prune --input {hf} --output {o} --plan {plan_half_index_json} --no-progress", 2,
+                           ("plan ffn: 1.5 is not a whole-number index",)),
+    # vocabulary files
+    "count an empty file": Case("vocab count --tokenizer {hf} --data {empty_txt} --output {o}.json --no-progress", 2,
+                                ("--data", "empty.txt: the file is empty",)),
+    "count over counts": Case("vocab count --tokenizer {hf} --data {text_txt} --output {case}/c.json --no-progress",
+                              2, ("c.json exists; pass --overwrite",), setup=existing_counts),
+    "empty keep-ids": Case("vocab prune --input {hf} --output {o} --keep-ids {empty_txt} --no-progress", 2,
+                           ("empty.txt holds no token ids",)),
+    # non-finite weights, refused by name where they are read
+    "prune NaN weight": Case(HF_OUT.replace("{hf}", "{hf_nan}"), 2,
+                             ("model.layers.1.mlp.up_proj.weight holds 1 NaN",)),
+    "score NaN weight": Case("score --model {hf_nan} --output {o}.pt " + " ".join(QUICK), 2,
+                             ("model.layers.1.mlp.up_proj.weight holds 1 NaN",)),
+    "eval NaN weight": Case("eval --model {hf_nan} --seq-len 16 --max-tokens 64 --no-progress", 2,
+                            ("model.layers.1.mlp.up_proj.weight holds 1 NaN",)),
+    "prune Inf in a TP shard": Case("prune --input {mg_nan} --output {o} --hidden-size 40 --method random", 2,
+                                    ("mp_rank_01", "decoder.layers.2.mlp.linear_fc2.weight holds 0 NaN and 1 Inf",)),
+    # Ctrl-C
+    "ctrl-c during start-up": Case(HF_OUT, 130, ("interrupted; nothing half-written is left",),
+                                   fault=interrupt_on_import),
+    "ctrl-c after the rename": Case(HF_OUT, 130, ("was written in full; it is complete",),
+                                    fault=interrupt_after_rename, leaves=("o",)),
+    # seed entry points
+    "seed config not JSON": Case("--model_name_or_path {hf} --prune_config_path {bad_json} --output_path {o}", 2,
+                                 ("--prune_config_path", "bad.json: not valid JSON"), run="prune_hf"),
+    "seed config missing": Case("--model_name_or_path {hf} --prune_config_path {d}/no.json --output_path {o}", 2,
+                                ("no.json: no such file",), run="prune_hf"),
+    "seed config a list": Case("--model_name_or_path {hf} --prune_config_path {plan_list_json} --output_path {o}", 2,
+                               ("expected a JSON object",), run="prune_hf"),
+    "seed ids garbage .pt": Case("--hf_dir {hf} --remain_vocab_path {garbage_pt} --save_dir {o}", 2,
+                                 ("garbage.pt: not a torch-saved list of token ids",), run="prune_spm_and_emb"),
+    "seed output folder missing": Case("--data_path {text_txt} --spm {hf} --vocab_freq {case}/no/vf --workers 1 "
+                                       "--remain_vocab_ids_path {case}/ids.pt", 2, ("folder", "no does not exist"),
+                                       run="get_vocab_freq"),
+    # refusals that were already right stay so
+    "target larger than source": Case("prune --input {hf} --output {o} --ffn-hidden-size 100 --no-progress", 2,
+                                      ("--ffn-hidden-size 100",)),
+    "output is the input": Case("prune --input {hf} --output {hf} --num-layers 2 --no-progress", 2,
+                                ("is the input folder",)),
+    "output not empty": Case("prune --input {hf} --output {o} --num-layers 2 --method random --no-progress", 2,
+                             ("not empty; pass --overwrite",), setup=busy_output),
+    "input missing": Case("prune --input {d}/nope --output {o} --no-progress", 2, ("nope does not exist",)),
+    "drop a layer out of range": Case("prune --input {hf} --output {o} --drop-layers 1,9 --no-progress", 2,
+                                      ("--drop-layers 9",)),
+    "tp not dividing": Case("convert hf-to-megatron --input {hf} --output {o} --tp 3 --no-progress", 2,
+                            ("not divisible by tensor-parallel size 3",)),
+    "reshard an HF folder": Case("reshard --input {hf} --output {o} --tp 2 --no-progress", 2,
+                                 ("latest_checkpointed_iteration.txt",)),
+    "eval a bare folder": Case("eval --model {d} --no-progress", 2, ("is not an HF model folder",)),
+    "scores to a folder": Case("score --model {hf} --output {d} " + " ".join(QUICK), 2, ("is a folder",)),
+    "vocab keep too few": Case("vocab prune --input {hf} --output {o} --keep 10 --no-progress", 2,
+                               ("--keep 10 is outside",)),
+    "data two json keys": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {hf} --json-keys a b", 2,
+                               ("--json-keys a b: one key per run",)),
+    "data workers 0": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {hf} --workers 0", 2,
+                           ("--workers 0",)),
+}
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and modification time: what a write would change."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_and_faults(name, inputs, tmp_path, monkeypatch, capsys):
+    case = CASES[name]
+    names = {k: str(v) for k, v in inputs.items()}
+    names.update({p.name.replace(".", "_"): str(p) for p in inputs["d"].iterdir() if p.is_file()})
+    names.update(o=str(tmp_path / "o"), case=str(tmp_path))
+    argv = [part.format(**names) for part in case.argv.split()]
+    if case.setup is not None:
+        case.setup(tmp_path)
+    before, left_before = snapshot(inputs["d"]), sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        if case.fault is not None:
+            case.fault(m)
+        rc = main(argv) if case.run == "cli" else getattr(seed, case.run)(argv)
+    err = capsys.readouterr().err
+    assert rc == case.rc, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    verb = f"megatron-prune {argv[0]}" if case.run == "cli" else ""
+    said = [line for line in lines if line.startswith(verb) and (": error: " in line or ": interrupted" in line)]
+    assert len(said) == 1 and said[0] == lines[-1], err[-2000:]  # one line, the last
+    for words in case.says:
+        assert words in said[0], (words, said[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({*left_before, *case.leaves})  # nothing left
+    assert snapshot(inputs["d"]) == before  # the inputs untouched
+
+
+def test_after_the_rename_the_output_is_complete(inputs, tmp_path, monkeypatch, capsys):
+    """The Ctrl-C that lands after the final rename: the output it reports complete is the one a plain run
+    writes."""
+    interrupt_after_rename(monkeypatch)
+    out = tmp_path / "o"
+    assert main(HF_OUT.format(hf=inputs["hf"], o=out).split()) == 130
+    monkeypatch.undo()
+    assert main(HF_OUT.format(hf=inputs["hf"], o=tmp_path / "again").split()) == 0
+    assert tree_hash(out) == tree_hash(tmp_path / "again")
+
+
+def test_inputs_are_byte_for_byte_unchanged(inputs):
+    """After the table (module order): the damaged and intact inputs hash as the fixture wrote them."""
+    assert tree_hash(inputs["d"]) == inputs["hash"]
+
+
+# ---- what the table cannot stage in process ------------------------------------------------------------------
+
+
+def test_partials_of_killed_runs_are_removed_by_the_next_run(inputs, tmp_path, capsys):
+    """``kill -9`` leaves the temporary sibling (and the refit's scratch folder) behind; the next run writing the same
+    output removes them (their process is gone) and says so; one of a live process (another run writing there) is
+    named and kept."""
+    from megatron.prune.io.atomic import partial_name
+
+    out = tmp_path / "o"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / partial_name(out).replace(f"-{os.getpid()}@", f"-{dead.pid}@")
+    (stale / "iter_0000000").mkdir(parents=True)
+    (stale / "iter_0000000" / "model.bin").write_bytes(b"x" * 4096)
+    scratch = stale.with_name(f"{stale.name}-refit")  # the refit's scratch folder of that run
+    scratch.mkdir()
+    alive = tmp_path / partial_name(out).replace(f"-{os.getpid()}@", f"-{os.getppid()}@")
+    alive.mkdir()
+    assert main(HF_OUT.format(hf=inputs["hf"], o=out).split()) == 0
+    err = capsys.readouterr().err
+    assert f"note: removed {stale}, left by an interrupted run (process {dead.pid})" in err
+    assert f"note: removed {scratch}, left by an interrupted run (process {dead.pid})" in err
+    assert f"{alive} is being written by process {os.getppid()}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "o"])
+
+
+def test_mixed_dtypes_convert_to_megatron_and_back_without_loss(inputs, tmp_path, capsys):
+    """float32 embeddings, float16 MLP and bfloat16 attention: the Megatron checkpoint holds one dtype (float32,
+    which holds each exactly), and megatron-to-hf returns every tensor's value."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(inputs["hf"] / "model.safetensors")
+    mixed = {k: v.half() if ".mlp." in k else v.bfloat16() if ".self_attn." in k else v for k, v in weights.items()}
+    src = shutil.copytree(inputs["hf"], tmp_path / "mixed")
+    save_file(mixed, src / "model.safetensors", metadata={"format": "pt"})
+    assert main(["convert", "hf-to-megatron", "--input", str(src), "--output", str(tmp_path / "mg"),
+                 "--no-progress"]) == 0
+    assert "mixes BF16, F16, F32 tensors" in capsys.readouterr().out
+    assert main(["convert", "megatron-to-hf", "--input", str(tmp_path / "mg"), "--output", str(tmp_path / "back"),
+                 "--no-progress"]) == 0
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert back.keys() == mixed.keys()
+    for k, v in mixed.items():
+        assert back[k].dtype == torch.float32 and torch.equal(back[k], v.float()), k
+
+
+def test_gz_calibration_and_evaluation_text_read_as_the_plain_text(inputs, tmp_path, capsys):
+    """``--calib`` and ``eval --text`` take what the data verb takes: a .gz file gives the plain file's scores and
+    perplexity."""
+    import gzip
+
+    plain = tmp_path / "t.txt"
+    plain.write_text(Path(inputs["d"] / "text.txt").read_text() * 4)
+    packed = tmp_path / "t.txt.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    for f in (plain, packed):
+        assert main(["score", "--model", str(inputs["hf"]), "--output", str(tmp_path / f"{f.name}.pt"), "--calib",
+                     str(f), *QUICK]) == 0
+    a, b = (torch.load(tmp_path / f"{f.name}.pt", weights_only=True) for f in (plain, packed))
+    assert all(torch.equal(a[k], b[k]) for k in ("hidden", "heads", "ffn", "layers"))
+    lines = []
+    for f in (plain, packed):
+        capsys.readouterr()
+        assert main(["eval", "--model", str(inputs["hf"]), "--text", str(f), "--seq-len", "16", "--no-progress"]) == 0
+        lines.append(capsys.readouterr().out.splitlines()[-1])
+    assert lines[0] == lines[1] and lines[0].startswith("perplexity: ")
+
+
+def test_device_defaults_to_cuda_where_there_is_one(monkeypatch):
+    """score, eval and prune default to --device auto, which is cuda where a GPU is available, cpu elsewhere."""
+    from megatron.prune.cli import build_parser, verb_parser
+    from megatron.prune.runtime import resolve_device
+
+    parser = build_parser(["score", "eval", "prune"])
+    for verb in ("score", "eval", "prune"):
+        assert verb_parser(parser, verb).get_default("device") == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert (resolve_device("auto"), resolve_device("cuda:1")) == ("cuda", "cuda:1")
+    with pytest.raises(ValueError, match="--device cuda:2: this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="no CUDA device is available here"):
+        resolve_device("cuda")
+
+
+def test_writer_thread_interrupted_while_starting(tmp_path, monkeypatch):
+    """A Ctrl-C inside ``Thread.start`` of the direct-I/O writer: closing the file raises nothing but the
+    interrupt (it used to raise "cannot join thread before it is started")."""
+    import threading
+
+    from megatron.prune.io.direct_io import SequentialFile
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    f = SequentialFile(tmp_path / "x", staging_bytes=4096)
+    if not f.direct:
+        f.close()
+        pytest.skip("no direct I/O here: the file has no writer thread")
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with f:
+            f.write(b"x" * 10000)
+
+
+def test_data_workers_end_with_a_killed_parent(inputs, tmp_path):
+    """``data --workers 2`` killed with SIGKILL: its tokenizer processes end with it (they used to run on through
+    their queued documents for up to a minute)."""
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"text": f"document {i}: " + "hello world " * 50}) + "\n" for i in range(20000)))
+    p = subprocess.Popen([sys.executable, "-m", "megatron.prune", "data", "--input", str(big), "--output-prefix",
+                          str(tmp_path / "out"), "--tokenizer", str(inputs["hf"]), "--workers", "2", "--no-progress"],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while len(workers_of(p.pid)) < 2 and time.time() < deadline and p.poll() is None:
+            time.sleep(0.5)
+        workers = workers_of(p.pid)
+        assert len(workers) >= 2 and p.poll() is None, "the workers never started"
+        time.sleep(2)  # let them take documents
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        deadline = time.time() + 10
+        while any(alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if alive(w)]
+    finally:
+        p.kill()
+
+
+def workers_of(pid: int) -> list[int]:
+    """The live multiprocessing workers ``pid`` started (from /proc; its resource tracker left out)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# Every writing verb (and the seed script that writes) against a real full disk and a real read-only one.
+WRITERS = {
+    "prune hf": "prune --input {hf} --output {M}/o --method random --ffn-hidden-size 32 --no-progress",
+    "prune megatron": "prune --input {mg} --output {M}/o --method random --hidden-size 40 --no-progress",
+    "convert torch": "convert hf-to-megatron --input {hf} --output {M}/o --no-progress",
+    "convert torch_dist": "convert hf-to-megatron --input {hf} --output {M}/o --ckpt-format torch_dist --no-progress",
+    "convert to hf": "convert megatron-to-hf --input {mg} --output {M}/o --no-progress",
+    "reshard": "reshard --input {mg} --output {M}/o --tp 1 --no-progress",
+    "vocab prune hf": "vocab prune --input {hf} --output {M}/o --keep 300 --no-progress",
+    "vocab prune megatron": "vocab prune --input {mg} --output {M}/o --keep 300 --no-progress",
+    "vocab count": "vocab count --tokenizer {hf} --data {text} --output {M}/c.json --workers 1 --no-progress",
+    "score": "score --model {hf} --output {M}/s.pt --samples 2 --seq-len 16 --no-progress",
+    "data": "data --input {text} --output-prefix {M}/d --tokenizer {hf} --no-progress",
+    "seed get_vocab_freq": "--data_path {text} --spm {hf} --vocab_freq {M}/vf --remain_vocab_size 300 --workers 1 "
+                           "--remain_vocab_ids_path {M}/ids.json",
+}
+DISK_DRIVER = """
+import contextlib, io, json, os, sys
+from megatron.prune.cli import main
+from megatron.prune.seed import get_vocab_freq
+cases, M = json.loads(sys.argv[1]), sys.argv[2]
+out = {}
+for name, argv in cases.items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = get_vocab_freq(argv) if name.startswith("seed") else main(argv)
+    out[name] = [rc, err.getvalue(), sorted(set(os.listdir(M)) - {".filler"})]
+    for left in out[name][2]:
+        os.system(f"rm -rf '{M}/{left}'")
+print(json.dumps(out))
+"""
+
+
+def can_mount_tmpfs() -> bool:
+    """A user and mount namespace where a tmpfs can be mounted (root in a container, or unprivileged namespaces)."""
+    if shutil.which("unshare") is None:
+        return False
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt && umount /mnt"],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="no namespace to mount a tiny tmpfs in")
+def test_full_and_read_only_disks_in_every_writing_verb(inputs, tmp_path):
+    """A tiny tmpfs filled to the last byte, then remounted read-only, in a private mount namespace: every writing
+    verb ends with one line naming the output (exit 1 when the disk fills mid-write; 2 when a read-only filesystem
+    is found before any work), no traceback, and nothing left on the disk."""
+    M = tmp_path / "disk"
+    M.mkdir()
+    names = {"hf": inputs["hf"], "mg": inputs["mg"], "text": inputs["d"] / "text.txt", "M": M}
+    cases = {name: [part.format(**names) for part in argv.split()] for name, argv in WRITERS.items()}
+    driver = [sys.executable, "-c", DISK_DRIVER, json.dumps(cases), str(M)]
+    script = (f"mount -t tmpfs -o size=256k tmpfs {M} && (dd if=/dev/zero of={M}/.filler bs=4k 2>/dev/null; true) "
+              f"&& {subprocess.list2cmdline(driver)} && mount -o remount,ro {M} && {subprocess.list2cmdline(driver)}")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    full, read_only = (json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))
+    for results, rc, says in ((full, 1, "No space left on device"), (read_only, 2, "Read-only file system")):
+        for name, (got, err, left) in results.items():
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert "Traceback" not in err and got == (2 if name.startswith("seed") else rc), (name, err[-2000:])
+            assert says in lines[-1] and ": error: " in lines[-1], (name, err[-2000:])
+            assert sum(": error: " in line for line in lines) == 1, (name, err[-2000:])
+            assert left == [], (name, left)
+    assert snapshot(inputs["d"]) and tree_hash(inputs["d"]) == inputs["hash"]
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "Inf weight"])
+def test_recovery_run_refusals_are_one_line_before_torchrun(damage, inputs, tmp_path):
+    """scripts/check_model.sh runs the ranks' pre-start checks once, before torchrun: a damaged checkpoint (a rank's
+    shard cut short, an Inf in it) is one line, not a traceback per rank inside torchrun's ChildFailedError, and
+    SAVE is left as it was (no hf_meta/ without a checkpoint)."""
+    from megatron.prune.data import preprocess
+    from tests.procs import free_port
+
+    load = inputs["mg_nan"]
+    if damage == "truncated shard":
+        load = shutil.copytree(inputs["mg"], tmp_path / "cut")
+        shard = load / "iter_0000000" / "mp_rank_01" / "model_optim_rng.pt"
+        os.truncate(shard, shard.stat().st_size // 2)
+    data = preprocess(inputs["d"] / "text.jsonl", tmp_path / "c", inputs["hf"], progress=False)
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(free_port()),
+           "LOAD": str(load), "SAVE": str(tmp_path / "save"), "DATA": str(data.bin_path)[:-4],
+           "TOKENIZER": str(inputs["hf"]), "TP": "2", "TRAIN_ITERS": "2", "SEQ_LEN": "16", "MICRO_BATCH": "1",
+           "GLOBAL_BATCH": "2"}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "check_model.sh")], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    says = {"truncated shard": "cannot read Megatron shard", "Inf weight": "holds 0 NaN and 1 Inf"}[damage]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("pretrain_llama.py: error: ") and says in lines[0] and "mp_rank_01" in lines[0]
+    assert not (tmp_path / "save").exists()
