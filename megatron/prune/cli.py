@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from megatron.prune.errors import PruneError
 
@@ -73,13 +73,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would report them under the top-level usage, not the verb's
         verb_parser(parser, args.verb).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return execute(args, f"megatron-prune {args.verb}")
+
+
+def execute(args: argparse.Namespace, prog: str, reword: Callable[[str], str] = str) -> int:
+    """Run a parsed verb; bad input becomes one line ``PROG: error: ...`` (exit status 2), never a traceback.
+    ``reword`` lets a seed entry point name its own flags in that line."""
     try:
         return int(args._run(args) or 0)
     except PruneError as e:
-        print(f"megatron-prune {args.verb}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {reword(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outputs are written to temp folders and renamed at the end: nothing half-done
-        print(f"megatron-prune {args.verb}: interrupted; nothing half-written is left", file=sys.stderr)
+        print(f"{prog}: interrupted; nothing half-written is left", file=sys.stderr)
         return 130
 
 

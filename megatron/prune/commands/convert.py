@@ -15,6 +15,8 @@ import argparse
 from pathlib import Path
 
 from megatron.prune.commands import add_ckpt_format_argument
+from megatron.prune.errors import PruneError
+from megatron.prune.formats.mcore.schema import SPEC_CHOICES, resolve_spec
 
 HELP = "convert HF <-> Megatron checkpoints (hf-to-megatron with --tp/--pp, megatron-to-hf)"
 DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
@@ -22,36 +24,50 @@ DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("direction", choices=DIRECTIONS, help="which way to convert")
+    add_io_arguments(p)
+    add_hf_to_megatron_arguments(p)
+    add_megatron_to_hf_arguments(p)
+
+
+def add_io_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of both directions (also those of tools/checkpoint_conversion/*.py)."""
     p.add_argument("--input", required=True, type=Path, help="source checkpoint folder")
     p.add_argument("--output", required=True, type=Path, help="new folder for the converted checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_hf_to_megatron_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="hf-to-megatron: tensor-parallel size (default %(default)s)")
     p.add_argument("--pp", type=int, default=1, help="hf-to-megatron: pipeline-parallel size (default %(default)s)")
-    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
-                   help="hf-to-megatron: layer spec whose parameter names to write (default %(default)s; "
-                        "match the --transformer-impl you train with)")
+    p.add_argument("--transformer-impl", choices=SPEC_CHOICES, default="auto",
+                   help="hf-to-megatron: layer spec whose parameter names to write; auto (the default): the spec "
+                        "pretrain_llama.py builds on this machine, transformer_engine where Transformer Engine and a "
+                        "GPU are present, else local")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="hf-to-megatron: vocab padding unit before the TP factor (default %(default)s)")
     add_ckpt_format_argument(p, "hf-to-megatron: ")
+
+
+def add_megatron_to_hf_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iteration", type=int, metavar="N",
                    help="megatron-to-hf: export saved iteration N (default: the latest, named by "
                         "latest_checkpointed_iteration.txt)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron.prune.formats.mcore.ops import hf_to_megatron, megatron_to_hf
 
-    if args.direction == "hf-to-megatron" and args.iteration is not None:
-        from megatron.prune.errors import PruneError
-
+    if args.direction == "hf-to-megatron" and getattr(args, "iteration", None) is not None:
         raise PruneError(f"--iteration {args.iteration}: only for megatron-to-hf (an HF folder has one set of weights)")
     if args.direction == "hf-to-megatron":
-        hf_to_megatron(args.input, args.output, args.tp, args.pp, args.transformer_impl,
+        spec = resolve_spec(args.transformer_impl)
+        hf_to_megatron(args.input, args.output, args.tp, args.pp, spec,
                        args.make_vocab_size_divisible_by, args.overwrite, not args.no_progress, args.ckpt_format)
-        print(f"wrote Megatron checkpoint {args.output} (TP={args.tp}, PP={args.pp}, {args.transformer_impl} spec, "
+        print(f"wrote Megatron checkpoint {args.output} (TP={args.tp}, PP={args.pp}, {spec} spec, "
               f"{args.ckpt_format} format)")
     else:
-        megatron_to_hf(args.input, args.output, args.overwrite, not args.no_progress, iteration=args.iteration)
+        megatron_to_hf(args.input, args.output, args.overwrite, not args.no_progress,
+                       iteration=getattr(args, "iteration", None))
         print(f"wrote HF checkpoint {args.output}")
     return 0
