@@ -23,6 +23,7 @@ VERBS: dict[str, str] = {
     "score": "megatron.prune.commands.score",
     "convert": "megatron.prune.commands.convert",
     "reshard": "megatron.prune.commands.reshard",
+    "plan": "megatron.prune.commands.plan",
 }
 
 

@@ -26,7 +26,7 @@ from megatron.prune.formats import ADAPTERS
 from megatron.prune.formats.folder import open_model
 from megatron.prune.formats.source import FormatAdapter, TensorSource, WriteOptions
 from megatron.prune.io.atomic import check_output_path
-from megatron.prune.scoring.methods import SCORERS, auto_method
+from megatron.prune.scoring.methods import SCORERS, auto_method, method_settings
 
 HELP = "prune a checkpoint to a smaller shape (layers, hidden, heads, KV groups, FFN)"
 
@@ -142,8 +142,8 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
     if auto and scores.layers is None:
         raise PruneError(f"--drop-layers auto needs block-influence scores; --method {method} has none "
                          "(use --method activation)")
-    plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=args.prune_type == "balance",
-                     info={"seed": args.seed} if method == "random" else {})
+    info = {**method_settings(method, options), **({"requested": "auto"} if args.method == "auto" else {})}
+    plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=args.prune_type == "balance", info=info)
     return norm_rescale(plan, args.norm_rescale)
 
 
