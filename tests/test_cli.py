@@ -102,7 +102,8 @@ def test_plan_show_says_what_was_kept_dropped_and_how(tiny_hf, tmp_path, capsys)
     assert out[1] == ("method: activation, chosen by --method auto (calibration builtin:calib: 4 windows of 32 tokens, "
                       "aggregation rms, float32)")
     assert out[2].startswith("layers: block influence") and "TP 1, balance; RMSNorm weights x 1.095" in out[2]
-    assert out[3] == "shape: layers 4 -> 3, hidden 48 -> 40, query heads 8 -> 4, KV groups 4 -> 2, FFN 64 -> 32, vocab 600"
+    assert out[3] == ("shape: layers 4 -> 3, hidden 48 -> 40, query heads 8 -> 4, KV groups 4 -> 2, FFN 64 -> 32, "
+                      "vocab 600")
     assert out[5] == f"dropped layers: {dropped[0]}" and out[6] == "hidden: 40 of 48 channels kept, 8 dropped"
     rows = [line.split() for line in out[8:]]
     assert len(rows) == 3

@@ -43,8 +43,7 @@ def test_every_tracked_file_is_in_the_build_context_and_copied():
     patterns = dockerignore_patterns()
     assert [f for f in tracked if not in_context(f, patterns)] == []
     lines = [line.split("#")[0].strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
-    assert "COPY . ." in lines and lines[[i for i, x in enumerate(lines) if x.startswith("FROM")][0]].startswith(
-        "FROM nvcr.io/nvidia/pytorch:")
+    assert "COPY . ." in lines and [x for x in lines if x.startswith("FROM")][0].startswith("FROM nvcr.io/nvidia/pytorch:")
     assert any(x.startswith("ENV VENV=system") for x in lines)
     assert any(x.startswith("RUN make install") for x in lines)
 
@@ -55,7 +54,9 @@ def fake_python(tmp_path: Path, has_torch: bool) -> tuple[Path, Path]:
     shim = tmp_path / "python3.12"
     shim.write_text(f"""#!/usr/bin/env bash
 echo "$*" >> {log}
-if [[ "$*" == *"import torch"* ]]; then {"" if has_torch else "exit 1;"} [[ "$*" == *__version__* ]] && echo {NGC_TORCH}; fi
+if [[ "$*" == *"import torch"* ]]; then
+  {"" if has_torch else "exit 1;"} [[ "$*" == *__version__* ]] && echo {NGC_TORCH}
+fi
 if [[ "$1" == -m && "$2" == venv ]]; then mkdir -p "${{@: -1}}/bin" && cp "$0" "${{@: -1}}/bin/python"; fi
 exit 0
 """)

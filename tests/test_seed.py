@@ -65,6 +65,9 @@ def test_seed_scripts_count_then_prune_in_place(tmp_path):
 
     r = run("prune_spm_and_emb.py", "--hf_dir", str(model), "--remain_vocab_path", str(tmp_path / "missing.pt"))
     assert r.returncode == 2 and "missing.pt does not exist" in r.stderr
+    r = run("get_vocab_freq.py", "--data_path", str(corpus), "--spm", str(tok), "--remain_vocab_size", "1",
+            "--remain_vocab_ids_path", str(tmp_path / "x.pt"))
+    assert r.returncode == 2 and r.stderr.startswith("get_vocab_freq.py: error: --remain_vocab_size 1 is outside")
 
 
 def test_seed_compatible_hf_entry_point(tiny_hf, tmp_path):
@@ -131,7 +134,8 @@ def same_output(out: Path, seed, verb_run) -> None:
 
 
 def test_seed_hf_to_megatron_sh_is_convert(tiny_hf, tmp_path):
-    """`bash tools/checkpoint_conversion/hf_to_megatron.sh` (the seed's path) with variables and with the seed's flags."""
+    """`bash tools/checkpoint_conversion/hf_to_megatron.sh` (the seed's path), with variables and with the seed's
+    flags."""
     hf, out = tiny_hf("llama-gqa"), tmp_path / "mg"
     script = ["bash", "tools/checkpoint_conversion/hf_to_megatron.sh", "--no-progress"]
     same_output(out, lambda: sh(script, HF=str(hf), MG=str(out), TP="2"),
@@ -287,3 +291,25 @@ def test_entry_points_without_torch_say_so_in_one_line(tmp_path):
                            text=True)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and "cannot import torch" in lines[0], (argv, r.stderr)
+
+
+def test_every_shell_script_help_prints_its_header():
+    """`bash X.sh --help` prints the script's header comment (its usage and variables) and runs nothing else."""
+    scripts = sorted({*ROOT.glob("scripts/*.sh"), *ROOT.glob("tools/**/*.sh"), *ROOT.glob("emb_pruner/**/*.sh")})
+    assert len(scripts) >= 9
+    for script in scripts:
+        header = []
+        for line in script.read_text().splitlines()[1:]:
+            if not line.startswith("#"):
+                break
+            header.append(line[2:] if line.startswith("# ") else line[1:])
+        r = subprocess.run(["bash", str(script), "--help"], env=dict(seed_env(), PYTHON="/nonexistent"),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.splitlines() == header and len(header) >= 3, script
+
+
+def test_tool_help_has_no_direction_positional():
+    for tool, other in (("hf_to_megatron.py", "megatron-to-hf"), ("megatron_to_hf.py", "hf-to-megatron")):
+        r = sh([sys.executable, f"tools/checkpoint_conversion/{tool}", "--help"])
+        assert "{hf-to-megatron,megatron-to-hf}" not in r.stdout and other not in r.stdout.split("options:")[0]
+        assert "--load_path" in r.stdout and "--input" in r.stdout

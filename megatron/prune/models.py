@@ -63,7 +63,8 @@ def embedded_model_dir() -> Path:
 
 
 def main() -> int:
-    """``python -m megatron.prune.models``: print the embedded model's HF folder (made on first use), for ``M=$(...)``."""
+    """``python -m megatron.prune.models``: print the embedded model's HF folder (made on first use), for
+    ``M=$(python -m megatron.prune.models)``."""
     try:
         print(embedded_model_dir())
     except PruneError as e:

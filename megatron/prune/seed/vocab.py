@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 from megatron.prune.errors import PruneError
+from megatron.prune.seed.verbs import seed_words
 
 # ---- get_vocab_freq.py ------------------------------------------------------------------------------------------
 
@@ -60,7 +61,7 @@ def get_vocab_freq(argv: list[str] | None = None) -> int:
         Path(f"{a.vocab_freq}.txt").write_text("".join(f"{i} {counts.counts[i]}\n" for i in order))
         save_ids(list(kept), Path(a.remain_vocab_ids_path))
     except PruneError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {seed_words(str(e), {'--keep': '--remain_vocab_size'})}", file=sys.stderr)
         return 2
     print(f"kept {len(kept)} of {tf.rules.size} token ids -> {a.remain_vocab_ids_path}")
     return 0
@@ -132,7 +133,7 @@ def prune_spm_and_emb(argv: list[str] | None = None) -> int:
         if a.remain_ids_with_spt:
             save_ids(list(plan.vocab), a.remain_ids_with_spt)
     except PruneError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {seed_words(str(e), {'--keep-ids': '--remain_vocab_path'})}", file=sys.stderr)
         return 2
     print(f"vocabulary {plan.source.vocab_size} -> {plan.target.vocab_size} -> {a.save_dir or a.hf_dir}")
     return 0
