@@ -89,3 +89,15 @@ def test_readme_sections_1_to_4_run_as_pasted(tmp_path):
         assert (clone / done).is_file(), done
     assert r.stdout.count("perplexity: ") == 2 and "dropped layers: " in r.stdout
     assert re.search(r"iteration\s+2/\s*2 \|", r.stdout + r.stderr)
+
+
+def commands_of(text: str) -> list[list[str]]:
+    """Every ```bash block as its command lines, comments and trailing blanks dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [[re.sub(r"\s+#.*$|^#.*$", "", line).rstrip() for line in b.splitlines()] for b in blocks]
+
+
+def test_both_readmes_give_the_same_commands():
+    """README.md (Chinese) and README_EN.md say the same thing: their shell blocks differ in comments only."""
+    zh, en = commands_of((ROOT / "README.md").read_text()), commands_of((ROOT / "README_EN.md").read_text())
+    assert len(en) >= 6 and zh == en
