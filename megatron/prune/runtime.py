@@ -101,6 +101,16 @@ def megatron_hf_config(src: TensorSource):
     return AutoConfig.for_model(cfg.pop("model_type", "llama"), **cfg)
 
 
+def transformers_config(src: TensorSource):
+    """The transformers config of the HF model a checkpoint is (an HF folder's own; a Megatron checkpoint's built
+    from its hf_meta/ or args), without loading any tensor."""
+    from transformers import AutoConfig
+
+    if as_model_folder(src.folder).kind == "megatron":
+        return megatron_hf_config(src)
+    return AutoConfig.from_pretrained(src.folder, local_files_only=True)
+
+
 def tokenize(tok, text: str, max_tokens: int | None) -> torch.Tensor:
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     return ids[:max_tokens] if max_tokens else ids

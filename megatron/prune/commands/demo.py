@@ -1,7 +1,8 @@
 """Prune the embedded SmolLM2-135M-Instruct to a smaller shape with each selection method, side by side.
 
-Prints parameters, perplexity on held-out text (Python's own docs, never used for calibration), time taken,
-and a short greedy generation from each model. This is what `make demo` runs; it needs no network and no GPU.
+Activation selection is shown twice: with the least-squares refit of the kept weights (the default) and, the same
+plan, without it. Prints parameters, perplexity on held-out text (Python's own docs, never used for calibration),
+time taken, and a short greedy generation from each model. This is what `make demo` runs; it needs no network and no GPU.
 """
 
 from __future__ import annotations
@@ -55,20 +56,29 @@ def run(args: argparse.Namespace) -> int:
     measure("original", src, 0.0)
     parser = build_parser(["prune"])
     shape_flags = [x for k, v in DEMO_SHAPE.items() for x in (f"--{k}", str(v))]
+    def prune(name: str, out: Path, *flags: str) -> None:
+        t0 = time.time()
+        prune_args = parser.parse_args(["prune", "--input", str(src), "--output", str(out), "--overwrite",
+                                        "--no-progress", *flags])
+        prune_args._run(prune_args)
+        measure(name, out, time.time() - t0)
+
     for method in args.methods:
         out = out_root / f"smollm2-{method}"
-        t0 = time.time()
-        extra = ["--samples", str(args.calib_samples)] if method == "activation" else []
-        prune_args = parser.parse_args(["prune", "--input", str(src), "--output", str(out), "--method", method,
-                                        "--overwrite", "--no-progress", *shape_flags, *extra])
-        prune_args._run(prune_args)
-        measure(f"pruned ({method})", out, time.time() - t0)
+        if method != "activation":
+            prune(f"pruned ({method})", out, "--method", method, *shape_flags)
+            continue
+        # activation selection refits the kept weights by default; the same plan without the refit beside it
+        prune("pruned (activation+refit)", out, "--method", method, *shape_flags, "--samples",
+              str(args.calib_samples))
+        prune("pruned (activation)", out_root / "smollm2-activation-no-refit", "--plan",
+              str(out / "prune_plan.json"), "--reconstruct", "none")
 
     print()
     print(f"prompt: {PROMPT!r}")
-    print(f"{'model':<22} {'params':>9} {'perplexity':>12} {'prune time':>11}  greedy continuation")
+    print(f"{'model':<26} {'params':>9} {'perplexity':>12} {'prune time':>11}  greedy continuation")
     for name, params, ppl, secs, text in rows:
         cont = " ".join(text.split())[:60]
-        print(f"{name:<22} {params / 1e6:>8.1f}M {ppl:>12.2f} {secs:>10.1f}s  {cont}")
+        print(f"{name:<26} {params / 1e6:>8.1f}M {ppl:>12.2f} {secs:>10.1f}s  {cont}")
     print(f"\npruned models are in {out_root}; shape: " + ", ".join(f"--{k} {v}" for k, v in DEMO_SHAPE.items()))
     return 0

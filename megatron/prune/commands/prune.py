@@ -3,6 +3,11 @@ r"""Prune a checkpoint (HF safetensors or Megatron) to a smaller shape.
 Axes you do not name are kept. The chosen indices are written beside the weights as prune_plan.json;
 `--plan` re-applies such a plan bit-identically. With no target at all every tensor equals the input's.
 
+With activation selection (the default where the input has a tokenizer) the kept weights are then refit by least
+squares (--reconstruct least-squares): every linear that reads a pruned axis is refit, layer by layer on the pruned
+model's own inputs, to give what the original gave on the calibration text; one decoder layer is held at a time, on
+HF and Megatron (any TP/PP) inputs alike. --reconstruct none keeps the sliced weights.
+
 Examples:
   megatron-prune prune --input smollm2 --output small --hidden-size 480 --num-attention-heads 6 \
       --ffn-hidden-size 1024 --num-layers 24
@@ -25,7 +30,11 @@ from megatron.prune.errors import PruneError
 from megatron.prune.formats import ADAPTERS
 from megatron.prune.formats.folder import open_model
 from megatron.prune.formats.source import FormatAdapter, TensorSource, WriteOptions
-from megatron.prune.io.atomic import check_output_path
+from megatron.prune.io.atomic import check_output_path, scratch_folder
+from megatron.prune.refit.run import RECONSTRUCT, check_reconstruct, default_reconstruct, reconstruct
+from megatron.prune.refit.run import describe as describe_refit
+from megatron.prune.refit.sequential import RefitOptions
+from megatron.prune.refit.solve import DEFAULT_DAMPING
 from megatron.prune.scoring.methods import SCORERS, auto_method, method_settings
 
 HELP = "prune a checkpoint to a smaller shape (layers, hidden, heads, KV groups, FFN)"
@@ -95,6 +104,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--scores", type=Path, help="scores from `megatron-prune score`; without it "
                                                "the input is scored on --calib or the built-in text")
     add_calibration_arguments(a)
+    r = p.add_argument_group("reconstruction (refit the kept weights on calibration text)")
+    r.add_argument("--reconstruct", choices=RECONSTRUCT, default=None,
+                   help="least-squares: refit every linear that reads a pruned axis (q/k/v, o_proj, gate/up, "
+                        "down_proj; an untied lm_head) so the pruned model reproduces the original's outputs on "
+                        "calibration text, layer by layer on the pruned model's own inputs; none: keep the sliced "
+                        "weights. Default: least-squares where the selection runs calibration text (activation, "
+                        "also --method auto when it picks activation), else none; with --method random|magnitude "
+                        "it needs --calib")
+    r.add_argument("--damping", type=float, default=DEFAULT_DAMPING,
+                   help="ridge of the refit, as a multiple of the mean diagonal of the input moments, pulling "
+                        "toward the sliced weights (default %(default)s)")
     o = p.add_argument_group("output")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     o.add_argument("--max-shard-size", type=parse_size, default="5GB",
@@ -109,8 +129,14 @@ def write_options(args: argparse.Namespace) -> WriteOptions:
                         prune_type=args.prune_type, tp=args.tp, ckpt_format=args.ckpt_format)
 
 
-def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapter) -> PrunePlan:
-    """A plan from ``--plan``, or from the target flags and the selection method; checked for the format."""
+def refit_options(args: argparse.Namespace) -> RefitOptions:
+    """The reconstruction flags as the refit takes them."""
+    return RefitOptions(damping=args.damping)
+
+
+def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapter) -> tuple[PrunePlan, str]:
+    """A plan from ``--plan``, or from the target flags and the selection method, checked for the format; and the
+    ``--reconstruct`` method, checked too (all before the scoring pass)."""
     if args.plan is not None:
         if any(getattr(args, k) is not None for k in ("hidden_size", "num_attention_heads", "num_query_groups",
                                                       "ffn_hidden_size", "num_layers", "drop_layers")):
@@ -119,7 +145,10 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
         if plan.source != src.shape:
             raise PruneError(f"plan {args.plan} was made for {plan.source}, but the input is {src.shape}")
         adapter.check_target(src, plan.target, write_options(args))
-        return plan
+        reconstruct = args.reconstruct or ("least-squares" if "reconstruct" in plan.info else "none")
+        check_reconstruct(src, reconstruct, "activation" if args.calib is None else "plan", args.calib,
+                          refit_options(args))
+        return plan, reconstruct
     auto = args.drop_layers == "auto"
     if auto and args.num_layers is None:
         raise PruneError("--drop-layers auto needs --num-layers N (how many layers to keep)")
@@ -138,13 +167,17 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
         if target == src.shape and drop is None:
             method, why = "random", "nothing to prune"  # keep-all: no scores needed
         print(f"--method auto: {method} ({why})")
+    reconstruct = args.reconstruct or default_reconstruct(method)
+    if target == src.shape and drop is None:
+        reconstruct = "none"  # keep-all: the output is the input
+    check_reconstruct(src, reconstruct, method, args.calib, refit_options(args))
     scores = SCORERS[method](src, options)
     if auto and scores.layers is None:
         raise PruneError(f"--drop-layers auto needs block-influence scores; --method {method} has none "
                          "(use --method activation)")
     info = {**method_settings(method, options), **({"requested": "auto"} if args.method == "auto" else {})}
     plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=args.prune_type == "balance", info=info)
-    return norm_rescale(plan, args.norm_rescale)
+    return norm_rescale(plan, args.norm_rescale), reconstruct
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,9 +186,16 @@ def run(args: argparse.Namespace) -> int:
     adapter = ADAPTERS[folder.kind]()
     src = adapter.open(folder.path)
     check_output_path(args.input, args.output, args.overwrite)
-    plan = build_plan(args, src, adapter)
+    plan, method = build_plan(args, src, adapter)
     describe(plan)
-    adapter.write(src, plan, args.output, write_options(args))
+    with scratch_folder(args.output, "refit") as scratch:
+        store = None
+        if method == "least-squares":
+            store, summary, plan = reconstruct(src, plan, scoring_options(args, args.seed, args.scores),
+                                               refit_options(args), scratch)
+            if summary is not None:
+                print(describe_refit(summary))
+        adapter.write(src, plan, args.output, write_options(args), overrides=store)
     s, t = plan.source, plan.target
     print(f"wrote {args.output}: {s.num_params() / 1e6:.1f}M -> {t.num_params() / 1e6:.1f}M parameters "
           f"in {time.time() - t0:.1f}s")

@@ -23,7 +23,8 @@ from megatron.prune.core.shape import ModelShape, hf_config_for_shape, nearest_m
 from megatron.prune.core.slicing import layer_index, model_index, slice_role
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.safetensors import DTYPE_CODES, DTYPE_SIZES, read_header, write_safetensors
-from megatron.prune.formats.source import DEFAULT_MAX_SHARD_BYTES, FormatAdapter, TensorSource, WriteOptions
+from megatron.prune.formats.source import (DEFAULT_MAX_SHARD_BYTES, FormatAdapter, TensorOverrides, TensorSource,
+                                           WriteOptions)
 from megatron.prune.io.atomic import atomic_output, check_output_path, copy_side_files
 
 # One name table, used in both directions: logical role -> HF name ("{}" is the layer number).
@@ -211,12 +212,12 @@ def _shard_groups(sizes: list[int], max_bytes: int) -> list[list[int]]:
 
 def write_pruned(ckpt: TensorSource, plan: PrunePlan, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                  progress: bool = True, hf_config: Mapping[str, Any] | None = None,
-                 side_files: Path | None = None) -> None:
+                 side_files: Path | None = None, overrides: TensorOverrides | None = None) -> None:
     """Apply ``plan`` to ``ckpt`` and write an HF checkpoint into the (existing, empty) folder ``out``.
 
     ``ckpt`` may be any TensorSource: the Megatron adapter exports to HF through this same writer, giving the HF
     config (``hf_config``, default the source's) and the folder of tokenizer and other side files (``side_files``,
-    default the source's folder).
+    default the source's folder). ``overrides`` replace the plan's slices of some tensors (refitted weights).
     """
     items = list(_out_tensors(plan))
     specs = [(name, ckpt.dtype_code(r, l), role_shape(r, plan.target)) for name, r, l, _ in items]
@@ -229,8 +230,11 @@ def write_pruned(ckpt: TensorSource, plan: PrunePlan, out: Path, max_shard_bytes
     def produce(group: list[int]) -> Iterator[torch.Tensor]:
         for i in group:
             _, role, src_layer, new_layer = items[i]
-            index = model_index(plan) if new_layer is None else layer_index(plan, plan.layers[new_layer])
-            yield slice_role(role, ckpt.get(role, src_layer), index, ckpt.shape.head_dim, plan.norm_scale)
+            if overrides is not None and overrides.has(role, new_layer):
+                yield overrides.get(role, new_layer)
+            else:
+                index = model_index(plan) if new_layer is None else layer_index(plan, plan.layers[new_layer])
+                yield slice_role(role, ckpt.get(role, src_layer), index, ckpt.shape.head_dim, plan.norm_scale)
             bar.update()
 
     for fname, group in zip(names, groups):
@@ -249,7 +253,8 @@ def write_pruned(ckpt: TensorSource, plan: PrunePlan, out: Path, max_shard_bytes
 
 
 def apply_plan(input_dir: Path, output_dir: Path, plan: PrunePlan, overwrite: bool = False,
-               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+               overrides: TensorOverrides | None = None) -> Path:
     """Validate, then write ``plan`` applied to the HF checkpoint ``input_dir`` atomically (temp folder renamed
     into place)."""
     ckpt = HFCheckpoint.open(input_dir)
@@ -259,15 +264,17 @@ def apply_plan(input_dir: Path, output_dir: Path, plan: PrunePlan, overwrite: bo
     check_hf_target(plan.target)
     check_output_path(input_dir, output_dir, overwrite)
     with atomic_output(output_dir, overwrite) as tmp:
-        write_pruned(ckpt, plan, tmp, max_shard_bytes, progress)
+        write_pruned(ckpt, plan, tmp, max_shard_bytes, progress, overrides=overrides)
     return Path(output_dir)
 
 
 def format_adapter() -> FormatAdapter:
     """The ``hf`` entry of :data:`megatron.prune.formats.ADAPTERS`."""
 
-    def write(src: HFCheckpoint, plan: PrunePlan, output: Path, options: WriteOptions) -> Path:
-        return apply_plan(src.folder, output, plan, options.overwrite, options.max_shard_bytes, options.progress)
+    def write(src: HFCheckpoint, plan: PrunePlan, output: Path, options: WriteOptions,
+              overrides: TensorOverrides | None = None) -> Path:
+        return apply_plan(src.folder, output, plan, options.overwrite, options.max_shard_bytes, options.progress,
+                          overrides)
 
     def check_target(src: HFCheckpoint, target: ModelShape, options: WriteOptions) -> None:
         check_hf_target(target)

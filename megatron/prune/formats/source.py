@@ -9,7 +9,6 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from megatron.prune.core.plan import PrunePlan
 from megatron.prune.core.shape import ModelShape
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -45,6 +44,15 @@ class TensorSource(Protocol):
         ...
 
 
+class TensorOverrides(Protocol):
+    """Tensors of the pruned model that replace the plan's slices (refitted weights), by role and *output* layer,
+    already in the target shape and the source's dtype."""
+
+    def has(self, role: str, layer: int | None = None) -> bool: ...
+
+    def get(self, role: str, layer: int | None = None) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class WriteOptions:
     """How an adapter writes a plan's result; each adapter reads the fields that concern it."""
@@ -61,9 +69,9 @@ class WriteOptions:
 @dataclass(frozen=True)
 class FormatAdapter:
     """One checkpoint format: open a folder as a TensorSource, refuse a target it cannot write (before any selection
-    work), write a plan's result atomically."""
+    work), write a plan's result atomically (with :class:`TensorOverrides` in place of some slices)."""
 
     name: str
     open: Callable[[Path], Any]  # -> TensorSource
     check_target: Callable[[Any, ModelShape, WriteOptions], None]
-    write: Callable[[Any, PrunePlan, Path, WriteOptions], Path]
+    write: Callable[..., Path]  # (source, plan, output, options, overrides=None) -> output

@@ -68,6 +68,19 @@ def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def scratch_folder(output: Path, what: str) -> Iterator[Path]:
+    """A temporary folder beside ``output`` (its filesystem; named like :func:`atomic_output`'s), removed on exit."""
+    out = Path(output).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}-{what}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _raise_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 

@@ -33,15 +33,10 @@ class _Caught(Exception):
 
 def open_source(folder: Path) -> tuple[TensorSource, Any]:
     """The checkpoint to read tensors from (``get(role, layer)``) and the transformers config of its HF model."""
-    from transformers import AutoConfig
+    from megatron.prune.runtime import transformers_config
 
-    from megatron.prune.runtime import megatron_hf_config
-
-    model = as_model_folder(folder)
-    src = model.open()
-    if model.kind == "megatron":
-        return src, megatron_hf_config(src)
-    return src, AutoConfig.from_pretrained(folder, local_files_only=True)
+    src = as_model_folder(folder).open()
+    return src, transformers_config(src)
 
 
 def skeleton(config: Any, dtype: torch.dtype) -> torch.nn.Module:

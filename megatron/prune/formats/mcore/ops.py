@@ -22,7 +22,8 @@ from megatron.prune.formats.mcore.schema import (META_DIR, SPECS, check_ckpt_for
                                                  tp_units)
 from megatron.prune.formats.mcore.write import (Layout, ParamFn, balanced_params, global_params, write_checkpoint,
                                                 write_meta)
-from megatron.prune.formats.source import DEFAULT_MAX_SHARD_BYTES, FormatAdapter, TensorSource, WriteOptions
+from megatron.prune.formats.source import (DEFAULT_MAX_SHARD_BYTES, FormatAdapter, TensorOverrides, TensorSource,
+                                           WriteOptions)
 from megatron.prune.io.atomic import atomic_output, check_output_path
 
 NOT_CARRIED = ("optimizer state and RNG state are not carried over and the iteration is reset to 0: "
@@ -30,10 +31,11 @@ NOT_CARRIED = ("optimizer state and RNG state are not carried over and the itera
 
 
 def save(src: TensorSource, plan: PrunePlan, output: Path, tp: int, pp: int, spec: str, divisible_by: int,
-         params_fn: Callable[[Any, PrunePlan, Layout], ParamFn], base_args: argparse.Namespace | None,
+         params_fn: Callable[..., ParamFn], base_args: argparse.Namespace | None,
          side_files: Path | None, overwrite: bool, progress: bool, save_plan: bool,
-         ckpt_format: str = "torch") -> Path:
-    """Shared body of convert, reshard and prune: write ``plan`` applied to ``src`` as a Megatron checkpoint."""
+         ckpt_format: str = "torch", overrides: TensorOverrides | None = None) -> Path:
+    """Shared body of convert, reshard and prune: write ``plan`` applied to ``src`` (``overrides`` in place of some
+    slices) as a Megatron checkpoint."""
     if spec not in SPECS:
         raise PruneError(f"layer spec {spec!r} unknown; choose one of {', '.join(SPECS)}")
     check_ckpt_format(ckpt_format)
@@ -46,7 +48,7 @@ def save(src: TensorSource, plan: PrunePlan, output: Path, tp: int, pp: int, spe
     args = args_for_shape(base_args, target, tp, pp, layout.padded_vocab, divisible_by, src.dtype, spec,
                           src.hf_config, tokenizer)
     with atomic_output(output, overwrite) as tmp:
-        write_checkpoint(tmp, layout, params_fn(src, plan, layout), args, src.release, progress)
+        write_checkpoint(tmp, layout, params_fn(src, plan, layout, overrides), args, src.release, progress)
         write_meta(tmp, side_files, src.hf_config, target)
         if ckpt_format == "torch_dist":
             torch_to_dist(tmp, progress)
@@ -149,8 +151,8 @@ def output_layout(src: CheckpointHeader, target: ModelShape, prune_type: str, tp
 
 def apply_plan(src: CheckpointHeader, plan: PrunePlan, output: Path | str, overwrite: bool = False,
                prune_type: str = "balance", tp: int | None = None, pp: int | None = None,
-               progress: bool = True, ckpt_format: str = "torch") -> Path:
-    """Apply ``plan`` to an open Megatron checkpoint (torch or torch_dist).
+               progress: bool = True, ckpt_format: str = "torch", overrides: TensorOverrides | None = None) -> Path:
+    """Apply ``plan`` to an open Megatron checkpoint (torch or torch_dist), ``overrides`` in place of some slices.
 
     ``balance`` prunes each TP shard on its own (output TP = input TP, one input and one output shard in
     memory at a time); ``unbalance`` gathers each tensor, applies the plan and writes ``tp``/``pp``.
@@ -160,7 +162,7 @@ def apply_plan(src: CheckpointHeader, plan: PrunePlan, output: Path | str, overw
     plan.validate()
     tp, pp = output_layout(src, plan.target, prune_type, tp, pp)
     div = int(getattr(src.args, "make_vocab_size_divisible_by", 128))
-    params_fn: Callable[[Any, PrunePlan, Layout], ParamFn] = global_params
+    params_fn: Callable[..., ParamFn] = global_params
     if prune_type == "balance":
         check_balanced(plan, tp, src.padded_vocab)
         if isinstance(src, MegatronCheckpoint):  # torch_dist input has no per-rank files: gather, prune, re-split
@@ -168,7 +170,7 @@ def apply_plan(src: CheckpointHeader, plan: PrunePlan, output: Path | str, overw
     check_output_path(src.folder, output, overwrite)
     src.release()
     out = save(src, plan, Path(output), tp, pp, src.spec, div, params_fn, src.args, src.folder / META_DIR,
-                overwrite, progress, save_plan=True, ckpt_format=ckpt_format)
+               overwrite, progress, save_plan=True, ckpt_format=ckpt_format, overrides=overrides)
     print(f"note: {NOT_CARRIED}")
     return out
 
@@ -183,9 +185,10 @@ def iter_state_dicts(folder: Path | str) -> Iterator[tuple[tuple[int, int], dict
 def format_adapter() -> FormatAdapter:
     """The ``megatron`` entry of :data:`megatron.prune.formats.ADAPTERS`."""
 
-    def write(src: CheckpointHeader, plan: PrunePlan, output: Path, options: WriteOptions) -> Path:
+    def write(src: CheckpointHeader, plan: PrunePlan, output: Path, options: WriteOptions,
+              overrides: TensorOverrides | None = None) -> Path:
         return apply_plan(src, plan, output, options.overwrite, options.prune_type, options.tp, options.pp,
-                          options.progress, options.ckpt_format)
+                          options.progress, options.ckpt_format, overrides)
 
     def check_target(src: CheckpointHeader, target: ModelShape, options: WriteOptions) -> None:
         check_ckpt_format(options.ckpt_format)

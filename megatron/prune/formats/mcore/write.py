@@ -27,6 +27,7 @@ from megatron.prune.formats.mcore.read import WORKERS, MegatronCheckpoint
 from megatron.prune.formats.mcore.schema import (CHECKPOINT_VERSION, EXTRA_STATE, META_DIR, MODEL_FILE, PARAM_OF_ROLE,
                                                  TRACKER, Param, fuse, model_role, pad_vocab, params_for, rank_index,
                                                  shard_dir_name, tp_units, unfuse)
+from megatron.prune.formats.source import TensorOverrides
 from megatron.prune.io.atomic import copy_side_files
 from megatron.prune.io.memory import BufferPool, ordered_map
 from megatron.prune.io.torch_stream import TorchStreamWriter
@@ -54,19 +55,22 @@ class Layout:
         return self.shape.num_layers // self.pp
 
 
-def global_roles(src: Any, plan: PrunePlan, layout: Layout) -> RoleFn:
-    """Gather the full logical tensor, apply the plan, pad the vocab, take output rank r's TP slice."""
+def global_roles(src: Any, plan: PrunePlan, layout: Layout, overrides: TensorOverrides | None = None) -> RoleFn:
+    """Gather the full logical tensor, apply the plan (or take its override), pad the vocab, take output rank r's
+    TP slice."""
     units = tp_units(plan.target, layout.padded_vocab)
     hn = src.shape.head_dim
 
     def get(role: str, layer: int | None, r: int) -> torch.Tensor:
-        if layer is None:
+        if overrides is not None and overrides.has(role, layer):
+            t = overrides.get(role, layer)
+        elif layer is None:
             t = slice_role(role, src.get(role), model_index(plan), hn, plan.norm_scale)
-            if "vocab" in ROLE_AXES[role]:
-                t = pad_vocab(t, layout.padded_vocab)
         else:
             lp = plan.layers[layer]
             t = slice_role(role, src.get(role, lp.source_layer), layer_index(plan, lp), hn, plan.norm_scale)
+        if layer is None and "vocab" in ROLE_AXES[role]:
+            t = pad_vocab(t, layout.padded_vocab)
         return slice_role(role, t, rank_index(units, layout.tp, r), hn)
 
     return get
@@ -84,9 +88,9 @@ def fused_params(roles: RoleFn, layout: Layout) -> ParamFn:
     return get
 
 
-def global_params(src: Any, plan: PrunePlan, layout: Layout) -> ParamFn:
+def global_params(src: Any, plan: PrunePlan, layout: Layout, overrides: TensorOverrides | None = None) -> ParamFn:
     """:func:`global_roles`, fused: any TP/PP in, any TP/PP out."""
-    return fused_params(global_roles(src, plan, layout), layout)
+    return fused_params(global_roles(src, plan, layout, overrides), layout)
 
 
 _GATHER_BLOCK_BYTES = 512 * 1024  # rows gathered per step: a quarter of a 2 MiB L2 (measured best)
@@ -167,14 +171,16 @@ def param_gather(param: Param, index: AxisIndex, size: tuple[int, ...], ng: tupl
     return Gather(_kept_positions(param, index, size, 0, ng, np_src, hn), cols)
 
 
-def balanced_params(src: MegatronCheckpoint, plan: PrunePlan, layout: Layout) -> ParamFn:
+def balanced_params(src: MegatronCheckpoint, plan: PrunePlan, layout: Layout,
+                    overrides: TensorOverrides | None = None) -> ParamFn:
     """Prune TP shard r on its own (same TP): the plan's kept indices inside rank r's slice, re-based, taken
-    from each stored tensor by one row and one column gather (:func:`param_gather`)."""
+    from each stored tensor by one row and one column gather (:func:`param_gather`). A parameter with an override
+    (a refitted tensor mixes the source's TP slices) is taken from it, as :func:`global_params` does."""
     s, t = src.shape, layout.shape
     units = tp_units(s, src.padded_vocab)
     hn = s.head_dim
     ng = (s.num_query_groups // src.tp, t.num_query_groups // layout.tp)
-    fallback = global_params(src, plan, layout)
+    fallback = global_params(src, plan, layout, overrides)
     local_vocab = plan.vocab is None and layout.padded_vocab == src.padded_vocab
 
     @functools.lru_cache(maxsize=None)
@@ -185,6 +191,8 @@ def balanced_params(src: MegatronCheckpoint, plan: PrunePlan, layout: Layout) ->
 
     def get(param: Param, layer: int | None, r: int) -> torch.Tensor:
         if layer is None and "vocab" in ROLE_AXES[param.roles[0]] and not local_vocab:
+            return fallback(param, layer, r)
+        if overrides is not None and any(overrides.has(role, layer) for role in param.roles):
             return fallback(param, layer, r)
         role = model_role(param, t) if layer is None else param.roles[0]
         stored = src.stored(role, None if layer is None else plan.layers[layer].source_layer, r)

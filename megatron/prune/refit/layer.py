@@ -1,0 +1,232 @@
+"""The refit of one decoder layer, two streams side by side: the original layer runs on the original model's hidden
+states (the teacher), the pruned layer on the pruned model's (the student). Each linear of the pruned layer that
+reads a pruned axis is refit, in forward order, so that on calibration tokens it gives what the original linear
+gave: ``W' = argmin E‖W' x_s − W x_t‖²`` (:func:`.solve.refit_two_stream`), with ``x_s`` the pruned layer's own
+input as the already refitted linears before it make it.
+
+The layer is taken apart as the stock ``LlamaDecoderLayer.forward`` composes it (norm, attention, residual, norm,
+MLP, residual; Mistral and Qwen2 are the same), so the pruned layer's outputs are what its stock forward gives.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from megatron.prune.core.slicing import AxisIndex, expand_heads, slice_role
+from megatron.prune.refit.solve import DEFAULT_DAMPING, Moment, reconstruction_error, solve_from_moments
+
+# reader groups, in forward order: the linears of a group read the same input and are solved together
+GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
+    "qkv": (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj")),
+    "o": (("o", "self_attn.o_proj"),),
+    "gate_up": (("gate", "mlp.gate_proj"), ("up", "mlp.up_proj")),
+    "down": (("down", "mlp.down_proj"),),
+}
+ATTENTION_KWARGS = ("attention_mask", "position_ids", "position_embeddings", "cache_position")
+
+
+@dataclass
+class Call:
+    """One batch's call of a decoder layer: hidden states ``[b, s, h]`` and the rest (mask, rotary embeddings)."""
+
+    hidden: torch.Tensor
+    kwargs: dict
+
+
+@dataclass
+class GroupReport:
+    """How well a refit group reproduces the original on calibration tokens: ``E‖W x_s − W_t x_t‖²`` relative to
+    ``E‖W_t x_t‖²``, with the plainly sliced weights and with the refitted ones."""
+
+    sliced: float
+    refit: float
+
+
+@dataclass
+class LayerReport:
+    groups: dict[str, GroupReport] = field(default_factory=dict)
+
+
+def attention_kwargs(kwargs: dict) -> dict:
+    """The part of a layer call its attention module takes."""
+    return {k: v for k, v in kwargs.items() if k in ATTENTION_KWARGS}
+
+
+@contextmanager
+def capture_inputs(layer: torch.nn.Module, names: dict[str, str]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record the input of the submodules ``names`` (group -> module path) of ``layer`` on every call."""
+    seen: dict[str, list[torch.Tensor]] = {g: [] for g in names}
+    modules = dict(layer.named_modules())
+    handles = [modules[path].register_forward_pre_hook(lambda m, a, g=g: seen[g].append(a[0]))
+               for g, path in names.items()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+READER_INPUTS = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_proj",
+                 "down": "mlp.down_proj"}
+
+
+@dataclass
+class TeacherLayer:
+    """The original layer's run over the calibration batches: its outputs, the input of each reader group, and
+    ``E‖y‖²`` of each group's outputs that the pruned layer keeps (the scale of its reconstruction error)."""
+
+    outputs: list[torch.Tensor]
+    inputs: dict[str, list[torch.Tensor]]
+    energy: dict[str, float]
+
+
+def kept_outputs(role: str, index: AxisIndex, head_dim: int) -> torch.Tensor:
+    """Positions of the output features of ``role`` the pruned linear keeps."""
+    axis = OUTPUT_AXIS[role]
+    keep = torch.as_tensor(index.for_axis(axis), dtype=torch.long)
+    return expand_heads(keep, head_dim) if axis in ("heads", "groups") else keep
+
+
+@torch.no_grad()
+def run_teacher(layer: torch.nn.Module, calls: list[Call], index: AxisIndex | None, head_dim: int) -> TeacherLayer:
+    """The original layer's stock forward on every batch; with ``index`` (the layer is kept) also what its pruned
+    counterpart's refit needs."""
+    outputs: list[torch.Tensor] = []
+    if index is None:
+        for c in calls:
+            out = layer(c.hidden, **c.kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return TeacherLayer(outputs, {}, {})
+    energy = dict.fromkeys(GROUPS, 0.0)
+    tokens = [0]
+    modules = dict(layer.named_modules())
+
+    def watch(group: str, role: str):
+        rows = kept_outputs(role, index, head_dim)
+
+        def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            per_feature = out.reshape(-1, out.shape[-1]).float().pow(2).sum(0)  # [out]
+            energy[group] += float(per_feature.index_select(0, rows).double().sum())
+        return hook
+
+    handles = [modules[path].register_forward_hook(watch(g, role)) for g, members in GROUPS.items()
+               for role, path in members]
+    try:
+        with capture_inputs(layer, READER_INPUTS) as seen:
+            for c in calls:
+                out = layer(c.hidden, **c.kwargs)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+                tokens[0] += c.hidden.shape[0] * c.hidden.shape[1]
+    finally:
+        for h in handles:
+            h.remove()
+    return TeacherLayer(outputs, seen, {g: e / tokens[0] for g, e in energy.items()})
+
+
+OUTPUT_AXIS = {"q": "heads", "k": "groups", "v": "groups", "o": "hidden", "gate": "ffn", "up": "ffn", "down": "hidden"}
+
+
+def teacher_rows(role: str, w: torch.Tensor, index: AxisIndex, head_dim: int) -> torch.Tensor:
+    """The original weight restricted to the outputs the pruned linear keeps (its inputs all kept): the target."""
+    axis = OUTPUT_AXIS[role]
+    return slice_role(role, w, AxisIndex(**{axis: index.for_axis(axis)}), head_dim)
+
+
+def refit_group(student: torch.nn.Module, teacher: torch.nn.Module, group: str, xs: list[torch.Tensor],
+                xt: list[torch.Tensor], energy: float, index: AxisIndex, head_dim: int,
+                delta: float = DEFAULT_DAMPING, storage: dict[str, torch.dtype] | None = None,
+                product: torch.dtype = torch.float32) -> GroupReport:
+    """Refit the linears of ``group`` in ``student`` from its inputs ``xs`` and the original's ``xt`` (per batch);
+    ``energy`` is ``E‖W_t x_t‖²`` over the kept outputs. Each refitted weight is rounded to its ``storage`` dtype
+    (role -> dtype), so the layers after it see what will be written."""
+    H, C = Moment(product), Moment(product)
+    for s, t in zip(xs, xt, strict=True):
+        H.add(s)
+        C.add(t, s)
+    H_ss, C_ts = H.mean(), C.mean()
+    s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
+    W = torch.cat([teacher_rows(role, t_mods[path].weight, index, head_dim).float() for role, path in GROUPS[group]])
+    prior = torch.cat([s_mods[path].weight.float() for _, path in GROUPS[group]])
+    C_ys = (W @ C_ts.float()).double()  # E[y x_sᵀ] with y = W x_t: float32 products, float64 solve
+    new = solve_from_moments(C_ys, H_ss, prior.double(), delta)
+    scale = max(energy, 1e-30)
+    report = GroupReport(reconstruction_error(prior, H_ss, C_ys, energy) / scale,
+                         reconstruction_error(new, H_ss, C_ys, energy) / scale)
+    start = 0
+    with torch.no_grad():
+        for role, path in GROUPS[group]:
+            w = s_mods[path].weight
+            rows = new[start:start + w.shape[0]]
+            w.copy_(rows.to((storage or {}).get(role, w.dtype)).to(w.dtype))
+            start += w.shape[0]
+    return report
+
+
+def refit_to_residual(linear: torch.nn.Module, xs: list[torch.Tensor], targets: list[torch.Tensor],
+                      delta: float = DEFAULT_DAMPING, storage: torch.dtype | None = None,
+                      product: torch.dtype = torch.float32) -> GroupReport:
+    """Refit ``linear`` so that its output on ``xs`` best gives ``targets`` (per batch, least squares with the ridge
+    toward its current weights): what the block's last linear must add to the residual stream."""
+    H, C = Moment(product), Moment(product)
+    energy, tokens = 0.0, 0
+    for x, y in zip(xs, targets, strict=True):
+        H.add(x)
+        C.add(y, x)
+        energy += float(y.float().pow(2).sum())
+        tokens += y.numel() // y.shape[-1]
+    H_ss, C_ys = H.mean(), C.mean()
+    prior = linear.weight.double()
+    new = solve_from_moments(C_ys, H_ss, prior, delta)
+    energy /= tokens
+    scale = max(energy, 1e-30)
+    report = GroupReport(reconstruction_error(prior, H_ss, C_ys, energy) / scale,
+                         reconstruction_error(new, H_ss, C_ys, energy) / scale)
+    with torch.no_grad():
+        linear.weight.copy_(new.to(storage or linear.weight.dtype).to(linear.weight.dtype))
+    return report
+
+
+@torch.no_grad()
+def refit_layer(student: torch.nn.Module, teacher: torch.nn.Module, student_calls: list[Call], run: TeacherLayer,
+                index: AxisIndex, head_dim: int, groups: tuple[str, ...] = tuple(GROUPS),
+                delta: float = DEFAULT_DAMPING, storage: dict[str, torch.dtype] | None = None,
+                residual: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], LayerReport]:
+    """Refit ``groups`` of the pruned layer ``student`` in forward order; its outputs on every batch (what its stock
+    forward gives with the refitted weights) and how much each refit reduced the error. With ``residual`` (per batch,
+    the original's hidden states, kept channels, after a run of dropped layers that follows this one), down_proj is
+    refit so the layer's output is that residual stream instead (:func:`refit_to_residual`)."""
+    report = LayerReport()
+    norm_in = [student.input_layernorm(c.hidden) for c in student_calls]
+    if "qkv" in groups:
+        report.groups["qkv"] = refit_group(student, teacher, "qkv", norm_in, run.inputs["qkv"], run.energy["qkv"],
+                                           index, head_dim, delta, storage)
+    attn = student.self_attn
+    o_in: list[torch.Tensor] = []
+    with capture_inputs(student, {"o": READER_INPUTS["o"]}) as seen:
+        for x, c in zip(norm_in, student_calls):
+            attn(hidden_states=x, **attention_kwargs(c.kwargs))
+        o_in = seen["o"]
+    del norm_in
+    if "o" in groups:
+        report.groups["o"] = refit_group(student, teacher, "o", o_in, run.inputs["o"], run.energy["o"], index,
+                                         head_dim, delta, storage)
+    mid = [c.hidden + attn.o_proj(z) for c, z in zip(student_calls, o_in)]
+    del o_in
+    mlp_in = [student.post_attention_layernorm(h) for h in mid]
+    if "gate_up" in groups:
+        report.groups["gate_up"] = refit_group(student, teacher, "gate_up", mlp_in, run.inputs["gate_up"],
+                                               run.energy["gate_up"], index, head_dim, delta, storage)
+    mlp = student.mlp
+    down_in = [mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x) for x in mlp_in]
+    del mlp_in
+    if residual is not None:
+        targets = [want - h for want, h in zip(residual, mid, strict=True)]
+        report.groups["down"] = refit_to_residual(mlp.down_proj, down_in, targets, delta, (storage or {}).get("down"))
+    elif "down" in groups:
+        report.groups["down"] = refit_group(student, teacher, "down", down_in, run.inputs["down"], run.energy["down"],
+                                            index, head_dim, delta, storage)
+    return [h + mlp.down_proj(z) for h, z in zip(mid, down_in)], report

@@ -1,0 +1,85 @@
+"""What ``prune --reconstruct least-squares`` runs around the refit: the checks before any work, the calibration
+windows, the scratch store beside the output, and the record of what was done in the plan's info."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from megatron.prune.core.plan import PrunePlan
+from megatron.prune.errors import PruneError
+from megatron.prune.formats.source import TensorSource
+from megatron.prune.refit.layer import GROUPS
+from megatron.prune.refit.sequential import HEADS, RefitOptions, RefitSummary, refit_model
+from megatron.prune.refit.solve import SingularMomentError
+from megatron.prune.refit.store import RefitStore
+from megatron.prune.scoring.methods import ScoringOptions
+
+RECONSTRUCT = ("least-squares", "none")
+CALIBRATED = ("activation",)  # selection methods that run calibration text anyway
+
+
+def default_reconstruct(method: str) -> str:
+    """``--reconstruct`` when not given: least-squares wherever calibration runs for the selection."""
+    return "least-squares" if method in CALIBRATED else "none"
+
+
+def check_reconstruct(src: TensorSource, reconstruct: str, method: str, calib: tuple[Path, ...] | None,
+                      options: RefitOptions) -> None:
+    """Refuse a refit that cannot run, before scoring or writing anything."""
+    from megatron.prune.scoring.methods import runnable
+
+    if reconstruct not in RECONSTRUCT:
+        raise PruneError(f"--reconstruct {reconstruct!r}: choose one of {', '.join(RECONSTRUCT)}")
+    if reconstruct == "none":
+        return
+    if not options.damping > 0:
+        raise PruneError(f"--damping {options.damping}: must be > 0 (a multiple of the moments' mean diagonal)")
+    unknown = [g for g in options.groups if g not in GROUPS]
+    if unknown or options.head not in HEADS:
+        raise PruneError(f"refit groups {unknown or list(options.groups)} / head {options.head!r}: choose groups from "
+                         f"{', '.join(GROUPS)} and the head from {', '.join(HEADS)}")
+    if not runnable(Path(src.folder)):
+        raise PruneError(f"--reconstruct least-squares runs calibration text through the model, and {src.folder} has "
+                         "no tokenizer (an HF folder's own, or a Megatron checkpoint's hf_meta/); use --reconstruct "
+                         "none, or convert the checkpoint from an HF folder that has one")
+    if method not in CALIBRATED and not calib:
+        raise PruneError(f"--reconstruct least-squares with --method {method}: the refit needs calibration text, which "
+                         "this method does not use; pass --calib FILE (the text to refit on), or use --method "
+                         "activation (the built-in text by default)")
+
+
+def reconstruct(src: TensorSource, plan: PrunePlan, scoring: ScoringOptions, options: RefitOptions,
+                scratch: Path) -> tuple[RefitStore | None, RefitSummary | None, PrunePlan]:
+    """Refit ``plan`` applied to ``src`` on the calibration text of ``scoring`` into a store in ``scratch``; the plan,
+    its info recording how. A plan that keeps everything needs no refit (the output stays the input, bit for bit)."""
+    from megatron.prune.runtime import DTYPES, load_tokenizer, tokenize, transformers_config
+    from megatron.prune.scoring.methods import calibration_windows
+    from megatron.prune.text import builtin_text, read_texts
+
+    if plan.is_identity():
+        return None, None, plan
+    text = read_texts(list(scoring.calib)) if scoring.calib else builtin_text("calib")
+    windows = calibration_windows(tokenize(load_tokenizer(src.folder), text, None), scoring.samples, scoring.seq_len)
+    store = RefitStore(scratch)
+    try:
+        summary = refit_model(src, transformers_config(src), plan, windows, scoring.batch_size, DTYPES[scoring.dtype],
+                              scoring.device, store, options, scoring.progress)
+    except SingularMomentError as e:
+        raise PruneError(f"--reconstruct least-squares: {e}; give more (or more varied) calibration text "
+                         "(--calib, --samples) or raise --damping") from None
+    sliced, refit = summary.mean_error()
+    info = {"method": "least-squares", "damping": options.damping, "groups": list(options.groups),
+            "head": options.head, "calib": [str(p) for p in scoring.calib] if scoring.calib else "builtin:calib",
+            "samples": scoring.samples, "seq_len": scoring.seq_len, "dtype": scoring.dtype,
+            "tokens": summary.tokens, "error_sliced": round(sliced, 6), "error_refit": round(refit, 6),
+            "seconds": round(summary.seconds, 2)}
+    return store, summary, dataclasses.replace(plan, info={**plan.info, "reconstruct": info})
+
+
+def describe(summary: RefitSummary) -> str:
+    """One line saying what the refit did."""
+    sliced, refit = summary.mean_error()
+    head = "" if summary.head is None else f"; lm_head {summary.head[0]:.4f} -> {summary.head[1]:.4f}"
+    return (f"reconstruct: {len(summary.layers)} layers refit on {summary.tokens} calibration tokens in "
+            f"{summary.seconds:.1f}s; relative error of the refit linears {sliced:.4f} (sliced) -> {refit:.4f}{head}")

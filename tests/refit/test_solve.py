@@ -1,0 +1,195 @@
+"""Least-squares reconstruction math (megatron.prune.refit.solve): tiny tensors, CPU, exact checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron.prune.refit import solve as rc
+
+
+def _data(seed: int, tokens: int = 256, n: int = 12, out: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    W = torch.randn(out, n, generator=g, dtype=torch.float64)
+    return x, W
+
+
+def _moment(a, b=None):
+    m = rc.Moment()
+    m.add(a, b)
+    return m.mean()
+
+
+def test_dependent_channel_removed_exactly():
+    """A dropped channel that is a linear combination of kept ones: the refit reproduces W x exactly; slicing does not."""
+    x, W = _data(0)
+    x[:, 3] = 0.5 * x[:, 0] - 2.0 * x[:, 7] + x[:, 9]
+    kept = [i for i in range(x.shape[1]) if i != 3]
+    W2 = rc.refit_reader(W, kept, _moment(x), delta=0.0)
+    assert W2.shape == (W.shape[0], len(kept))
+    torch.testing.assert_close(x[:, kept] @ W2.T, x @ W.T, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(x[:, kept] @ W[:, kept].T, x @ W.T, atol=1e-3)
+
+
+def test_dependent_channel_two_stream_exact():
+    """The two-stream solve with x_s = x_t[K] is the same least squares: also exact on a dependent channel."""
+    x, W = _data(1)
+    x[:, 5] = x[:, 1] + 3 * x[:, 2]
+    kept = [i for i in range(x.shape[1]) if i != 5]
+    xs = x[:, kept]
+    W2 = rc.refit_two_stream(W, _moment(xs), _moment(x, xs), W[:, kept], delta=0.0)
+    torch.testing.assert_close(xs @ W2.T, x @ W.T, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_nothing_pruned_is_identity_bit_for_bit(dtype):
+    x, W = _data(2)
+    W = W.to(dtype)
+    out = rc.refit_reader(W, range(W.shape[1]), _moment(x), delta=0.01)
+    assert out.dtype == dtype and torch.equal(out, W)
+
+
+@pytest.mark.parametrize("delta", [1e-3, 0.01, 0.1])
+def test_two_stream_reduces_to_reader_formula_with_damping(delta):
+    """Ridge toward the sliced weights: (W C + λ W_K)(H_KK + λ)⁻¹ = W_K + W_P H_PK (H_KK + λ)⁻¹, for any δ."""
+    x, W = _data(3)
+    kept = [0, 2, 3, 5, 8, 9, 11]
+    H = _moment(x)
+    a = rc.refit_reader(W, kept, H, delta)
+    b = rc.refit_two_stream(W, H[kept][:, kept], H[:, kept], W[:, kept], delta)
+    torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_refit_dropped_from_another_stream():
+    """The dropped inputs' moment from a second stream: W_K kept, the rest regressed; equals the two-stream solve of
+    the target W_K x_s + W_P x_t,P (ridge toward W_K)."""
+    g = torch.Generator().manual_seed(4)
+    xt, W = _data(4, n=8)
+    K, P = [0, 1, 2, 4, 6], [3, 5, 7]
+    xs = xt[:, K] + 0.2 * torch.randn(xt.shape[0], 5, generator=g, dtype=torch.float64)
+    H, C = _moment(xs), _moment(xt[:, P], xs)
+    a = rc.refit_dropped(W[:, K], W[:, P], H, C, 0.01)
+    y = xs @ W[:, K].T + xt[:, P] @ W[:, P].T
+    b = rc.solve_from_moments(_moment(y, xs), H, W[:, K], 0.01)
+    torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert torch.equal(rc.refit_dropped(W[:, K], W[:, :0], H, C[:0], 0.01), W[:, K])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_refit_error_is_minimal(seed):
+    """Property: on calibration data the refit's error is <= slicing's and <= any random perturbation of it."""
+    g = torch.Generator().manual_seed(100 + seed)
+    x, W = _data(seed, tokens=64 + 16 * seed, n=10, out=4)
+    kept = sorted(torch.randperm(10, generator=g)[: 4 + seed % 5].tolist())
+    H = _moment(x)
+    y = x @ W.T
+
+    def err(Wk):
+        return float((x[:, kept] @ Wk.T - y).pow(2).sum(1).mean())
+
+    W2 = rc.refit_reader(W, kept, H, delta=0.0)
+    e = err(W2)
+    assert e <= err(W[:, kept]) + 1e-9
+    for _ in range(20):
+        assert e <= err(W2 + 1e-3 * torch.randn(W2.shape, generator=g, dtype=W2.dtype)) + 1e-12
+    # the same minimum read from moments
+    xs = x[:, kept]
+    assert rc.reconstruction_error(W2, _moment(xs), _moment(y, xs), _moment(y)) == pytest.approx(e, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_two_stream_error_is_minimal(seed):
+    """Two streams (student input is a noisy, smaller copy of the teacher's): the solve minimises the ridge objective."""
+    g = torch.Generator().manual_seed(seed)
+    xt, W = _data(10 + seed, n=9)
+    xs = xt[:, :6] + 0.3 * torch.randn(xt.shape[0], 6, generator=g, dtype=torch.float64)
+    prior = W[:, :6].clone()
+    delta = 0.01
+    H, C = _moment(xs), _moment(xt, xs)
+    W2 = rc.refit_two_stream(W, H, C, prior, delta)
+    lam = delta * H.diagonal().mean()
+
+    def obj(Wk):
+        return float((xs @ Wk.T - xt @ W.T).pow(2).sum(1).mean() + lam * (Wk - prior).pow(2).sum())
+
+    assert obj(W2) <= obj(prior)
+    for _ in range(20):
+        assert obj(W2) <= obj(W2 + 1e-3 * torch.randn(W2.shape, generator=g, dtype=W2.dtype)) + 1e-12
+
+
+def test_singular_beyond_damping_raises():
+    W = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(rc.SingularMomentError, match="singular"):
+        rc.refit_reader(W, [0, 1], torch.zeros(4, 4, dtype=torch.float64))  # no signal at all
+    with pytest.raises(rc.SingularMomentError, match="singular"):
+        rc.solve_from_moments(torch.zeros(3, 2), -torch.eye(2, dtype=torch.float64), torch.zeros(3, 2))  # not PSD
+    with pytest.raises(rc.SingularMomentError, match="non-finite"):
+        rc.damped_cholesky(torch.full((2, 2), float("nan"), dtype=torch.float64))
+    with pytest.raises(rc.SingularMomentError, match="no calibration tokens"):
+        rc.Moment().mean()
+
+
+def test_rank_deficient_moment_falls_back_to_more_damping():
+    """Duplicate channels (an exactly singular moment): δ=0 cannot factorise, the fallback raises δ and says which."""
+    H = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64)
+    assert int(torch.linalg.cholesky_ex(H).info) != 0
+    L, d = rc.damped_cholesky(H, 0.0)
+    assert d > 0 and torch.isfinite(L).all()
+    torch.testing.assert_close(L @ L.T, rc.damp(H, d))
+
+
+def test_moment_accumulates_over_batches():
+    """Batched accumulation equals the one-shot float64 moment; float32 products agree to ~1e-6."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(3, 40, 7, generator=g), torch.randn(3, 40, 4, generator=g)
+    exact = a.reshape(-1, 7).double().T @ b.reshape(-1, 4).double() / 120
+    m64, m32 = rc.Moment(), rc.Moment(torch.float32)
+    for i in range(3):
+        m64.add(a[i], b[i])
+        m32.add(a[i], b[i])
+    assert m64.count == 120 and m64.mean().dtype == torch.float64
+    torch.testing.assert_close(m64.mean(), exact, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m32.mean(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_replaceme_recovers_linear_map_and_folds():
+    """r = Tᵀ m exactly: the fit recovers T; folding Tᵀ into down_proj gives M T from the same FFN input."""
+    g = torch.Generator().manual_seed(6)
+    f = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    W_down = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    T = torch.eye(6, dtype=torch.float64) + 0.3 * torch.randn(6, 6, generator=g, dtype=torch.float64)
+    m = f @ W_down.T  # rows: M
+    r = m @ T  # ReplaceMe's row convention: M T
+    T2 = rc.replaceme_fit(_moment(m), _moment(m, r), delta=0.0)
+    torch.testing.assert_close(T2, T, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(f @ rc.fold_replaceme(W_down, T2).T, r, rtol=1e-8, atol=1e-8)
+    # nothing to replace (r = m) with damping: the identity
+    torch.testing.assert_close(rc.replaceme_fit(_moment(m), _moment(m), 0.1), torch.eye(6, dtype=torch.float64))
+
+
+def test_diagonal_gain_fit_matches_brute_force():
+    """The tied-head gain refit equals a brute-force least squares over stacked logits."""
+    g = torch.Generator().manual_seed(7)
+    E = torch.randn(30, 8, generator=g, dtype=torch.float64)  # [vocab, h]
+    kept = [0, 1, 3, 4, 6, 7]
+    xt = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    r = xt[:, kept] + 0.1 * torch.randn(40, 6, generator=g, dtype=torch.float64)
+    Q, b = rc.logit_gain_moments(E[:, kept], E, _moment(r), _moment(xt, r))
+    gain = rc.fit_diagonal(Q, b, torch.ones(6, dtype=torch.float64), delta=0.0)
+    # logits_s[t, v] = Σ_i E[v, K_i] g_i r[t, i]: linear in g with design A[(t, v), i] = E[v, K_i] r[t, i]
+    A = (E[:, kept][None, :, :] * r[:, None, :]).reshape(-1, 6)
+    y = (xt @ E.T).reshape(-1)
+    torch.testing.assert_close(gain, torch.linalg.lstsq(A, y[:, None]).solution[:, 0], rtol=1e-8, atol=1e-8)
+
+
+def test_obs_scores():
+    """A column whose input is a copy of another's costs ~nothing to drop; units sum their columns."""
+    x, W = _data(8, n=6)
+    x[:, 4] = x[:, 1]
+    s = rc.obs_scores(W, _moment(x), unit=1, delta=1e-9)
+    assert s.shape == (6,) and s[4] < 1e-3 * s.max() and s[1] < 1e-3 * s.max()
+    s2 = rc.obs_scores(W, _moment(x), unit=2, delta=1e-9)
+    torch.testing.assert_close(s2, s.reshape(3, 2).sum(1))
+    with pytest.raises(ValueError, match="units"):
+        rc.obs_scores(W, _moment(x), unit=4)
