@@ -101,11 +101,15 @@ def test_plan_show_says_what_was_kept_dropped_and_how(tiny_hf, tmp_path, capsys)
     dropped = [i for i in range(4) if i not in {lp.source_layer for lp in plan.layers}]
     assert out[1] == ("method: activation, chosen by --method auto (calibration builtin:calib: 4 windows of 32 tokens, "
                       "aggregation rms, float32)")
-    assert out[2].startswith("layers: block influence") and "TP 1, balance; RMSNorm weights x 1.095" in out[2]
-    assert out[3] == ("shape: layers 4 -> 3, hidden 48 -> 40, query heads 8 -> 4, KV groups 4 -> 2, FFN 64 -> 32, "
+    r = plan.info["reconstruct"]  # the refit is the default with activation selection
+    assert out[2] == (f"reconstruction: least-squares of the linears qkv, o, gate_up, down (lm_head auto, damping "
+                      f"{r['damping']}) on {r['tokens']} tokens of builtin:calib (4 windows of 32, float32): relative "
+                      f"error {r['error_sliced']:.4f} (sliced) -> {r['error_refit']:.4f}, {r['seconds']}s")
+    assert out[3].startswith("layers: block influence") and "TP 1, balance; RMSNorm weights x 1.095" in out[3]
+    assert out[4] == ("shape: layers 4 -> 3, hidden 48 -> 40, query heads 8 -> 4, KV groups 4 -> 2, FFN 64 -> 32, "
                       "vocab 600")
-    assert out[5] == f"dropped layers: {dropped[0]}" and out[6] == "hidden: 40 of 48 channels kept, 8 dropped"
-    rows = [line.split() for line in out[8:]]
+    assert out[6] == f"dropped layers: {dropped[0]}" and out[7] == "hidden: 40 of 48 channels kept, 8 dropped"
+    rows = [line.split() for line in out[9:]]
     assert len(rows) == 3
 
     def expand(text: str) -> list[int]:
@@ -124,5 +128,11 @@ def test_plan_show_says_what_was_kept_dropped_and_how(tiny_hf, tmp_path, capsys)
     assert main(["plan", "show", str(tmp_path / "small" / "prune_plan.json"), "--indices"]) == 0
     assert f"hidden: 40 of 48 channels kept, 8 dropped: kept {ids(plan.hidden)}" in capsys.readouterr().out
     assert ids([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and ids([]) == "-" and expand(ids(plan.hidden)) == list(plan.hidden)
+    assert main(["prune", "--input", str(model), "--output", str(tmp_path / "plain"), "--plan",
+                 str(tmp_path / "small" / "prune_plan.json"), "--reconstruct", "none", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["plan", "show", str(tmp_path / "plain")]) == 0
+    line = capsys.readouterr().out.splitlines()[2]
+    assert line == "reconstruction: none (the kept weights are the original's, sliced)"
     assert main(["plan", "show", str(model)]) == 2
     assert "has no prune_plan.json" in capsys.readouterr().err

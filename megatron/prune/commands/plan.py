@@ -1,8 +1,9 @@
 r"""Show what a prune plan kept and dropped, and how it was chosen.
 
 `plan show` reads prune_plan.json (written beside every pruned checkpoint, HF or Megatron, and kept by convert and
-reshard) and prints the selection method with its settings, the shape before and after, the dropped layers and
-hidden channels, and for every kept layer its KV groups and query heads (kept and dropped) and FFN channel count.
+reshard) and prints the selection method with its settings, whether the kept weights were refit (--reconstruct:
+its settings, calibration and error before and after), the shape before and after, the dropped layers and hidden
+channels, and for every kept layer its KV groups and query heads (kept and dropped) and FFN channel count.
 --indices adds every kept index (hidden and FFN channels too).
 
 Examples:
@@ -76,6 +77,22 @@ def method_line(info: Mapping[str, Any]) -> str:
     return f"method: {method}{how}"
 
 
+def reconstruction_line(info: Mapping[str, Any]) -> str:
+    """How the kept weights were refit (``prune --reconstruct``), as the plan recorded it, or that they were not."""
+    r = info.get("reconstruct")
+    if not isinstance(r, Mapping):
+        return "reconstruction: none (the kept weights are the original's, sliced)"
+    calib = r.get("calib") if isinstance(r.get("calib"), str) else " ".join(map(str, r.get("calib") or []))
+
+    def num(key: str) -> str:
+        return f"{r[key]:.4f}" if isinstance(r.get(key), (int, float)) else "?"
+
+    return (f"reconstruction: {r.get('method')} of the linears {', '.join(r.get('groups') or [])} (lm_head "
+            f"{r.get('head')}, damping {r.get('damping')}) on {r.get('tokens')} tokens of {calib} ({r.get('samples')} "
+            f"windows of {r.get('seq_len')}, {r.get('dtype')}): relative error {num('error_sliced')} (sliced) -> "
+            f"{num('error_refit')}, {r.get('seconds')}s")
+
+
 def selection_line(plan: PrunePlan) -> str:
     info = plan.info
     rule = LAYER_RULES.get(info.get("layer_rule", ""), info.get("layer_rule", "?"))
@@ -111,7 +128,8 @@ def describe(plan: PrunePlan, where: Path, indices: bool) -> list[str]:
     """Every line ``plan show`` prints."""
     s, t = plan.source, plan.target
     kept = {lp.source_layer for lp in plan.layers}
-    lines = [f"plan: {where}", method_line(plan.info), selection_line(plan), shape_line(plan),
+    lines = [f"plan: {where}", method_line(plan.info), reconstruction_line(plan.info), selection_line(plan),
+             shape_line(plan),
              f"parameters: {s.num_params() / 1e6:.1f}M -> {t.num_params() / 1e6:.1f}M",
              f"dropped layers: {ids([i for i in range(s.num_layers) if i not in kept])}",
              f"hidden: {len(plan.hidden)} of {s.hidden_size} channels kept, {s.hidden_size - len(plan.hidden)} dropped"

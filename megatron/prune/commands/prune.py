@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -148,6 +149,8 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
         reconstruct = args.reconstruct or ("least-squares" if "reconstruct" in plan.info else "none")
         check_reconstruct(src, reconstruct, "activation" if args.calib is None else "plan", args.calib,
                           refit_options(args))
+        if reconstruct == "none":  # the plan's record of an earlier refit does not describe these weights
+            plan = dataclasses.replace(plan, info={k: v for k, v in plan.info.items() if k != "reconstruct"})
         return plan, reconstruct
     auto = args.drop_layers == "auto"
     if auto and args.num_layers is None:
