@@ -8,7 +8,9 @@
 #     bash scripts/prune_llama.sh
 # Variables: LOAD, SAVE (one way or the other: required); HIDDEN, HEADS, KV_GROUPS, FFN, DROP (omit to keep an
 # axis); PRUNE_TYPE (balance | unbalance; default balance); METHOD (auto | activation | magnitude | random;
-# default auto: activation where the checkpoint has a tokenizer, else random); PYTHON (python).
+# default auto: activation where the checkpoint has a tokenizer, else random); RECONSTRUCT (least-squares | none;
+# default least-squares with activation selection: the kept weights refit on the calibration text, as
+# `megatron-prune prune` does); PYTHON (python).
 # The seed's Megatron flags may follow (its GPT_ARGS: --tensor-model-parallel-size 2 --num-layers 32 ...): those
 # describing the model are checked against the checkpoint, the training ones are ignored with a note.
 # `python prune_llama.py --help` lists every flag.
@@ -25,6 +27,7 @@ flags=()
 [[ -n "${SAVE:-}" ]] && flags+=(--save "$SAVE")
 [[ -n "${PRUNE_TYPE:-}" ]] && flags+=(--prune_type "$PRUNE_TYPE")
 [[ -n "${METHOD:-}" ]] && flags+=(--method "$METHOD")
+[[ -n "${RECONSTRUCT:-}" ]] && flags+=(--reconstruct "$RECONSTRUCT")
 [[ -n "${HIDDEN:-}" ]] && flags+=(--hidden_size_remain "$HIDDEN")
 [[ -n "${HEADS:-}" ]] && flags+=(--num_attention_heads_remain "$HEADS")
 [[ -n "${KV_GROUPS:-}" ]] && flags+=(--num_query_groups_remain "$KV_GROUPS")

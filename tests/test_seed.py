@@ -11,12 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import torch
 
-from compare import assert_same_tensors, mg_shards
 from megatron.prune.core.plan import PrunePlan
-from megatron.prune.formats.folder import open_megatron
 from megatron.prune.formats.mcore import ops
 from megatron.prune.vocab import TokenCounts, prune_hf_vocab
 from tiny import logits
@@ -122,13 +119,27 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def same_output(out: Path, seed, verb_run) -> None:
-    """``seed()`` and ``verb_run()`` each write ``out`` (so paths recorded inside agree): the files are identical."""
+def untimed(files: dict[str, bytes]) -> dict[str, bytes]:
+    """``files`` with the refit's wall time taken out of each prune_plan.json (the one entry two runs differ in)."""
+    out = dict(files)
+    for name, data in files.items():
+        if Path(name).name == "prune_plan.json":
+            plan = json.loads(data)
+            assert plan["info"]["reconstruct"].pop("seconds") >= 0
+            out[name] = json.dumps(plan, sort_keys=True).encode()
+    return out
+
+
+def same_output(out: Path, seed, verb_run, refit: bool = False) -> None:
+    """``seed()`` and ``verb_run()`` each write ``out`` (so paths recorded inside agree): the files are identical
+    (after a refit, but for its wall time in the plan)."""
     seed()
     seed_out = out.with_name(out.name + "-seed")
     out.rename(seed_out)
     verb_run()
     a, b = files_of(seed_out), files_of(out)
+    if refit:
+        a, b = untimed(a), untimed(b)
     assert a is not b and len(a) >= 2 and a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
 
@@ -170,6 +181,36 @@ def test_seed_prune_llama_sh_with_its_flags_and_gpt_args_is_prune(tiny_hf, tmp_p
     sh(["bash", "scripts/prune_llama.sh"], LOAD=str(mg), SAVE=str(out), HIDDEN="40", HEADS="4", FFN="32",
        DROP="1 2", PRUNE_TYPE="balance")
     assert files_of(out) == files_of(tmp_path / "small-seed")
+
+
+def test_seed_prune_llama_refits_as_prune_does(tmp_path):
+    """On a checkpoint with a tokenizer the seed's prune_llama selects by activation and refits the kept weights by
+    default, as `megatron-prune prune` does; --reconstruct none (or RECONSTRUCT=none) keeps the sliced weights, as
+    the verb's --reconstruct none."""
+    from megatron.prune.refit.run import RECONSTRUCT
+    from megatron.prune.seed.prune import RECONSTRUCT as SEED_RECONSTRUCT
+    from megatron.prune.seed.prune import prune_llama_argv, prune_llama_parser
+
+    assert SEED_RECONSTRUCT == RECONSTRUCT
+    model = model_with_tokenizer(tmp_path / "m", "llama-gqa", make_bytelevel_tokenizer(tmp_path / "tok", 600))
+    mg = ops.hf_to_megatron(model, tmp_path / "mg", tp=2, progress=False)
+    seed_flags = ["--load", str(mg), "--hidden_size_remain", "40", "--num_attention_heads_remain", "4",
+                  "--ffn_hidden_size_remain", "32", "--drop_layers", "2", "--prune_type", "balance", "--no_progress"]
+    verb_flags = ["prune", "--input", str(mg), "--hidden-size", "40", "--num-attention-heads", "4",
+                  "--ffn-hidden-size", "32", "--drop-layers", "2", "--prune-type", "balance", "--no-progress"]
+    refit, plain = tmp_path / "refit", tmp_path / "plain"
+    same_output(refit, lambda: sh(["bash", "scripts/prune_llama.sh", *seed_flags, "--save", str(refit)]),
+                lambda: verb(*verb_flags, "--output", str(refit)), refit=True)
+    same_output(plain, lambda: sh(["bash", "scripts/prune_llama.sh", *seed_flags], SAVE=str(plain), RECONSTRUCT="none"),
+                lambda: verb(*verb_flags, "--output", str(plain), "--reconstruct", "none"))
+    assert PrunePlan.load(refit).info["reconstruct"]["method"] == "least-squares"
+    assert "reconstruct" not in PrunePlan.load(plain).info and PrunePlan.load(plain) == PrunePlan.load(refit)
+    refit_files, plain_files = files_of(refit), files_of(plain)
+    assert refit_files.keys() == plain_files.keys()
+    changed = [k for k, v in refit_files.items() if k.endswith(".pt") and v != plain_files[k]]
+    assert len(changed) == 2, changed  # both TP shards hold refit weights
+    parsed = prune_llama_parser().parse_args([*seed_flags, "--save", "x", "--reconstruct", "none"])
+    assert "--reconstruct none" in " ".join(prune_llama_argv(parsed))  # python prune_llama.py --reconstruct none
 
 
 def test_seed_prune_llama_refuses_gpt_args_that_contradict_the_checkpoint(tiny_hf, tmp_path):
@@ -222,6 +263,12 @@ def test_seed_prune_hf_takes_its_own_config_and_a_whole_hf_config(tiny_hf, tmp_p
                                                         str(out)], cwd=ROOT / "prune_hf")),
                 lambda: verb("prune", "--input", str(hf), "--output", str(out), *verb_flags, "--no-progress"))
     assert ("is a whole HF config" in holder["r"].stdout) == (config == "hf")
+    if config == "seed":  # --reconstruct reaches the verb: this model has no tokenizer to refit with
+        r = subprocess.run([sys.executable, "prune_llama.py", "--model_name_or_path", str(hf), "--prune_config_path",
+                            str(tmp_path / "prune_config.json"), "--output_path", str(tmp_path / "x"),
+                            "--reconstruct", "least-squares"], cwd=ROOT / "prune_hf", env=seed_env(),
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and "prune_hf/prune_llama.py: error: --reconstruct least-squares" in r.stderr
 
 
 def test_seed_emb_pruner_layout_counts_then_prunes_as_the_vocab_verbs(tmp_path):

@@ -15,6 +15,11 @@ from megatron.prune.seed.megatron_flags import (check_megatron_flags, checkpoint
 from megatron.prune.seed.verbs import int_list, run_verb
 
 METHODS = ("auto", "activation", "magnitude", "random")  # `megatron-prune prune --method` (tests keep them equal)
+RECONSTRUCT = ("least-squares", "none")  # `megatron-prune prune --reconstruct` (tests keep them equal)
+RECONSTRUCT_HELP = ("least-squares: refit the kept weights by least squares on the calibration text, so the pruned "
+                    "model gives what the original gave (as `megatron-prune prune`); none: keep the sliced weights "
+                    "(the seed's output). Default: least-squares where activation selection runs (--method "
+                    "activation, or auto picking it), else none")
 
 # ---- prune_llama.py ----------------------------------------------------------------------------------------------
 
@@ -26,7 +31,9 @@ the work of `megatron-prune prune` (same output, bit for bit).
         --drop_layers 10,14,18,22 --prune_type balance
 
 No GPU is needed: it is file-to-file tensor surgery. The input format is detected; balance keeps the input's TP
-size and prunes each TP shard on its own. The seed's Megatron flags (its GPT_ARGS: --tensor-model-parallel-size,
+size and prunes each TP shard on its own. Where activation selection runs (the default for a checkpoint with a
+tokenizer) the kept weights are then refit by least squares on the calibration text, as by `megatron-prune prune`;
+--reconstruct none keeps the sliced weights. The seed's Megatron flags (its GPT_ARGS: --tensor-model-parallel-size,
 --num-layers, --hidden-size, ...) may be passed along: those describing the model are checked against the
 checkpoint, the training ones are ignored with a note.
 """
@@ -47,6 +54,7 @@ PRUNE_LLAMA_FLAGS = {
     "seed": "--seed",
     "plan": "--plan",
     "gqa": "--gqa",
+    "reconstruct": "--reconstruct",
 }
 SWITCHES = {"overwrite": "--overwrite", "no_progress": "--no-progress"}
 
@@ -74,6 +82,7 @@ def prune_llama_parser() -> argparse.ArgumentParser:
                         "input has a tokenizer (an HF folder, or a Megatron checkpoint written by this project), "
                         "else random (default %(default)s)")
     p.add_argument("--seed", type=int, help="seed for --method random (default 1234)")
+    p.add_argument("--reconstruct", choices=RECONSTRUCT, help=RECONSTRUCT_HELP)
     p.add_argument("--gqa", choices=["drop-groups", "trim-heads"],
                    help="with only --num_attention_heads_remain on a GQA model: drop whole KV groups (default) or "
                         "trim heads inside every group")
@@ -143,7 +152,8 @@ The JSON names the target with the seed's keys ({"hidden_size_remain": 2048, "nu
 "ffn_hidden_size_remain": 6912, "drop_layers": [5, 12, 19, 26]}), with HF config keys (hidden_size,
 num_attention_heads, num_key_value_heads, intermediate_size, num_hidden_layers), or it is a whole HF config.json
 of the smaller model: its shape fields are the target and the rest is ignored. Optional: "method", "seed", "tp",
-"prune_type".
+"prune_type". With activation selection (the default, the folder having a tokenizer) the kept weights are then refit
+by least squares on the calibration text, as by `megatron-prune prune`; --reconstruct none keeps the sliced weights.
 """
 
 # prune config key -> `megatron-prune prune` flag: the seed's keys, the HF config's shape keys, Megatron's names
@@ -232,6 +242,7 @@ def prune_hf(argv: list[str] | None = None) -> int:
     p.add_argument("--prune_config_path", default="prune_config.json", type=Path,
                    help="JSON file with the target shape (default %(default)s, as in the seed)")
     p.add_argument("--output_path", required=True, help="new folder for the pruned checkpoint")
+    p.add_argument("--reconstruct", choices=RECONSTRUCT, help=RECONSTRUCT_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
@@ -247,6 +258,7 @@ def prune_hf(argv: list[str] | None = None) -> int:
         print(f"{prog}: note: {a.prune_config_path} is a whole HF config: its shape fields "
               f"({', '.join(keys.values())}) are the target; {len(ignored)} other keys are ignored", flush=True)
     argv = ["prune", "--input", a.model_name_or_path, "--output", a.output_path, *flags,
+            *(["--reconstruct", a.reconstruct] if a.reconstruct else []),
             *(["--overwrite"] if a.overwrite else []), *(["--no-progress"] if a.no_progress else [])]
     names = {"--input": "--model_name_or_path", "--output": "--output_path", **keys}
     return run_verb(prog, argv, names)
