@@ -48,12 +48,14 @@ def get_vocab_freq(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from megatron.prune.vocab import choose_kept, count_tokens, open_tokenizer
+    from megatron.prune.vocab.rules import check_keep
 
     try:
         if a.data_type not in ("txt", "jsonl"):
             raise PruneError(f"--data_type {a.data_type!r} is not supported; choose txt or jsonl")
         tok_dir = Path(a.spm) if Path(a.spm).is_dir() else Path(a.spm).parent
         tf = open_tokenizer(tok_dir)
+        check_keep(a.remain_vocab_size, tf.rules)  # before the counting pass
         counts = count_tokens(tok_dir, a.data_path, tf.rules, a.workers)
         kept = choose_kept(tf.rules, keep=a.remain_vocab_size, counts=counts)
         counts.save(Path(f"{a.vocab_freq}.json"))
