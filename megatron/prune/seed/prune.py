@@ -82,7 +82,7 @@ def prune_llama_parser() -> argparse.ArgumentParser:
                         "input has a tokenizer (an HF folder, or a Megatron checkpoint written by this project), "
                         "else random (default %(default)s)")
     p.add_argument("--seed", type=int, help="seed for --method random (default 1234)")
-    p.add_argument("--reconstruct", choices=RECONSTRUCT, help=RECONSTRUCT_HELP)
+    p.add_argument("--reconstruct", choices=RECONSTRUCT, help=RECONSTRUCT_HELP + "; with --plan, as the plan was made")
     p.add_argument("--gqa", choices=["drop-groups", "trim-heads"],
                    help="with only --num_attention_heads_remain on a GQA model: drop whole KV groups (default) or "
                         "trim heads inside every group")
