@@ -71,3 +71,22 @@ def test_args_carry_use_checkpoint_args_fields(tp2):
                  "make_vocab_size_divisible_by", "norm_epsilon", "ckpt_format"):
         assert getattr(a, name, None) is not None, name
     assert a.padded_vocab_size == 256 and a.vocab_size == 96 and a.tensor_model_parallel_size == 2
+
+
+def test_auto_spec_is_the_one_training_builds_here(monkeypatch):
+    """convert/reshard --transformer-impl auto: Transformer Engine's spec only where TE is installed and a GPU is
+    present (pretrain_llama.py runs on CPU with the local spec otherwise)."""
+    import importlib.util
+
+    import torch
+
+    from megatron.prune.formats.mcore.schema import resolve_spec
+
+    real = importlib.util.find_spec
+    for te, gpu, want in ((True, True, "transformer_engine"), (True, False, "local"), (False, True, "local")):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, te=te: object() if name == "transformer_engine" and te else
+                            (None if name == "transformer_engine" else real(name, *a)))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        assert resolve_spec("auto") == want
+        assert resolve_spec("local") == "local"
