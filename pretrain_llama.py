@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+''''exec "${PYTHON:-python}" "$0" "$@"  # also when started with bash: run this file with Python '''
 """Recovery training of a (pruned) LLaMA-family model on the stock Megatron loop.
 
 Takes every ``megatron.training`` flag plus ``--kd-teacher-load/--kd-alpha/--kd-temperature``;

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Token frequencies of a corpus and the ids to keep: `python emb_pruner/get_vocab_freq.py --help` (the seed project's path and flags; see ``megatron/prune/seed.py``)."""
+''''exec "${PYTHON:-python}" "$0" "$@"  # also when started with bash: run this file with Python '''
+"""Token frequencies of a corpus and the ids to keep (the seed project's flags): python emb_pruner/get_vocab_freq.py --help (see megatron/prune/seed/)."""
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron.prune.seed import get_vocab_freq  # noqa: E402
+from megatron.prune.seed import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(get_vocab_freq())
+    sys.exit(main("get_vocab_freq"))

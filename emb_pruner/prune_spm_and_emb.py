@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Prune the vocabulary of an HF model folder: `python emb_pruner/prune_spm_and_emb.py --help` (the seed project's path and flags; see ``megatron/prune/seed.py``)."""
+''''exec "${PYTHON:-python}" "$0" "$@"  # also when started with bash: run this file with Python '''
+"""Prune the vocabulary of an HF model folder (the seed project's flags): python emb_pruner/prune_spm_and_emb.py --help (see megatron/prune/seed/)."""
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron.prune.seed import prune_spm_and_emb  # noqa: E402
+from megatron.prune.seed import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(prune_spm_and_emb())
+    sys.exit(main("prune_spm_and_emb"))

@@ -32,6 +32,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
+source "$here/scripts/common.bash"
+script_help "$0" "$@"
+require_python check_model.sh
 
 mock=0; for arg in "$@"; do [[ "$arg" == --mock-data ]] && mock=1; done
 [[ "$mock" == 1 ]] || : "${DATA:?set DATA to a dataset prefix (see megatron-prune data)}"

@@ -30,6 +30,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
+source "$here/scripts/common.bash"
+script_help "$0" "$@"
+require_python gpu_smoke.sh
 WORK="${WORK:-/tmp/mp-gpu-smoke}"; ITERS="${ITERS:-50}"; SEQ_LEN="${SEQ_LEN:-2048}"
 MICRO_BATCH="${MICRO_BATCH:-16}"; GLOBAL_BATCH="${GLOBAL_BATCH:-16}"; KD_ITERS="${KD_ITERS:-10}"
 mkdir -p "$WORK"

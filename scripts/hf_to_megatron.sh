@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Convert an HF LLaMA-family checkpoint to a Megatron-LM torch checkpoint.
+# Convert an HF LLaMA-family checkpoint to a Megatron-LM checkpoint: `megatron-prune convert hf-to-megatron`.
 #   HF=llama-hf MG=llama-mg TP=2 PP=1 bash scripts/hf_to_megatron.sh [extra convert flags]
-# Variables (default): HF (required), MG (required), TP (1), PP (1),
-# IMPL (layer spec to write: transformer_engine where Transformer Engine imports, else local; train with the same),
-# DIVISIBLE_BY (128: vocab padding unit before the TP factor).
+# Variables (default): HF, MG (required, or --input / --output); TP (1), PP (1);
+# IMPL (auto: the layer spec pretrain_llama.py builds on this machine: transformer_engine where Transformer Engine
+# and a GPU are present, else local); DIVISIBLE_BY (128: vocab padding unit before the TP factor); PYTHON (python).
+# The same as `bash tools/checkpoint_conversion/hf_to_megatron.sh` (the seed's path).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
-: "${HF:?set HF to the HF checkpoint folder}"
-: "${MG:?set MG to the output folder}"
-if [[ -z "${IMPL:-}" ]]; then
-  IMPL=local; "$PYTHON" -c "import transformer_engine" 2>/dev/null && IMPL=transformer_engine
-fi
-exec "$PYTHON" "$here/tools/checkpoint_conversion/hf_to_megatron.py" --input "$HF" --output "$MG" \
-  --tp "${TP:-1}" --pp "${PP:-1}" --transformer-impl "$IMPL" \
-  --make-vocab-size-divisible-by "${DIVISIBLE_BY:-128}" "$@"
+source "$here/scripts/common.bash"
+script_help "$0" "$@"
+need hf_to_megatron.sh HF "--input|--load_path" "the HF checkpoint folder" "$@"
+need hf_to_megatron.sh MG "--output|--save_path" "the output folder" "$@"
+require_python hf_to_megatron.sh
+# only the variables that are set: convert fills in the defaults, and a seed flag (--target_*) may give the value
+flags=(--transformer-impl "${IMPL:-auto}")
+[[ -n "${TP:-}" ]] && flags+=(--tp "$TP")
+[[ -n "${PP:-}" ]] && flags+=(--pp "$PP")
+[[ -n "${DIVISIBLE_BY:-}" ]] && flags+=(--make-vocab-size-divisible-by "$DIVISIBLE_BY")
+[[ -n "${HF:-}" ]] && flags+=(--input "$HF")
+[[ -n "${MG:-}" ]] && flags+=(--output "$MG")
+exec "$PYTHON" "$here/tools/checkpoint_conversion/hf_to_megatron.py" "${flags[@]}" "$@"

@@ -141,7 +141,7 @@ class Case:
     argv: str
     rc: int
     says: tuple[str, ...]
-    run: str = "cli"  # or a seed entry point of megatron.prune.seed
+    run: str = "cli"  # or a seed entry point (a key of megatron.prune.seed.ENTRY_POINTS)
     setup: Callable[[Path], None] | None = None
     fault: Callable[[pytest.MonkeyPatch], None] | None = None
     leaves: tuple[str, ...] = ()  # what the case may leave in its folder (a complete output)
@@ -259,7 +259,8 @@ CASES: dict[str, Case] = {
     "seed config missing": Case("--model_name_or_path {hf} --prune_config_path {d}/no.json --output_path {o}", 2,
                                 ("no.json: no such file",), run="prune_hf"),
     "seed config a list": Case("--model_name_or_path {hf} --prune_config_path {plan_list_json} --output_path {o}", 2,
-                               ("expected a JSON object",), run="prune_hf"),
+                               ("the prune config must be a JSON object, got list",),
+                               run="prune_hf"),
     "seed ids garbage .pt": Case("--hf_dir {hf} --remain_vocab_path {garbage_pt} --save_dir {o}", 2,
                                  ("garbage.pt: not a torch-saved list of token ids",), run="prune_spm_and_emb"),
     "seed output folder missing": Case("--data_path {text_txt} --spm {hf} --vocab_freq {case}/no/vf --workers 1 "
@@ -310,7 +311,7 @@ def test_bad_input_and_faults(name, inputs, tmp_path, monkeypatch, capsys):
     with monkeypatch.context() as m:
         if case.fault is not None:
             case.fault(m)
-        rc = main(argv) if case.run == "cli" else getattr(seed, case.run)(argv)
+        rc = main(argv) if case.run == "cli" else seed.main(case.run, argv)
     err = capsys.readouterr().err
     assert rc == case.rc, err[-2000:]
     assert "Traceback" not in err, err[-3000:]
@@ -515,7 +516,7 @@ WRITERS = {
 DISK_DRIVER = """
 import contextlib, io, json, os, sys
 from megatron.prune.cli import main
-from megatron.prune.seed import get_vocab_freq
+from megatron.prune.seed.vocab import get_vocab_freq
 cases, M = json.loads(sys.argv[1]), sys.argv[2]
 out = {}
 for name, argv in cases.items():

@@ -81,3 +81,58 @@ def test_file_to_file_verbs_hide_missing_backend_notices(capsys):
         warnings.warn("Apex is not installed. Falling back to Torch Norm")
         warnings.warn("something else")
     assert [str(w.message) for w in seen] == ["something else"]
+
+
+def test_plan_show_says_what_was_kept_dropped_and_how(tiny_hf, tmp_path, capsys):
+    """`plan show DIR|prune_plan.json`: method and settings, shape, dropped layers and hidden channels, and per kept
+    layer its KV groups and heads (kept, dropped) and FFN count, each read back against the plan itself."""
+    from megatron.prune.cli import main
+    from megatron.prune.core.plan import PrunePlan
+    from tiny_corpus import make_bytelevel_tokenizer, model_with_tokenizer
+
+    model = model_with_tokenizer(tmp_path / "m", "llama-gqa", make_bytelevel_tokenizer(tmp_path / "tok", 600))
+    assert main(["prune", "--input", str(model), "--output", str(tmp_path / "small"), "--hidden-size", "40",
+                 "--num-attention-heads", "4", "--ffn-hidden-size", "32", "--num-layers", "3", "--samples", "4",
+                 "--seq-len", "32", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["plan", "show", str(tmp_path / "small")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    plan = PrunePlan.load(tmp_path / "small")
+    dropped = [i for i in range(4) if i not in {lp.source_layer for lp in plan.layers}]
+    assert out[1] == ("method: activation, chosen by --method auto (calibration builtin:calib: 4 windows of 32 tokens, "
+                      "aggregation rms, float32)")
+    r = plan.info["reconstruct"]  # the refit is the default with activation selection
+    assert out[2] == (f"reconstruction: least-squares of the linears qkv, o, gate_up, down (lm_head auto, damping "
+                      f"{r['damping']}) on {r['tokens']} tokens of builtin:calib (4 windows of 32, float32): relative "
+                      f"error {r['error_sliced']:.4f} (sliced) -> {r['error_refit']:.4f}, {r['seconds']}s")
+    assert out[3].startswith("layers: block influence") and "TP 1, balance; RMSNorm weights x 1.095" in out[3]
+    assert out[4] == ("shape: layers 4 -> 3, hidden 48 -> 40, query heads 8 -> 4, KV groups 4 -> 2, FFN 64 -> 32, "
+                      "vocab 600")
+    assert out[6] == f"dropped layers: {dropped[0]}" and out[7] == "hidden: 40 of 48 channels kept, 8 dropped"
+    rows = [line.split() for line in out[9:]]
+    assert len(rows) == 3
+
+    def expand(text: str) -> list[int]:
+        if text.strip("()") == "-":
+            return []
+        return [i for part in text.strip("()").split(",")
+                for i in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)]
+
+    for row, lp in zip(rows, plan.layers):
+        assert int(row[1]) == lp.source_layer and row[6] == "32/64"
+        assert expand(row[2]) == list(lp.query_groups) and expand(row[3]) == [g for g in range(4) if g not in
+                                                                                lp.query_groups]
+        assert expand(row[4]) == list(lp.heads) and expand(row[5]) == [h for h in range(8) if h not in lp.heads]
+    from megatron.prune.commands.plan import ids
+
+    assert main(["plan", "show", str(tmp_path / "small" / "prune_plan.json"), "--indices"]) == 0
+    assert f"hidden: 40 of 48 channels kept, 8 dropped: kept {ids(plan.hidden)}" in capsys.readouterr().out
+    assert ids([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and ids([]) == "-" and expand(ids(plan.hidden)) == list(plan.hidden)
+    assert main(["prune", "--input", str(model), "--output", str(tmp_path / "plain"), "--plan",
+                 str(tmp_path / "small" / "prune_plan.json"), "--reconstruct", "none", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["plan", "show", str(tmp_path / "plain")]) == 0
+    line = capsys.readouterr().out.splitlines()[2]
+    assert line == "reconstruction: none (the kept weights are the original's, sliced)"
+    assert main(["plan", "show", str(model)]) == 2
+    assert "has no prune_plan.json" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+''''exec "${PYTHON:-python}" "$0" "$@"  # also when started with bash: run this file with Python '''
 """Megatron-style entry point for ``megatron-prune data``: one text file → ``PREFIX_text_document.bin/.idx``.
 
   python tools/preprocess_data.py --input FILE.jsonl --output-prefix PREFIX --tokenizer DIR_OR_SPM [--workers N]

@@ -11,7 +11,7 @@ import errno
 import importlib
 import re
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from megatron.prune.errors import PruneError
 from megatron.prune.io.atomic import FINISHED
@@ -26,6 +26,7 @@ VERBS: dict[str, str] = {
     "score": "megatron.prune.commands.score",
     "convert": "megatron.prune.commands.convert",
     "reshard": "megatron.prune.commands.reshard",
+    "plan": "megatron.prune.commands.plan",
 }
 
 
@@ -73,19 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     verb = argv[0] if argv and argv[0] in VERBS else None
     name = f"megatron-prune {verb}" if verb else "megatron-prune"
     FINISHED.clear()
-    args = None
     try:
         args = parse(argv, verb)
-        return int(args._run(args) or 0)
     except PruneError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # disk full, read-only filesystem, a file gone mid-run: every output is written atomically
-        print(f"{name}: error: {os_error_line(e, args)}; stopped, nothing half-written is left", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # also during start-up imports
+    except KeyboardInterrupt:  # during start-up imports
         print(f"{name}: {interrupted_line()}", file=sys.stderr)
         return 130
+    return execute(args, name)
 
 
 def parse(argv: list[str], verb: str | None) -> argparse.Namespace:
@@ -96,6 +93,24 @@ def parse(argv: list[str], verb: str | None) -> argparse.Namespace:
     if unknown:  # argparse would report them under the top-level usage, not the verb's
         verb_parser(parser, args.verb).error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
+
+
+def execute(args: argparse.Namespace, prog: str, reword: Callable[[str], str] = str) -> int:
+    """Run a parsed verb; a refusal (exit status 2), a filesystem fault (1) or Ctrl-C (130) ends with one line
+    ``PROG: ...`` on stderr, never a traceback. ``reword`` lets a seed entry point name its own flags in that line."""
+    FINISHED.clear()
+    try:
+        return int(args._run(args) or 0)
+    except PruneError as e:
+        print(f"{prog}: error: {reword(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only filesystem, a file gone mid-run: every output is written atomically
+        print(f"{prog}: error: {reword(os_error_line(e, args))}; stopped, nothing half-written is left",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted_line()}", file=sys.stderr)
+        return 130
 
 
 def os_error_line(e: OSError, args: argparse.Namespace | None = None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from megatron.prune.io.atomic import atomic_output
@@ -41,7 +42,7 @@ def embedded_model_dir() -> Path:
     src = gguf_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting the embedded model {src.name} to safetensors under {out} (once)")
+    print(f"converting the embedded model {src.name} to safetensors under {out} (once)", file=sys.stderr)
     loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     # The GGUF loader marks the model as quantized (not serialisable); its weights are already dequantized
@@ -59,3 +60,18 @@ def embedded_model_dir() -> Path:
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
     return out
+
+
+def main() -> int:
+    """``python -m megatron.prune.models``: print the embedded model's HF folder (made on first use), for
+    ``M=$(python -m megatron.prune.models)``."""
+    try:
+        print(embedded_model_dir())
+    except PruneError as e:
+        print(f"python -m megatron.prune.models: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -42,3 +42,20 @@ def read_texts(paths: list[Path], flag: str = "--text") -> str:
     if not any(d.strip() for d in docs):
         raise PruneError(f"{flag} {' '.join(map(str, paths))}: no text")
     return "\n\n".join(docs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megatron.prune.text [calib|eval] > corpus.txt``: the built-in text as a plain-text corpus
+    (documents separated by blank lines), what ``megatron-prune data`` and ``vocab count`` read."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m megatron.prune.text", description=main.__doc__)
+    p.add_argument("split", nargs="?", choices=SPLITS, default="calib",
+                   help="calib (default: Python's documentation, ~100k tokens) or eval (the held-out part)")
+    sys.stdout.write(builtin_text(p.parse_args(argv).split) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -111,3 +111,22 @@ def test_hf_meta_of_another_family_refused(tp2, tmp_path):
                                 "model_type": "qwen3"}))
     with pytest.raises(PruneError, match="its HF config is Qwen3ForCausalLM, but its args say qk_layernorm=False"):
         open_megatron(mg)
+
+
+def test_auto_spec_is_the_one_training_builds_here(monkeypatch):
+    """convert/reshard --transformer-impl auto: Transformer Engine's spec only where TE is installed and a GPU is
+    present (pretrain_llama.py runs on CPU with the local spec otherwise)."""
+    import importlib.util
+
+    import torch
+
+    from megatron.prune.formats.mcore.schema import resolve_spec
+
+    real = importlib.util.find_spec
+    for te, gpu, want in ((True, True, "transformer_engine"), (True, False, "local"), (False, True, "local")):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, te=te: object() if name == "transformer_engine" and te else
+                            (None if name == "transformer_engine" else real(name, *a)))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        assert resolve_spec("auto") == want
+        assert resolve_spec("local") == "local"

@@ -84,3 +84,26 @@ def test_partial_loads_are_refused():
     renamed = {("1.w" if k == "1.weight" else k): v for k, v in full.items()}
     with pytest.raises(PruneError, match=r"1 missing \['1.weight'\], 1 unexpected \['1.w'\]"):
         model.load_state_dict(renamed, strict=False)  # what the stock loader's fallback does
+
+
+def test_training_follows_a_local_spec_checkpoint_where_it_would_build_te():
+    """Converted on a CPU laptop (local spec), trained in a container with Transformer Engine: the run builds the
+    checkpoint's spec unless --transformer-impl says otherwise; the other way round stays a refusal."""
+    from megatron.prune.training.model import follows_local_checkpoint
+
+    assert follows_local_checkpoint(["--load", "x"], "local", builds_te=True)
+    assert not follows_local_checkpoint(["--transformer-impl", "transformer_engine"], "local", builds_te=True)
+    assert not follows_local_checkpoint(["--transformer-impl=transformer_engine"], "local", builds_te=True)
+    assert not follows_local_checkpoint([], "transformer_engine", builds_te=True)
+    assert not follows_local_checkpoint([], "local", builds_te=False)
+    assert not follows_local_checkpoint([], None, builds_te=True)
+
+
+def test_saved_layer_spec_reads_the_checkpoint_args(tiny_hf, tmp_path):
+    from megatron.prune.formats.mcore.ops import hf_to_megatron
+    from megatron.prune.training.checkpoints import saved_layer_spec
+
+    for spec in ("local", "transformer_engine"):
+        out = hf_to_megatron(tiny_hf("llama-gqa"), tmp_path / spec, spec=spec, progress=False)
+        assert saved_layer_spec(out) == spec
+    assert saved_layer_spec(tmp_path) is None

@@ -1,15 +1,13 @@
 #!/usr/bin/env python3
-"""HF safetensors -> Megatron-LM torch checkpoint (thin wrapper over `megatron-prune convert hf-to-megatron`).
-
-    python tools/checkpoint_conversion/hf_to_megatron.py --input HF --output MG --tp 2 --pp 1
-"""
+''''exec "${PYTHON:-python}" "$0" "$@"  # also when started with bash: run this file with Python '''
+"""HF safetensors -> Megatron-LM checkpoint: python tools/checkpoint_conversion/hf_to_megatron.py --help (see megatron/prune/seed/convert.py)."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron.prune.cli import main  # noqa: E402
+from megatron.prune.seed import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["convert", "hf-to-megatron", *sys.argv[1:]]))
+    sys.exit(main("hf_to_megatron"))

@@ -1,15 +1,13 @@
 #!/usr/bin/env python3
-"""Megatron-LM torch checkpoint -> HF safetensors (thin wrapper over `megatron-prune convert megatron-to-hf`).
-
-    python tools/checkpoint_conversion/megatron_to_hf.py --input MG --output HF
-"""
+''''exec "${PYTHON:-python}" "$0" "$@"  # also when started with bash: run this file with Python '''
+"""Megatron-LM checkpoint -> HF safetensors: python tools/checkpoint_conversion/megatron_to_hf.py --help (see megatron/prune/seed/convert.py)."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron.prune.cli import main  # noqa: E402
+from megatron.prune.seed import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["convert", "megatron-to-hf", *sys.argv[1:]]))
+    sys.exit(main("megatron_to_hf"))

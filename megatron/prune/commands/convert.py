@@ -16,6 +16,7 @@ from pathlib import Path
 
 from megatron.prune.commands import add_ckpt_format_argument
 from megatron.prune.errors import PruneError, check_at_least
+from megatron.prune.formats.mcore.schema import SPEC_CHOICES, resolve_spec
 
 HELP = "convert HF <-> Megatron checkpoints (hf-to-megatron with --tp/--pp, megatron-to-hf)"
 DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
@@ -23,25 +24,41 @@ DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("direction", choices=DIRECTIONS, help="which way to convert")
+    add_io_arguments(p)
+    add_hf_to_megatron_arguments(p)
+    add_megatron_to_hf_arguments(p)
+
+
+def add_io_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of both directions (also those of tools/checkpoint_conversion/*.py)."""
     p.add_argument("--input", required=True, type=Path, help="source checkpoint folder")
     p.add_argument("--output", required=True, type=Path, help="new folder for the converted checkpoint")
-    p.add_argument("--tp", type=int, help="hf-to-megatron: tensor-parallel size (default 1)")
-    p.add_argument("--pp", type=int, help="hf-to-megatron: pipeline-parallel size (default 1)")
-    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
-                   help="hf-to-megatron: layer spec whose parameter names to write (default local; "
-                        "match the --transformer-impl you train with)")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, metavar="N",
-                   help="hf-to-megatron: vocab padding unit before the TP factor (default 128)")
-    add_ckpt_format_argument(p, "hf-to-megatron: ")
-    p.add_argument("--iteration", type=int, metavar="N",
-                   help="megatron-to-hf: export saved iteration N (default: the latest, named by "
-                        "latest_checkpointed_iteration.txt)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_hf_to_megatron_arguments(p: argparse.ArgumentParser) -> None:
+    """hf-to-megatron's flags: no defaults here, so that megatron-to-hf can refuse them (:func:`check_arguments`
+    fills in :data:`TO_MEGATRON_DEFAULTS`)."""
+    p.add_argument("--tp", type=int, help="hf-to-megatron: tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, help="hf-to-megatron: pipeline-parallel size (default 1)")
+    p.add_argument("--transformer-impl", choices=SPEC_CHOICES,
+                   help="hf-to-megatron: layer spec whose parameter names to write; auto (the default): the spec "
+                        "pretrain_llama.py builds on this machine, transformer_engine where Transformer Engine and a "
+                        "GPU are present, else local")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, metavar="N",
+                   help="hf-to-megatron: vocab padding unit before the TP factor (default 128)")
+    add_ckpt_format_argument(p, "hf-to-megatron: ")
+
+
+def add_megatron_to_hf_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--iteration", type=int, metavar="N",
+                   help="megatron-to-hf: export saved iteration N (default: the latest, named by "
+                        "latest_checkpointed_iteration.txt)")
+
+
 # hf-to-megatron's flags and their defaults; megatron-to-hf takes none of them (its input's layout is read).
-TO_MEGATRON_DEFAULTS = {"tp": 1, "pp": 1, "transformer_impl": "local", "make_vocab_size_divisible_by": 128,
+TO_MEGATRON_DEFAULTS = {"tp": 1, "pp": 1, "transformer_impl": "auto", "make_vocab_size_divisible_by": 128,
                         "ckpt_format": "torch"}
 
 
@@ -52,22 +69,22 @@ def flag(dest: str) -> str:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse flags of the other direction and numbers that cannot apply (none takes 0 to mean its default); fill in
-    hf-to-megatron's defaults."""
+    hf-to-megatron's defaults. A seed tool's parser has one direction's flags only: the others are absent."""
+    iteration = getattr(args, "iteration", None)
     if args.direction == "hf-to-megatron":
-        if args.iteration is not None:
-            raise PruneError(f"--iteration {args.iteration}: only for megatron-to-hf (an HF folder has one set of "
-                             "weights)")
+        if iteration is not None:
+            raise PruneError(f"--iteration {iteration}: only for megatron-to-hf (an HF folder has one set of weights)")
         for name, default in TO_MEGATRON_DEFAULTS.items():
-            if getattr(args, name) is None:
+            if getattr(args, name, None) is None:
                 setattr(args, name, default)
         for name in ("tp", "pp", "make_vocab_size_divisible_by"):
             check_at_least(flag(name), getattr(args, name), 1)
         return
-    given = [f"{flag(n)} {getattr(args, n)}" for n in TO_MEGATRON_DEFAULTS if getattr(args, n) is not None]
+    given = [f"{flag(n)} {getattr(args, n)}" for n in TO_MEGATRON_DEFAULTS if getattr(args, n, None) is not None]
     if given:
         raise PruneError(f"{', '.join(given)}: only for hf-to-megatron; megatron-to-hf gathers every shard into one "
                          "HF checkpoint (to change a Megatron checkpoint's layout, use `megatron-prune reshard`)")
-    check_at_least("--iteration", args.iteration, 0)
+    check_at_least("--iteration", iteration, 0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,11 +92,13 @@ def run(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     if args.direction == "hf-to-megatron":
-        hf_to_megatron(args.input, args.output, args.tp, args.pp, args.transformer_impl,
+        spec = resolve_spec(args.transformer_impl)
+        hf_to_megatron(args.input, args.output, args.tp, args.pp, spec,
                        args.make_vocab_size_divisible_by, args.overwrite, not args.no_progress, args.ckpt_format)
-        print(f"wrote Megatron checkpoint {args.output} (TP={args.tp}, PP={args.pp}, {args.transformer_impl} spec, "
+        print(f"wrote Megatron checkpoint {args.output} (TP={args.tp}, PP={args.pp}, {spec} spec, "
               f"{args.ckpt_format} format)")
     else:
-        megatron_to_hf(args.input, args.output, args.overwrite, not args.no_progress, iteration=args.iteration)
+        megatron_to_hf(args.input, args.output, args.overwrite, not args.no_progress,
+                       iteration=getattr(args, "iteration", None))
         print(f"wrote HF checkpoint {args.output}")
     return 0

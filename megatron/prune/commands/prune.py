@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from megatron.prune.refit.run import RECONSTRUCT, check_reconstruct, default_rec
 from megatron.prune.refit.run import describe as describe_refit
 from megatron.prune.refit.sequential import RefitOptions
 from megatron.prune.refit.solve import DEFAULT_DAMPING
-from megatron.prune.scoring.methods import SCORERS, auto_method
+from megatron.prune.scoring.methods import SCORERS, auto_method, method_settings
 
 HELP = "prune a checkpoint to a smaller shape (layers, hidden, heads, KV groups, FFN)"
 
@@ -148,6 +149,8 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
         reconstruct = args.reconstruct or ("least-squares" if "reconstruct" in plan.info else "none")
         check_reconstruct(src, reconstruct, "activation" if args.calib is None else "plan", args.calib,
                           refit_options(args))
+        if reconstruct == "none":  # the plan's record of an earlier refit does not describe these weights
+            plan = dataclasses.replace(plan, info={k: v for k, v in plan.info.items() if k != "reconstruct"})
         return plan, reconstruct
     auto = args.drop_layers == "auto"
     if auto and args.num_layers is None:
@@ -175,8 +178,8 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
     if auto and scores.layers is None:
         raise PruneError(f"--drop-layers auto needs block-influence scores; --method {method} has none "
                          "(use --method activation)")
-    plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=args.prune_type == "balance",
-                     info={"seed": args.seed} if method == "random" else {})
+    info = {**method_settings(method, options), **({"requested": "auto"} if args.method == "auto" else {})}
+    plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=args.prune_type == "balance", info=info)
     return norm_rescale(plan, args.norm_rescale), reconstruct
 
 

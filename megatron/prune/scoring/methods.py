@@ -208,6 +208,18 @@ def auto_method(src: TensorSource, opt: ScoringOptions) -> tuple[str, str]:
                       "elsewhere run `megatron-prune score` on its HF model and pass --scores); falling back to random")
 
 
+def method_settings(method: str, opt: ScoringOptions) -> dict[str, Any]:
+    """What a plan records of how its scores were made (``megatron-prune plan show`` prints it)."""
+    if method == "random":
+        return {"seed": opt.seed}
+    if method == "activation" and opt.scores is not None:
+        return {"scores": str(opt.scores)}
+    if method == "activation":
+        return {"calib": [str(p) for p in opt.calib] if opt.calib else "builtin:calib", "samples": opt.samples,
+                "seq_len": opt.seq_len, "aggregation": opt.aggregation, "dtype": opt.dtype}
+    return {}
+
+
 def activation_scorer(src: TensorSource, opt: ScoringOptions) -> Scores:
     """``SCORERS['activation']``: scores from ``--scores FILE``, else computed on ``--calib`` (or built-in) text."""
     if opt.scores is not None:

@@ -80,6 +80,15 @@ def checkpoint_args(ref: CheckpointRef) -> Any:
     return checkpoint_state(ref)["args"]
 
 
+def saved_layer_spec(root: str | os.PathLike) -> str | None:
+    """The layer spec a Megatron checkpoint's args record (``local`` or ``transformer_engine``); None where they say
+    none or ``root`` is no Megatron checkpoint."""
+    try:
+        return getattr(checkpoint_args(find_checkpoint(root, "--load")), "transformer_impl", None)
+    except PruneError:
+        return None
+
+
 def never_trained(state: dict[str, Any]) -> bool:
     """A converted or pruned checkpoint: iteration 0 and no optimizer state (nothing to resume)."""
     return int(state.get("iteration", 0) or 0) == 0 and "optimizer" not in state

@@ -3,7 +3,7 @@ GQA), the Transformer Engine spec where it is installed and chosen, else the loc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -30,6 +30,15 @@ def have_transformer_engine() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("transformer_engine") is not None
+
+
+def follows_local_checkpoint(user_flags: Sequence[str], saved_spec: str | None, builds_te: bool) -> bool:
+    """One rule for converting and training: without ``--transformer-impl`` among the user's flags, a run that would
+    build Transformer Engine's spec builds the local spec of a checkpoint saved with it (converted on a machine
+    without TE, say) instead of refusing it. A TE-spec checkpoint where the run builds local is still refused (the
+    refusal names the reshard command)."""
+    chosen = any(f == "--transformer-impl" or f.startswith("--transformer-impl=") for f in user_flags)
+    return saved_spec == "local" and builds_te and not chosen
 
 
 def layer_spec_name(args: Any) -> str:

@@ -29,8 +29,9 @@ from megatron.prune.training.checks import (check_flags_first, check_paths_first
                                             validate_inputs)
 from megatron.prune.training.datasets import train_valid_test_datasets_provider
 from megatron.prune.training.kd import distill_losses
-from megatron.prune.training.model import (build_gpt, have_transformer_engine, refuse_partial_loads, spec_description,
-                                           start_memory_history)
+from megatron.prune.training.checkpoints import saved_layer_spec
+from megatron.prune.training.model import (build_gpt, follows_local_checkpoint, have_transformer_engine,
+                                           refuse_partial_loads, spec_description, start_memory_history)
 from megatron.prune.training.teacher import build_teacher, carry_teacher_between_stages, stage_output
 
 
@@ -260,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron.training.training import pretrain
 
     skip_compile_helpers()
-    argv = [*LLAMA_DEFAULTS, *(sys.argv[1:] if argv is None else argv)]  # later user flags still win
+    user_flags = list(sys.argv[1:] if argv is None else argv)
+    load = preflight_flags(user_flags).load
+    argv = [*LLAMA_DEFAULTS, *user_flags]  # later user flags still win
     if apply_cpu_shims():
         argv = [*CPU_FLAGS, *argv]  # later user flags still win
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
@@ -268,6 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("pretrain_llama.py: Transformer Engine is not installed: megatron-core's local spec (attention "
               "through torch SDPA unless --attention-backend unfused or --deterministic-mode), unfused norm and "
               "RoPE kernels", flush=True)
+        argv = [*WITHOUT_TE_FLAGS, *argv]
+    elif follows_local_checkpoint(user_flags, saved_layer_spec(load) if load else None, builds_te=True):
+        print(f"pretrain_llama.py: --load {load} has megatron-core's local-spec parameter names: building that spec "
+              "(as without Transformer Engine); for Transformer Engine's, convert it once: megatron-prune reshard "
+              f"--input {load} --output {load.rstrip('/')}-te --transformer-impl transformer_engine", flush=True)
         argv = [*WITHOUT_TE_FLAGS, *argv]
     argv = keep_own_tokenizer(argv)
     sys.argv = [sys.argv[0], *argv]

@@ -93,6 +93,16 @@ def check_ids(ids: Iterable[int], rules: VocabRules, what: str) -> list[int]:
     return out
 
 
+def check_keep(keep: int, rules: VocabRules) -> None:
+    """Refuse a vocabulary size the tokenizer cannot be pruned to (before any counting)."""
+    floor = minimum_keep(rules)
+    if not floor <= keep <= rules.size:
+        raise PruneError(
+            f"--keep {keep} is outside [{floor}, {rules.size}]: this {rules.kind} tokenizer must keep at least "
+            f"{floor} tokens (special tokens and the byte/unk fallback that lets any text encode)"
+        )
+
+
 def select_top(counts: Sequence[int], keep: int, rules: VocabRules) -> tuple[int, ...]:
     """Exactly ``keep`` ids: the always-kept set, then the most frequent ids with what they need.
 
@@ -103,12 +113,7 @@ def select_top(counts: Sequence[int], keep: int, rules: VocabRules) -> tuple[int
     """
     if len(counts) != rules.size:
         raise PruneError(f"counts cover {len(counts)} ids but the tokenizer has {rules.size}")
-    floor = minimum_keep(rules)
-    if not floor <= keep <= rules.size:
-        raise PruneError(
-            f"--keep {keep} is outside [{floor}, {rules.size}]: this {rules.kind} tokenizer must keep at least "
-            f"{floor} tokens (special tokens and the byte/unk fallback that lets any text encode)"
-        )
+    check_keep(keep, rules)
     kept = closure(rules.required, rules)
     order = sorted(range(rules.size), key=lambda i: (-counts[i], i))
     while len(kept) < keep:

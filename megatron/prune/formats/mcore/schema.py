@@ -35,6 +35,18 @@ CHECKPOINT_VERSION = 3.0
 
 
 SPECS = ("local", "transformer_engine")
+SPEC_CHOICES = ("auto", *SPECS)  # auto: the spec recovery training builds on this machine (resolve_spec)
+
+
+def resolve_spec(spec: str) -> str:
+    """``auto`` -> the layer spec ``pretrain_llama.py`` builds here: Transformer Engine's where TE is installed and a
+    GPU is present (without a GPU it runs on CPU with the local spec), else local; other names unchanged."""
+    if spec != "auto":
+        return spec
+    import importlib.util
+
+    return "transformer_engine" if importlib.util.find_spec("transformer_engine") and torch.cuda.is_available() \
+        else "local"
 
 
 CKPT_FORMATS = ("torch", "torch_dist")  # output formats; both are read
