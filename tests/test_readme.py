@@ -81,7 +81,7 @@ def test_readme_sections_1_to_4_run_as_pasted(tmp_path):
     env.update(SMALL_RUN, M=str(model), PYTHON=sys.executable, PYTHONPATH=str(clone), MASTER_PORT=str(free_port()),
                PATH=f"{tools}:{Path(sys.executable).parent}:{env['PATH']}")
     script = "set -euo pipefail\n" + "\n".join(scaled("\n".join(blocks)).splitlines())
-    r = subprocess.run(["bash", "-c", script], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(["bash", "-c", script], cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
     assert make_log.read_text().split() == ["install"]
     for done in ("small/prune_plan.json", "hf-small/config.json", "recovered-hf/config.json",
