@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -203,9 +204,10 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(args.input, args.output, args.overwrite)
     plan, method = build_plan(args, src, adapter)
     describe(plan)
-    with scratch_folder(args.output, "refit") as scratch:
+    refit = method == "least-squares"  # the refit's scratch folder only when it runs
+    with scratch_folder(args.output, "refit") if refit else contextlib.nullcontext() as scratch:
         store = None
-        if method == "least-squares":
+        if refit:
             store, summary, plan = reconstruct(src, plan, scoring_options(args, args.seed, args.scores),
                                                refit_options(args), scratch)
             if summary is not None:
