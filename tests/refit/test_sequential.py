@@ -202,6 +202,8 @@ def test_megatron_path_equals_the_hf_path(tok_model, refit_pair, tmp_path, layou
                                                                   "magnitude: the refit needs calibration text"),
     (["--reconstruct", "least-squares", "--damping", "0"], "--damping 0.0: must be > 0"),
     (["--samples", "4000"], "fewer than --samples 4000"),
+    (["--samples", "1", "--seq-len", "32"], "--samples 1 x --seq-len 32 = 32 calibration tokens: the refit of a "
+                                            "64-wide input needs at least 64 tokens (e.g. --samples 2)"),
 ])
 def test_refusals_come_before_anything_is_written(tok_model, tmp_path, capsys, argv, message):
     code = main(["prune", "--input", str(tok_model), "--output", str(tmp_path / "out"), "--hidden-size", "40",
@@ -241,3 +243,20 @@ def test_qwen3_refit_leaves_qk_norms_whole_and_megatron_path_equals_hf_path(qwen
                  str(tmp_path / "back"), "--no-progress"]) == 0
     assert PrunePlan.load(tmp_path / "mg_out") == plan
     assert_same_tensors(refit, hf_tensors(tmp_path / "back"))
+
+
+def test_calibration_loss_reads_whole_windows_up_to_its_token_budget():
+    """The reported loss is the mean over the first windows holding at least ``max_tokens`` predictions, exactly."""
+    from megatron.prune.refit.sequential import calibration_loss
+
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, 11, (6, 9), generator=g)
+    hidden = [torch.randn(2, 9, 5, generator=g) for _ in range(3)]  # batches of 2 windows
+    head = torch.randn(11, 5, generator=g)
+    logits = torch.cat(hidden)[:, :-1] @ head.T
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="none")
+    per_token = per_token.view(6, 8)
+    for budget, rows in ((8, 1), (9, 2), (24, 3), (1000, 6)):
+        loss, tokens = calibration_loss(torch.nn.Identity(), head, hidden, windows, 2, budget)
+        assert tokens == rows * 8
+        assert loss == pytest.approx(float(per_token[:rows].mean()), rel=1e-6)

@@ -193,3 +193,12 @@ def test_obs_scores():
     torch.testing.assert_close(s2, s.reshape(3, 2).sum(1))
     with pytest.raises(ValueError, match="units"):
         rc.obs_scores(W, _moment(x), unit=4)
+
+
+@pytest.mark.parametrize("n", [5, 128, 300, 1030])
+def test_gram_is_the_full_product(n):
+    """The lower-triangle product, mirrored, is aᵀa (blocks of 128 and 256, with a ragged last block)."""
+    a = torch.randn(64, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    got = rc.gram(a)
+    torch.testing.assert_close(got, a.T @ a, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got, got.T)

@@ -148,8 +148,8 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
             raise PruneError(f"plan {args.plan} was made for {plan.source}, but the input is {src.shape}")
         adapter.check_target(src, plan.target, write_options(args))
         reconstruct = args.reconstruct or ("least-squares" if "reconstruct" in plan.info else "none")
-        check_reconstruct(src, reconstruct, "activation" if args.calib is None else "plan", args.calib,
-                          refit_options(args))
+        check_reconstruct(src, reconstruct, None, args.calib, refit_options(args), plan.target,
+                          scoring_options(args, args.seed, args.scores))
         if reconstruct == "none":  # the plan's record of an earlier refit does not describe these weights
             plan = dataclasses.replace(plan, info={k: v for k, v in plan.info.items() if k != "reconstruct"})
         return plan, reconstruct
@@ -174,7 +174,7 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
     reconstruct = args.reconstruct or default_reconstruct(method)
     if target == src.shape and drop is None:
         reconstruct = "none"  # keep-all: the output is the input
-    check_reconstruct(src, reconstruct, method, args.calib, refit_options(args))
+    check_reconstruct(src, reconstruct, method, args.calib, refit_options(args), target, options)
     scores = SCORERS[method](src, options)
     if auto and scores.layers is None:
         raise PruneError(f"--drop-layers auto needs block-influence scores; --method {method} has none "

@@ -58,6 +58,17 @@ def attention_kwargs(kwargs: dict) -> dict:
 
 
 @contextmanager
+def without(module: torch.nn.Module, child: str) -> Iterator[None]:
+    """``module.child`` replaced by the identity for the duration (its input becomes the module's output)."""
+    kept = getattr(module, child)
+    setattr(module, child, torch.nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(module, child, kept)
+
+
+@contextmanager
 def capture_inputs(layer: torch.nn.Module, names: dict[str, str]) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record the input of the submodules ``names`` (group -> module path) of ``layer`` on every call."""
     seen: dict[str, list[torch.Tensor]] = {g: [] for g in names}
@@ -77,12 +88,15 @@ READER_INPUTS = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gate_up": 
 
 @dataclass
 class TeacherLayer:
-    """The original layer's run over the calibration batches: its outputs, the input of each reader group, and
-    ``E‖y‖²`` of each group's outputs that the pruned layer keeps (the scale of its reconstruction error)."""
+    """The original layer's run over the calibration batches: its outputs; per reader group, either its input
+    (``inputs``) or its outputs on the rows the pruned layer keeps (``targets``), whichever is narrower (the cross
+    moment of the refit is that width times the pruned input's); and ``E‖y‖²`` of each group's kept outputs (the
+    scale of its reconstruction error)."""
 
     outputs: list[torch.Tensor]
     inputs: dict[str, list[torch.Tensor]]
     energy: dict[str, float]
+    targets: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 def kept_outputs(role: str, index: AxisIndex, head_dim: int) -> torch.Tensor:
@@ -90,6 +104,14 @@ def kept_outputs(role: str, index: AxisIndex, head_dim: int) -> torch.Tensor:
     axis = OUTPUT_AXIS[role]
     keep = torch.as_tensor(index.for_axis(axis), dtype=torch.long)
     return expand_heads(keep, head_dim) if axis in ("heads", "groups") else keep
+
+
+def by_outputs(layer: torch.nn.Module, group: str, index: AxisIndex, head_dim: int) -> bool:
+    """Whether the refit of ``group`` reads the original's kept outputs rather than its inputs: when they are fewer
+    (down_proj after hidden or FFN pruning: ``h'`` outputs against ``f`` inputs)."""
+    modules = dict(layer.named_modules())
+    rows = sum(len(kept_outputs(role, index, head_dim)) for role, _ in GROUPS[group])
+    return rows < modules[GROUPS[group][0][1]].weight.shape[1]
 
 
 @torch.no_grad()
@@ -105,19 +127,24 @@ def run_teacher(layer: torch.nn.Module, calls: list[Call], index: AxisIndex | No
     energy = dict.fromkeys(GROUPS, 0.0)
     tokens = [0]
     modules = dict(layer.named_modules())
+    narrow = {g for g in GROUPS if by_outputs(layer, g, index, head_dim)}
+    kept: dict[str, list[torch.Tensor]] = {role: [] for g in narrow for role, _ in GROUPS[g]}
 
     def watch(group: str, role: str):
         rows = kept_outputs(role, index, head_dim)
 
         def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
-            per_feature = out.reshape(-1, out.shape[-1]).float().pow(2).sum(0)  # [out]
-            energy[group] += float(per_feature.index_select(0, rows).double().sum())
+            y = out if module.bias is None else out - module.bias  # W x: the bias stays as it is
+            y = y.index_select(-1, rows.to(out.device))
+            energy[group] += float(y.float().pow(2).sum(dtype=torch.float64))
+            if role in kept:
+                kept[role].append(y)
         return hook
 
     handles = [modules[path].register_forward_hook(watch(g, role)) for g, members in GROUPS.items()
                for role, path in members]
     try:
-        with capture_inputs(layer, READER_INPUTS) as seen:
+        with capture_inputs(layer, {g: p for g, p in READER_INPUTS.items() if g not in narrow}) as seen:
             for c in calls:
                 out = layer(c.hidden, **c.kwargs)
                 outputs.append(out[0] if isinstance(out, tuple) else out)
@@ -125,7 +152,8 @@ def run_teacher(layer: torch.nn.Module, calls: list[Call], index: AxisIndex | No
     finally:
         for h in handles:
             h.remove()
-    return TeacherLayer(outputs, seen, {g: e / tokens[0] for g, e in energy.items()})
+    joined = {g: [torch.cat(ys, -1) for ys in zip(*(kept[role] for role, _ in GROUPS[g]))] for g in narrow}
+    return TeacherLayer(outputs, seen, {g: e / tokens[0] for g, e in energy.items()}, joined)
 
 
 OUTPUT_AXIS = {"q": "heads", "k": "groups", "v": "groups", "o": "hidden", "gate": "ffn", "up": "ffn", "down": "hidden"}
@@ -137,26 +165,39 @@ def teacher_rows(role: str, w: torch.Tensor, index: AxisIndex, head_dim: int) ->
     return slice_role(role, w, AxisIndex(**{axis: index.for_axis(axis)}), head_dim)
 
 
-def refit_group(student: torch.nn.Module, teacher: torch.nn.Module, group: str, xs: list[torch.Tensor],
-                xt: list[torch.Tensor], energy: float, index: AxisIndex, head_dim: int,
-                delta: float = DEFAULT_DAMPING, storage: dict[str, torch.dtype] | None = None,
-                product: torch.dtype = torch.float32) -> GroupReport:
-    """Refit the linears of ``group`` in ``student`` from its inputs ``xs`` and the original's ``xt`` (per batch);
-    ``energy`` is ``E‖W_t x_t‖²`` over the kept outputs. Each refitted weight is rounded to its ``storage`` dtype
-    (role -> dtype), so the layers after it see what will be written."""
-    H, C = Moment(product), Moment(product)
-    for s, t in zip(xs, xt, strict=True):
-        H.add(s)
+def target_moment(teacher: torch.nn.Module, group: str, xs: list[torch.Tensor], run: TeacherLayer,
+                  index: AxisIndex, head_dim: int, product: torch.dtype = torch.float32) -> torch.Tensor:
+    """``E[y x_sᵀ]`` (float64), ``y`` the original group's kept outputs: straight from them when the teacher run kept
+    them, else ``W E[x_t x_sᵀ]`` from its inputs (float32 products)."""
+    if group in run.targets:
+        C = Moment(product)
+        for s, y in zip(xs, run.targets[group], strict=True):
+            C.add(y, s)
+        return C.mean()
+    C = Moment(product)
+    for s, t in zip(xs, run.inputs[group], strict=True):
         C.add(t, s)
-    H_ss, C_ts = H.mean(), C.mean()
-    s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
+    t_mods = dict(teacher.named_modules())
     W = torch.cat([teacher_rows(role, t_mods[path].weight, index, head_dim).float() for role, path in GROUPS[group]])
+    return (W @ C.mean().float()).double()
+
+
+def refit_group(student: torch.nn.Module, teacher: torch.nn.Module, group: str, xs: list[torch.Tensor],
+                run: TeacherLayer, index: AxisIndex, head_dim: int, delta: float = DEFAULT_DAMPING,
+                storage: dict[str, torch.dtype] | None = None, product: torch.dtype = torch.float32) -> GroupReport:
+    """Refit the linears of ``group`` in ``student`` from its inputs ``xs`` (per batch) against what the original
+    gave in ``run``. Each refitted weight is rounded to its ``storage`` dtype (role -> dtype), so the layers after it
+    see what will be written."""
+    H = Moment(product)
+    for s in xs:
+        H.add(s)
+    H_ss, C_ys = H.mean(), target_moment(teacher, group, xs, run, index, head_dim, product)
+    s_mods = dict(student.named_modules())
     prior = torch.cat([s_mods[path].weight.float() for _, path in GROUPS[group]])
-    C_ys = (W @ C_ts.float()).double()  # E[y x_sᵀ] with y = W x_t: float32 products, float64 solve
     new = solve_from_moments(C_ys, H_ss, prior.double(), delta)
-    scale = max(energy, 1e-30)
-    report = GroupReport(reconstruction_error(prior, H_ss, C_ys, energy) / scale,
-                         reconstruction_error(new, H_ss, C_ys, energy) / scale)
+    scale = max(run.energy[group], 1e-30)
+    report = GroupReport(reconstruction_error(prior, H_ss, C_ys, run.energy[group]) / scale,
+                         reconstruction_error(new, H_ss, C_ys, run.energy[group]) / scale)
     start = 0
     with torch.no_grad():
         for role, path in GROUPS[group]:
@@ -203,24 +244,19 @@ def refit_layer(student: torch.nn.Module, teacher: torch.nn.Module, student_call
     report = LayerReport()
     norm_in = [student.input_layernorm(c.hidden) for c in student_calls]
     if "qkv" in groups:
-        report.groups["qkv"] = refit_group(student, teacher, "qkv", norm_in, run.inputs["qkv"], run.energy["qkv"],
-                                           index, head_dim, delta, storage)
+        report.groups["qkv"] = refit_group(student, teacher, "qkv", norm_in, run, index, head_dim, delta, storage)
     attn = student.self_attn
-    o_in: list[torch.Tensor] = []
-    with capture_inputs(student, {"o": READER_INPUTS["o"]}) as seen:
-        for x, c in zip(norm_in, student_calls):
-            attn(hidden_states=x, **attention_kwargs(c.kwargs))
-        o_in = seen["o"]
+    with without(attn, "o_proj"):  # the attention's output before o_proj: what o_proj reads
+        o_in = [attn(hidden_states=x, **attention_kwargs(c.kwargs))[0] for x, c in zip(norm_in, student_calls)]
     del norm_in
     if "o" in groups:
-        report.groups["o"] = refit_group(student, teacher, "o", o_in, run.inputs["o"], run.energy["o"], index,
-                                         head_dim, delta, storage)
+        report.groups["o"] = refit_group(student, teacher, "o", o_in, run, index, head_dim, delta, storage)
     mid = [c.hidden + attn.o_proj(z) for c, z in zip(student_calls, o_in)]
     del o_in
     mlp_in = [student.post_attention_layernorm(h) for h in mid]
     if "gate_up" in groups:
-        report.groups["gate_up"] = refit_group(student, teacher, "gate_up", mlp_in, run.inputs["gate_up"],
-                                               run.energy["gate_up"], index, head_dim, delta, storage)
+        report.groups["gate_up"] = refit_group(student, teacher, "gate_up", mlp_in, run, index, head_dim, delta,
+                                               storage)
     mlp = student.mlp
     down_in = [mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x) for x in mlp_in]
     del mlp_in
@@ -228,6 +264,5 @@ def refit_layer(student: torch.nn.Module, teacher: torch.nn.Module, student_call
         targets = [want - h for want, h in zip(residual, mid, strict=True)]
         report.groups["down"] = refit_to_residual(mlp.down_proj, down_in, targets, delta, (storage or {}).get("down"))
     elif "down" in groups:
-        report.groups["down"] = refit_group(student, teacher, "down", down_in, run.inputs["down"], run.energy["down"],
-                                            index, head_dim, delta, storage)
+        report.groups["down"] = refit_group(student, teacher, "down", down_in, run, index, head_dim, delta, storage)
     return [h + mlp.down_proj(z) for h, z in zip(mid, down_in)], report

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from megatron.prune.core.plan import PrunePlan
+from megatron.prune.core.shape import ModelShape
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.source import TensorSource
 from megatron.prune.refit.layer import GROUPS
@@ -25,9 +26,16 @@ def default_reconstruct(method: str) -> str:
     return "least-squares" if method in CALIBRATED else "none"
 
 
-def check_reconstruct(src: TensorSource, reconstruct: str, method: str, calib: tuple[Path, ...] | None,
-                      options: RefitOptions) -> None:
-    """Refuse a refit that cannot run, before scoring or writing anything."""
+def min_tokens(target: ModelShape) -> int:
+    """Calibration tokens the refit needs: as many as the widest input a refit linear reads (hidden, the kept heads'
+    concatenation, FFN channels), or that input's second moment is singular and the damping alone decides."""
+    return max(target.hidden_size, target.num_attention_heads * target.head_dim, target.ffn_hidden_size)
+
+
+def check_reconstruct(src: TensorSource, reconstruct: str, method: str | None, calib: tuple[Path, ...] | None,
+                      options: RefitOptions, target: ModelShape, scoring: ScoringOptions) -> None:
+    """Refuse a refit that cannot run, before scoring or writing anything. ``method`` is the selection's (None: a
+    saved plan's, refit on --calib or the built-in text)."""
     from megatron.prune.scoring.methods import runnable
 
     if reconstruct not in RECONSTRUCT:
@@ -45,7 +53,12 @@ def check_reconstruct(src: TensorSource, reconstruct: str, method: str, calib: t
         raise PruneError(f"--reconstruct least-squares runs calibration text through the model, and {src.folder} has "
                          "no tokenizer (an HF folder's own, or a Megatron checkpoint's hf_meta/); use --reconstruct "
                          "none, or convert the checkpoint from an HF folder that has one")
-    if method not in CALIBRATED and not calib:
+    tokens, need = scoring.samples * scoring.seq_len, min_tokens(target)
+    if tokens < need:
+        raise PruneError(f"--reconstruct least-squares on --samples {scoring.samples} x --seq-len {scoring.seq_len} = "
+                         f"{tokens} calibration tokens: the refit of a {need}-wide input needs at least {need} tokens "
+                         f"(e.g. --samples {-(-need // scoring.seq_len)}); or use --reconstruct none")
+    if method is not None and method not in CALIBRATED and not calib:
         raise PruneError(f"--reconstruct least-squares with --method {method}: the refit needs calibration text, which "
                          "this method does not use; pass --calib FILE (the text to refit on), or use --method "
                          "activation (the built-in text by default)")
@@ -77,7 +90,8 @@ def reconstruct(src: TensorSource, plan: PrunePlan, scoring: ScoringOptions, opt
             "tokens": summary.tokens, "error_sliced": round(sliced, 6), "error_refit": round(refit, 6),
             "seconds": round(summary.seconds, 2)}
     if summary.loss is not None:
-        info["calibration_loss"] = {"original": round(summary.loss[0], 5), "pruned_refit": round(summary.loss[1], 5)}
+        info["calibration_loss"] = {"original": round(summary.loss[0], 5), "pruned_refit": round(summary.loss[1], 5),
+                                    "tokens": summary.loss[2]}
     if summary.head is not None:
         info["head_refit"] = {"role": summary.head_role, "error_sliced": round(summary.head[0], 6),
                               "error_refit": round(summary.head[1], 6)}
@@ -90,7 +104,7 @@ def describe(summary: RefitSummary) -> str:
     head = "" if summary.head is None else (f"; {'lm_head' if summary.head_role == 'lm_head' else 'final norm gain'}"
                                             f" {summary.head[0]:.4f} -> {summary.head[1]:.4f}")
     loss = "" if summary.loss is None else (f"; calibration loss {summary.loss[0]:.3f} (original), "
-                                            f"{summary.loss[1]:.3f} (pruned, refit)")
+                                            f"{summary.loss[1]:.3f} (pruned, refit) on {summary.loss[2]} tokens")
     return (f"reconstruct: {len(summary.layers)} layers refit on {summary.tokens} calibration tokens in "
             f"{summary.seconds:.1f}s; relative error of the refit linears {sliced:.4f} (sliced) -> {refit:.4f}{head}"
             f"{loss}")

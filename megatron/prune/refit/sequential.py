@@ -57,7 +57,7 @@ class RefitSummary:
     head_role: str = "lm_head"
     tokens: int = 0
     seconds: float = 0.0
-    loss: tuple[float, float] | None = None  # calibration LM loss: (original, pruned and refit)
+    loss: tuple[float, float, int] | None = None  # calibration LM loss: (original, pruned and refit, tokens)
 
     def mean_error(self) -> tuple[float, float]:
         """Mean relative error over every refit group of every layer: (sliced, refit)."""
@@ -82,13 +82,16 @@ def pruned_layer(teacher: torch.nn.Module, config: Any, number: int, index: Axis
                  norm_scale: float) -> torch.nn.Module:
     """The pruned counterpart of the (materialised) original decoder layer ``teacher``: the plan's slices of its
     parameters, in a module of the same class built for the pruned shape."""
-    layer = type(teacher)(config, number).to(next(teacher.parameters()).dtype)
+    device = next(teacher.parameters()).device
+    with torch.device("meta"):  # no random init: every parameter is copied in below
+        layer = type(teacher)(config, number).to(next(teacher.parameters()).dtype)
+    layer = layer.to_empty(device=device)
     originals = dict(teacher.named_parameters())
     with torch.no_grad():
         for name, param in layer.named_parameters():
             role, _ = parse_hf_name(f"model.layers.0.{name}")
             param.copy_(slice_role(role, originals[name], index, head_dim, norm_scale))
-    return layer.to(next(teacher.parameters()).device).eval()
+    return layer.eval()
 
 
 def storage_dtype(src: TensorSource, role: str, layer: int | None) -> torch.dtype:
@@ -169,26 +172,36 @@ def refit_final_gain(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, 
     return gain, (error(prior), error(gain))
 
 
+# the calibration loss is a report; over the whole calibration it would cost two full vocabulary projections
+# (a third of a forward of the 135M demo model at 8k tokens), so it reads the first windows up to this many tokens
+LOSS_TOKENS = 2048
+
+
 @torch.no_grad()
 def calibration_loss(norm: torch.nn.Module, head: torch.Tensor, hidden: list[torch.Tensor], windows: torch.Tensor,
-                     batch_size: int) -> float:
+                     batch_size: int, max_tokens: int = LOSS_TOKENS) -> tuple[float, int]:
     """Mean next-token cross entropy of the final hidden states ``hidden`` (per batch of ``windows``) through the
-    final ``norm`` and the ``head`` weight ``[v, h]``."""
+    final ``norm`` and the ``head`` weight ``[v, h]``, over the first windows until ``max_tokens`` are predicted;
+    returns (loss, tokens)."""
     total, count = 0.0, 0
     for k, h in enumerate(hidden):
-        ids = windows[k * batch_size : (k + 1) * batch_size].to(h.device)
+        if count >= max_tokens:
+            break
+        rows = min(h.shape[0], -(-(max_tokens - count) // max(h.shape[1] - 1, 1)))  # whole windows, just enough
+        h = h[:rows]
+        ids = windows[k * batch_size : k * batch_size + rows].to(h.device)
         logits = norm(h)[:, :-1] @ head.to(h.dtype).T
         total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(),
                                                          reduction="sum"))
         count += ids[:, 1:].numel()
-    return total / count
+    return total / count, count
 
 
 def model_losses(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, store: RefitStore,
                  teacher_hidden: list[torch.Tensor], student_hidden: list[torch.Tensor], windows: torch.Tensor,
-                 batch_size: int) -> tuple[float, float] | None:
-    """Calibration loss of the original and of the pruned, refit model (None when the vocabulary is pruned: the
-    token ids differ)."""
+                 batch_size: int) -> tuple[float, float, int] | None:
+    """Calibration loss of the original and of the pruned, refit model, and the tokens it was taken on (None when the
+    vocabulary is pruned: the token ids differ)."""
     if plan.vocab is not None:
         return None
     head = src.get("lm_head" if src.has("lm_head") and not plan.source.tied_embeddings else "embed")
@@ -197,8 +210,9 @@ def model_losses(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, stor
                                        else sliced_final_norm(norm, plan))
     head_s = store.get("lm_head") if store.has("lm_head") else head.index_select(1, torch.as_tensor(plan.hidden))
     device = norm.weight.device
-    return (calibration_loss(norm, head.to(device), teacher_hidden, windows, batch_size),
-            calibration_loss(norm_s.to(device), head_s.to(device), student_hidden, windows, batch_size))
+    original, tokens = calibration_loss(norm, head.to(device), teacher_hidden, windows, batch_size)
+    pruned, _ = calibration_loss(norm_s.to(device), head_s.to(device), student_hidden, windows, batch_size)
+    return original, pruned, tokens
 
 
 @torch.no_grad()

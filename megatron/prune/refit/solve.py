@@ -28,6 +28,18 @@ class SingularMomentError(ValueError):
 # ---- moments ---------------------------------------------------------------------------------------------
 
 
+def gram(a: torch.Tensor) -> torch.Tensor:
+    """``aᵀa`` for ``a [T, n]``, computing only the lower triangle by column blocks and mirroring it: ~3/4 of the
+    full product's work at n ≈ 500, ~5/8 at n ≥ 1000 (torch has no symmetric rank-k product)."""
+    n = a.shape[1]
+    block = 128 if n <= 768 else 256
+    out = torch.empty(n, n, dtype=a.dtype, device=a.device)
+    for i in range(0, n, block):
+        out[i:, i:i + block] = a[:, i:].T @ a[:, i:i + block]
+    low = out.tril()  # exactly symmetric, which a plain aᵀa need not be
+    return low + low.tril(-1).T
+
+
 class Moment:
     """Running ``E[a bᵀ]`` over token batches ``a [T, n]``, ``b [T, m]`` (``b`` omitted: ``E[a aᵀ]``), summed in float64.
 
@@ -43,10 +55,13 @@ class Moment:
     def add(self, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
         """Accumulate one batch (leading dims are flattened into tokens)."""
         a = a.reshape(-1, a.shape[-1]).to(self.product)
-        b = a if b is None else b.reshape(-1, b.shape[-1]).to(self.product)
-        if a.shape[0] != b.shape[0]:
-            raise ValueError(f"moment of {a.shape[0]} tokens against {b.shape[0]}")
-        part = (a.T @ b).double()
+        if b is None:
+            part = gram(a).double()
+        else:
+            b = b.reshape(-1, b.shape[-1]).to(self.product)
+            if a.shape[0] != b.shape[0]:
+                raise ValueError(f"moment of {a.shape[0]} tokens against {b.shape[0]}")
+            part = (a.T @ b).double()
         self.sum = part if self.sum is None else self.sum.add_(part)
         self.count += a.shape[0]
 
