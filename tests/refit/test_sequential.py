@@ -260,3 +260,14 @@ def test_calibration_loss_reads_whole_windows_up_to_its_token_budget():
         loss, tokens = calibration_loss(torch.nn.Identity(), head, hidden, windows, 2, budget)
         assert tokens == rows * 8
         assert loss == pytest.approx(float(per_token[:rows].mean()), rel=1e-6)
+
+
+def test_a_keep_all_plan_with_the_refit_writes_the_input_bit_for_bit(tok_model, tmp_path):
+    """Nothing pruned, refit asked for explicitly: the output tensors are the input's, bit for bit (no refit runs);
+    so is a saved keep-all plan applied with --reconstruct least-squares."""
+    assert prune_cli(tok_model, tmp_path / "same", "--samples", "4", "--seq-len", "32", "--reconstruct",
+                     "least-squares") == 0
+    assert_same_tensors(hf_tensors(tok_model), hf_tensors(tmp_path / "same"))
+    assert prune_cli(tok_model, tmp_path / "again", "--plan", str(tmp_path / "same" / "prune_plan.json"),
+                     "--samples", "4", "--seq-len", "32", "--reconstruct", "least-squares") == 0
+    assert_same_tensors(hf_tensors(tok_model), hf_tensors(tmp_path / "again"))

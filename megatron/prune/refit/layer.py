@@ -1,7 +1,7 @@
 """The refit of one decoder layer, two streams side by side: the original layer runs on the original model's hidden
 states (the teacher), the pruned layer on the pruned model's (the student). Each linear of the pruned layer that
 reads a pruned axis is refit, in forward order, so that on calibration tokens it gives what the original linear
-gave: ``W' = argmin E‖W' x_s − W x_t‖²`` (:func:`.solve.refit_two_stream`), with ``x_s`` the pruned layer's own
+gave: ``W' = argmin E‖W' x_s − W x_t‖²`` (:func:`.solve.solve_from_moments`), with ``x_s`` the pruned layer's own
 input as the already refitted linears before it make it.
 
 The layer is taken apart as the stock ``LlamaDecoderLayer.forward`` composes it (norm, attention, residual, norm,
