@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=methods.DEFAULT_SEQ_LEN)
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--no-ablations", action="store_true", help="shapes only")
+    ap.add_argument("--aggregation-only", action="store_true",
+                    help="only the aggregation choice (selection only, held-out and other domain) on --shapes")
     ap.add_argument("--baselines", action="store_true",
                     help="also random (3 seeds) and magnitude selection per shape (measured at 4k tokens before: "
                          "bench/results/quality_selection.json)")
@@ -220,7 +222,7 @@ def main(argv=None) -> int:
         return out
 
     act_scores = scores[stats.DEFAULT_AGGREGATION]
-    for name in args.shapes:
+    for name in [] if args.aggregation_only else args.shapes:
         desc, req = SHAPES[name]
         row: dict = {"description": desc}
         if args.baselines:
@@ -253,7 +255,8 @@ def main(argv=None) -> int:
 
     # -- measured choices: aggregation, norm rescaling, GQA, the depth refit, damping
     ab = results["ablations"]
-    aggregation_shapes = ("width", "width+depth") if args.all_ablations else ("width+depth",)
+    aggregation_shapes = (("width", "width+depth") if args.all_ablations else ("width+depth",)) if not \
+        args.aggregation_only else tuple(args.shapes)
     for name in () if args.no_ablations else [n for n in aggregation_shapes if n in args.shapes]:
         req = SHAPES[name][1]
         ab[f"{name}: aggregation (held-out)"] = {}
@@ -274,7 +277,7 @@ def main(argv=None) -> int:
                      "drop-groups (2 groups x 3 heads)": run(greq, act_scores, groups=2)["ppl"],
                      "random trim-heads (seed 0)": run(greq, random_with_layers(shape, 0), groups=3)["ppl"]}
         print(f"gqa: {ab['gqa']}", flush=True)
-    if not args.no_ablations:
+    if not (args.no_ablations or args.aggregation_only):
         for name in [n for n in ("depth", "width+depth") if n in args.shapes][: None if args.all_ablations else 1]:
             plain = refit(SHAPES[name][1], act_scores, RefitOptions(depth="none"))
             row = results["shapes"][name]
@@ -356,6 +359,8 @@ def chart(r: dict, path: Path) -> None:
         print("matplotlib is not installed: no chart", file=sys.stderr)
         return
     names = list(r["shapes"])
+    if not names:  # --aggregation-only: nothing to draw
+        return
     series = [("random", "random (mean of 3 seeds)"), ("magnitude", "magnitude"), ("activation", "activation"),
               ("reconstructed", "activation + least-squares refit")]
     series = [(k, label) for k, label in series if all(k in r["shapes"][n] for n in names)]

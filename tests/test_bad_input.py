@@ -186,7 +186,14 @@ CASES: dict[str, Case] = {
     "score non-utf8 calib": Case("score --model {hf} --output {o}.pt --calib {latin1_txt} " + " ".join(QUICK), 2,
                                  ("--calib", "latin1.txt:1: not UTF-8 (byte 0xe9 at column 4)")),
     "prune non-utf8 calib": Case("prune --input {hf} --output {o} --ffn-hidden-size 32 --calib {latin1_txt} "
-                                 + " ".join(QUICK), 2, ("--calib", "latin1.txt:1: not UTF-8")),
+                                 "--samples 4 --seq-len 16 --no-progress", 2, ("--calib", "latin1.txt:1: not UTF-8")),
+    "prune calib a device": Case("prune --input {hf} --output {o} --ffn-hidden-size 32 --calib /dev/null "
+                                 "--samples 4 --seq-len 16 --no-progress", 2,
+                                 ("--calib /dev/null: not a regular file",)),
+    "prune calib too short for the refit": Case("prune --input {hf} --output {o} --ffn-hidden-size 32 "
+                                                + " ".join(QUICK), 2,
+                                                ("32 calibration tokens: the refit of a 64-wide input needs at least 64",
+                                                 "--reconstruct none")),
     "eval non-utf8 text": Case("eval --model {hf} --text {latin1_txt} --seq-len 4 --no-progress", 2,
                                ("--text", "latin1.txt:1: not UTF-8")),
     "eval missing text": Case("eval --model {hf} --text {d}/nope.txt --no-progress", 2, ("--text", "no such file")),
@@ -259,7 +266,7 @@ CASES: dict[str, Case] = {
     "seed config missing": Case("--model_name_or_path {hf} --prune_config_path {d}/no.json --output_path {o}", 2,
                                 ("no.json: no such file",), run="prune_hf"),
     "seed config a list": Case("--model_name_or_path {hf} --prune_config_path {plan_list_json} --output_path {o}", 2,
-                               ("the prune config must be a JSON object, got list",),
+                               ("--prune_config_path", "the prune config must be a JSON object, got list"),
                                run="prune_hf"),
     "seed ids garbage .pt": Case("--hf_dir {hf} --remain_vocab_path {garbage_pt} --save_dir {o}", 2,
                                  ("garbage.pt: not a torch-saved list of token ids",), run="prune_spm_and_emb"),

@@ -143,8 +143,10 @@ def check_input_file(path: str | os.PathLike, flag: str = "--input") -> None:
     if p.is_dir():
         raise PruneError(f"{flag} {p}: is a folder; pass a file (one file per run: concatenate several files "
                          f"into one, or run once per file)")
-    if not p.is_file():
+    if not p.exists():
         raise PruneError(f"{flag} {p}: no such file")
+    if not p.is_file():  # a device or a pipe (/dev/null, <(cmd)): it can be read, but only once and not sized
+        raise PruneError(f"{flag} {p}: not a regular file; save the text to a file and pass that")
 
 
 def numbered_lines(path: str | os.PathLike, flag: str = "--input") -> Iterator[tuple[int, str]]:

@@ -198,12 +198,12 @@ def test_megatron_path_equals_the_hf_path(tok_model, refit_pair, tmp_path, layou
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--method", "magnitude", "--reconstruct", "least-squares"], "--reconstruct least-squares with --method "
-                                                                  "magnitude: the refit needs calibration text"),
+    (["--method", "magnitude", "--reconstruct", "least-squares"], ("--reconstruct least-squares with --method "
+                                                                   "magnitude: the refit needs calibration text")),
     (["--reconstruct", "least-squares", "--damping", "0"], "--damping 0.0: must be > 0"),
     (["--samples", "4000"], "fewer than --samples 4000"),
-    (["--samples", "1", "--seq-len", "32"], "--samples 1 x --seq-len 32 = 32 calibration tokens: the refit of a "
-                                            "64-wide input needs at least 64 tokens (e.g. --samples 2)"),
+    (["--samples", "1", "--seq-len", "32"], ("--samples 1 x --seq-len 32 = 32 calibration tokens: the refit of a "
+                                             "64-wide input needs at least 64 tokens (e.g. --samples 2)")),
 ])
 def test_refusals_come_before_anything_is_written(tok_model, tmp_path, capsys, argv, message):
     code = main(["prune", "--input", str(tok_model), "--output", str(tmp_path / "out"), "--hidden-size", "40",

@@ -250,7 +250,10 @@ def prune_hf(argv: list[str] | None = None) -> int:
         config = read_json(a.prune_config_path, "--prune_config_path")
         source_config = Path(a.model_name_or_path) / "config.json"
         source = read_json(source_config, "model config") if source_config.is_file() else None
-        flags, keys, ignored = prune_config_flags(config, source)
+        try:
+            flags, keys, ignored = prune_config_flags(config, source)
+        except PruneError as e:
+            raise PruneError(f"--prune_config_path {a.prune_config_path}: {e}") from None
     except PruneError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
