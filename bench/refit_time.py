@@ -27,19 +27,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import SHAPES, time_forward  # noqa: E402
-from transformers import AutoConfig  # noqa: E402
+from quality import SHAPES, time_forward
+from transformers import AutoConfig
 
-from megatron.prune.core import plan as plan_mod  # noqa: E402
-from megatron.prune.core.select import make_plan  # noqa: E402
-from megatron.prune.core.target import resolve_target  # noqa: E402
-from megatron.prune.formats.hf import HFCheckpoint  # noqa: E402
-from megatron.prune.models import embedded_model_dir  # noqa: E402
-from megatron.prune.refit.sequential import RefitOptions, refit_model  # noqa: E402
-from megatron.prune.refit.store import RefitStore  # noqa: E402
-from megatron.prune.runtime import load_hf, tokenize  # noqa: E402
-from megatron.prune.scoring import methods, stats  # noqa: E402
-from megatron.prune.text import builtin_text  # noqa: E402
+from megatron.prune.core import plan as plan_mod
+from megatron.prune.core.select import make_plan
+from megatron.prune.core.target import resolve_target
+from megatron.prune.formats.hf import HFCheckpoint
+from megatron.prune.models import embedded_model_dir
+from megatron.prune.refit.sequential import RefitOptions, refit_model
+from megatron.prune.refit.store import RefitStore
+from megatron.prune.runtime import load_hf, tokenize
+from megatron.prune.scoring import methods, stats
+from megatron.prune.text import builtin_text
 
 
 def timed(step: Callable[[], object]) -> tuple[float, float, object]:
@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         target, drop = resolve_target(ckpt.shape, SHAPES[name][1])
         plan = plan_mod.norm_rescale(make_plan(ckpt.shape, target, scores, drop), "sqrt")
         with tempfile.TemporaryDirectory(prefix="bench-refit-") as scratch:
-            *refit_t, _ = timed(lambda: refit_model(ckpt, AutoConfig.from_pretrained(folder), plan, calib, bs,
-                                                    torch.float32, "cpu", RefitStore(Path(scratch)), RefitOptions(),
-                                                    progress=False))
+            *refit_t, _ = timed(lambda p=plan, d=scratch: refit_model(
+                ckpt, AutoConfig.from_pretrained(folder), p, calib, bs, torch.float32, "cpu", RefitStore(Path(d)),
+                RefitOptions(), progress=False))
         after = forward()
         refit = ratio(tuple(refit_t), before, after)
         results["shapes"][name] = {"description": SHAPES[name][0], "refit_s": refit_t,
