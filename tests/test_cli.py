@@ -104,7 +104,9 @@ def test_plan_show_says_what_was_kept_dropped_and_how(tiny_hf, tmp_path, capsys)
     r = plan.info["reconstruct"]  # the refit is the default with activation selection
     assert out[2] == (f"reconstruction: least-squares of the linears qkv, o, gate_up, down (lm_head auto, damping "
                       f"{r['damping']}) on {r['tokens']} tokens of builtin:calib (4 windows of 32, float32): relative "
-                      f"error {r['error_sliced']:.4f} (sliced) -> {r['error_refit']:.4f}, {r['seconds']}s")
+                      f"error {r['error_sliced']:.4f} (sliced) -> {r['error_refit']:.4f}, {r['seconds']}s; "
+                      f"calibration loss {r['calibration_loss']['original']} (original) -> "
+                      f"{r['calibration_loss']['pruned_refit']} (pruned, refit) on 124 tokens")
     assert out[3].startswith("layers: block influence") and "TP 1, balance; RMSNorm weights x 1.095" in out[3]
     assert out[4] == ("shape: layers 4 -> 3, hidden 48 -> 40, query heads 8 -> 4, KV groups 4 -> 2, FFN 64 -> 32, "
                       "vocab 600")

@@ -90,7 +90,15 @@ def reconstruction_line(info: Mapping[str, Any]) -> str:
     return (f"reconstruction: {r.get('method')} of the linears {', '.join(r.get('groups') or [])} (lm_head "
             f"{r.get('head')}, damping {r.get('damping')}) on {r.get('tokens')} tokens of {calib} ({r.get('samples')} "
             f"windows of {r.get('seq_len')}, {r.get('dtype')}): relative error {num('error_sliced')} (sliced) -> "
-            f"{num('error_refit')}, {r.get('seconds')}s")
+            f"{num('error_refit')}, {r.get('seconds')}s{loss_text(r.get('calibration_loss'))}")
+
+
+def loss_text(loss: dict | None) -> str:
+    """``; calibration loss A (original) -> B on N tokens`` from the plan's record, or nothing (older plans)."""
+    if not isinstance(loss, dict) or not {"original", "pruned_refit"} <= set(loss):
+        return ""
+    on = f" on {loss['tokens']} tokens" if "tokens" in loss else ""
+    return f"; calibration loss {loss['original']} (original) -> {loss['pruned_refit']} (pruned, refit){on}"
 
 
 def selection_line(plan: PrunePlan) -> str:
