@@ -29,6 +29,10 @@ class Scores:
     groups: torch.Tensor | None = None  # [L, ng]; None: sum of the group's head scores
     layers: torch.Tensor | None = None  # [L]; None: the seed's "spread through the middle" rule
     method: str = "unknown"
+    # mixture of experts (None for a dense model)
+    experts: torch.Tensor | None = None  # [L, E]: importance of each expert
+    expert_ffn: torch.Tensor | None = None  # [L, E, F]: importance of each FFN channel of each expert
+    routing: torch.Tensor | None = None  # [L, E]: share of tokens routed to each expert (recorded, not used)
 
     def save(self, path: Path) -> None:
         torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
@@ -48,7 +52,13 @@ class Scores:
             "ffn": (shape.num_layers, shape.ffn_hidden_size),
             "groups": (shape.num_layers, shape.num_query_groups),
             "layers": (shape.num_layers,),
+            "experts": (shape.num_layers, shape.num_experts),
+            "expert_ffn": (shape.num_layers, shape.num_experts, shape.moe_ffn_hidden_size),
+            "routing": (shape.num_layers, shape.num_experts),
         }
+        if shape.is_moe and (self.experts is None or self.expert_ffn is None):
+            raise PruneError(f"scores ({self.method}) have no expert scores, and the model has {shape.num_experts} "
+                             "experts: were they computed for another model?")
         for name, want in expect.items():
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != want:
@@ -84,6 +94,15 @@ def top_k(score: torch.Tensor, k: int, slices: int = 1) -> tuple[int, ...]:
         order = torch.argsort(-part, stable=True)[:per_k]
         kept.extend((order + s * per_n).tolist())
     return tuple(sorted(kept))
+
+
+def select_experts(scores: Scores, layer: int, target: ModelShape) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """The kept experts of ``layer`` (most important first to survive) and the kept FFN channels of each, as many in
+    each; nothing for a dense model."""
+    if not target.is_moe:
+        return (), ()
+    experts = top_k(scores.experts[layer], target.num_experts)
+    return experts, tuple(top_k(scores.expert_ffn[layer, e], target.moe_ffn_hidden_size) for e in experts)
 
 
 def make_plan(
@@ -123,7 +142,8 @@ def make_plan(
             within = top_k(head_s[g * hpg_s : (g + 1) * hpg_s], hpg_t)
             heads.extend(g * hpg_s + h for h in within)
         ffn = top_k(scores.ffn[i], target.ffn_hidden_size, slices)
-        layer_plans.append(LayerPlan(i, groups, tuple(heads), ffn))
+        experts, expert_ffn = select_experts(scores, i, target)
+        layer_plans.append(LayerPlan(i, groups, tuple(heads), ffn, experts, expert_ffn))
     hidden = top_k(scores.hidden, target.hidden_size)
     meta = {"method": scores.method, "layer_rule": layer_rule, "tp": tp,
             "prune_type": "balance" if balance else "unbalance"}

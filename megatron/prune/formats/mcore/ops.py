@@ -62,6 +62,10 @@ def hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, tp: int = 1, pp: int
                    ckpt_format: str = "torch") -> Path:
     """Convert an HF LLaMA-family checkpoint into a Megatron-LM checkpoint of TP ``tp`` and PP ``pp``."""
     src = HFCheckpoint.open(hf_dir).in_one_dtype()  # mixed float32/float16/bfloat16 weights: one dtype, no loss
+    if src.shape.is_moe:
+        raise PruneError(f"{hf_dir} is a mixture-of-experts model ({src.config['architectures'][0]}, "
+                         f"{src.shape.num_experts} experts): the Megatron format does not take experts yet; prune "
+                         "the HF checkpoint directly (megatron-prune prune --input HF_DIR)")
     check_tp_pp(src.shape, tp, pp)
     check_output_path(hf_dir, out_dir, overwrite)
     return save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec, make_vocab_size_divisible_by,
