@@ -215,3 +215,26 @@ def test_plan_json_keeps_experts_and_dense_plans_without_them_load(moe_hf):
         del dense["source"][key], dense["target"][key]
     assert "experts" not in dense["layers"][0]
     assert PrunePlan.from_dict(dense).source.num_experts == 0
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_seed_prune_config_names_experts_whole_hf_config_or_seed_keys(moe_hf, tmp_path, family):
+    """prune_hf/prune_llama.py's JSON: the seed-style keys, or a whole HF config of the smaller MoE model, whose
+    intermediate_size is the expert width for Mixtral and describes no layer for Qwen3-MoE."""
+    from megatron.prune.seed.prune import prune_config_flags, prune_hf
+
+    src = moe_hf(family)
+    source = json.loads((src / "config.json").read_text())
+    seed = {"num_experts_remain": 2, "moe_ffn_hidden_size_remain": 8}
+    assert prune_config_flags(seed, source)[0] == ["--num-experts", "2", "--moe-ffn-hidden-size", "8"]
+    width_key = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    whole = {**source, "num_local_experts": 2, width_key: 8, "num_experts_per_tok": 1}
+    flags = prune_config_flags(whole, source)[0]
+    assert "--ffn-hidden-size" not in flags
+    assert {(a, b) for a, b in zip(flags[::2], flags[1::2])} >= {("--num-experts", "2"), ("--moe-ffn-hidden-size",
+                                                                 "8"), ("--num-experts-per-tok", "1")}
+    (tmp_path / "cfg.json").write_text(json.dumps(whole))
+    assert prune_hf(["--model_name_or_path", str(src), "--prune_config_path", str(tmp_path / "cfg.json"),
+                     "--output_path", str(tmp_path / "out"), "--no_progress"]) == 0
+    assert HFCheckpoint.open(tmp_path / "out").shape == HFCheckpoint.open(src).shape.replace(
+        num_experts=2, moe_ffn_hidden_size=8, num_experts_per_tok=1)
