@@ -238,3 +238,18 @@ def test_seed_prune_config_names_experts_whole_hf_config_or_seed_keys(moe_hf, tm
                      "--output_path", str(tmp_path / "out"), "--no_progress"]) == 0
     assert HFCheckpoint.open(tmp_path / "out").shape == HFCheckpoint.open(src).shape.replace(
         num_experts=2, moe_ffn_hidden_size=8, num_experts_per_tok=1)
+
+
+def test_plan_show_lists_experts_kept_and_dropped(moe_hf, tmp_path, capsys):
+    assert prune_cli(moe_hf("mixtral"), tmp_path / "out", "--num-experts", "2", "--moe-ffn-hidden-size", "4",
+                     "--method", "random") == 0
+    plan = PrunePlan.load(tmp_path / "out")
+    capsys.readouterr()
+    assert main(["plan", "show", str(tmp_path / "out"), "--indices"]) == 0
+    out = capsys.readouterr().out
+    assert "experts 4 -> 2, expert FFN 16 -> 4, top-k 2" in out
+    from megatron.prune.commands.plan import ids
+
+    for lp in plan.layers:
+        dropped = [e for e in range(4) if e not in lp.experts]
+        assert f"experts {ids(lp.experts)} ({ids(dropped)}), 4/16 channels each; expert {lp.experts[0]}: " in out
