@@ -183,13 +183,10 @@ def test_bad_moe_flags_refused_before_any_output(moe_hf, tmp_path, capsys, flags
     assert not (tmp_path / "out").exists() and tree_hash(src) == before
 
 
-def test_expert_flags_on_a_dense_model_and_megatron_conversion_refused(tiny_hf, moe_hf, tmp_path, capsys):
+def test_expert_flags_on_a_dense_model_refused(tiny_hf, tmp_path, capsys):
     assert prune_cli(tiny_hf("llama-gqa"), tmp_path / "out", "--num-experts", "2") == 2
     assert "--num-experts 2: the model is dense (no experts)" in capsys.readouterr().err
-    assert main(["convert", "hf-to-megatron", "--input", str(moe_hf("qwen3-moe")), "--output",
-                 str(tmp_path / "mg"), "--no-progress"]) == 2
-    assert "the Megatron format does not take experts yet" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists() and not (tmp_path / "mg").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_top_k_clamped_to_the_kept_experts_with_one_line(moe_hf, tmp_path, capsys):
@@ -253,3 +250,30 @@ def test_plan_show_lists_experts_kept_and_dropped(moe_hf, tmp_path, capsys):
     for lp in plan.layers:
         dropped = [e for e in range(4) if e not in lp.experts]
         assert f"experts {ids(lp.experts)} ({ids(dropped)}), 4/16 channels each; expert {lp.experts[0]}: " in out
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_megatron_checkpoint_scores_and_prunes_as_its_hf_model(moe_tok, tmp_path, family):
+    """A TP=2 PP=2 Megatron checkpoint of the model (tokenizer in hf_meta/) scores as its HF model bit for bit, whole
+    and layer by layer, and `prune --method activation` picks the same plan and writes the same weights."""
+    from megatron.prune.formats.mcore import ops
+    from megatron.prune.scoring.methods import ScoringOptions, score_model
+
+    src = moe_tok(family)
+    mg = ops.hf_to_megatron(src, tmp_path / "mg", tp=2, pp=2, progress=False)
+    opts = dict(samples=4, seq_len=32, progress=False, device="cpu")
+    ref = score_model(src, ScoringOptions(**opts, layer_by_layer="never")).scores
+    for lbl in ("never", "always"):
+        got = score_model(mg, ScoringOptions(**opts, layer_by_layer=lbl)).scores
+        for name in ("experts", "expert_ffn", "routing", "hidden", "heads", "groups", "layers"):
+            assert torch.equal(getattr(got, name), getattr(ref, name)), (lbl, name)
+    flags = ["--num-experts", "3", "--moe-ffn-hidden-size", "8", "--method", "activation", "--samples", "4",
+             "--seq-len", "32", "--device", "cpu"]
+    assert prune_cli(src, tmp_path / "hf_out", *flags) == 0
+    assert prune_cli(mg, tmp_path / "mg_out", *flags) == 0
+    plan = PrunePlan.load(tmp_path / "hf_out")
+    assert PrunePlan.load(tmp_path / "mg_out") == plan and all(lp.experts == (0, 2, 3) for lp in plan.layers)
+    assert main(["convert", "megatron-to-hf", "--input", str(tmp_path / "mg_out"), "--output",
+                 str(tmp_path / "back"), "--no-progress"]) == 0
+    a, b = safetensors_of(tmp_path / "hf_out"), safetensors_of(tmp_path / "back")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

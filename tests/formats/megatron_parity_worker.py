@@ -26,7 +26,13 @@ def build_gpt(a, sdpa: bool = False):
 
     from megatron.prune.training.model import _layer_spec, gpt_model_kwargs
 
-    cfg = TransformerConfig(
+    moe = {}
+    if getattr(a, "num_experts", None):  # SequentialMLP experts behind the allgather dispatcher, as the args say
+        moe = dict(num_moe_experts=a.num_experts, moe_ffn_hidden_size=a.moe_ffn_hidden_size,
+                   moe_router_topk=a.moe_router_topk, moe_router_pre_softmax=a.moe_router_pre_softmax,
+                   moe_token_dispatcher_type=a.moe_token_dispatcher_type, moe_grouped_gemm=a.moe_grouped_gemm,
+                   moe_aux_loss_coeff=0.0)
+    cfg = TransformerConfig(**moe,
         num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
         num_query_groups=a.num_query_groups if a.group_query_attention else None, kv_channels=a.kv_channels,
         ffn_hidden_size=a.ffn_hidden_size, normalization=a.normalization, gated_linear_unit=a.swiglu,
@@ -38,7 +44,8 @@ def build_gpt(a, sdpa: bool = False):
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False,
     )
-    spec = get_gpt_layer_local_spec(normalization=a.normalization, qk_layernorm=cfg.qk_layernorm)
+    spec = get_gpt_layer_local_spec(num_experts=moe.get("num_moe_experts"), moe_grouped_gemm=False,
+                                    normalization=a.normalization, qk_layernorm=cfg.qk_layernorm)
     if sdpa:
         spec = _layer_spec(Namespace(transformer_impl="local", qk_layernorm=cfg.qk_layernorm,
                                      normalization=a.normalization, attention_backend="flash"), cfg)

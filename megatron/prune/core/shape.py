@@ -113,8 +113,9 @@ class ModelShape:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
-# The sizes tensor parallelism splits (KV groups, query heads, FFN channels), in the order errors name them.
-TP_SPLIT_SIZES = ("num_query_groups", "num_attention_heads", "ffn_hidden_size")
+# The sizes tensor parallelism splits (KV groups, query heads, FFN channels, each expert's FFN channels), in the order
+# errors name them.
+TP_SPLIT_SIZES = ("num_query_groups", "num_attention_heads", "ffn_hidden_size", "moe_ffn_hidden_size")
 
 
 def not_divisible(shape: ModelShape, n: int, sizes: tuple[str, ...] = TP_SPLIT_SIZES) -> list[tuple[str, int]]:

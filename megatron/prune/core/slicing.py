@@ -106,7 +106,7 @@ def tp_slice_index(index: AxisIndex, shape_units: Mapping[str, int], tp: int, ra
     never split by TP in LLaMA-family layers.
     """
     kw = {}
-    for axis in ("heads", "groups", "ffn", "vocab"):
+    for axis in ("heads", "groups", "ffn", "vocab", "expert_ffn"):
         n = shape_units.get(axis)
         keep = index.for_axis(axis)
         if keep is None or n is None:
@@ -114,4 +114,4 @@ def tp_slice_index(index: AxisIndex, shape_units: Mapping[str, int], tp: int, ra
             continue
         per = n // tp
         kw[axis] = shift(keep, rank * per, (rank + 1) * per)
-    return AxisIndex(hidden=index.hidden, **kw)
+    return AxisIndex(hidden=index.hidden, experts=index.experts, **kw)

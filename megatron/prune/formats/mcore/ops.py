@@ -18,8 +18,9 @@ from megatron.prune.formats.hf import HFCheckpoint, check_hf_target, write_prune
 from megatron.prune.formats.mcore.args import args_for_shape, config_with_dtype
 from megatron.prune.formats.mcore.dist import torch_to_dist
 from megatron.prune.formats.mcore.read import CheckpointHeader, MegatronCheckpoint, load_shard
-from megatron.prune.formats.mcore.schema import (META_DIR, SPECS, check_ckpt_format, check_tp_pp, padded_vocab_size,
-                                                 tp_units)
+from megatron.prune.formats.mcore.schema import (META_DIR, SPECS, check_ckpt_format, check_moe_layout, check_tp_pp,
+                                                 padded_vocab_size, tp_units)
+
 from megatron.prune.formats.mcore.write import (Layout, ParamFn, balanced_params, global_params, write_checkpoint,
                                                 write_meta)
 from megatron.prune.formats.source import (DEFAULT_MAX_SHARD_BYTES, FormatAdapter, TensorOverrides, TensorSource,
@@ -39,6 +40,7 @@ def save(src: TensorSource, plan: PrunePlan, output: Path, tp: int, pp: int, spe
     if spec not in SPECS:
         raise PruneError(f"layer spec {spec!r} unknown; choose one of {', '.join(SPECS)}")
     check_ckpt_format(ckpt_format)
+    check_moe_layout(plan.target, spec, ckpt_format)
     target = plan.target
     check_tp_pp(target, tp, pp, what="output: ")
     layout = Layout(target, tp, pp, spec, padded_vocab_size(target.vocab_size, divisible_by, tp))
@@ -62,10 +64,6 @@ def hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, tp: int = 1, pp: int
                    ckpt_format: str = "torch") -> Path:
     """Convert an HF LLaMA-family checkpoint into a Megatron-LM checkpoint of TP ``tp`` and PP ``pp``."""
     src = HFCheckpoint.open(hf_dir).in_one_dtype()  # mixed float32/float16/bfloat16 weights: one dtype, no loss
-    if src.shape.is_moe:
-        raise PruneError(f"{hf_dir} is a mixture-of-experts model ({src.config['architectures'][0]}, "
-                         f"{src.shape.num_experts} experts): the Megatron format does not take experts yet; prune "
-                         "the HF checkpoint directly (megatron-prune prune --input HF_DIR)")
     check_tp_pp(src.shape, tp, pp)
     check_output_path(hf_dir, out_dir, overwrite)
     return save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec, make_vocab_size_divisible_by,

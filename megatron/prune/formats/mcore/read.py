@@ -21,8 +21,8 @@ from megatron.prune.formats.safetensors import DTYPE_CODES
 from megatron.prune.formats.mcore.args import check_meta_family, hf_config_from_args, shape_from_args
 from megatron.prune.formats.source import check_finite
 from megatron.prune.formats.mcore.schema import (EXTRA_STATE, META_DIR, MODEL_FILE, PARAM_BY_KEY, PARAM_OF_ROLE,
-                                                 TRACKER, _SHARD_DIR, Param, check_tp_pp, params_for, shard_dir_name,
-                                                 stored_shape, unfuse)
+                                                 TRACKER, _SHARD_DIR, Param, check_tp_pp, extra_state_names,
+                                                 layer_param_names, params_for, shard_dir_name, stored_shape, unfuse)
 from megatron.prune.io.memory import drop_mapped_pages, file_mappings
 
 WORKERS = 4  # most threads computing one output file's tensors (the writer, not compute, soon limits)
@@ -110,11 +110,11 @@ class CheckpointHeader:
     dtype: torch.dtype
     hf_config: dict[str, Any]
 
-    def has(self, role: str, layer: int | None = None) -> bool:
-        """Which logical tensors exist follows from the shape alone (tied embeddings, q/k/v bias)."""
+    def has(self, role: str, layer: int | None = None, expert: int | None = None) -> bool:
+        """Which logical tensors exist follows from the shape alone (tied embeddings, q/k/v bias, experts)."""
         return has_role(self.shape, role)
 
-    def dtype_code(self, role: str, layer: int | None = None) -> str:
+    def dtype_code(self, role: str, layer: int | None = None, expert: int | None = None) -> str:
         """safetensors dtype code of every tensor (one dtype throughout a Megatron checkpoint)."""
         return DTYPE_CODES[self.dtype]
 
@@ -194,8 +194,8 @@ class MegatronCheckpoint(CheckpointHeader):
         model, layer = params_for(self.shape, first, last)
         names: dict[str, Param | None] = {p.name(self.spec): p for p in model}
         for i in range(self.layers_per_stage):
-            names.update({p.name(self.spec, i): p for p in layer})
-            names.update({t.format(i): None for t in EXTRA_STATE[self.spec] if "{}" in t})
+            names.update({n: p for p in layer for n, _ in layer_param_names(p, self.spec, self.shape, i)})
+            names.update(dict.fromkeys(extra_state_names(self.spec, self.shape, i)))
         if last:
             names.update({t: None for t in EXTRA_STATE[self.spec] if "{}" not in t})
         return names
@@ -238,18 +238,18 @@ class MegatronCheckpoint(CheckpointHeader):
             maps = [m for ranges in self._maps.values() for m in ranges]
         drop_mapped_pages(t, maps)
 
-    def _where(self, role: str, layer: int | None) -> tuple[Param, int, str]:
+    def _where(self, role: str, layer: int | None, expert: int | None = None) -> tuple[Param, int, str]:
         param = PARAM_OF_ROLE[stored_role(role, self.shape)]
         if layer is None:
             stage = 0 if param.key == "embed" else self.pp - 1
             return param, stage, param.name(self.spec)
-        return param, layer // self.layers_per_stage, param.name(self.spec, layer % self.layers_per_stage)
+        return param, layer // self.layers_per_stage, param.name(self.spec, layer % self.layers_per_stage, expert)
 
     # -- TensorSource ----------------------------------------------------------------------------
 
-    def stored(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
+    def stored(self, role: str, layer: int | None, tp_rank: int, expert: int | None = None) -> torch.Tensor:
         """The megatron-core tensor holding ``role`` in TP shard ``tp_rank``, as stored (memory-mapped, fused)."""
-        _, stage, name = self._where(role, layer)
+        _, stage, name = self._where(role, layer, expert)
         with self._lock:
             t, first = self._shard(tp_rank, stage)[name], self._first_read(tp_rank, stage, name)
         if first:  # outside the lock: the writer's threads check their tensors at once
@@ -270,13 +270,13 @@ class MegatronCheckpoint(CheckpointHeader):
             check_finite(t, f"{self.files[(tp_rank, stage)]}: {name}")
         return t
 
-    def get_local(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
+    def get_local(self, role: str, layer: int | None, tp_rank: int, expert: int | None = None) -> torch.Tensor:
         """The rank-local logical tensor of ``role`` (vocab still padded for embed/lm_head)."""
         with self._lock:
-            return self._get_local(role, layer, tp_rank)
+            return self._get_local(role, layer, tp_rank, expert)
 
-    def _get_local(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
-        param, stage, name = self._where(role, layer)
+    def _get_local(self, role: str, layer: int | None, tp_rank: int, expert: int | None = None) -> torch.Tensor:
+        param, stage, name = self._where(role, layer, expert)
         key = (tp_rank, stage, name)
         if key not in self._parts:  # q, k, v (gate, up) come from one fused tensor: unfuse it once
             s = self.shape
@@ -286,17 +286,18 @@ class MegatronCheckpoint(CheckpointHeader):
                 self._parts.popitem(last=False)
         return self._parts[key]["embed" if param.key == "embed" else role]
 
-    def get(self, role: str, layer: int | None = None) -> torch.Tensor:
+    def get(self, role: str, layer: int | None = None, expert: int | None = None) -> torch.Tensor:
         param = PARAM_OF_ROLE[role]
         if param.tp_axis is None:  # in the checkpoint's one dtype (a mixed one, from elsewhere, exports whole)
-            return self.get_local(role, layer, 0).to(self.dtype)
-        t = torch.cat([self.get_local(role, layer, r) for r in range(self.tp)], dim=param.tp_axis).to(self.dtype)
-        self._done_with(role, layer)  # ``t`` is a copy: the pages it was read from can leave the resident set
+            return self.get_local(role, layer, 0, expert).to(self.dtype)
+        t = torch.cat([self.get_local(role, layer, r, expert) for r in range(self.tp)], dim=param.tp_axis)
+        t = t.to(self.dtype)
+        self._done_with(role, layer, expert)  # ``t`` is a copy: the pages it was read from can leave the resident set
         return t[: self.shape.vocab_size] if role in ("embed", "lm_head") else t
 
-    def _done_with(self, role: str, layer: int | None) -> None:
+    def _done_with(self, role: str, layer: int | None, expert: int | None = None) -> None:
         """:meth:`done_reading` for every open TP shard's stored tensor of ``role`` (opens nothing)."""
-        _, stage, name = self._where(role, layer)
+        _, stage, name = self._where(role, layer, expert)
         with self._lock:
             stored = [self._open[(r, stage)][name] for r in range(self.tp) if (r, stage) in self._open]
         for t in stored:

@@ -52,7 +52,7 @@ def resolve_spec(spec: str) -> str:
 CKPT_FORMATS = ("torch", "torch_dist")  # output formats; both are read
 
 
-TP_AXES = ("heads", "groups", "ffn", "vocab")  # logical axes megatron-core splits across TP ranks
+TP_AXES = ("heads", "groups", "ffn", "vocab", "expert_ffn")  # logical axes megatron-core splits across TP ranks
 
 
 # ---- the name table ----------------------------------------------------------------------------
@@ -62,7 +62,8 @@ class Param:
     """One megatron-core parameter: its name per layer spec, the logical roles it fuses, its TP split axis.
 
     ``tp_axis`` is the one declaration of how the parameter is split across tensor-parallel ranks:
-    0 column-parallel, 1 row-parallel, None replicated.
+    0 column-parallel, 1 row-parallel, None replicated. ``per_expert`` parameters are one per expert of a layer
+    (SequentialMLP's ``local_experts.E``; expert parallelism 1: every rank holds every expert).
     """
 
     key: str
@@ -71,10 +72,11 @@ class Param:
     roles: tuple[str, ...]
     tp_axis: int | None
     per_layer: bool
+    per_expert: bool = False
 
-    def name(self, spec: str, layer: int | None = None) -> str:
+    def name(self, spec: str, layer: int | None = None, expert: int | None = None) -> str:
         template = self.local if spec == "local" else self.te
-        return template.format(layer) if self.per_layer else template
+        return template.format(*(i for i in (layer, expert) if i is not None)) if self.per_layer else template
 
 
 _L = "decoder.layers.{}."
@@ -101,10 +103,20 @@ PARAMS: tuple[Param, ...] = (
           True),
     Param("fc1", _L + "mlp.linear_fc1.weight", _L + "mlp.linear_fc1.weight", ("gate", "up"), 0, True),
     Param("fc2", _L + "mlp.linear_fc2.weight", _L + "mlp.linear_fc2.weight", ("down",), 1, True),
+    # mixture of experts (megatron-core MoELayer, local spec, SequentialMLP): the router is replicated, each expert's
+    # fc1 [gate; up] column- and fc2 row-parallel inside the expert (--expert-tensor-parallel-size = TP)
+    Param("router", _L + "mlp.router.weight", _L + "mlp.router.weight", ("router",), None, True),
+    Param("expert_fc1", _L + "mlp.experts.local_experts.{}.linear_fc1.weight",
+          _L + "mlp.experts.local_experts.{}.linear_fc1.weight", ("expert_gate", "expert_up"), 0, True, True),
+    Param("expert_fc2", _L + "mlp.experts.local_experts.{}.linear_fc2.weight",
+          _L + "mlp.experts.local_experts.{}.linear_fc2.weight", ("expert_down",), 1, True, True),
 )
 
 
 PARAM_BY_KEY = {p.key: p for p in PARAMS}
+
+
+MOE_PARAMS = frozenset({"router", "expert_fc1", "expert_fc2"})
 
 
 PARAM_OF_ROLE = {r: p for p in PARAMS for r in p.roles}
@@ -119,6 +131,37 @@ EXTRA_STATE: dict[str, tuple[str, ...]] = {
                            _L + "self_attention.core_attention._extra_state", _L + "mlp.linear_fc1._extra_state",
                            _L + "mlp.linear_fc2._extra_state", "output_layer._extra_state"),
 }
+
+
+# A MoE layer's _extra_state entries in the local spec: each expert's linears (the router has none); they replace
+# the dense MLP's.
+EXPERT_EXTRA_STATE = (_L + "mlp.experts.local_experts.{}.linear_fc1._extra_state",
+                      _L + "mlp.experts.local_experts.{}.linear_fc2._extra_state")
+
+
+def extra_state_names(spec: str, shape: ModelShape, layer: int) -> list[str]:
+    """The ``_extra_state`` names of local layer ``layer`` of a model of ``shape``."""
+    names = [t.format(layer) for t in EXTRA_STATE[spec] if "{}" in t]
+    if not shape.is_moe:
+        return names
+    names = [n for n in names if ".mlp." not in n]
+    return names + [t.format(layer, e) for e in range(shape.num_experts) for t in EXPERT_EXTRA_STATE]
+
+
+def layer_param_names(param: Param, spec: str, shape: ModelShape, layer: int) -> list[tuple[str, int | None]]:
+    """(state-dict name, expert) of each tensor of ``param`` in local layer ``layer`` (one per expert if
+    ``per_expert``)."""
+    if param.per_expert:
+        return [(param.name(spec, layer, e), e) for e in range(shape.num_experts)]
+    return [(param.name(spec, layer), None)]
+
+
+def check_moe_layout(shape: ModelShape, spec: str, ckpt_format: str) -> None:
+    """What the Megatron format takes of a mixture-of-experts model so far: the local spec, ``torch`` format."""
+    if shape.is_moe and (spec != "local" or ckpt_format != "torch"):
+        raise PruneError(f"a mixture-of-experts model ({shape.num_experts} experts) is written in the local spec and "
+                         f"torch format only so far; got spec {spec}, format {ckpt_format} (use --transformer-impl "
+                         "local --ckpt-format torch)")
 
 
 def role_tp_axis(role: str) -> int | None:
@@ -199,8 +242,8 @@ def fuse(param: Param, parts: Mapping[str, torch.Tensor], ng_local: int) -> torc
         return fuse_qkv(parts["q"], parts["k"], parts["v"], ng_local)
     if param.key == "qkv_bias":
         return fuse_qkv(parts["q_bias"], parts["k_bias"], parts["v_bias"], ng_local)
-    if param.key == "fc1":
-        return fuse_fc1(parts["gate"], parts["up"])
+    if param.key in ("fc1", "expert_fc1"):
+        return fuse_fc1(*(parts[r] for r in param.roles))
     (role,) = param.roles
     return parts[role]
 
@@ -209,7 +252,7 @@ def unfuse(param: Param, t: torch.Tensor, ng_local: int, np_local: int, hn: int)
     """Inverse of :func:`fuse`."""
     if param.key in ("qkv", "qkv_bias"):
         return dict(zip(param.roles, unfuse_qkv(t, ng_local, np_local, hn)))
-    if param.key == "fc1":
+    if param.key in ("fc1", "expert_fc1"):
         return dict(zip(param.roles, unfuse_fc1(t)))
     return {param.roles[0]: t}
 
@@ -232,7 +275,7 @@ def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
 def tp_units(shape: ModelShape, padded: int) -> dict[str, int]:
     """Source size of each TP-split axis."""
     return {"heads": shape.num_attention_heads, "groups": shape.num_query_groups,
-            "ffn": shape.ffn_hidden_size, "vocab": padded}
+            "ffn": shape.ffn_hidden_size, "vocab": padded, "expert_ffn": shape.moe_ffn_hidden_size}
 
 
 def rank_index(units: Mapping[str, int], tp: int, rank: int) -> AxisIndex:

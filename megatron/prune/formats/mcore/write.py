@@ -24,20 +24,22 @@ from megatron.prune.core.roles import NORM_ROLES, ROLE_AXES
 from megatron.prune.core.shape import ModelShape, hf_config_for_shape
 from megatron.prune.core.slicing import AxisIndex, int_view_dtype, layer_index, model_index, slice_role, tp_slice_index
 from megatron.prune.formats.mcore.read import WORKERS, MegatronCheckpoint
-from megatron.prune.formats.mcore.schema import (CHECKPOINT_VERSION, EXTRA_STATE, META_DIR, MODEL_FILE, PARAM_OF_ROLE,
-                                                 TRACKER, Param, fuse, model_role, pad_vocab, params_for, rank_index,
+from megatron.prune.formats.mcore.schema import (CHECKPOINT_VERSION, EXTRA_STATE, META_DIR, MODEL_FILE, MOE_PARAMS,
+                                                 PARAM_OF_ROLE, TRACKER, Param, extra_state_names, fuse,
+                                                 layer_param_names, model_role, pad_vocab, params_for, rank_index,
                                                  shard_dir_name, tp_units, unfuse)
 from megatron.prune.formats.source import TensorOverrides
 from megatron.prune.io.atomic import copy_side_files
 from megatron.prune.io.memory import BufferPool, ordered_map
 from megatron.prune.io.torch_stream import TorchStreamWriter
 
-# (role, layer) -> rank-local pruned logical tensor for output rank r
-RoleFn = Callable[[str, int | None, int], torch.Tensor]
+# (role, layer, r[, expert]) -> rank-local pruned logical tensor for output rank r (expert: its output number)
+RoleFn = Callable[..., torch.Tensor]
 
 
-# (param, layer) -> output rank r's stored megatron-core tensor of param (layer None: a model-level param)
-ParamFn = Callable[["Param", int | None, int], torch.Tensor]
+# (param, layer, r[, expert]) -> output rank r's stored megatron-core tensor of param (layer None: a model-level
+# param; expert: the output expert of a per-expert param)
+ParamFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -61,14 +63,16 @@ def global_roles(src: Any, plan: PrunePlan, layout: Layout, overrides: TensorOve
     units = tp_units(plan.target, layout.padded_vocab)
     hn = src.shape.head_dim
 
-    def get(role: str, layer: int | None, r: int) -> torch.Tensor:
-        if overrides is not None and overrides.has(role, layer):
+    def get(role: str, layer: int | None, r: int, expert: int | None = None) -> torch.Tensor:
+        if expert is None and overrides is not None and overrides.has(role, layer):
             t = overrides.get(role, layer)
         elif layer is None:
             t = slice_role(role, src.get(role), model_index(plan), hn, plan.norm_scale)
         else:
             lp = plan.layers[layer]
-            t = slice_role(role, src.get(role, lp.source_layer), layer_index(plan, lp), hn, plan.norm_scale)
+            where = () if expert is None else (lp.experts[expert],)  # the source expert it comes from
+            t = slice_role(role, src.get(role, lp.source_layer, *where), layer_index(plan, lp, expert), hn,
+                           plan.norm_scale)
         if layer is None and "vocab" in ROLE_AXES[role]:
             t = pad_vocab(t, layout.padded_vocab)
         return slice_role(role, t, rank_index(units, layout.tp, r), hn)
@@ -80,10 +84,11 @@ def fused_params(roles: RoleFn, layout: Layout) -> ParamFn:
     """Stored tensors from rank-local logical tensors: fuse q/k/v and gate/up per output rank."""
     ng_local = layout.shape.num_query_groups // layout.tp
 
-    def get(param: Param, layer: int | None, r: int) -> torch.Tensor:
+    def get(param: Param, layer: int | None, r: int, expert: int | None = None) -> torch.Tensor:
         if layer is None:
             return roles(model_role(param, layout.shape), None, r)
-        return fuse(param, {role: roles(role, layer, r) for role in param.roles}, ng_local)
+        where = () if expert is None else (expert,)
+        return fuse(param, {role: roles(role, layer, r, *where) for role in param.roles}, ng_local)
 
     return get
 
@@ -189,7 +194,9 @@ def balanced_params(src: MegatronCheckpoint, plan: PrunePlan, layout: Layout,
             return AxisIndex(hidden=plan.hidden)  # vocab kept whole: padding rows stay as they are
         return tp_slice_index(layer_index(plan, plan.layers[layer]), units, src.tp, r)
 
-    def get(param: Param, layer: int | None, r: int) -> torch.Tensor:
+    def get(param: Param, layer: int | None, r: int, expert: int | None = None) -> torch.Tensor:
+        if param.key in MOE_PARAMS:  # experts are taken whole-tensor (global) so far
+            return fallback(param, layer, r, *(() if expert is None else (expert,)))
         if layer is None and "vocab" in ROLE_AXES[param.roles[0]] and not local_vocab:
             return fallback(param, layer, r)
         if overrides is not None and any(overrides.has(role, layer) for role in param.roles):
@@ -220,8 +227,10 @@ def shard_jobs(layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int
     for i in range(layout.layers_per_stage):
         layer = pp_rank * layout.layers_per_stage + i
         for p in layer_params:
-            jobs.append((p.name(layout.spec, i), lambda p=p, layer=layer: params(p, layer, tp_rank)))
-    extra = [t.format(i) for i in range(layout.layers_per_stage) for t in EXTRA_STATE[layout.spec] if "{}" in t]
+            for name, e in layer_param_names(p, layout.spec, layout.shape, i):
+                where = () if e is None else (e,)
+                jobs.append((name, lambda p=p, layer=layer, where=where: params(p, layer, tp_rank, *where)))
+    extra = [n for i in range(layout.layers_per_stage) for n in extra_state_names(layout.spec, layout.shape, i)]
     if last:
         extra += [t for t in EXTRA_STATE[layout.spec] if "{}" not in t]
     return jobs, extra
