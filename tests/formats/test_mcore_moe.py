@@ -105,3 +105,16 @@ def test_megatron_core_logits_equal_transformers(moe_models, tmp_path):
             res = r[job["name"]]
             assert res["strict_load"] and res["close"], (job["name"], res)
             assert res["max_abs_diff"] < 1e-4 * max(1.0, res["ref_scale"]), (job["name"], res)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_reshard_keeps_every_expert(moe_models, tmp_path, family):
+    """TP=1 PP=1 -> TP=2 PP=2 -> TP=1 PP=2: the same weights (exported to HF) and the same args."""
+    hf = moe_models[family]
+    mg = ops.hf_to_megatron(hf, tmp_path / "mg", progress=False)
+    wide = ops.reshard(mg, tmp_path / "wide", tp=2, pp=2, progress=False)
+    narrow = ops.reshard(wide, tmp_path / "narrow", tp=1, pp=2, progress=False)
+    for out in (wide, narrow):
+        back = ops.megatron_to_hf(out, tmp_path / f"{out.name}-hf", progress=False)
+        assert_same_tensors(safetensors_of(hf), safetensors_of(back))
+    assert open_megatron(narrow).shape == open_megatron(mg).shape == HFCheckpoint.open(hf).shape
