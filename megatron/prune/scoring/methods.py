@@ -168,6 +168,20 @@ def _sq_rows(t: torch.Tensor, unit: int = 1) -> torch.Tensor:
     return t.pow(2).reshape(-1, unit * t.shape[1] if t.dim() == 2 else unit).sum(1)
 
 
+def _expert_magnitudes(src: TensorSource, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A MoE layer's squared weight norms per hidden channel ``[h]``, and the L2 norms per expert ``[E]`` (its router
+    row and FFN) and per expert FFN channel ``[E, F]``."""
+    router = src.get("router", layer)
+    hidden = _sq_rows(router.t())
+    channels = []
+    for e in range(src.shape.num_experts):
+        gate, up, down = (src.get(r, layer, e) for r in ("expert_gate", "expert_up", "expert_down"))
+        hidden += _sq_rows(gate.t()) + _sq_rows(up.t()) + _sq_rows(down)
+        channels.append(_sq_rows(gate) + _sq_rows(up) + _sq_rows(down.t()))
+    sq = torch.stack(channels)  # [E, F]
+    return hidden, (sq.sum(1) + _sq_rows(router)).sqrt(), sq.sqrt()
+
+
 def magnitude_scores(src: TensorSource, progress: Callable[[Any], Any] = iter) -> Scores:
     """L2 norm of every weight coupled to each unit (channel, head, group, FFN channel)."""
     s = src.shape
@@ -186,16 +200,10 @@ def magnitude_scores(src: TensorSource, progress: Callable[[Any], Any] = iter) -
             for t in (q, k, v):
                 hidden += _sq_rows(t.t())
             hidden += _sq_rows(o)
-            router = src.get("router", layer)
-            hidden += _sq_rows(router.t())
-            channels = []
-            for e in range(s.num_experts):
-                gate, up, down = (src.get(r, layer, e) for r in ("expert_gate", "expert_up", "expert_down"))
-                hidden += _sq_rows(gate.t()) + _sq_rows(up.t()) + _sq_rows(down)
-                channels.append(_sq_rows(gate) + _sq_rows(up) + _sq_rows(down.t()))
-            sq = torch.stack(channels)  # [E, F]
-            experts.append((sq.sum(1) + _sq_rows(router)).sqrt())
-            expert_ffn.append(sq.sqrt())
+            moe_hidden, expert, channel = _expert_magnitudes(src, layer)
+            hidden += moe_hidden
+            experts.append(expert)
+            expert_ffn.append(channel)
             ffn.append(torch.zeros(0))
             continue
         gate, up, down = (src.get(r, layer) for r in ("gate", "up", "down"))
