@@ -31,7 +31,7 @@ def build_gpt(a, sdpa: bool = False):
         moe = dict(num_moe_experts=a.num_experts, moe_ffn_hidden_size=a.moe_ffn_hidden_size,
                    moe_router_topk=a.moe_router_topk, moe_router_pre_softmax=a.moe_router_pre_softmax,
                    moe_token_dispatcher_type=a.moe_token_dispatcher_type, moe_grouped_gemm=a.moe_grouped_gemm,
-                   moe_aux_loss_coeff=0.0)
+                   moe_aux_loss_coeff=0.0, expert_model_parallel_size=a.expert_model_parallel_size)
     cfg = TransformerConfig(**moe,
         num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
         num_query_groups=a.num_query_groups if a.group_query_attention else None, kv_channels=a.kv_channels,
@@ -89,11 +89,12 @@ def main(jobs_path: str, out_path: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent.parent))
     from tiny import logits, sample_ids
 
-    jobs = sorted(json.loads(Path(jobs_path).read_text()), key=lambda j: j["tp"])
+    jobs = sorted(json.loads(Path(jobs_path).read_text()), key=lambda j: (j.get("ep", 1), j["tp"]))
     results = {}
     for job in jobs:
-        init_parallel(job["tp"], 1)
+        init_parallel(job["tp"], 1, ep=job.get("ep", 1))
         rank = parallel_state.get_tensor_model_parallel_rank()
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
         ckpt = open_megatron(job["mg"])
         assert ckpt.tp == job["tp"], (ckpt.tp, job["tp"])
         model = build_gpt(ckpt.args)
@@ -104,7 +105,7 @@ def main(jobs_path: str, out_path: str) -> None:
             assert loaded["args"].ckpt_format == "torch_dist" and loaded["iteration"] == 0  # the common state
             sd = loaded["model"]
         else:
-            sd = load_shard(ckpt.files[(rank, 0)])["model"]
+            sd = load_shard(ckpt.files[(rank, 0) if job.get("ep", 1) == 1 else (rank, 0, ep_rank)])["model"]
         model.load_state_dict(sd, strict=True)  # raises on any missing or unexpected key
         ids = sample_ids(ckpt.shape.vocab_size, seq=job.get("seq", 12))
         b, s = ids.shape

@@ -1,7 +1,8 @@
 """Mixture-of-experts models (Qwen3-MoE, Mixtral) in the Megatron format: megatron-core's SequentialMLP names
-(``mlp.router.weight``, ``mlp.experts.local_experts.E.linear_fc1/2.weight``, local spec, torch format, expert
-parallelism 1), HF -> Megatron -> HF bit-exact at TP 1/2 and PP 1/2, pruning a Megatron checkpoint equal to pruning
-its HF model, and megatron-core GPTModel loading them strictly with transformers' logits (TP 1 and 2)."""
+(``mlp.router.weight``, ``mlp.experts.local_experts.E.linear_fc1/2.weight``, local spec, torch format), HF ->
+Megatron -> HF bit-exact at TP 1/2, PP 1/2 and EP 1/2, pruning a Megatron checkpoint equal to pruning
+its HF model, expert-parallel shards (Megatron-LM's mp_rank_TT[_PPP]_EEE), and megatron-core GPTModel loading them
+strictly with transformers' logits (TP 1 and 2, EP 2)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from compare import assert_same_tensors, mg_shards, safetensors_of
 from megatron.prune.core.select import make_plan
@@ -82,12 +84,15 @@ def test_moe_megatron_refusals(moe_models, tmp_path):
 
 def test_megatron_core_logits_equal_transformers(moe_models, tmp_path):
     """GPTModel (local spec, SequentialMLP, allgather dispatcher) built from the converted and the pruned
-    checkpoints' args loads each strictly and gives transformers' logits, at TP=1 and TP=2."""
+    checkpoints' args loads each strictly and gives transformers' logits, at TP=1, TP=2 and EP=2."""
     jobs = []
     for name, hf in moe_models.items():
         for tp in (1, 2):
             mg = ops.hf_to_megatron(hf, tmp_path / f"{name}-tp{tp}", tp=tp, progress=False)
             jobs.append({"name": f"moe-{name}-tp{tp}", "mg": str(mg), "hf": str(hf), "tp": tp})
+    for name in MOE:  # expert parallelism: each of the 2 ranks holds (and runs) 2 of the 4 experts
+        mg = ops.hf_to_megatron(moe_models[name], tmp_path / f"{name}-ep2", ep=2, progress=False)
+        jobs.append({"name": f"moe-{name}-ep2", "mg": str(mg), "hf": str(moe_models[name]), "tp": 1, "ep": 2})
     hf = moe_models["qwen3-moe"]
     plan = small_plan(HFCheckpoint.open(hf).shape)
     ref = apply_hf_plan(hf, tmp_path / "pruned-hf", plan, progress=False)
@@ -118,3 +123,42 @@ def test_reshard_keeps_every_expert(moe_models, tmp_path, family):
         back = ops.megatron_to_hf(out, tmp_path / f"{out.name}-hf", progress=False)
         assert_same_tensors(safetensors_of(hf), safetensors_of(back))
     assert open_megatron(narrow).shape == open_megatron(mg).shape == HFCheckpoint.open(hf).shape
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_expert_parallel_shards_round_trip_reshard_and_prune(moe_models, tmp_path, family):
+    """EP=2 with TP=2 PP=2: Megatron-LM's mp_rank_TT_PPP_EEE folders, each EP rank holding half the experts numbered
+    from 0 (and every other tensor); HF -> Megatron -> HF bit-exact, reshard to EP 1 and back, and pruning keeps the
+    EP (the kept experts must split evenly) with the HF path's result."""
+    from megatron.prune.formats.mcore.read import load_shard
+
+    hf = moe_models[family]
+    full = HFCheckpoint.open(hf)
+    mg = ops.hf_to_megatron(hf, tmp_path / "mg", tp=2, pp=2, ep=2, progress=False)
+    dirs = sorted(d.name for d in (mg / "iter_0000000").iterdir())
+    assert dirs == [f"mp_rank_{t:02d}_{p:03d}_{e:03d}" for t in range(2) for p in range(2) for e in range(2)]
+    sd = load_shard(mg / "iter_0000000" / "mp_rank_01_000_001" / "model_optim_rng.pt")
+    local = {n.split("local_experts.")[1].split(".")[0] for n in sd["model"] if "local_experts" in n}
+    assert local == {"0", "1"} and sd["args"].expert_model_parallel_size == 2
+    # EP rank 1's local expert 0 is the model's expert 2; TP rank 1 holds the second half of its FFN channels
+    assert torch.equal(sd["model"]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"],
+                       full.get("expert_down", 0, 2)[:, 8:])
+    assert torch.equal(sd["model"]["decoder.layers.0.mlp.router.weight"], full.get("router", 0))
+    assert_same_tensors(safetensors_of(hf), safetensors_of(ops.megatron_to_hf(mg, tmp_path / "back", progress=False)))
+    one = ops.reshard(mg, tmp_path / "ep1", ep=1, progress=False)
+    assert open_megatron(one).ep == 1 and open_megatron(mg).ep == 2
+    again = ops.reshard(one, tmp_path / "ep2", tp=1, pp=1, ep=4, progress=False)
+    assert_same_tensors(safetensors_of(hf), safetensors_of(ops.megatron_to_hf(again, tmp_path / "back4",
+                                                                              progress=False)))
+    shape = full.shape
+    odd = small_plan(shape)  # 3 experts over 2 EP ranks
+    with pytest.raises(PruneError, match="--num-experts 3 is not divisible by the checkpoint's expert-parallel size 2"):
+        ops.apply_plan(open_megatron(mg), odd, tmp_path / "odd", progress=False)
+    target = shape.replace(hidden_size=40, num_experts=2, moe_ffn_hidden_size=8, num_experts_per_tok=2)
+    plan = make_plan(shape, target, random_scores(shape, 5), tp=2)
+    ref = apply_hf_plan(hf, tmp_path / "ref", plan, progress=False)
+    out = ops.apply_plan(open_megatron(mg), plan, tmp_path / "pruned", progress=False)
+    assert open_megatron(out).ep == 2
+    assert_same_tensors(safetensors_of(ref), safetensors_of(ops.megatron_to_hf(out, tmp_path / "pb", progress=False)))
+    with pytest.raises(PruneError, match="expert-parallel size 3; valid --ep values: \\[1, 2, 4\\]"):
+        ops.hf_to_megatron(hf, tmp_path / "ep3", ep=3, progress=False)

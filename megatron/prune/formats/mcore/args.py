@@ -31,7 +31,7 @@ def rope_scaling_args(hf_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, pp: int, padded: int,
                    divisible_by: int, dtype: torch.dtype, spec: str, hf_config: Mapping[str, Any],
-                   tokenizer_dir: Path | None) -> argparse.Namespace:
+                   tokenizer_dir: Path | None, ep: int = 1) -> argparse.Namespace:
     """The ``args`` Namespace of an output checkpoint: ``base`` (if any) with every shape field set."""
     a = argparse.Namespace(**vars(base)) if base is not None else argparse.Namespace()
     max_pos = int(hf_config.get("max_position_embeddings") or getattr(a, "max_position_embeddings", None) or 4096)
@@ -52,7 +52,7 @@ def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, 
         vocab_size=shape.vocab_size, padded_vocab_size=padded, make_vocab_size_divisible_by=divisible_by,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
-        expert_model_parallel_size=1, ckpt_format="torch", transformer_impl=spec,
+        expert_model_parallel_size=ep, ckpt_format="torch", transformer_impl=spec,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         iteration=0, consumed_train_samples=0, consumed_valid_samples=0,
     )
@@ -119,7 +119,7 @@ def shape_from_args(args: argparse.Namespace, vocab_size: int | None) -> ModelSh
     experts = int(getattr(args, "num_experts", None) or 0)
     if experts:  # what the MoE schema knows: every layer sparse, SequentialMLP, no shared expert, softmax router
         for k, want in (("moe_grouped_gemm", False), ("moe_shared_expert_intermediate_size", None),
-                        ("moe_router_score_function", "softmax"), ("expert_model_parallel_size", 1)):
+                        ("moe_router_score_function", "softmax")):
             if getattr(args, k, want) != want:
                 wrong[k] = getattr(args, k)
         if getattr(args, "moe_layer_freq", 1) not in (1, [1] * int(args.num_layers)):
@@ -127,7 +127,7 @@ def shape_from_args(args: argparse.Namespace, vocab_size: int | None) -> ModelSh
     if wrong:
         raise PruneError(f"not a LLaMA-family Megatron checkpoint we read: {wrong} (need RMSNorm, swiglu, rope, "
                          "no linear biases, QK-norm if any an RMSNorm; experts in every layer, SequentialMLP, no "
-                         "shared expert, a softmax router, expert parallelism 1)")
+                         "shared expert, a softmax router)")
     try:
         heads = int(args.num_attention_heads)
         groups = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads

@@ -139,21 +139,42 @@ EXPERT_EXTRA_STATE = (_L + "mlp.experts.local_experts.{}.linear_fc1._extra_state
                       _L + "mlp.experts.local_experts.{}.linear_fc2._extra_state")
 
 
-def extra_state_names(spec: str, shape: ModelShape, layer: int) -> list[str]:
-    """The ``_extra_state`` names of local layer ``layer`` of a model of ``shape``."""
+def extra_state_names(spec: str, shape: ModelShape, layer: int, local_experts: int) -> list[str]:
+    """The ``_extra_state`` names of local layer ``layer`` of a model of ``shape``, in a shard holding
+    ``local_experts`` experts."""
     names = [t.format(layer) for t in EXTRA_STATE[spec] if "{}" in t]
     if not shape.is_moe:
         return names
     names = [n for n in names if ".mlp." not in n]
-    return names + [t.format(layer, e) for e in range(shape.num_experts) for t in EXPERT_EXTRA_STATE]
+    return names + [t.format(layer, e) for e in range(local_experts) for t in EXPERT_EXTRA_STATE]
 
 
-def layer_param_names(param: Param, spec: str, shape: ModelShape, layer: int) -> list[tuple[str, int | None]]:
-    """(state-dict name, expert) of each tensor of ``param`` in local layer ``layer`` (one per expert if
-    ``per_expert``)."""
+def layer_param_names(param: Param, spec: str, layer: int, local_experts: int) -> list[tuple[str, int | None]]:
+    """(state-dict name, local expert) of each tensor of ``param`` in local layer ``layer`` of a shard holding
+    ``local_experts`` experts (one per expert if ``per_expert``)."""
     if param.per_expert:
-        return [(param.name(spec, layer, e), e) for e in range(shape.num_experts)]
+        return [(param.name(spec, layer, e), e) for e in range(local_experts)]
     return [(param.name(spec, layer), None)]
+
+
+def expert_shard(expert: int, num_experts: int, ep: int) -> tuple[int, int]:
+    """(EP rank, local number) of expert ``expert``: expert-parallel rank r holds experts [r*E/ep, (r+1)*E/ep),
+    numbered from 0 in its shard (megatron-core's expert parallelism, declared here once)."""
+    per = num_experts // ep
+    return expert // per, expert % per
+
+
+def check_ep(shape: ModelShape, ep: int, what: str = "") -> None:
+    """Expert parallelism splits the experts evenly; a dense model has none to split."""
+    if ep < 1:
+        raise PruneError(f"--ep {ep}: must be at least 1")
+    if ep > 1 and not shape.is_moe:
+        raise PruneError(f"{what}--ep {ep}: the model is dense (no experts to split); expert parallelism needs a "
+                         "mixture-of-experts model")
+    if shape.is_moe and shape.num_experts % ep:
+        valid = [d for d in range(1, shape.num_experts + 1) if shape.num_experts % d == 0]
+        raise PruneError(f"{what}num_experts {shape.num_experts} is not divisible by expert-parallel size {ep}; "
+                         f"valid --ep values: {valid}")
 
 
 def check_moe_layout(shape: ModelShape, spec: str, ckpt_format: str) -> None:
@@ -297,8 +318,21 @@ def check_tp_pp(shape: ModelShape, tp: int, pp: int, what: str = "") -> None:
                          f"valid --pp values: {valid}")
 
 
-def shard_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def shard_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """Megatron-LM's shard folder: ``mp_rank_TT``, ``_PPP`` with pipeline parallelism, ``_EEE`` with expert
+    parallelism."""
+    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep == 1 else f"{name}_{ep_rank:03d}"
 
 
-_SHARD_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+def shard_keys(tp: int, pp: int, ep: int = 1) -> list[tuple[int, ...]]:
+    """Every shard of a layout, pipeline stage by stage: (tp, pp), or (tp, pp, ep) with expert parallelism."""
+    return [(t, p) if ep == 1 else (t, p, e) for p in range(pp) for t in range(tp) for e in range(ep)]
+
+
+def shard_path_name(key: tuple[int, ...], pp: int, ep: int) -> str:
+    """The folder name of shard ``key`` (:func:`shard_keys`)."""
+    return shard_dir_name(key[0], key[1], pp, key[2] if len(key) > 2 else 0, ep)
+
+
+_SHARD_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
