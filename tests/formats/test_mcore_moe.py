@@ -162,3 +162,38 @@ def test_expert_parallel_shards_round_trip_reshard_and_prune(moe_models, tmp_pat
     assert_same_tensors(safetensors_of(ref), safetensors_of(ops.megatron_to_hf(out, tmp_path / "pb", progress=False)))
     with pytest.raises(PruneError, match="expert-parallel size 3; valid --ep values: \\[1, 2, 4\\]"):
         ops.hf_to_megatron(hf, tmp_path / "ep3", ep=3, progress=False)
+
+
+def test_ep_flags_of_convert_and_reshard(moe_models, tmp_path, capsys):
+    """`convert hf-to-megatron --ep 2`, `reshard --ep 1`, the way back to HF bit-exact; --ep refused where it cannot
+    apply (megatron-to-hf, a dense model, experts that do not split evenly), before anything is written."""
+    from megatron.prune.cli import main
+
+    hf = moe_models["qwen3-moe"]
+    assert main(["convert", "hf-to-megatron", "--input", str(hf), "--output", str(tmp_path / "mg"), "--ep", "2",
+                 "--tp", "2", "--transformer-impl", "local", "--no-progress"]) == 0
+    assert "(TP=2, PP=1, EP=2, local spec" in capsys.readouterr().out
+    assert main(["reshard", "--input", str(tmp_path / "mg"), "--output", str(tmp_path / "ep1"), "--ep", "1",
+                 "--no-progress"]) == 0
+    assert open_megatron(tmp_path / "ep1").ep == 1
+    assert main(["convert", "megatron-to-hf", "--input", str(tmp_path / "ep1"), "--output", str(tmp_path / "back"),
+                 "--no-progress"]) == 0
+    assert_same_tensors(safetensors_of(hf), safetensors_of(tmp_path / "back"))
+    capsys.readouterr()
+    for argv, said in [(["convert", "megatron-to-hf", "--input", str(tmp_path / "mg"), "--ep", "2"],
+                        "--ep 2: only for hf-to-megatron"),
+                       (["convert", "hf-to-megatron", "--input", str(hf), "--ep", "3"],
+                        "num_experts 4 is not divisible by expert-parallel size 3; valid --ep values: [1, 2, 4]"),
+                       (["reshard", "--input", str(tmp_path / "mg"), "--ep", "0"], "--ep 0")]:
+        assert main([*argv, "--output", str(tmp_path / "bad"), "--no-progress"]) == 2
+        assert said in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_ep_on_a_dense_model_refused(tiny_hf, tmp_path, capsys):
+    from megatron.prune.cli import main
+
+    assert main(["convert", "hf-to-megatron", "--input", str(tiny_hf("llama-gqa")), "--output", str(tmp_path / "mg"),
+                 "--ep", "2", "--no-progress"]) == 2
+    assert "--ep 2: the model is dense (no experts to split)" in capsys.readouterr().err
+    assert not (tmp_path / "mg").exists()
