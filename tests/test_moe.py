@@ -268,7 +268,7 @@ def test_megatron_checkpoint_scores_and_prunes_as_its_hf_model(moe_tok, tmp_path
         for name in ("experts", "expert_ffn", "routing", "hidden", "heads", "groups", "layers"):
             assert torch.equal(getattr(got, name), getattr(ref, name)), (lbl, name)
     flags = ["--num-experts", "3", "--moe-ffn-hidden-size", "8", "--method", "activation", "--samples", "4",
-             "--seq-len", "32", "--device", "cpu"]
+             "--seq-len", "32", "--device", "cpu", "--tp", "2"]  # the HF path selects for the checkpoint's TP too
     assert prune_cli(src, tmp_path / "hf_out", *flags) == 0
     assert prune_cli(mg, tmp_path / "mg_out", *flags) == 0
     plan = PrunePlan.load(tmp_path / "hf_out")

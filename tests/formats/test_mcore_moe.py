@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from compare import assert_same_tensors, mg_shards, safetensors_of
+from megatron.prune.core.plan import PrunePlan
 from megatron.prune.core.select import make_plan
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.folder import open_megatron
@@ -197,3 +198,24 @@ def test_ep_on_a_dense_model_refused(tiny_hf, tmp_path, capsys):
                  "--ep", "2", "--no-progress"]) == 2
     assert "--ep 2: the model is dense (no experts to split)" in capsys.readouterr().err
     assert not (tmp_path / "mg").exists()
+
+
+def test_balanced_prune_keeps_as_many_experts_on_each_ep_rank(moe_models, tmp_path, capsys):
+    """`prune` of an EP=2 TP=2 checkpoint (balanced, the default): each EP rank keeps as many experts and each TP
+    slice of a kept expert as many channels; an expert count the EP ranks cannot share is refused before scoring."""
+    from megatron.prune.cli import main
+
+    mg = ops.hf_to_megatron(moe_models["mixtral"], tmp_path / "mg", tp=2, ep=2, progress=False)
+    assert main(["prune", "--input", str(mg), "--output", str(tmp_path / "out"), "--num-experts", "2",
+                 "--moe-ffn-hidden-size", "8", "--method", "random", "--seed", "3", "--no-progress"]) == 0
+    plan = PrunePlan.load(tmp_path / "out")
+    assert plan.info["ep"] == 2 and plan.info["tp"] == 2
+    for lp in plan.layers:
+        assert [e // 2 for e in lp.experts] == [0, 1]  # one expert from each EP rank's half
+        assert all(sum(c < 8 for c in ffn) == 4 for ffn in lp.expert_ffn)  # 4 channels from each TP half
+    assert open_megatron(tmp_path / "out").ep == 2
+    capsys.readouterr()
+    assert main(["prune", "--input", str(mg), "--output", str(tmp_path / "bad"), "--num-experts", "3",
+                 "--method", "random", "--no-progress"]) == 2
+    assert "--num-experts 3 is not divisible by the expert-parallel size 2" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

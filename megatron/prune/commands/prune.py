@@ -171,9 +171,9 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
     note = top_k_note(src.shape, target) if args.num_experts_per_tok is None else None
     if note:
         print(note)
-    tp = args.tp or src.tp
+    tp, ep = args.tp or src.tp, src.ep
     if args.prune_type == "balance":
-        check_tp_balance(src.shape, target, tp)  # every refusal comes before the scoring pass
+        check_tp_balance(src.shape, target, tp, ep)  # every refusal comes before the scoring pass
     adapter.check_target(src, target, write_options(args))
     method = args.method
     options = scoring_options(args, args.seed, args.scores)
@@ -191,7 +191,7 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
         raise PruneError(f"--drop-layers auto needs block-influence scores; --method {method} has none "
                          "(use --method activation)")
     info = {**method_settings(method, options), **({"requested": "auto"} if args.method == "auto" else {})}
-    plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=args.prune_type == "balance", info=info)
+    plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=args.prune_type == "balance", info=info, ep=ep)
     return norm_rescale(plan, args.norm_rescale), reconstruct
 
 

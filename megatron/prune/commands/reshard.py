@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     reshard(args.input, args.output, args.tp, args.pp, spec, overwrite=args.overwrite,
             progress=not args.no_progress, ckpt_format=ckpt_format, ep=args.ep)
     out = open_megatron(args.output)
-    ep = f", EP={out.ep}" if getattr(out, "ep", 1) > 1 else ""
+    ep = f", EP={out.ep}" if out.ep > 1 else ""
     print(f"wrote {args.output} (TP={out.tp}, PP={out.pp}{ep}, {out.spec} spec, {ckpt_format} format)")
     print(f"note: {NOT_CARRIED}")
     return 0

@@ -122,11 +122,16 @@ def top_k_note(source: ModelShape, target: ModelShape) -> str | None:
     return None
 
 
-def check_tp_balance(shape: ModelShape, target: ModelShape, tp: int) -> None:
-    """Balanced TP pruning keeps the same count in each of ``tp`` slices: sizes must divide evenly."""
+def check_tp_balance(shape: ModelShape, target: ModelShape, tp: int, ep: int = 1) -> None:
+    """Balanced TP pruning keeps the same count in each of ``tp`` slices (and the same number of experts on each of
+    ``ep`` expert-parallel ranks): sizes must divide evenly."""
     if tp < 1:
         raise PruneError(f"--tp {tp}: must be at least 1")
-    balanced = ("num_query_groups", "ffn_hidden_size")  # heads follow their groups
+    if target.is_moe and target.num_experts % ep:
+        raise PruneError(f"--num-experts {target.num_experts} is not divisible by the expert-parallel size {ep} "
+                         f"(balanced pruning keeps as many experts on each EP rank); nearest valid: "
+                         f"{nearest_multiples(target.num_experts, ep, shape.num_experts)}")
+    balanced = ("num_query_groups", "ffn_hidden_size", "moe_ffn_hidden_size")  # heads follow their groups
     for name, src in not_divisible(shape, tp, balanced)[:1]:
         raise PruneError(f"source {name} {src} is not divisible by --tp {tp}")
     for name, tgt in not_divisible(target, tp, balanced)[:1]:

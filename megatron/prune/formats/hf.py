@@ -228,6 +228,11 @@ class HFCheckpoint:
         return 1
 
     @property
+    def ep(self) -> int:
+        """Nor expert-parallel."""
+        return 1
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype a Megatron conversion holds every tensor in (its args record one): the float dtype of the weights,
         or one that holds each of them exactly where they mix (float32 for float32/float16/bfloat16)."""

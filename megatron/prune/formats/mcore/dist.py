@@ -55,6 +55,7 @@ class TorchDistCheckpoint(CheckpointHeader):
     metadata: Any
     _cache: tuple[str | None, torch.Tensor | None] = field(default=(None, None), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    ep: int = 1  # torch_dist checkpoints of mixture-of-experts models are refused, so no experts to split
 
     @classmethod
     def open(cls, folder: Path, iter_dir: Path) -> "TorchDistCheckpoint":

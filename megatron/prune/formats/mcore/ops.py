@@ -78,7 +78,7 @@ def reshard(mg_dir: Path | str, out_dir: Path | str, tp: int | None = None, pp: 
             progress: bool = True, ckpt_format: str = "torch", ep: int | None = None) -> Path:
     """Rewrite a Megatron checkpoint at another TP/PP/EP size (and/or layer spec); weights unchanged."""
     src = open_megatron(mg_dir)
-    tp, pp, ep = tp or src.tp, pp or src.pp, ep or getattr(src, "ep", 1)
+    tp, pp, ep = tp or src.tp, pp or src.pp, ep or src.ep
     check_tp_pp(src.shape, tp, pp)
     check_ep(src.shape, ep)
     check_output_path(mg_dir, out_dir, overwrite)
@@ -152,10 +152,9 @@ def output_layout(src: CheckpointHeader, target: ModelShape, prune_type: str, tp
                          f"size {pp}; keep a multiple of {pp} layers ({valid}) or first run "
                          f"`megatron-prune reshard --pp 1`")
     check_tp_pp(target, tp, pp, what="target: ")
-    ep = getattr(src, "ep", 1)  # experts stay split as in the input
-    if target.is_moe and target.num_experts % ep:
+    if target.is_moe and target.num_experts % src.ep:  # experts stay split as in the input
         raise PruneError(f"--num-experts {target.num_experts} is not divisible by the checkpoint's expert-parallel "
-                         f"size {ep}; valid: multiples of {ep} up to {src.shape.num_experts}")
+                         f"size {src.ep}; valid: multiples of {src.ep} up to {src.shape.num_experts}")
     return tp, pp
 
 
@@ -181,7 +180,7 @@ def apply_plan(src: CheckpointHeader, plan: PrunePlan, output: Path | str, overw
     src.release()
     out = save(src, plan, Path(output), tp, pp, src.spec, div, params_fn, src.args, src.folder / META_DIR,
                overwrite, progress, save_plan=True, ckpt_format=ckpt_format, overrides=overrides,
-               ep=getattr(src, "ep", 1))
+               ep=src.ep)
     print(f"note: {NOT_CARRIED}")
     return out
 
