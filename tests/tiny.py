@@ -16,6 +16,15 @@ FAMILIES: dict[str, dict] = {
     "qwen3": dict(arch="qwen3", num_attention_heads=8, num_key_value_heads=4, head_dim=16),
 }
 
+# Mixture-of-experts families, apart from FAMILIES (the Megatron format does not take them yet): 4 experts of
+# width 16, top-2; Qwen3-MoE renormalises its top-k weights (norm_topk_prob), as Mixtral always does.
+MOE_FAMILIES: dict[str, dict] = {
+    "qwen3-moe": dict(arch="qwen3_moe", num_attention_heads=8, num_key_value_heads=4, head_dim=16, num_experts=4,
+                      moe_intermediate_size=16, num_experts_per_tok=2, norm_topk_prob=True),
+    "mixtral": dict(arch="mixtral", num_attention_heads=8, num_key_value_heads=2, num_local_experts=4,
+                    intermediate_size=16, num_experts_per_tok=2),
+}
+
 
 def llama3_rope(factor: float) -> dict:
     """Config overrides for LLaMA-3.x RoPE scaling (megatron-core's fixed low/high factors and original length)."""
@@ -28,10 +37,11 @@ LLAMA3_ROPE = llama3_rope(32.0)  # as Llama-3.2
 
 
 def tiny_config(family: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
-    spec = dict(FAMILIES[family])
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[spec.pop("arch")]
+    spec = dict({**FAMILIES, **MOE_FAMILIES}[family])
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "qwen3_moe": Qwen3MoeConfig, "mixtral": MixtralConfig}[spec.pop("arch")]
     kw = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=4, vocab_size=96, head_dim=8,
               max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0)
     kw.update(spec)
@@ -53,6 +63,23 @@ def make_tiny_model(family: str, seed: int = 0, **overrides):
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) * (0.3 if "embed" in name or "lm_head" in name else 0.15))
+    return model
+
+
+def silence_expert(model, expert: int, channel: int = 0):
+    """Make ``expert`` of every MoE layer one the router never picks: hidden ``channel`` holds 0.3 for every token
+    in every layer (the embedding writes it; no attention or expert output touches it), and the expert's router row
+    is -1e5 on that channel alone, so its logit is about -3e4 / rms and its routing probability exactly 0 (the other
+    experts' rows ignore the channel, so it does not skew their routing)."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, channel] = 0.3
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[channel] = 0
+            layer.mlp.experts.down_proj[:, channel] = 0  # [E, h, F] in memory
+            layer.post_attention_layernorm.weight[channel] = 1.0
+            layer.mlp.gate.weight[:, channel] = 0
+            layer.mlp.gate.weight[expert] = 0
+            layer.mlp.gate.weight[expert, channel] = -1e5
     return model
 
 

@@ -264,8 +264,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """Init torch.distributed (torchrun env or a single process) and megatron's TP/PP groups.
+def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, ep: int = 1) -> None:
+    """Init torch.distributed (torchrun env or a single process) and megatron's TP/PP (and expert-parallel) groups.
 
     Uses gloo on CPU (after applying the shims) and nccl on GPU; seeds megatron's RNG trackers.
     Idempotent for the same (tp, pp).
@@ -289,10 +289,11 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
     if parallel_state.model_parallel_is_initialized():
         if (parallel_state.get_tensor_model_parallel_world_size(),
-                parallel_state.get_pipeline_model_parallel_world_size()) == (tp, pp):
+                parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_expert_model_parallel_world_size()) == (tp, pp, ep):
             return
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tp, pp)
+    parallel_state.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 

@@ -98,7 +98,7 @@ def megatron_as_hf(folder: Path, dtype: torch.dtype = torch.float32, device: str
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from megatron.prune.formats.hf import parse_hf_name
+    from megatron.prune.formats.hf import memory_tensor, parse_hf_name
     from megatron.prune.formats.mcore.schema import PARAM_OF_ROLE, PARAMS
 
     src = open_megatron(folder)
@@ -110,13 +110,16 @@ def megatron_as_hf(folder: Path, dtype: torch.dtype = torch.float32, device: str
     stored = [p.key for p in PARAMS]
 
     def read_order(name: str) -> tuple[int, int, str]:  # stored tensor, then layer: each is read (unfused) once
-        role, layer = parse_hf_name(name)
+        try:
+            role, layer = parse_hf_name(name)
+        except KeyError:  # a MoE layer's router and fused experts: after the rest
+            return len(stored), 0, name
         return stored.index(PARAM_OF_ROLE[role].key), layer or 0, role
 
     order = sorted(params, key=read_order)
     with torch.no_grad():
         for name in tqdm(order, desc="loading tensors", unit="tensor", disable=len(order) < 64):
-            params[name].copy_(src.get(*parse_hf_name(name)))
+            params[name].copy_(memory_tensor(src, name))
     src.release()
     return model.eval(), load_tokenizer(folder)
 

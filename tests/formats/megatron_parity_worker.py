@@ -26,7 +26,13 @@ def build_gpt(a, sdpa: bool = False):
 
     from megatron.prune.training.model import _layer_spec, gpt_model_kwargs
 
-    cfg = TransformerConfig(
+    moe = {}
+    if getattr(a, "num_experts", None):  # SequentialMLP experts behind the allgather dispatcher, as the args say
+        moe = dict(num_moe_experts=a.num_experts, moe_ffn_hidden_size=a.moe_ffn_hidden_size,
+                   moe_router_topk=a.moe_router_topk, moe_router_pre_softmax=a.moe_router_pre_softmax,
+                   moe_token_dispatcher_type=a.moe_token_dispatcher_type, moe_grouped_gemm=a.moe_grouped_gemm,
+                   moe_aux_loss_coeff=0.0, expert_model_parallel_size=a.expert_model_parallel_size)
+    cfg = TransformerConfig(**moe,
         num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
         num_query_groups=a.num_query_groups if a.group_query_attention else None, kv_channels=a.kv_channels,
         ffn_hidden_size=a.ffn_hidden_size, normalization=a.normalization, gated_linear_unit=a.swiglu,
@@ -38,7 +44,8 @@ def build_gpt(a, sdpa: bool = False):
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False,
     )
-    spec = get_gpt_layer_local_spec(normalization=a.normalization, qk_layernorm=cfg.qk_layernorm)
+    spec = get_gpt_layer_local_spec(num_experts=moe.get("num_moe_experts"), moe_grouped_gemm=False,
+                                    normalization=a.normalization, qk_layernorm=cfg.qk_layernorm)
     if sdpa:
         spec = _layer_spec(Namespace(transformer_impl="local", qk_layernorm=cfg.qk_layernorm,
                                      normalization=a.normalization, attention_backend="flash"), cfg)
@@ -82,11 +89,12 @@ def main(jobs_path: str, out_path: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent.parent))
     from tiny import logits, sample_ids
 
-    jobs = sorted(json.loads(Path(jobs_path).read_text()), key=lambda j: j["tp"])
+    jobs = sorted(json.loads(Path(jobs_path).read_text()), key=lambda j: (j.get("ep", 1), j["tp"]))
     results = {}
     for job in jobs:
-        init_parallel(job["tp"], 1)
+        init_parallel(job["tp"], 1, ep=job.get("ep", 1))
         rank = parallel_state.get_tensor_model_parallel_rank()
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
         ckpt = open_megatron(job["mg"])
         assert ckpt.tp == job["tp"], (ckpt.tp, job["tp"])
         model = build_gpt(ckpt.args)
@@ -97,7 +105,7 @@ def main(jobs_path: str, out_path: str) -> None:
             assert loaded["args"].ckpt_format == "torch_dist" and loaded["iteration"] == 0  # the common state
             sd = loaded["model"]
         else:
-            sd = load_shard(ckpt.files[(rank, 0)])["model"]
+            sd = load_shard(ckpt.files[(rank, 0) if job.get("ep", 1) == 1 else (rank, 0, ep_rank)])["model"]
         model.load_state_dict(sd, strict=True)  # raises on any missing or unexpected key
         ids = sample_ids(ckpt.shape.vocab_size, seq=job.get("seq", 12))
         b, s = ids.shape

@@ -141,8 +141,8 @@ def _broken(src: Path, dst: Path, how: str) -> Path:
     ("no weights", "no model.safetensors"),
     ("truncated", "truncated or corrupt"),
     ("garbage", "not a readable safetensors"),
-    ("unsupported architecture", "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-                                 "Qwen3ForCausalLM"),
+    ("unsupported architecture", "supported: LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+                                 "Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"),
 ])
 def test_bad_checkpoint_refused(tiny_hf, tmp_path, capsys, how, must_say):
     src = _broken(tiny_hf("llama-gqa"), tmp_path / "src", how)
@@ -154,7 +154,7 @@ def test_bad_checkpoint_refused(tiny_hf, tmp_path, capsys, how, must_say):
     assert tree_hash(src) == before
 
 
-@pytest.mark.parametrize("arch", ["GemmaForCausalLM", "Phi3ForCausalLM", "DeepseekV3ForCausalLM"])
+@pytest.mark.parametrize("arch", ["GemmaForCausalLM", "Phi3ForCausalLM", "DeepseekV3ForCausalLM", "Qwen2MoeForCausalLM"])
 @pytest.mark.parametrize("verb", ["prune", "convert"])
 def test_unknown_architecture_refused_with_the_supported_list(tiny_hf, tmp_path, capsys, arch, verb):
     """Architectures outside the registry are refused by name, before anything is written, whatever the verb."""
@@ -167,5 +167,6 @@ def test_unknown_architecture_refused_with_the_supported_list(tiny_hf, tmp_path,
     assert main([*argv, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"unsupported architecture ['{arch}']" in err
-    assert "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in err
+    assert ("supported: LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+            "Qwen3MoeForCausalLM") in err
     assert not (tmp_path / "out").exists()

@@ -42,6 +42,8 @@ def add_hf_to_megatron_arguments(p: argparse.ArgumentParser) -> None:
     fills in :data:`TO_MEGATRON_DEFAULTS`)."""
     p.add_argument("--tp", type=int, help="hf-to-megatron: tensor-parallel size (default 1)")
     p.add_argument("--pp", type=int, help="hf-to-megatron: pipeline-parallel size (default 1)")
+    p.add_argument("--ep", type=int, help="hf-to-megatron: expert-parallel size of a mixture-of-experts model "
+                                          "(Megatron-LM's --expert-model-parallel-size; default 1)")
     p.add_argument("--transformer-impl", choices=SPEC_CHOICES,
                    help="hf-to-megatron: layer spec whose parameter names to write; auto (the default): the spec "
                         "pretrain_llama.py builds on this machine, transformer_engine where Transformer Engine and a "
@@ -58,7 +60,7 @@ def add_megatron_to_hf_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # hf-to-megatron's flags and their defaults; megatron-to-hf takes none of them (its input's layout is read).
-TO_MEGATRON_DEFAULTS = {"tp": 1, "pp": 1, "transformer_impl": "auto", "make_vocab_size_divisible_by": 128,
+TO_MEGATRON_DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "transformer_impl": "auto", "make_vocab_size_divisible_by": 128,
                         "ckpt_format": "torch"}
 
 
@@ -77,7 +79,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         for name, default in TO_MEGATRON_DEFAULTS.items():
             if getattr(args, name, None) is None:
                 setattr(args, name, default)
-        for name in ("tp", "pp", "make_vocab_size_divisible_by"):
+        for name in ("tp", "pp", "ep", "make_vocab_size_divisible_by"):
             check_at_least(flag(name), getattr(args, name), 1)
         return
     given = [f"{flag(n)} {getattr(args, n)}" for n in TO_MEGATRON_DEFAULTS if getattr(args, n, None) is not None]
@@ -94,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
     if args.direction == "hf-to-megatron":
         spec = resolve_spec(args.transformer_impl)
         hf_to_megatron(args.input, args.output, args.tp, args.pp, spec,
-                       args.make_vocab_size_divisible_by, args.overwrite, not args.no_progress, args.ckpt_format)
-        print(f"wrote Megatron checkpoint {args.output} (TP={args.tp}, PP={args.pp}, {spec} spec, "
+                       args.make_vocab_size_divisible_by, args.overwrite, not args.no_progress, args.ckpt_format,
+                       ep=args.ep)
+        ep = f", EP={args.ep}" if args.ep > 1 else ""
+        print(f"wrote Megatron checkpoint {args.output} (TP={args.tp}, PP={args.pp}{ep}, {spec} spec, "
               f"{args.ckpt_format} format)")
     else:
         megatron_to_hf(args.input, args.output, args.overwrite, not args.no_progress,

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from megatron.prune.core.plan import PLAN_FILE, PrunePlan
+from megatron.prune.core.plan import PLAN_FILE, LayerPlan, PrunePlan
 from megatron.prune.errors import PruneError
 
 HELP = "show a prune plan: what was kept and dropped per layer, and how it was chosen"
@@ -115,18 +115,32 @@ def shape_line(plan: PrunePlan) -> str:
             ("query heads", s.num_attention_heads, t.num_attention_heads),
             ("KV groups", s.num_query_groups, t.num_query_groups), ("FFN", s.ffn_hidden_size, t.ffn_hidden_size),
             ("vocab", s.vocab_size, t.vocab_size)]
+    if s.is_moe:  # no dense FFN
+        rows[4:5] = [("experts", s.num_experts, t.num_experts), ("expert FFN", s.moe_ffn_hidden_size,
+                     t.moe_ffn_hidden_size), ("top-k", s.num_experts_per_tok, t.num_experts_per_tok)]
     return "shape: " + ", ".join(f"{n} {a} -> {b}" if a != b else f"{n} {a}" for n, a, b in rows)
 
 
-def layer_table(plan: PrunePlan, indices: bool) -> list[str]:
-    """One row per kept layer: its source layer, KV groups and query heads kept (dropped), FFN channels kept."""
+def ffn_cell(plan: PrunePlan, lp: LayerPlan, indices: bool) -> str:
+    """A layer's FFN channels kept, or for a MoE layer its experts kept (dropped) and the channels each keeps."""
     s = plan.source
-    rows = [("layer", "from", "KV groups kept (dropped)", "query heads kept (dropped)", "FFN kept")]
+    if not s.is_moe:
+        return f"{len(lp.ffn)}/{s.ffn_hidden_size}" + (f": {ids(lp.ffn)}" if indices else "")
+    cell = (f"experts {ids(lp.experts)} ({ids(sorted(set(range(s.num_experts)) - set(lp.experts)))}), "
+            f"{plan.target.moe_ffn_hidden_size}/{s.moe_ffn_hidden_size} channels each")
+    return cell + ("".join(f"; expert {e}: {ids(f)}" for e, f in zip(lp.experts, lp.expert_ffn)) if indices else "")
+
+
+def layer_table(plan: PrunePlan, indices: bool) -> list[str]:
+    """One row per kept layer: its source layer, KV groups and query heads kept (dropped), FFN channels (or experts
+    and their channels) kept."""
+    s = plan.source
+    rows = [("layer", "from", "KV groups kept (dropped)", "query heads kept (dropped)",
+             "experts kept (dropped)" if s.is_moe else "FFN kept")]
     for i, lp in enumerate(plan.layers):
         groups = f"{ids(lp.query_groups)} ({ids(sorted(set(range(s.num_query_groups)) - set(lp.query_groups)))})"
         heads = f"{ids(lp.heads)} ({ids(sorted(set(range(s.num_attention_heads)) - set(lp.heads)))})"
-        ffn = f"{len(lp.ffn)}/{s.ffn_hidden_size}" + (f": {ids(lp.ffn)}" if indices else "")
-        rows.append((str(i), str(lp.source_layer), groups, heads, ffn))
+        rows.append((str(i), str(lp.source_layer), groups, heads, ffn_cell(plan, lp, indices)))
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     return [f"{r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}"
             for r in rows]

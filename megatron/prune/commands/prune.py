@@ -27,7 +27,8 @@ from megatron.prune.commands import add_ckpt_format_argument
 from megatron.prune.commands.score import add_calibration_arguments, check_calibration_arguments, scoring_options
 from megatron.prune.core.plan import NORM_RESCALES, PrunePlan, norm_rescale
 from megatron.prune.core.select import make_plan
-from megatron.prune.core.target import GQA_MODES, TargetRequest, check_tp_balance, gqa_query_groups, resolve_target
+from megatron.prune.core.target import (GQA_MODES, MOE_FLAGS, TargetRequest, check_tp_balance, gqa_query_groups,
+                                        resolve_target, top_k_note)
 from megatron.prune.errors import PruneError, check_at_least
 from megatron.prune.formats import ADAPTERS
 from megatron.prune.formats.folder import open_model
@@ -66,7 +67,13 @@ def add_target_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-attention-heads", type=int, help="query heads; a multiple of the kept KV groups")
     g.add_argument("--num-query-groups", type=int,
                    help="KV heads (GQA groups); default: keep all (MHA models follow --num-attention-heads)")
-    g.add_argument("--ffn-hidden-size", type=int, help="MLP intermediate size")
+    g.add_argument("--ffn-hidden-size", type=int, help="MLP intermediate size (dense models)")
+    g.add_argument("--num-experts", type=int, help="mixture-of-experts models: experts kept in every layer")
+    g.add_argument("--moe-ffn-hidden-size", type=int,
+                   help="mixture-of-experts models: FFN channels kept in each kept expert")
+    g.add_argument("--num-experts-per-tok", type=int,
+                   help="mixture-of-experts models: the router's top-k (default: the source's, clamped to the kept "
+                        "experts)")
     layers = g  # --num-layers and --drop-layers together must agree (resolve_target checks); "auto" needs both
     layers.add_argument("--num-layers", type=int,
                         help="keep this many layers; which ones depends on --method (random/magnitude: the seed "
@@ -141,7 +148,7 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
     ``--reconstruct`` method, checked too (all before the scoring pass)."""
     if args.plan is not None:
         if any(getattr(args, k) is not None for k in ("hidden_size", "num_attention_heads", "num_query_groups",
-                                                      "ffn_hidden_size", "num_layers", "drop_layers")):
+                                                      "ffn_hidden_size", "num_layers", "drop_layers", *MOE_FLAGS)):
             raise PruneError("--plan fixes the target shape; do not combine it with target-shape flags")
         plan = PrunePlan.load(args.plan)
         if plan.source != src.shape:
@@ -158,11 +165,15 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
         raise PruneError("--drop-layers auto needs --num-layers N (how many layers to keep)")
     groups = gqa_query_groups(src.shape, args.num_attention_heads, args.num_query_groups, args.gqa)
     req = TargetRequest(args.hidden_size, args.num_attention_heads, groups,
-                        args.ffn_hidden_size, args.num_layers, None if auto else args.drop_layers)
+                        args.ffn_hidden_size, args.num_layers, None if auto else args.drop_layers,
+                        args.num_experts, args.moe_ffn_hidden_size, args.num_experts_per_tok)
     target, drop = resolve_target(src.shape, req)
-    tp = args.tp or src.tp
+    note = top_k_note(src.shape, target) if args.num_experts_per_tok is None else None
+    if note:
+        print(note)
+    tp, ep = args.tp or src.tp, src.ep
     if args.prune_type == "balance":
-        check_tp_balance(src.shape, target, tp)  # every refusal comes before the scoring pass
+        check_tp_balance(src.shape, target, tp, ep)  # every refusal comes before the scoring pass
     adapter.check_target(src, target, write_options(args))
     method = args.method
     options = scoring_options(args, args.seed, args.scores)
@@ -171,7 +182,7 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
         if target == src.shape and drop is None:
             method, why = "random", "nothing to prune"  # keep-all: no scores needed
         print(f"--method auto: {method} ({why})")
-    reconstruct = args.reconstruct or default_reconstruct(method)
+    reconstruct = args.reconstruct or default_reconstruct(method, src.shape)
     if target == src.shape and drop is None:
         reconstruct = "none"  # keep-all: the output is the input
     check_reconstruct(src, reconstruct, method, args.calib, refit_options(args), target, options)
@@ -180,7 +191,7 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
         raise PruneError(f"--drop-layers auto needs block-influence scores; --method {method} has none "
                          "(use --method activation)")
     info = {**method_settings(method, options), **({"requested": "auto"} if args.method == "auto" else {})}
-    plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=args.prune_type == "balance", info=info)
+    plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=args.prune_type == "balance", info=info, ep=ep)
     return norm_rescale(plan, args.norm_rescale), reconstruct
 
 
@@ -226,6 +237,9 @@ def describe(plan: PrunePlan) -> None:
             ("heads", s.num_attention_heads, t.num_attention_heads),
             ("query groups", s.num_query_groups, t.num_query_groups),
             ("ffn", s.ffn_hidden_size, t.ffn_hidden_size), ("vocab", s.vocab_size, t.vocab_size)]
+    if s.is_moe:  # a MoE model has no dense FFN
+        rows[4:5] = [("experts", s.num_experts, t.num_experts), ("expert ffn", s.moe_ffn_hidden_size,
+                     t.moe_ffn_hidden_size), ("top-k", s.num_experts_per_tok, t.num_experts_per_tok)]
     print("shape: " + ", ".join(f"{n} {a}->{b}" if a != b else f"{n} {a}" for n, a, b in rows))
     kept = {lp.source_layer for lp in plan.layers}
     dropped = [i for i in range(s.num_layers) if i not in kept]

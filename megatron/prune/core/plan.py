@@ -24,13 +24,17 @@ PLAN_VERSION = 1
 class LayerPlan:
     """What one kept layer keeps, in source numbering.
 
-    ``heads`` lie inside ``query_groups`` with the same count in each kept group, so GQA stays valid.
+    ``heads`` lie inside ``query_groups`` with the same count in each kept group, so GQA stays valid. In a
+    mixture-of-experts layer ``experts`` are the kept experts and ``expert_ffn[j]`` the kept FFN channels of
+    ``experts[j]`` (as many in each, so the layer stays homogeneous); both are empty for a dense layer.
     """
 
     source_layer: int
     query_groups: tuple[int, ...]
     heads: tuple[int, ...]
     ffn: tuple[int, ...]
+    experts: tuple[int, ...] = ()
+    expert_ffn: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class PrunePlan:
                 tuple(range(shape.num_query_groups)),
                 tuple(range(shape.num_query_groups * hpg)),
                 tuple(range(shape.ffn_hidden_size)),
+                tuple(range(shape.num_experts)),
+                (tuple(range(shape.moe_ffn_hidden_size)),) * shape.num_experts,
             )
             for i in range(shape.num_layers)
         )
@@ -84,6 +90,7 @@ class PrunePlan:
                 per_group[g] = per_group.get(g, 0) + 1
             if set(per_group.values()) != {t.heads_per_group} or len(per_group) != len(lp.query_groups):
                 raise PruneError(f"{where}: every kept query group must keep {t.heads_per_group} heads")
+            _check_experts(where, lp, s, t)
         if self.vocab is not None:
             _check_indices("vocab", self.vocab, s.vocab_size, t.vocab_size)
         elif t.vocab_size != s.vocab_size:
@@ -108,6 +115,8 @@ class PrunePlan:
                     "query_groups": list(lp.query_groups),
                     "heads": list(lp.heads),
                     "ffn": list(lp.ffn),
+                    **({"experts": list(lp.experts), "expert_ffn": [list(f) for f in lp.expert_ffn]}
+                       if lp.experts else {}),
                 }
                 for lp in self.layers
             ],
@@ -132,7 +141,8 @@ class PrunePlan:
             hidden=_indices("hidden", d["hidden"]),
             layers=tuple(
                 LayerPlan(_index("source_layer", l["source_layer"]), _indices("query_groups", l["query_groups"]),
-                          _indices("heads", l["heads"]), _indices("ffn", l["ffn"]))
+                          _indices("heads", l["heads"]), _indices("ffn", l["ffn"]),
+                          _indices("experts", l.get("experts", [])), _expert_ffn(l.get("expert_ffn", [])))
                 for l in layers
             ),
             vocab=None if d.get("vocab") is None else _indices("vocab", d["vocab"]),
@@ -192,6 +202,25 @@ def _indices(name: str, values: Any) -> tuple[int, ...]:
     if not isinstance(values, list):
         raise PruneError(f"plan {name}: expected a list of indices, got {type(values).__name__}")
     return tuple(_index(name, v) for v in values)
+
+
+def _expert_ffn(values: Any) -> tuple[tuple[int, ...], ...]:
+    """The kept FFN channels of each kept expert of a plan read from JSON: a list of index lists."""
+    if not isinstance(values, list):
+        raise PruneError(f"plan expert_ffn: expected a list of index lists, got {type(values).__name__}")
+    return tuple(_indices("expert_ffn", v) for v in values)
+
+
+def _check_experts(where: str, lp: LayerPlan, s: ModelShape, t: ModelShape) -> None:
+    """A layer's kept experts and their FFN channels against both shapes (none for a dense model), and the top-k."""
+    _check_indices(f"{where} experts", lp.experts, s.num_experts, t.num_experts)
+    if len(lp.expert_ffn) != len(lp.experts):
+        raise PruneError(f"{where}: {len(lp.expert_ffn)} expert_ffn lists for {len(lp.experts)} kept experts")
+    for e, ffn in zip(lp.experts, lp.expert_ffn):
+        _check_indices(f"{where} expert {e} ffn", ffn, s.moe_ffn_hidden_size, t.moe_ffn_hidden_size)
+    if t.is_moe and not 1 <= t.num_experts_per_tok <= t.num_experts:
+        raise PruneError(f"plan target num_experts_per_tok {t.num_experts_per_tok}: must be 1..{t.num_experts} "
+                         "(the kept experts)")
 
 
 def _shape(name: str, d: Any) -> ModelShape:

@@ -10,7 +10,8 @@ from typing import Iterator
 from megatron.prune.core.shape import ModelShape
 
 # Axis vocabulary: hidden [h], query heads [np] and KV groups [ng] (each head_dim rows wide),
-# FFN channels [f], vocabulary [v], and the width of one head [hn], which no plan changes.
+# FFN channels [f], vocabulary [v], and the width of one head [hn], which no plan changes; in a mixture-of-experts
+# layer, experts [E] (the router's rows) and the FFN channels of one expert [F].
 ROLE_AXES: dict[str, tuple[str, ...]] = {
     # model-level
     "embed": ("vocab", "hidden"),  # [v, h]
@@ -31,6 +32,11 @@ ROLE_AXES: dict[str, tuple[str, ...]] = {
     "gate": ("ffn", "hidden"),  # [f, h]
     "up": ("ffn", "hidden"),
     "down": ("hidden", "ffn"),  # [h, f]
+    # mixture of experts (instead of gate/up/down): the router, and each expert's SwiGLU FFN, one tensor per expert
+    "router": ("experts", "hidden"),  # [E, h]
+    "expert_gate": ("expert_ffn", "hidden"),  # [F, h] of one expert
+    "expert_up": ("expert_ffn", "hidden"),
+    "expert_down": ("hidden", "expert_ffn"),  # [h, F]
 }
 
 
@@ -44,6 +50,12 @@ NORM_ROLES = frozenset({"final_norm", "input_norm", "post_norm"})  # RMSNorms ov
 
 
 QK_NORM_ROLES = ("q_norm", "k_norm")
+
+
+DENSE_FFN_ROLES = ("gate", "up", "down")
+
+
+EXPERT_ROLES = ("expert_gate", "expert_up", "expert_down")  # one tensor per (layer, expert)
 
 
 HEAD_AXES = frozenset({"heads", "groups"})  # axes whose unit is head_dim rows
@@ -61,6 +73,10 @@ def has_role(shape: ModelShape, role: str) -> bool:
         return shape.qkv_bias
     if role in QK_NORM_ROLES:
         return shape.qk_norm
+    if role in DENSE_FFN_ROLES:
+        return not shape.is_moe
+    if role == "router" or role in EXPERT_ROLES:
+        return shape.is_moe
     return role in ROLE_AXES
 
 
@@ -70,18 +86,29 @@ def stored_role(role: str, shape: ModelShape) -> str:
 
 
 def expected_roles(shape: ModelShape) -> Iterator[tuple[str, int | None]]:
-    """Every (role, layer) a checkpoint of ``shape`` holds, in write order."""
-    yield "embed", None
+    """Every (role, layer) a checkpoint of ``shape`` holds, in write order, the per-expert roles aside
+    (:func:`expected_tensors` lists them)."""
+    for role, layer, expert in expected_tensors(shape):
+        if expert is None:
+            yield role, layer
+
+
+def expected_tensors(shape: ModelShape) -> Iterator[tuple[str, int | None, int | None]]:
+    """Every (role, layer, expert) a checkpoint of ``shape`` holds, in write order (expert None: not per expert)."""
+    yield "embed", None, None
     layer_roles = ["input_norm", "q", "k", "v"]
     layer_roles += ["q_bias", "k_bias", "v_bias"] if shape.qkv_bias else []
     layer_roles += list(QK_NORM_ROLES) if shape.qk_norm else []
-    layer_roles += ["o", "post_norm", "gate", "up", "down"]
+    layer_roles += ["o", "post_norm"] + (["router"] if shape.is_moe else list(DENSE_FFN_ROLES))
     for i in range(shape.num_layers):
         for r in layer_roles:
-            yield r, i
-    yield "final_norm", None
+            yield r, i, None
+        for e in range(shape.num_experts):
+            for r in EXPERT_ROLES:
+                yield r, i, e
+    yield "final_norm", None, None
     if has_role(shape, "lm_head"):
-        yield "lm_head", None
+        yield "lm_head", None, None
 
 
 def role_shape(role: str, shape: ModelShape) -> tuple[int, ...]:
@@ -93,5 +120,7 @@ def role_shape(role: str, shape: ModelShape) -> tuple[int, ...]:
         "ffn": shape.ffn_hidden_size,
         "vocab": shape.vocab_size,
         "head_dim": shape.head_dim,
+        "experts": shape.num_experts,
+        "expert_ffn": shape.moe_ffn_hidden_size,
     }
     return tuple(size[a] for a in ROLE_AXES[role])

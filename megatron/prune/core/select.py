@@ -29,6 +29,10 @@ class Scores:
     groups: torch.Tensor | None = None  # [L, ng]; None: sum of the group's head scores
     layers: torch.Tensor | None = None  # [L]; None: the seed's "spread through the middle" rule
     method: str = "unknown"
+    # mixture of experts (None for a dense model)
+    experts: torch.Tensor | None = None  # [L, E]: importance of each expert
+    expert_ffn: torch.Tensor | None = None  # [L, E, F]: importance of each FFN channel of each expert
+    routing: torch.Tensor | None = None  # [L, E]: share of tokens routed to each expert (recorded, not used)
 
     def save(self, path: Path) -> None:
         torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
@@ -48,7 +52,13 @@ class Scores:
             "ffn": (shape.num_layers, shape.ffn_hidden_size),
             "groups": (shape.num_layers, shape.num_query_groups),
             "layers": (shape.num_layers,),
+            "experts": (shape.num_layers, shape.num_experts),
+            "expert_ffn": (shape.num_layers, shape.num_experts, shape.moe_ffn_hidden_size),
+            "routing": (shape.num_layers, shape.num_experts),
         }
+        if shape.is_moe and (self.experts is None or self.expert_ffn is None):
+            raise PruneError(f"scores ({self.method}) have no expert scores, and the model has {shape.num_experts} "
+                             "experts: were they computed for another model?")
         for name, want in expect.items():
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != want:
@@ -86,6 +96,17 @@ def top_k(score: torch.Tensor, k: int, slices: int = 1) -> tuple[int, ...]:
     return tuple(sorted(kept))
 
 
+def select_experts(scores: Scores, layer: int, target: ModelShape, tp_slices: int = 1,
+                   ep_slices: int = 1) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """The kept experts of ``layer`` (most important first to survive), as many from each of ``ep_slices``
+    expert-parallel ranks, and the kept FFN channels of each, as many in each expert and in each of its ``tp_slices``
+    TP slices; nothing for a dense model."""
+    if not target.is_moe:
+        return (), ()
+    experts = top_k(scores.experts[layer], target.num_experts, ep_slices)
+    return experts, tuple(top_k(scores.expert_ffn[layer, e], target.moe_ffn_hidden_size, tp_slices) for e in experts)
+
+
 def make_plan(
     shape: ModelShape,
     target: ModelShape,
@@ -94,12 +115,14 @@ def make_plan(
     tp: int = 1,
     balance: bool = True,
     info: dict[str, Any] | None = None,
+    ep: int = 1,
 ) -> PrunePlan:
-    """Turn scores into a plan for ``target``; with ``balance`` every TP slice keeps equal counts."""
+    """Turn scores into a plan for ``target``; with ``balance`` every TP slice (and every expert-parallel rank of
+    ``ep``) keeps equal counts."""
     scores.check(shape)
     slices = tp if balance else 1
     if balance:
-        check_tp_balance(shape, target, tp)
+        check_tp_balance(shape, target, tp, ep)
     L = shape.num_layers
     if drop_layers is not None:
         kept_layers = tuple(i for i in range(L) if i not in set(drop_layers))
@@ -123,9 +146,10 @@ def make_plan(
             within = top_k(head_s[g * hpg_s : (g + 1) * hpg_s], hpg_t)
             heads.extend(g * hpg_s + h for h in within)
         ffn = top_k(scores.ffn[i], target.ffn_hidden_size, slices)
-        layer_plans.append(LayerPlan(i, groups, tuple(heads), ffn))
+        experts, expert_ffn = select_experts(scores, i, target, slices, ep if balance else 1)
+        layer_plans.append(LayerPlan(i, groups, tuple(heads), ffn, experts, expert_ffn))
     hidden = top_k(scores.hidden, target.hidden_size)
     meta = {"method": scores.method, "layer_rule": layer_rule, "tp": tp,
-            "prune_type": "balance" if balance else "unbalance"}
+            "prune_type": "balance" if balance else "unbalance", **({"ep": ep} if shape.is_moe else {})}
     meta.update(info or {})
     return PrunePlan(shape, target, hidden, tuple(layer_plans), info=meta).validate()

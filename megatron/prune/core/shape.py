@@ -14,6 +14,18 @@ from megatron.prune.errors import PruneError
 
 
 @dataclass(frozen=True)
+class MoeKeys:
+    """Where an HF config of a mixture-of-experts family keeps its expert sizes (every layer sparse, no shared expert)."""
+
+    experts: tuple[str, ...]  # expert count; the first present is read, every present one written (aliases)
+    expert_ffn: str  # width of one expert's FFN
+    top_k: str = "num_experts_per_tok"
+    # keys that mix dense layers in (Qwen3-MoE): refused unless they say "every layer sparse"
+    dense_layers: str | None = None  # a list of dense layer numbers; sparse everywhere when empty
+    sparse_step: str | None = None  # every n-th layer sparse; sparse everywhere when 1
+
+
+@dataclass(frozen=True)
 class Family:
     """What distinguishes one HF architecture of the LLaMA family from another."""
 
@@ -24,10 +36,12 @@ class Family:
     # transformers' config refuses a hidden size that is not a multiple of the heads, even with an explicit head_dim
     # (LlamaConfig in transformers 5; Mistral, Qwen2 and Qwen3 take any)
     hidden_multiple_of_heads: bool = False
+    moe: MoeKeys | None = None  # a mixture of experts in every layer instead of the dense FFN (Qwen3-MoE, Mixtral)
 
     def fits(self, shape: "ModelShape") -> bool:
         """Whether a model of ``shape`` has this family's layers (what a checkpoint without an HF config shows)."""
-        return (self.qkv_bias, self.qk_norm) == (shape.qkv_bias, shape.qk_norm)
+        return ((self.qkv_bias, self.qk_norm, self.moe is not None)
+                == (shape.qkv_bias, shape.qk_norm, shape.num_experts > 0))
 
 
 FAMILIES: dict[str, Family] = {
@@ -37,6 +51,11 @@ FAMILIES: dict[str, Family] = {
         Family("MistralForCausalLM", "mistral", qkv_bias=False),
         Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True),
         Family("Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_norm=True),
+        # transformers 5 saves Qwen3-MoE's expert count as num_local_experts; hub configs say num_experts
+        Family("Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias=False, qk_norm=True,
+               moe=MoeKeys(("num_experts", "num_local_experts"), "moe_intermediate_size",
+                           dense_layers="mlp_only_layers", sparse_step="decoder_sparse_step")),
+        Family("MixtralForCausalLM", "mixtral", qkv_bias=False, moe=MoeKeys(("num_local_experts",), "intermediate_size")),
     )
 }
 
@@ -58,6 +77,15 @@ class ModelShape:
     tied_embeddings: bool
     qkv_bias: bool = False
     qk_norm: bool = False
+    # mixture of experts in every layer (0 experts: a dense model, whose FFN is ffn_hidden_size wide; a MoE model
+    # has no dense FFN, ffn_hidden_size 0)
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0  # FFN width of each expert
+    num_experts_per_tok: int = 0  # top-k of the router
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def heads_per_group(self) -> int:
@@ -71,7 +99,8 @@ class ModelShape:
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (2 * d if self.qk_norm else 0)
-        mlp = 3 * h * self.ffn_hidden_size
+        # the router [E, h] and each expert's gate, up [F, h] and down [h, F]
+        mlp = 3 * h * self.ffn_hidden_size + self.num_experts * (h + 3 * h * self.moe_ffn_hidden_size)
         per_layer = attn + mlp + 2 * h
         emb = self.vocab_size * h * (1 if self.tied_embeddings else 2)
         return emb + h + self.num_layers * per_layer
@@ -84,8 +113,9 @@ class ModelShape:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
-# The sizes tensor parallelism splits (KV groups, query heads, FFN channels), in the order errors name them.
-TP_SPLIT_SIZES = ("num_query_groups", "num_attention_heads", "ffn_hidden_size")
+# The sizes tensor parallelism splits (KV groups, query heads, FFN channels, each expert's FFN channels), in the order
+# errors name them.
+TP_SPLIT_SIZES = ("num_query_groups", "num_attention_heads", "ffn_hidden_size", "moe_ffn_hidden_size")
 
 
 def not_divisible(shape: ModelShape, n: int, sizes: tuple[str, ...] = TP_SPLIT_SIZES) -> list[tuple[str, int]]:
@@ -111,13 +141,15 @@ def family_for_shape(shape: ModelShape) -> Family:
     for family in FAMILIES.values():
         if family.fits(shape):
             return family
-    raise PruneError(f"no supported architecture has q/k/v bias={shape.qkv_bias} and QK-norm={shape.qk_norm}; "
+    raise PruneError(f"no supported architecture has q/k/v bias={shape.qkv_bias}, QK-norm={shape.qk_norm} and "
+                     f"{shape.num_experts} experts; "
                      f"supported: {', '.join(sorted(FAMILIES))}")
 
 
 def shape_from_hf_config(config: Mapping[str, Any]) -> ModelShape:
     """Read a :class:`ModelShape` from an HF config dict."""
     family = family_of(config)
+    moe = moe_sizes(family, config)
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     head_dim = config.get("head_dim") or hidden // heads
@@ -127,12 +159,34 @@ def shape_from_hf_config(config: Mapping[str, Any]) -> ModelShape:
         num_attention_heads=heads,
         num_query_groups=int(config.get("num_key_value_heads") or heads),
         head_dim=int(head_dim),
-        ffn_hidden_size=int(config["intermediate_size"]),
+        ffn_hidden_size=0 if moe else int(config["intermediate_size"]),
         vocab_size=int(config["vocab_size"]),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=family.qkv_bias or bool(config.get("attention_bias", False)),
         qk_norm=family.qk_norm,
+        **moe,
     )
+
+
+def moe_sizes(family: Family, config: Mapping[str, Any]) -> dict[str, int]:
+    """The expert sizes of a MoE family's config (empty for a dense family); configs that mix dense layers in are
+    refused, since a plan treats every layer alike."""
+    keys = family.moe
+    if keys is None:
+        return {}
+    arch = family.architecture
+    dense = config.get(keys.dense_layers) if keys.dense_layers else None
+    step = config.get(keys.sparse_step, 1) if keys.sparse_step else 1
+    if dense or step != 1:
+        raise PruneError(f"{arch} with dense layers mixed in ({keys.dense_layers} {dense or []}, {keys.sparse_step} "
+                         f"{step}) is not supported: every layer must be a mixture of experts ({keys.dense_layers} "
+                         f"[], {keys.sparse_step} 1)")
+    count = next((config[k] for k in keys.experts if config.get(k) is not None), None)
+    if not count or count < 1:
+        raise PruneError(f"{arch} config has no expert count ({' or '.join(keys.experts)} = {count!r}); "
+                         "a model without experts is not a mixture of experts")
+    return dict(num_experts=int(count), moe_ffn_hidden_size=int(config[keys.expert_ffn]),
+                num_experts_per_tok=int(config[keys.top_k]))
 
 
 def hf_config_for_shape(config: Mapping[str, Any], shape: ModelShape) -> dict[str, Any]:
@@ -144,10 +198,17 @@ def hf_config_for_shape(config: Mapping[str, Any], shape: ModelShape) -> dict[st
         num_attention_heads=shape.num_attention_heads,
         num_key_value_heads=shape.num_query_groups,
         head_dim=shape.head_dim,
-        intermediate_size=shape.ffn_hidden_size,
         vocab_size=shape.vocab_size,
         tie_word_embeddings=shape.tied_embeddings,
     )
+    keys = family_of(config).moe
+    if keys is None:
+        out["intermediate_size"] = shape.ffn_hidden_size
+    else:  # a MoE config's dense intermediate_size (Qwen3-MoE) describes no layer: left as it is
+        for k in [k for k in keys.experts if k in out] or [keys.experts[0]]:
+            out[k] = shape.num_experts
+        out[keys.expert_ffn] = shape.moe_ffn_hidden_size
+        out[keys.top_k] = shape.num_experts_per_tok
     if "layer_types" in out and isinstance(out["layer_types"], list):
         out["layer_types"] = out["layer_types"][: shape.num_layers]
     return out

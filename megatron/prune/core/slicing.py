@@ -26,14 +26,19 @@ class AxisIndex:
     groups: tuple[int, ...] | None = None
     ffn: tuple[int, ...] | None = None
     vocab: tuple[int, ...] | None = None
+    experts: tuple[int, ...] | None = None
+    expert_ffn: tuple[int, ...] | None = None  # of the one expert a tensor belongs to
 
     def for_axis(self, axis: str) -> tuple[int, ...] | None:
         return getattr(self, axis)
 
 
-def layer_index(plan: PrunePlan, lp: LayerPlan) -> AxisIndex:
-    """Axis indices of a kept layer, in the full (unsharded) source numbering."""
-    return AxisIndex(hidden=plan.hidden, heads=lp.heads, groups=lp.query_groups, ffn=lp.ffn)
+def layer_index(plan: PrunePlan, lp: LayerPlan, expert: int | None = None) -> AxisIndex:
+    """Axis indices of a kept layer, in the full (unsharded) source numbering; with ``expert`` (the kept expert's
+    position in ``lp.experts``), those of that expert's tensors."""
+    ffn = None if expert is None else lp.expert_ffn[expert]
+    return AxisIndex(hidden=plan.hidden, heads=lp.heads, groups=lp.query_groups, ffn=lp.ffn,
+                     experts=lp.experts or None, expert_ffn=ffn)
 
 
 def model_index(plan: PrunePlan) -> AxisIndex:
@@ -101,7 +106,7 @@ def tp_slice_index(index: AxisIndex, shape_units: Mapping[str, int], tp: int, ra
     never split by TP in LLaMA-family layers.
     """
     kw = {}
-    for axis in ("heads", "groups", "ffn", "vocab"):
+    for axis in ("heads", "groups", "ffn", "vocab", "expert_ffn"):
         n = shape_units.get(axis)
         keep = index.for_axis(axis)
         if keep is None or n is None:
@@ -109,4 +114,4 @@ def tp_slice_index(index: AxisIndex, shape_units: Mapping[str, int], tp: int, ra
             continue
         per = n // tp
         kw[axis] = shift(keep, rank * per, (rank + 1) * per)
-    return AxisIndex(hidden=index.hidden, **kw)
+    return AxisIndex(hidden=index.hidden, experts=index.experts, **kw)

@@ -19,6 +19,16 @@ class TargetRequest:
     ffn_hidden_size: int | None = None
     num_layers: int | None = None
     drop_layers: tuple[int, ...] | None = None
+    num_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    num_experts_per_tok: int | None = None
+
+
+MOE_FLAGS = ("num_experts", "moe_ffn_hidden_size", "num_experts_per_tok")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _check_size(name: str, value: int | None, source: int) -> int:
@@ -33,6 +43,7 @@ def _check_size(name: str, value: int | None, source: int) -> int:
 def resolve_target(shape: ModelShape, req: TargetRequest) -> tuple[ModelShape, tuple[int, ...] | None]:
     """Validate a request against the source shape; return the target shape and explicit dropped layers."""
     hidden = _check_size("hidden_size", req.hidden_size, shape.hidden_size)
+    experts = resolve_experts(shape, req)
     ffn = _check_size("ffn_hidden_size", req.ffn_hidden_size, shape.ffn_hidden_size)
     heads_req = _check_size("num_attention_heads", req.num_attention_heads, shape.num_attention_heads)
     groups_req = _check_size("num_query_groups", req.num_query_groups, shape.num_query_groups)
@@ -75,16 +86,52 @@ def resolve_target(shape: ModelShape, req: TargetRequest) -> tuple[ModelShape, t
     layers = _check_size("num_layers", req.num_layers, L) if drop is None else L - len(drop)
     target = shape.replace(
         num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
-        ffn_hidden_size=ffn,
+        ffn_hidden_size=ffn, **experts,
     )
     return target, drop
 
 
-def check_tp_balance(shape: ModelShape, target: ModelShape, tp: int) -> None:
-    """Balanced TP pruning keeps the same count in each of ``tp`` slices: sizes must divide evenly."""
+def resolve_experts(shape: ModelShape, req: TargetRequest) -> dict[str, int]:
+    """The expert sizes of the target (empty for a dense model); expert flags on a dense model and the dense FFN flag
+    on a MoE model are refused, as is a top-k above the kept experts."""
+    asked = [(_flag(n), getattr(req, n)) for n in MOE_FLAGS if getattr(req, n) is not None]
+    if not shape.is_moe:
+        if asked:
+            raise PruneError(f"{asked[0][0]} {asked[0][1]}: the model is dense (no experts); expert flags apply to "
+                             "mixture-of-experts models (Qwen3MoeForCausalLM, MixtralForCausalLM)")
+        return {}
+    if req.ffn_hidden_size is not None:
+        raise PruneError(f"--ffn-hidden-size {req.ffn_hidden_size}: this mixture-of-experts model has no dense FFN; "
+                         f"prune each expert's FFN with --moe-ffn-hidden-size (1..{shape.moe_ffn_hidden_size})")
+    experts = _check_size("num_experts", req.num_experts, shape.num_experts)
+    width = _check_size("moe_ffn_hidden_size", req.moe_ffn_hidden_size, shape.moe_ffn_hidden_size)
+    if req.num_experts_per_tok is not None:
+        top = _check_size("num_experts_per_tok", req.num_experts_per_tok, shape.num_experts_per_tok)
+        if top > experts:
+            raise PruneError(f"--num-experts-per-tok {top} is more than the {experts} kept experts; valid: 1..{experts}")
+    else:
+        top = min(shape.num_experts_per_tok, experts)
+    return dict(num_experts=experts, moe_ffn_hidden_size=width, num_experts_per_tok=top)
+
+
+def top_k_note(source: ModelShape, target: ModelShape) -> str | None:
+    """The one line saying the router's top-k was clamped to the kept experts, if it was."""
+    if target.num_experts_per_tok < source.num_experts_per_tok:
+        return (f"note: top-k clamped to the {target.num_experts} kept experts: num_experts_per_tok "
+                f"{source.num_experts_per_tok} -> {target.num_experts_per_tok}")
+    return None
+
+
+def check_tp_balance(shape: ModelShape, target: ModelShape, tp: int, ep: int = 1) -> None:
+    """Balanced TP pruning keeps the same count in each of ``tp`` slices (and the same number of experts on each of
+    ``ep`` expert-parallel ranks): sizes must divide evenly."""
     if tp < 1:
         raise PruneError(f"--tp {tp}: must be at least 1")
-    balanced = ("num_query_groups", "ffn_hidden_size")  # heads follow their groups
+    if target.is_moe and target.num_experts % ep:
+        raise PruneError(f"--num-experts {target.num_experts} is not divisible by the expert-parallel size {ep} "
+                         f"(balanced pruning keeps as many experts on each EP rank); nearest valid: "
+                         f"{nearest_multiples(target.num_experts, ep, shape.num_experts)}")
+    balanced = ("num_query_groups", "ffn_hidden_size", "moe_ffn_hidden_size")  # heads follow their groups
     for name, src in not_divisible(shape, tp, balanced)[:1]:
         raise PruneError(f"source {name} {src} is not divisible by --tp {tp}")
     for name, tgt in not_divisible(target, tp, balanced)[:1]:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from megatron.prune.core.plan import PrunePlan
-from megatron.prune.core.roles import expected_roles, role_shape, stored_role
+from megatron.prune.core.roles import expected_tensors, role_shape, stored_role
 from megatron.prune.core.shape import (ModelShape, family_of, hf_config_for_shape, nearest_multiples,
                                       shape_from_hf_config)
 from megatron.prune.core.slicing import layer_index, model_index, slice_role
@@ -51,7 +51,46 @@ HF_NAMES: dict[str, str] = {
 }
 
 
-_PATTERNS = [(re.compile("^" + re.escape(t).replace(r"\{\}", r"(\d+)") + "$"), r) for r, t in HF_NAMES.items()]
+# The mixture-of-experts roles of each MoE family, as transformers saves them (one tensor per expert: "{}" the layer,
+# then the expert; transformers 5 fuses them into [E, 2F, h] and [E, h, F] only in memory).
+HF_MOE_NAMES: dict[str, dict[str, str]] = {
+    "Qwen3MoeForCausalLM": {
+        "router": "model.layers.{}.mlp.gate.weight",
+        "expert_gate": "model.layers.{}.mlp.experts.{}.gate_proj.weight",
+        "expert_up": "model.layers.{}.mlp.experts.{}.up_proj.weight",
+        "expert_down": "model.layers.{}.mlp.experts.{}.down_proj.weight",
+    },
+    "MixtralForCausalLM": {
+        "router": "model.layers.{}.block_sparse_moe.gate.weight",
+        "expert_gate": "model.layers.{}.block_sparse_moe.experts.{}.w1.weight",
+        "expert_up": "model.layers.{}.block_sparse_moe.experts.{}.w3.weight",
+        "expert_down": "model.layers.{}.block_sparse_moe.experts.{}.w2.weight",
+    },
+}
+
+
+def hf_names(config: Mapping[str, Any]) -> dict[str, str]:
+    """The name table of the family of ``config``: the shared names plus its expert names (if it has experts)."""
+    return {**HF_NAMES, **HF_MOE_NAMES.get(family_of(config).architecture, {})}
+
+
+def _patterns(names: Mapping[str, str]) -> list[tuple[re.Pattern, str]]:
+    return [(re.compile("^" + re.escape(t).replace(r"\{\}", r"(\d+)") + "$"), r) for r, t in names.items()]
+
+
+_PATTERNS = _patterns(HF_NAMES)
+
+
+# transformers 5 holds a MoE layer in memory as mlp.gate (Mixtral's block_sparse_moe renamed) and fused experts:
+# gate_up_proj [E, 2F, h] (each expert's gate rows, then its up rows) and down_proj [E, h, F]
+MEMORY_MOE: dict[str, tuple[str, ...]] = {
+    "model.layers.{}.mlp.gate.weight": ("router",),
+    "model.layers.{}.mlp.experts.gate_up_proj": ("expert_gate", "expert_up"),
+    "model.layers.{}.mlp.experts.down_proj": ("expert_down",),
+}
+
+
+_MEMORY_MOE = [(pat, MEMORY_MOE[template]) for (pat, template) in _patterns({t: t for t in MEMORY_MOE})]
 
 
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # buffers some old exports carry; recomputed by the model
@@ -69,17 +108,38 @@ FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)  # 
 SINGLE_WEIGHTS = "model.safetensors"
 
 
-def hf_name(role: str, layer: int | None = None) -> str:
-    return HF_NAMES[role].format(layer) if layer is not None else HF_NAMES[role]
+def hf_name(role: str, layer: int | None = None, expert: int | None = None, names: Mapping[str, str] = HF_NAMES) -> str:
+    """The HF name of a role (of a layer, of an expert) in the name table ``names``."""
+    return names[role].format(*(i for i in (layer, expert) if i is not None))
 
 
 def parse_hf_name(name: str) -> tuple[str, int | None]:
-    """Inverse of :func:`hf_name`; raises KeyError for names outside the table."""
-    for pat, role in _PATTERNS:
+    """Inverse of :func:`hf_name` for the shared names; raises KeyError for names outside the table."""
+    role, layer, _ = parse_hf_key(name)
+    return role, layer
+
+
+def parse_hf_key(name: str, patterns: list[tuple[re.Pattern, str]] = _PATTERNS) -> tuple[str, int | None, int | None]:
+    """(role, layer, expert) of an HF name; raises KeyError for names outside the table of ``patterns``."""
+    for pat, role in patterns:
         m = pat.match(name)
         if m:
-            return role, (int(m.group(1)) if m.groups() else None)
+            ids = [int(g) for g in m.groups()] + [None, None]
+            return role, ids[0], ids[1]
     raise KeyError(name)
+
+
+def memory_tensor(src: TensorSource, name: str) -> torch.Tensor:
+    """The value of the parameter ``name`` of a transformers model, read from ``src`` (experts fused as transformers 5
+    holds them in memory)."""
+    for pat, roles in _MEMORY_MOE:
+        m = pat.match(name)
+        if m and roles == ("router",):
+            return src.get("router", int(m.group(1)))
+        if m:
+            layer = int(m.group(1))
+            return torch.stack([torch.cat([src.get(r, layer, e) for r in roles]) for e in range(src.shape.num_experts)])
+    return src.get(*parse_hf_name(name))
 
 
 @dataclass
@@ -92,6 +152,11 @@ class HFCheckpoint:
     files: dict[str, Path]  # tensor name -> file
     dtypes: dict[str, str]  # tensor name -> safetensors dtype code ("F32", "BF16", ...)
     cast: torch.dtype | None = None  # every tensor read in this dtype (see :meth:`in_one_dtype`)
+
+    @property
+    def names(self) -> dict[str, str]:
+        """This family's name table."""
+        return hf_names(self.config)
 
     @classmethod
     def open(cls, folder: Path | str) -> "HFCheckpoint":
@@ -136,17 +201,20 @@ class HFCheckpoint:
         raise PruneError(f"input {folder} has no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX}{hint}")
 
     def _check_names(self) -> None:
+        names = self.names
+        patterns = _patterns(names)
         unknown = []
         for name in self.files:
             try:
-                parse_hf_name(name)
+                parse_hf_key(name, patterns)
             except KeyError:
                 if not IGNORED.match(name):
                     unknown.append(name)
         if unknown:
             raise PruneError(f"{self.folder}: unknown tensor name(s) {unknown[:5]}"
                              f"{' ...' if len(unknown) > 5 else ''} for {self.config.get('architectures')}")
-        missing = [hf_name(r, l) for r, l in expected_roles(self.shape) if hf_name(r, l) not in self.files]
+        missing = [n for n in (hf_name(r, l, e, names) for r, l, e in expected_tensors(self.shape))
+                   if n not in self.files]
         if missing:
             raise PruneError(f"{self.folder}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
@@ -157,6 +225,11 @@ class HFCheckpoint:
     @property
     def tp(self) -> int:
         """HF checkpoints are not tensor-parallel."""
+        return 1
+
+    @property
+    def ep(self) -> int:
+        """Nor expert-parallel."""
         return 1
 
     @property
@@ -184,22 +257,22 @@ class HFCheckpoint:
     def release(self) -> None:
         """Nothing is held open between reads."""
 
-    def _name(self, role: str, layer: int | None) -> str:
-        name = hf_name(role, layer)
+    def _name(self, role: str, layer: int | None, expert: int | None = None) -> str:
+        name = hf_name(role, layer, expert, self.names)
         if name not in self.files and stored_role(role, self.shape) != role:
             return hf_name(stored_role(role, self.shape), layer)
         return name
 
-    def dtype_code(self, role: str, layer: int | None = None) -> str:
+    def dtype_code(self, role: str, layer: int | None = None, expert: int | None = None) -> str:
         """safetensors dtype code ("F32", "BF16", ...) of a tensor, read from the header, not the data."""
-        return DTYPE_CODES[self.cast] if self.cast is not None else self.dtypes[self._name(role, layer)]
+        return DTYPE_CODES[self.cast] if self.cast is not None else self.dtypes[self._name(role, layer, expert)]
 
     # TensorSource
-    def has(self, role: str, layer: int | None = None) -> bool:
-        return hf_name(role, layer) in self.files
+    def has(self, role: str, layer: int | None = None, expert: int | None = None) -> bool:
+        return role in self.names and hf_name(role, layer, expert, self.names) in self.files
 
-    def get(self, role: str, layer: int | None = None) -> torch.Tensor:
-        name = self._name(role, layer)
+    def get(self, role: str, layer: int | None = None, expert: int | None = None) -> torch.Tensor:
+        name = self._name(role, layer, expert)
         with safe_open(self.files[name], framework="pt") as f:
             t = f.get_tensor(name)
         want = role_shape(role, self.shape)
@@ -222,11 +295,31 @@ def check_hf_target(target: ModelShape, config: Mapping[str, Any]) -> None:
         )
 
 
-def _out_tensors(plan: PrunePlan) -> Iterator[tuple[str, str, int | None, int | None]]:
-    """(output name, role, source layer, output shape) for every tensor of the pruned model, in order."""
-    for role, new_layer in expected_roles(plan.target):
-        src_layer = None if new_layer is None else plan.layers[new_layer].source_layer
-        yield hf_name(role, new_layer), role, src_layer, new_layer
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of the pruned model: its output name and role, where it comes from and where it goes."""
+
+    name: str
+    role: str
+    src_layer: int | None
+    new_layer: int | None
+    src_expert: int | None = None
+    new_expert: int | None = None  # position among the layer's kept experts
+
+
+def _out_tensors(plan: PrunePlan, names: Mapping[str, str] = HF_NAMES) -> Iterator[OutTensor]:
+    """Every tensor of the pruned model, in order."""
+    for role, new_layer, new_expert in expected_tensors(plan.target):
+        lp = None if new_layer is None else plan.layers[new_layer]
+        src_expert = None if new_expert is None else lp.experts[new_expert]
+        yield OutTensor(hf_name(role, new_layer, new_expert, names), role, None if lp is None else lp.source_layer,
+                        new_layer, src_expert, new_expert)
+
+
+def _expert(expert: int | None) -> tuple[int, ...]:
+    """The expert argument of a TensorSource read: none for tensors that are not per expert (sources without experts
+    take no such argument)."""
+    return () if expert is None else (expert,)
 
 
 def _shard_groups(sizes: list[int], max_bytes: int) -> list[list[int]]:
@@ -250,8 +343,9 @@ def write_pruned(ckpt: TensorSource, plan: PrunePlan, out: Path, max_shard_bytes
     config (``hf_config``, default the source's) and the folder of tokenizer and other side files (``side_files``,
     default the source's folder). ``overrides`` replace the plan's slices of some tensors (refitted weights).
     """
-    items = list(_out_tensors(plan))
-    specs = [(name, ckpt.dtype_code(r, l), role_shape(r, plan.target)) for name, r, l, _ in items]
+    items = list(_out_tensors(plan, hf_names(ckpt.hf_config if hf_config is None else hf_config)))
+    specs = [(o.name, ckpt.dtype_code(o.role, o.src_layer, *_expert(o.src_expert)), role_shape(o.role, plan.target))
+             for o in items]
     sizes = [DTYPE_SIZES[code] * math.prod(shape) for _, code, shape in specs]
     groups = _shard_groups(sizes, max_shard_bytes)
     names = ([SINGLE_WEIGHTS] if len(groups) == 1
@@ -260,18 +354,20 @@ def write_pruned(ckpt: TensorSource, plan: PrunePlan, out: Path, max_shard_bytes
 
     def produce(group: list[int]) -> Iterator[torch.Tensor]:
         for i in group:
-            _, role, src_layer, new_layer = items[i]
-            if overrides is not None and overrides.has(role, new_layer):
-                yield overrides.get(role, new_layer)
+            o = items[i]
+            if o.new_expert is None and overrides is not None and overrides.has(o.role, o.new_layer):
+                yield overrides.get(o.role, o.new_layer)
             else:
-                index = model_index(plan) if new_layer is None else layer_index(plan, plan.layers[new_layer])
-                yield slice_role(role, ckpt.get(role, src_layer), index, ckpt.shape.head_dim, plan.norm_scale)
+                index = (model_index(plan) if o.new_layer is None
+                         else layer_index(plan, plan.layers[o.new_layer], o.new_expert))
+                t = ckpt.get(o.role, o.src_layer, *_expert(o.src_expert))
+                yield slice_role(o.role, t, index, ckpt.shape.head_dim, plan.norm_scale)
             bar.update()
 
     for fname, group in zip(names, groups):
         write_safetensors(out / fname, [specs[i] for i in group], produce(group))
     bar.close()
-    weight_map = {items[i][0]: fname for fname, group in zip(names, groups) for i in group}
+    weight_map = {items[i].name: fname for fname, group in zip(names, groups) for i in group}
     if len(groups) > 1:
         total = sum(sizes)
         (out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},

@@ -35,6 +35,7 @@ class TensorSource(Protocol):
     folder: Path  # the checkpoint folder
     shape: ModelShape
     tp: int  # tensor-parallel size it is stored at (1 for HF)
+    ep: int  # expert-parallel size it is stored at (1 for HF and dense models)
 
     @property
     def hf_config(self) -> dict[str, Any]:

@@ -49,12 +49,12 @@ def skeleton(config: Any, dtype: torch.dtype) -> torch.nn.Module:
 
 def materialise(module: torch.nn.Module, prefix: str, src: TensorSource, device: str) -> None:
     """Give ``module`` (named ``prefix`` in the HF model) real storage on ``device`` and the checkpoint's values."""
-    from megatron.prune.formats.hf import parse_hf_name
+    from megatron.prune.formats.hf import memory_tensor
 
     module.to_empty(device=device)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            param.copy_(src.get(*parse_hf_name(f"{prefix}.{name}")))
+            param.copy_(memory_tensor(src, f"{prefix}.{name}"))
 
 
 def release(module: torch.nn.Module) -> None:

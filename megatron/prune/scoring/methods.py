@@ -131,7 +131,7 @@ def load_scores(path: Path, shape: ModelShape) -> Scores:
 def summary(scores: Scores) -> list[str]:
     """A few lines saying what was collected: the spread of each score and the least influential layers."""
     lines = []
-    for name in ("hidden", "heads", "groups", "ffn", "layers"):
+    for name in ("hidden", "heads", "groups", "ffn", "layers", "experts", "routing"):
         t = getattr(scores, name)
         if t is not None:
             lines.append(f"{name:7s} {str(tuple(t.shape)):12s} min {t.min():.4g}  median {t.median():.4g}  "
@@ -149,19 +149,37 @@ def random_scores(shape: ModelShape, seed: int = 0) -> Scores:
     """Seeded random scores: the seed project's method (same seed, same plan)."""
     g = torch.Generator().manual_seed(seed)
     L = shape.num_layers
-    return Scores(
+    dense = dict(
         hidden=torch.rand(shape.hidden_size, generator=g),
         heads=torch.rand(L, shape.num_attention_heads, generator=g),
         ffn=torch.rand(L, shape.ffn_hidden_size, generator=g),
         groups=torch.rand(L, shape.num_query_groups, generator=g),
-        method="random",
     )
+    moe = {}
+    if shape.is_moe:  # drawn after the dense scores: a dense model's random plan is as before
+        moe = dict(experts=torch.rand(L, shape.num_experts, generator=g),
+                   expert_ffn=torch.rand(L, shape.num_experts, shape.moe_ffn_hidden_size, generator=g))
+    return Scores(**dense, **moe, method="random")
 
 
 def _sq_rows(t: torch.Tensor, unit: int = 1) -> torch.Tensor:
     """Sum of squares per block of ``unit`` rows: [n*unit, k] -> [n]."""
     t = t.float()
     return t.pow(2).reshape(-1, unit * t.shape[1] if t.dim() == 2 else unit).sum(1)
+
+
+def _expert_magnitudes(src: TensorSource, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A MoE layer's squared weight norms per hidden channel ``[h]``, and the L2 norms per expert ``[E]`` (its router
+    row and FFN) and per expert FFN channel ``[E, F]``."""
+    router = src.get("router", layer)
+    hidden = _sq_rows(router.t())
+    channels = []
+    for e in range(src.shape.num_experts):
+        gate, up, down = (src.get(r, layer, e) for r in ("expert_gate", "expert_up", "expert_down"))
+        hidden += _sq_rows(gate.t()) + _sq_rows(up.t()) + _sq_rows(down)
+        channels.append(_sq_rows(gate) + _sq_rows(up) + _sq_rows(down.t()))
+    sq = torch.stack(channels)  # [E, F]
+    return hidden, (sq.sum(1) + _sq_rows(router)).sqrt(), sq.sqrt()
 
 
 def magnitude_scores(src: TensorSource, progress: Callable[[Any], Any] = iter) -> Scores:
@@ -171,20 +189,31 @@ def magnitude_scores(src: TensorSource, progress: Callable[[Any], Any] = iter) -
     hidden = _sq_rows(src.get("embed").t())
     if src.has("lm_head"):
         hidden += _sq_rows(src.get("lm_head").t())
-    heads, groups, ffn = [], [], []
+    heads, groups, ffn, experts, expert_ffn = [], [], [], [], []
     for layer in progress(range(s.num_layers)):
         q, k, v, o = (src.get(r, layer) for r in ("q", "k", "v", "o"))
+        head = _sq_rows(q, hn) + _sq_rows(o.t(), hn)
+        heads.append(head.sqrt())
+        grp = _sq_rows(k, hn) + _sq_rows(v, hn) + head.reshape(s.num_query_groups, -1).sum(1)
+        groups.append(grp.sqrt())
+        if s.is_moe:
+            for t in (q, k, v):
+                hidden += _sq_rows(t.t())
+            hidden += _sq_rows(o)
+            moe_hidden, expert, channel = _expert_magnitudes(src, layer)
+            hidden += moe_hidden
+            experts.append(expert)
+            expert_ffn.append(channel)
+            ffn.append(torch.zeros(0))
+            continue
         gate, up, down = (src.get(r, layer) for r in ("gate", "up", "down"))
         for t in (q, k, v, gate, up):
             hidden += _sq_rows(t.t())
         for t in (o, down):
             hidden += _sq_rows(t)
-        head = _sq_rows(q, hn) + _sq_rows(o.t(), hn)
-        heads.append(head.sqrt())
-        grp = _sq_rows(k, hn) + _sq_rows(v, hn) + head.reshape(s.num_query_groups, -1).sum(1)
-        groups.append(grp.sqrt())
         ffn.append((_sq_rows(gate) + _sq_rows(up) + _sq_rows(down.t())).sqrt())
-    return Scores(hidden.sqrt(), torch.stack(heads), torch.stack(ffn), torch.stack(groups), method="magnitude")
+    moe = dict(experts=torch.stack(experts), expert_ffn=torch.stack(expert_ffn)) if s.is_moe else {}
+    return Scores(hidden.sqrt(), torch.stack(heads), torch.stack(ffn), torch.stack(groups), method="magnitude", **moe)
 
 
 def can_score(src: TensorSource, opt: ScoringOptions) -> bool:

@@ -7,7 +7,10 @@ aggregation (:data:`AGGREGATIONS`) turns tokens and samples into one score per u
   summed over layers;
 - query head / KV group: the L2 norm of the attention output of the head (of the group's heads) before ``o_proj``;
 - FFN channel: ``|x|`` of the input of ``down_proj`` (``act(gate) * up``);
-- layer: block influence ``1 - cos(layer input, layer output)``, averaged over tokens.
+- layer: block influence ``1 - cos(layer input, layer output)``, averaged over tokens;
+- expert (mixture-of-experts layers): the routing weight it is given times the L2 norm of its output, summed over
+  the tokens routed to it and divided by all tokens (an expert never routed to scores 0); its FFN channels: ``|x|`` of
+  its ``down_proj`` input over the tokens routed to it. The share of tokens routed to each is recorded too.
 
 Scores come from the HF model; a plan made from them applies to the Megatron checkpoint of the same model too.
 """
@@ -35,6 +38,9 @@ ATTN_OUT = "self_attn.o_proj"  # input [b, s, np*hn]: attention output per head
 
 
 FFN_ACT = "mlp.down_proj"  # input [b, s, f]: act(gate) * up
+
+
+EXPERTS = "mlp.experts"  # MoE layers: called with (x [t, h], top-k expert ids [t, k], their weights [t, k])
 
 # the calibration pass: windows, their length, windows per forward
 DEFAULT_SAMPLES = 64
@@ -125,6 +131,43 @@ class LayerStats:
     groups: Aggregator
     ffn: Aggregator
     influence: Aggregator  # always a plain mean over tokens
+    experts: "ExpertStats | None" = None  # mixture-of-experts layers
+
+
+class ExpertStats:
+    """Per-expert statistics of one MoE layer, from the calls of its experts module (transformers 5's fused experts:
+    ``gate_up_proj`` ``[E, 2F, h]`` (gate rows first), ``down_proj`` ``[E, h, F]``)."""
+
+    def __init__(self, num_experts: int, agg: str) -> None:
+        self.weighted_norm = torch.zeros(num_experts, dtype=torch.float64)  # sum over routed tokens of w * |y|
+        self.routed = torch.zeros(num_experts, dtype=torch.float64)  # tokens routed to each expert
+        self.tokens = 0
+        self.channels = [aggregator(agg) for _ in range(num_experts)]
+        self.width = 0
+
+    def add(self, experts: torch.nn.Module, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> None:
+        self.tokens += x.shape[0]
+        self.width = experts.down_proj.shape[-1]
+        for e in range(len(self.channels)):
+            token, slot = torch.where(top_index == e)
+            if token.numel() == 0:
+                continue
+            gate, up = torch.nn.functional.linear(x[token], experts.gate_up_proj[e]).chunk(2, dim=-1)
+            act = experts.act_fn(gate) * up  # [t_e, F]: the input of this expert's down_proj
+            y = torch.nn.functional.linear(act, experts.down_proj[e])
+            self.weighted_norm[e] += (top_weight[token, slot].double() * y.double().norm(dim=-1)).sum().cpu()
+            self.routed[e] += token.numel()
+            self.channels[e].add(act.abs()[None])  # the tokens routed to it, as one sequence
+
+    def importance(self) -> torch.Tensor:
+        return (self.weighted_norm / max(self.tokens, 1)).float()
+
+    def frequency(self) -> torch.Tensor:
+        return (self.routed / max(self.tokens, 1)).float()
+
+    def channel_scores(self) -> torch.Tensor:
+        """``[E, F]``; zeros for an expert no token was routed to."""
+        return torch.stack([a.result().cpu() if a.count else torch.zeros(self.width) for a in self.channels])
 
 
 def _decoder_layers(model) -> Sequence[torch.nn.Module]:
@@ -139,7 +182,8 @@ def importance_hooks(model, shape: ModelShape, agg: str = DEFAULT_AGGREGATION) -
     """Register the statistics hooks on every decoder layer for the duration of the block; yields their stats."""
     aggregator(agg)  # validate the name before touching the model
     layers = _decoder_layers(model)
-    stats = [LayerStats(*(aggregator(agg) for _ in range(5)), Mean()) for _ in layers]
+    stats = [LayerStats(*(aggregator(agg) for _ in range(5)), Mean(),
+                        ExpertStats(shape.num_experts, agg) if shape.is_moe else None) for _ in layers]
     handles = []
 
     def output_hook(acc: Aggregator, fn: Callable[[torch.Tensor], torch.Tensor]):
@@ -156,6 +200,9 @@ def importance_hooks(model, shape: ModelShape, agg: str = DEFAULT_AGGREGATION) -
 
         return hook
 
+    def experts_hook(acc: ExpertStats):
+        return lambda mod, args: acc.add(mod, *(a.detach() for a in args[:3]))
+
     for layer, st in zip(layers, stats):
         sub = dict(layer.named_modules())
         handles += [
@@ -163,9 +210,12 @@ def importance_hooks(model, shape: ModelShape, agg: str = DEFAULT_AGGREGATION) -
             sub[MLP_NORM].register_forward_hook(output_hook(st.mlp_norm, torch.abs)),
             sub[ATTN_OUT].register_forward_pre_hook(input_hook(st.heads, lambda x: head_norms(x, shape.num_attention_heads))),
             sub[ATTN_OUT].register_forward_pre_hook(input_hook(st.groups, lambda x: head_norms(x, shape.num_query_groups))),
-            sub[FFN_ACT].register_forward_pre_hook(input_hook(st.ffn, torch.abs)),
             layer.register_forward_hook(layer_hook(st.influence), with_kwargs=True),
         ]
+        if st.experts is not None:
+            handles.append(sub[EXPERTS].register_forward_pre_hook(experts_hook(st.experts)))
+        else:
+            handles.append(sub[FFN_ACT].register_forward_pre_hook(input_hook(st.ffn, torch.abs)))
     try:
         yield stats
     finally:
@@ -178,13 +228,20 @@ def scores_from_stats(stats: Sequence[LayerStats], agg: str) -> Scores:
     if not stats or stats[0].heads.count == 0:
         raise PruneError("no calibration tokens went through the model")
     hidden = torch.stack([s.attn_norm.result() + s.mlp_norm.result() for s in stats]).sum(0)
+    moe = {}
+    if stats[0].experts is not None:  # a MoE model has no dense FFN
+        moe = dict(experts=torch.stack([s.experts.importance() for s in stats]),
+                   expert_ffn=torch.stack([s.experts.channel_scores() for s in stats]),
+                   routing=torch.stack([s.experts.frequency() for s in stats]))
+    ffn = [torch.zeros(0) if s.experts is not None else s.ffn.result().cpu() for s in stats]
     return Scores(
         hidden=hidden.cpu(),
         heads=torch.stack([s.heads.result() for s in stats]).cpu(),
-        ffn=torch.stack([s.ffn.result() for s in stats]).cpu(),
+        ffn=torch.stack(ffn),
         groups=torch.stack([s.groups.result() for s in stats]).cpu(),
         layers=torch.cat([s.influence.result() for s in stats]).cpu(),
         method="activation",
+        **moe,
     )
 
 

@@ -174,6 +174,15 @@ PRUNE_CONFIG_KEYS = {
     "num_query_groups": "--num-query-groups",
     "ffn_hidden_size": "--ffn-hidden-size",
     "num_layers": "--num-layers",
+    # mixture-of-experts models (Qwen3-MoE, Mixtral)
+    "num_experts_remain": "--num-experts",
+    "moe_ffn_hidden_size_remain": "--moe-ffn-hidden-size",
+    "num_experts_per_tok_remain": "--num-experts-per-tok",
+    "num_experts": "--num-experts",
+    "num_local_experts": "--num-experts",
+    "moe_intermediate_size": "--moe-ffn-hidden-size",
+    "moe_ffn_hidden_size": "--moe-ffn-hidden-size",
+    "num_experts_per_tok": "--num-experts-per-tok",
     "method": "--method",
     "seed": "--seed",
     "tp": "--tp",
@@ -201,16 +210,28 @@ def prune_config_flags(config: dict[str, Any], source: dict[str, Any] | None) ->
     if whole_hf and source is not None:
         check_fixed_fields(config, source)
     chosen: dict[str, tuple[str, str]] = {}  # flag -> (key, value)
+    keys = {**PRUNE_CONFIG_KEYS, **moe_config_keys(source)}
     for key, value in config.items():
-        if key not in PRUNE_CONFIG_KEYS:
+        if keys.get(key) is None:
             continue
-        flag, text = PRUNE_CONFIG_KEYS[key], config_value(value)
+        flag, text = keys[key], config_value(value)
         if flag in chosen and chosen[flag][1] != text:
             raise PruneError(f"the prune config gives {chosen[flag][0]} {chosen[flag][1]} and {key} {text}; "
                              "give one")
         chosen[flag] = (key, text)
     flags = [x for flag, (_, text) in chosen.items() for x in (flag, text)]
     return flags, {flag: key for flag, (key, _) in chosen.items()}, unknown
+
+
+def moe_config_keys(source: dict[str, Any] | None) -> dict[str, str | None]:
+    """A MoE model's HF config key ``intermediate_size``: the expert width where the family says so (Mixtral), else
+    the width of dense layers it does not have (Qwen3-MoE): no flag."""
+    from megatron.prune.core.shape import family_of
+
+    moe = None if source is None else family_of(source).moe
+    if moe is None:
+        return {}
+    return {"intermediate_size": "--moe-ffn-hidden-size" if moe.expert_ffn == "intermediate_size" else None}
 
 
 def check_fixed_fields(config: dict[str, Any], source: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ def rope_scaling_args(hf_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, pp: int, padded: int,
                    divisible_by: int, dtype: torch.dtype, spec: str, hf_config: Mapping[str, Any],
-                   tokenizer_dir: Path | None) -> argparse.Namespace:
+                   tokenizer_dir: Path | None, ep: int = 1) -> argparse.Namespace:
     """The ``args`` Namespace of an output checkpoint: ``base`` (if any) with every shape field set."""
     a = argparse.Namespace(**vars(base)) if base is not None else argparse.Namespace()
     max_pos = int(hf_config.get("max_position_embeddings") or getattr(a, "max_position_embeddings", None) or 4096)
@@ -52,16 +52,30 @@ def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, 
         vocab_size=shape.vocab_size, padded_vocab_size=padded, make_vocab_size_divisible_by=divisible_by,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
-        expert_model_parallel_size=1, num_experts=None, ckpt_format="torch", transformer_impl=spec,
+        expert_model_parallel_size=ep, ckpt_format="torch", transformer_impl=spec,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         iteration=0, consumed_train_samples=0, consumed_valid_samples=0,
     )
     fields.update(rope_scaling_args(hf_config))
+    fields.update(moe_args(shape, hf_config))
     fields.setdefault("seq_length", getattr(a, "seq_length", None) or min(max_pos, 4096))
     a.__dict__.update(fields)
     if tokenizer_dir is not None:
         a.tokenizer_type, a.tokenizer_model = "HuggingFaceTokenizer", str(tokenizer_dir)
     return a
+
+
+def moe_args(shape: ModelShape, hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """megatron-core's mixture-of-experts args (none for a dense model). Its router takes the top-k of the logits and
+    softmaxes them (= softmax, top-k, renormalised: Mixtral, Qwen3-MoE with norm_topk_prob), or with pre-softmax takes
+    the top-k of the softmax as it is (Qwen3-MoE without norm_topk_prob)."""
+    if not shape.is_moe:
+        return dict(num_experts=None)
+    return dict(num_experts=shape.num_experts, moe_ffn_hidden_size=shape.moe_ffn_hidden_size,
+                ffn_hidden_size=shape.moe_ffn_hidden_size, moe_router_topk=shape.num_experts_per_tok,
+                moe_router_pre_softmax=not hf_config.get("norm_topk_prob", True), moe_router_score_function="softmax",
+                moe_grouped_gemm=False, moe_token_dispatcher_type="allgather", moe_layer_freq=1,
+                moe_shared_expert_intermediate_size=None, expert_tensor_parallel_size=None)
 
 
 def hf_config_from_args(args: argparse.Namespace, shape: ModelShape, dtype: torch.dtype) -> dict[str, Any]:
@@ -72,6 +86,8 @@ def hf_config_from_args(args: argparse.Namespace, shape: ModelShape, dtype: torc
            "rope_theta": float(getattr(args, "rotary_base", 10000)),
            "max_position_embeddings": int(getattr(args, "max_position_embeddings", 4096) or 4096),
            "attention_bias": shape.qkv_bias, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if shape.is_moe:
+        cfg["norm_topk_prob"] = not getattr(args, "moe_router_pre_softmax", False)
     if getattr(args, "use_rope_scaling", False):
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), "low_freq_factor": 1.0,
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -84,9 +100,11 @@ def check_meta_family(hf_config: Mapping[str, Any], shape: ModelShape, where: Pa
     if not hf_config:
         return
     family = family_of(hf_config)
-    if family.qk_norm != shape.qk_norm or (family.qkv_bias and not shape.qkv_bias):
+    if (family.qk_norm != shape.qk_norm or (family.qkv_bias and not shape.qkv_bias)
+            or (family.moe is not None) != shape.is_moe):
         raise PruneError(f"{where}: its HF config is {family.architecture}, but its args say "
-                         f"qk_layernorm={shape.qk_norm}, add_qkv_bias={shape.qkv_bias}: the two describe different "
+                         f"qk_layernorm={shape.qk_norm}, add_qkv_bias={shape.qkv_bias}, "
+                         f"num_experts={shape.num_experts or None}: the two describe different "
                          "models")
 
 
@@ -96,23 +114,34 @@ def shape_from_args(args: argparse.Namespace, vocab_size: int | None) -> ModelSh
                                                         ("position_embedding_type", "rope"),
                                                         ("add_bias_linear", False))
              if getattr(args, k, want) != want}
-    for name in ("num_experts", "qk_l2_norm"):
-        if getattr(args, name, None):
-            wrong[name] = getattr(args, name)
+    if getattr(args, "qk_l2_norm", None):
+        wrong["qk_l2_norm"] = args.qk_l2_norm
+    experts = int(getattr(args, "num_experts", None) or 0)
+    if experts:  # what the MoE schema knows: every layer sparse, SequentialMLP, no shared expert, softmax router
+        for k, want in (("moe_grouped_gemm", False), ("moe_shared_expert_intermediate_size", None),
+                        ("moe_router_score_function", "softmax")):
+            if getattr(args, k, want) != want:
+                wrong[k] = getattr(args, k)
+        if getattr(args, "moe_layer_freq", 1) not in (1, [1] * int(args.num_layers)):
+            wrong["moe_layer_freq"] = args.moe_layer_freq
     if wrong:
-        raise PruneError(f"not a LLaMA-family Megatron checkpoint: {wrong} (need RMSNorm, swiglu, rope, "
-                         "no linear biases, no experts, QK-norm if any an RMSNorm)")
+        raise PruneError(f"not a LLaMA-family Megatron checkpoint we read: {wrong} (need RMSNorm, swiglu, rope, "
+                         "no linear biases, QK-norm if any an RMSNorm; experts in every layer, SequentialMLP, no "
+                         "shared expert, a softmax router)")
     try:
         heads = int(args.num_attention_heads)
         groups = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
         return ModelShape(
             num_layers=int(args.num_layers), hidden_size=int(args.hidden_size), num_attention_heads=heads,
             num_query_groups=groups, head_dim=int(getattr(args, "kv_channels", None) or args.hidden_size // heads),
-            ffn_hidden_size=int(args.ffn_hidden_size),
+            ffn_hidden_size=0 if experts else int(args.ffn_hidden_size),
             vocab_size=int(vocab_size or getattr(args, "vocab_size", None) or args.padded_vocab_size),
             tied_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
             qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
             qk_norm=bool(getattr(args, "qk_layernorm", False)),
+            num_experts=experts,
+            moe_ffn_hidden_size=int(getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size) if experts else 0,
+            num_experts_per_tok=int(getattr(args, "moe_router_topk", 2)) if experts else 0,
         )
     except (AttributeError, TypeError) as e:
         raise PruneError(f"checkpoint args lack a shape field ({e})") from e

@@ -55,6 +55,7 @@ class TorchDistCheckpoint(CheckpointHeader):
     metadata: Any
     _cache: tuple[str | None, torch.Tensor | None] = field(default=(None, None), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    ep: int = 1  # torch_dist checkpoints of mixture-of-experts models are refused, so no experts to split
 
     @classmethod
     def open(cls, folder: Path, iter_dir: Path) -> "TorchDistCheckpoint":
@@ -78,6 +79,9 @@ class TorchDistCheckpoint(CheckpointHeader):
         hf_config = json.loads(meta.read_text()) if meta.is_file() else {}
         shape = shape_from_args(args, hf_config.get("vocab_size"))
         check_meta_family(hf_config, shape, folder)
+        if shape.is_moe:
+            raise PruneError(f"{folder}: a torch_dist checkpoint of a mixture-of-experts model ({shape.num_experts} "
+                             "experts); only torch-format MoE checkpoints are read so far")
         tp = int(getattr(args, "tensor_model_parallel_size", 1))
         pp = int(getattr(args, "pipeline_model_parallel_size", 1))
         spec = getattr(args, "transformer_impl", "local")

@@ -18,8 +18,9 @@ from megatron.prune.formats.hf import HFCheckpoint, check_hf_target, write_prune
 from megatron.prune.formats.mcore.args import args_for_shape, config_with_dtype
 from megatron.prune.formats.mcore.dist import torch_to_dist
 from megatron.prune.formats.mcore.read import CheckpointHeader, MegatronCheckpoint, load_shard
-from megatron.prune.formats.mcore.schema import (META_DIR, SPECS, check_ckpt_format, check_tp_pp, padded_vocab_size,
-                                                 tp_units)
+from megatron.prune.formats.mcore.schema import (META_DIR, SPECS, check_ckpt_format, check_ep, check_moe_layout,
+                                                 check_tp_pp, padded_vocab_size, tp_units)
+
 from megatron.prune.formats.mcore.write import (Layout, ParamFn, balanced_params, global_params, write_checkpoint,
                                                 write_meta)
 from megatron.prune.formats.source import (DEFAULT_MAX_SHARD_BYTES, FormatAdapter, TensorOverrides, TensorSource,
@@ -33,20 +34,22 @@ NOT_CARRIED = ("optimizer state and RNG state are not carried over and the itera
 def save(src: TensorSource, plan: PrunePlan, output: Path, tp: int, pp: int, spec: str, divisible_by: int,
          params_fn: Callable[..., ParamFn], base_args: argparse.Namespace | None,
          side_files: Path | None, overwrite: bool, progress: bool, save_plan: bool,
-         ckpt_format: str = "torch", overrides: TensorOverrides | None = None) -> Path:
+         ckpt_format: str = "torch", overrides: TensorOverrides | None = None, ep: int = 1) -> Path:
     """Shared body of convert, reshard and prune: write ``plan`` applied to ``src`` (``overrides`` in place of some
-    slices) as a Megatron checkpoint."""
+    slices) as a Megatron checkpoint of TP ``tp``, PP ``pp`` and EP ``ep``."""
     if spec not in SPECS:
         raise PruneError(f"layer spec {spec!r} unknown; choose one of {', '.join(SPECS)}")
     check_ckpt_format(ckpt_format)
+    check_moe_layout(plan.target, spec, ckpt_format)
     target = plan.target
     check_tp_pp(target, tp, pp, what="output: ")
-    layout = Layout(target, tp, pp, spec, padded_vocab_size(target.vocab_size, divisible_by, tp))
+    check_ep(target, ep, what="output: ")
+    layout = Layout(target, tp, pp, spec, padded_vocab_size(target.vocab_size, divisible_by, tp), ep)
     output = Path(output)
     final = output.resolve()
     tokenizer = final / META_DIR if side_files is not None and has_tokenizer_file(side_files) else None
     args = args_for_shape(base_args, target, tp, pp, layout.padded_vocab, divisible_by, src.dtype, spec,
-                          src.hf_config, tokenizer)
+                          src.hf_config, tokenizer, ep)
     with atomic_output(output, overwrite) as tmp:
         write_checkpoint(tmp, layout, params_fn(src, plan, layout, overrides), args, src.release, progress)
         write_meta(tmp, side_files, src.hf_config, target)
@@ -59,27 +62,30 @@ def save(src: TensorSource, plan: PrunePlan, output: Path, tp: int, pp: int, spe
 
 def hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, tp: int = 1, pp: int = 1, spec: str = "local",
                    make_vocab_size_divisible_by: int = 128, overwrite: bool = False, progress: bool = True,
-                   ckpt_format: str = "torch") -> Path:
-    """Convert an HF LLaMA-family checkpoint into a Megatron-LM checkpoint of TP ``tp`` and PP ``pp``."""
+                   ckpt_format: str = "torch", ep: int = 1) -> Path:
+    """Convert an HF LLaMA-family checkpoint into a Megatron-LM checkpoint of TP ``tp``, PP ``pp`` and EP ``ep``."""
     src = HFCheckpoint.open(hf_dir).in_one_dtype()  # mixed float32/float16/bfloat16 weights: one dtype, no loss
     check_tp_pp(src.shape, tp, pp)
+    check_ep(src.shape, ep)
     check_output_path(hf_dir, out_dir, overwrite)
     return save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec, make_vocab_size_divisible_by,
-                 global_params, None, Path(hf_dir), overwrite, progress, save_plan=False, ckpt_format=ckpt_format)
+                 global_params, None, Path(hf_dir), overwrite, progress, save_plan=False, ckpt_format=ckpt_format,
+                 ep=ep)
 
 
 def reshard(mg_dir: Path | str, out_dir: Path | str, tp: int | None = None, pp: int | None = None,
             spec: str | None = None, make_vocab_size_divisible_by: int | None = None, overwrite: bool = False,
-            progress: bool = True, ckpt_format: str = "torch") -> Path:
-    """Rewrite a Megatron checkpoint at another TP/PP size (and/or layer spec); weights unchanged."""
+            progress: bool = True, ckpt_format: str = "torch", ep: int | None = None) -> Path:
+    """Rewrite a Megatron checkpoint at another TP/PP/EP size (and/or layer spec); weights unchanged."""
     src = open_megatron(mg_dir)
-    tp, pp = tp or src.tp, pp or src.pp
+    tp, pp, ep = tp or src.tp, pp or src.pp, ep or src.ep
     check_tp_pp(src.shape, tp, pp)
+    check_ep(src.shape, ep)
     check_output_path(mg_dir, out_dir, overwrite)
     div = make_vocab_size_divisible_by or int(getattr(src.args, "make_vocab_size_divisible_by", 128))
     plan_file = src.folder / PLAN_FILE
     out = save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec or src.spec, div, global_params,
-                src.args, src.folder / META_DIR, overwrite, progress, save_plan=False, ckpt_format=ckpt_format)
+                src.args, src.folder / META_DIR, overwrite, progress, save_plan=False, ckpt_format=ckpt_format, ep=ep)
     if plan_file.is_file():
         shutil.copy2(plan_file, out / PLAN_FILE)  # keep the record of how this checkpoint was pruned
     return out
@@ -146,6 +152,9 @@ def output_layout(src: CheckpointHeader, target: ModelShape, prune_type: str, tp
                          f"size {pp}; keep a multiple of {pp} layers ({valid}) or first run "
                          f"`megatron-prune reshard --pp 1`")
     check_tp_pp(target, tp, pp, what="target: ")
+    if target.is_moe and target.num_experts % src.ep:  # experts stay split as in the input
+        raise PruneError(f"--num-experts {target.num_experts} is not divisible by the checkpoint's expert-parallel "
+                         f"size {src.ep}; valid: multiples of {src.ep} up to {src.shape.num_experts}")
     return tp, pp
 
 
@@ -170,7 +179,8 @@ def apply_plan(src: CheckpointHeader, plan: PrunePlan, output: Path | str, overw
     check_output_path(src.folder, output, overwrite)
     src.release()
     out = save(src, plan, Path(output), tp, pp, src.spec, div, params_fn, src.args, src.folder / META_DIR,
-               overwrite, progress, save_plan=True, ckpt_format=ckpt_format, overrides=overrides)
+               overwrite, progress, save_plan=True, ckpt_format=ckpt_format, overrides=overrides,
+               ep=src.ep)
     print(f"note: {NOT_CARRIED}")
     return out
 

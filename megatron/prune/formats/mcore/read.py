@@ -21,8 +21,9 @@ from megatron.prune.formats.safetensors import DTYPE_CODES
 from megatron.prune.formats.mcore.args import check_meta_family, hf_config_from_args, shape_from_args
 from megatron.prune.formats.source import check_finite
 from megatron.prune.formats.mcore.schema import (EXTRA_STATE, META_DIR, MODEL_FILE, PARAM_BY_KEY, PARAM_OF_ROLE,
-                                                 TRACKER, _SHARD_DIR, Param, check_tp_pp, params_for, shard_dir_name,
-                                                 stored_shape, unfuse)
+                                                 TRACKER, _SHARD_DIR, Param, check_ep, check_tp_pp, expert_shard,
+                                                 extra_state_names, layer_param_names, params_for, shard_keys,
+                                                 shard_path_name, stored_shape, unfuse)
 from megatron.prune.io.memory import drop_mapped_pages, file_mappings
 
 WORKERS = 4  # most threads computing one output file's tensors (the writer, not compute, soon limits)
@@ -110,11 +111,11 @@ class CheckpointHeader:
     dtype: torch.dtype
     hf_config: dict[str, Any]
 
-    def has(self, role: str, layer: int | None = None) -> bool:
-        """Which logical tensors exist follows from the shape alone (tied embeddings, q/k/v bias)."""
+    def has(self, role: str, layer: int | None = None, expert: int | None = None) -> bool:
+        """Which logical tensors exist follows from the shape alone (tied embeddings, q/k/v bias, experts)."""
         return has_role(self.shape, role)
 
-    def dtype_code(self, role: str, layer: int | None = None) -> str:
+    def dtype_code(self, role: str, layer: int | None = None, expert: int | None = None) -> str:
         """safetensors dtype code of every tensor (one dtype throughout a Megatron checkpoint)."""
         return DTYPE_CODES[self.dtype]
 
@@ -130,7 +131,8 @@ class MegatronCheckpoint(CheckpointHeader):
     shards are memory-mapped and at most ``tp`` of them are held open at once.
     """
 
-    files: dict[tuple[int, int], Path]
+    files: dict[tuple[int, ...], Path]  # (tp, pp), or (tp, pp, ep) with expert parallelism: schema.shard_keys
+    ep: int = 1  # expert-parallel size
     _open: "OrderedDict[tuple[int, int], dict[str, Any]]" = field(default_factory=OrderedDict, repr=False)
     _parts: "OrderedDict[tuple, dict[str, torch.Tensor]]" = field(default_factory=OrderedDict, repr=False)
     _maps: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict, repr=False)
@@ -141,11 +143,8 @@ class MegatronCheckpoint(CheckpointHeader):
     def open(cls, folder: Path, iter_dir: Path) -> "MegatronCheckpoint":
         """Open and validate every shard (names, shapes, count) of the torch-format iteration folder ``iter_dir``
         before anything is written (:func:`megatron.prune.formats.folder.open_megatron` finds it)."""
-        found = {}
-        for d in sorted(iter_dir.iterdir()):
-            m = _SHARD_DIR.match(d.name)
-            if m and d.is_dir():
-                found[(int(m.group(1)), int(m.group(2) or 0))] = d / MODEL_FILE
+        # folder name -> file: which rank a name stands for depends on the args (mp_rank_00_001 is PP or EP rank 1)
+        found = {d.name: d / MODEL_FILE for d in sorted(iter_dir.iterdir()) if _SHARD_DIR.match(d.name) and d.is_dir()}
         if not found:
             raise PruneError(f"{iter_dir} holds no mp_rank_* shard folders")
         first = load_shard(found[min(found)])
@@ -154,10 +153,11 @@ class MegatronCheckpoint(CheckpointHeader):
             raise PruneError(f"{found[min(found)]} has no 'args' or 'model'; not a Megatron-LM checkpoint")
         tp = int(getattr(args, "tensor_model_parallel_size", 1))
         pp = int(getattr(args, "pipeline_model_parallel_size", 1))
-        expected = {(t, p): iter_dir / shard_dir_name(t, p, pp) / MODEL_FILE for t in range(tp) for p in range(pp)}
-        if set(found) != set(expected) or any(found[k].parent != expected[k].parent for k in expected):
+        ep = int(getattr(args, "expert_model_parallel_size", 1) or 1)
+        expected = {k: iter_dir / shard_path_name(k, pp, ep) / MODEL_FILE for k in shard_keys(tp, pp, ep)}
+        if set(found) != {p.parent.name for p in expected.values()}:
             raise PruneError(
-                f"{iter_dir}: args say TP={tp} PP={pp} ({len(expected)} shard folders: "
+                f"{iter_dir}: args say TP={tp} PP={pp}{f' EP={ep}' if ep > 1 else ''} ({len(expected)} shard folders: "
                 f"{', '.join(sorted(p.parent.name for p in expected.values()))}) but found "
                 f"{', '.join(sorted(p.parent.name for p in found.values()))}")
         missing = [str(p) for p in expected.values() if not p.is_file()]
@@ -173,10 +173,11 @@ class MegatronCheckpoint(CheckpointHeader):
         padded = int(getattr(args, "padded_vocab_size", None) or shape.vocab_size)
         if not hf_config:
             hf_config = hf_config_from_args(args, shape, dtype)
-        ckpt = cls(folder, iter_dir, args, shape, tp, pp, spec, padded, dtype, hf_config, expected)
+        ckpt = cls(folder, iter_dir, args, shape, tp, pp, spec, padded, dtype, hf_config, expected, ep=ep)
         check_tp_pp(shape, tp, pp, what="checkpoint: ")
+        check_ep(shape, ep, what="checkpoint: ")
         for key in tqdm(sorted(expected), desc="checking shards", unit="shard", disable=len(expected) < 16):
-            ckpt._check_shard(key, first["model"] if key == min(found) else load_shard(expected[key])["model"])
+            ckpt._check_shard(key, first["model"] if key == min(expected) else load_shard(expected[key])["model"])
         return ckpt
 
     # -- layout --------------------------------------------------------------------------------
@@ -193,9 +194,10 @@ class MegatronCheckpoint(CheckpointHeader):
         first, last = pp_rank == 0, pp_rank == self.pp - 1
         model, layer = params_for(self.shape, first, last)
         names: dict[str, Param | None] = {p.name(self.spec): p for p in model}
+        local = self.shape.num_experts // self.ep
         for i in range(self.layers_per_stage):
-            names.update({p.name(self.spec, i): p for p in layer})
-            names.update({t.format(i): None for t in EXTRA_STATE[self.spec] if "{}" in t})
+            names.update({n: p for p in layer for n, _ in layer_param_names(p, self.spec, i, local)})
+            names.update(dict.fromkeys(extra_state_names(self.spec, self.shape, i, local)))
         if last:
             names.update({t: None for t in EXTRA_STATE[self.spec] if "{}" not in t})
         return names
@@ -215,8 +217,11 @@ class MegatronCheckpoint(CheckpointHeader):
                 raise PruneError(f"{where}: {name} has shape {tuple(sd[name].shape)}, args imply "
                                  f"{self.local_shape(p)}")
 
-    def _shard(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
-        key = (tp_rank, pp_rank)
+    def _key(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> tuple[int, ...]:
+        return (tp_rank, pp_rank) if self.ep == 1 else (tp_rank, pp_rank, ep_rank)
+
+    def _shard(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
+        key = self._key(tp_rank, pp_rank, ep_rank)
         if key not in self._open:
             while len(self._open) >= self.tp:
                 self._maps.pop(self._open.popitem(last=False)[0], None)
@@ -238,66 +243,72 @@ class MegatronCheckpoint(CheckpointHeader):
             maps = [m for ranges in self._maps.values() for m in ranges]
         drop_mapped_pages(t, maps)
 
-    def _where(self, role: str, layer: int | None) -> tuple[Param, int, str]:
+    def _where(self, role: str, layer: int | None, expert: int | None = None) -> tuple[Param, int, int, str]:
+        """(param, pipeline stage, EP rank, name in that shard) of a logical tensor."""
         param = PARAM_OF_ROLE[stored_role(role, self.shape)]
         if layer is None:
             stage = 0 if param.key == "embed" else self.pp - 1
-            return param, stage, param.name(self.spec)
-        return param, layer // self.layers_per_stage, param.name(self.spec, layer % self.layers_per_stage)
+            return param, stage, 0, param.name(self.spec)
+        ep_rank, local = (0, None) if expert is None else expert_shard(expert, self.shape.num_experts, self.ep)
+        return (param, layer // self.layers_per_stage, ep_rank,
+                param.name(self.spec, layer % self.layers_per_stage, local))
 
     # -- TensorSource ----------------------------------------------------------------------------
 
-    def stored(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
+    def stored(self, role: str, layer: int | None, tp_rank: int, expert: int | None = None) -> torch.Tensor:
         """The megatron-core tensor holding ``role`` in TP shard ``tp_rank``, as stored (memory-mapped, fused)."""
-        _, stage, name = self._where(role, layer)
+        _, stage, ep_rank, name = self._where(role, layer, expert)
+        key = self._key(tp_rank, stage, ep_rank)
         with self._lock:
-            t, first = self._shard(tp_rank, stage)[name], self._first_read(tp_rank, stage, name)
+            t, first = self._shard(*key)[name], self._first_read(key, name)
         if first:  # outside the lock: the writer's threads check their tensors at once
-            check_finite(t, f"{self.files[(tp_rank, stage)]}: {name}")
+            check_finite(t, f"{self.files[key]}: {name}")
         return t
 
-    def _first_read(self, tp_rank: int, stage: int, name: str) -> bool:
-        """Whether this stored tensor is read for the first time (then it is checked for NaN/Inf)."""
-        key = (tp_rank, stage, name)
-        first = key not in self._finite
-        self._finite.add(key)
+    def _first_read(self, key: tuple[int, ...], name: str) -> bool:
+        """Whether this stored tensor of shard ``key`` is read for the first time (then it is checked for NaN/Inf)."""
+        first = (key, name) not in self._finite
+        self._finite.add((key, name))
         return first
 
-    def _checked(self, tp_rank: int, stage: int, name: str) -> torch.Tensor:
-        """A stored tensor of shard (tp_rank, stage), checked once for NaN/Inf (:func:`check_finite`)."""
-        t = self._shard(tp_rank, stage)[name]
-        if self._first_read(tp_rank, stage, name):
-            check_finite(t, f"{self.files[(tp_rank, stage)]}: {name}")
+    def _checked(self, key: tuple[int, ...], name: str) -> torch.Tensor:
+        """A stored tensor of shard ``key``, checked once for NaN/Inf (:func:`check_finite`)."""
+        t = self._shard(*key)[name]
+        if self._first_read(key, name):
+            check_finite(t, f"{self.files[key]}: {name}")
         return t
 
-    def get_local(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
+    def get_local(self, role: str, layer: int | None, tp_rank: int, expert: int | None = None) -> torch.Tensor:
         """The rank-local logical tensor of ``role`` (vocab still padded for embed/lm_head)."""
         with self._lock:
-            return self._get_local(role, layer, tp_rank)
+            return self._get_local(role, layer, tp_rank, expert)
 
-    def _get_local(self, role: str, layer: int | None, tp_rank: int) -> torch.Tensor:
-        param, stage, name = self._where(role, layer)
-        key = (tp_rank, stage, name)
+    def _get_local(self, role: str, layer: int | None, tp_rank: int, expert: int | None = None) -> torch.Tensor:
+        param, stage, ep_rank, name = self._where(role, layer, expert)
+        shard = self._key(tp_rank, stage, ep_rank)
+        key = (shard, name)
         if key not in self._parts:  # q, k, v (gate, up) come from one fused tensor: unfuse it once
             s = self.shape
-            self._parts[key] = unfuse(param, self._checked(tp_rank, stage, name), s.num_query_groups // self.tp,
+            self._parts[key] = unfuse(param, self._checked(shard, name), s.num_query_groups // self.tp,
                                       s.num_attention_heads // self.tp, s.head_dim)
             while len(self._parts) > WORKERS + 1:  # one per writer thread
                 self._parts.popitem(last=False)
         return self._parts[key]["embed" if param.key == "embed" else role]
 
-    def get(self, role: str, layer: int | None = None) -> torch.Tensor:
+    def get(self, role: str, layer: int | None = None, expert: int | None = None) -> torch.Tensor:
         param = PARAM_OF_ROLE[role]
         if param.tp_axis is None:  # in the checkpoint's one dtype (a mixed one, from elsewhere, exports whole)
-            return self.get_local(role, layer, 0).to(self.dtype)
-        t = torch.cat([self.get_local(role, layer, r) for r in range(self.tp)], dim=param.tp_axis).to(self.dtype)
-        self._done_with(role, layer)  # ``t`` is a copy: the pages it was read from can leave the resident set
+            return self.get_local(role, layer, 0, expert).to(self.dtype)
+        t = torch.cat([self.get_local(role, layer, r, expert) for r in range(self.tp)], dim=param.tp_axis)
+        t = t.to(self.dtype)
+        self._done_with(role, layer, expert)  # ``t`` is a copy: the pages it was read from can leave the resident set
         return t[: self.shape.vocab_size] if role in ("embed", "lm_head") else t
 
-    def _done_with(self, role: str, layer: int | None) -> None:
+    def _done_with(self, role: str, layer: int | None, expert: int | None = None) -> None:
         """:meth:`done_reading` for every open TP shard's stored tensor of ``role`` (opens nothing)."""
-        _, stage, name = self._where(role, layer)
+        _, stage, ep_rank, name = self._where(role, layer, expert)
+        keys = [self._key(r, stage, ep_rank) for r in range(self.tp)]
         with self._lock:
-            stored = [self._open[(r, stage)][name] for r in range(self.tp) if (r, stage) in self._open]
+            stored = [self._open[k][name] for k in keys if k in self._open]
         for t in stored:
             self.done_reading(t)

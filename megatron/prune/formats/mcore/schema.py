@@ -52,7 +52,7 @@ def resolve_spec(spec: str) -> str:
 CKPT_FORMATS = ("torch", "torch_dist")  # output formats; both are read
 
 
-TP_AXES = ("heads", "groups", "ffn", "vocab")  # logical axes megatron-core splits across TP ranks
+TP_AXES = ("heads", "groups", "ffn", "vocab", "expert_ffn")  # logical axes megatron-core splits across TP ranks
 
 
 # ---- the name table ----------------------------------------------------------------------------
@@ -62,7 +62,8 @@ class Param:
     """One megatron-core parameter: its name per layer spec, the logical roles it fuses, its TP split axis.
 
     ``tp_axis`` is the one declaration of how the parameter is split across tensor-parallel ranks:
-    0 column-parallel, 1 row-parallel, None replicated.
+    0 column-parallel, 1 row-parallel, None replicated. ``per_expert`` parameters are one per expert of a layer
+    (SequentialMLP's ``local_experts.E``; expert parallelism 1: every rank holds every expert).
     """
 
     key: str
@@ -71,10 +72,11 @@ class Param:
     roles: tuple[str, ...]
     tp_axis: int | None
     per_layer: bool
+    per_expert: bool = False
 
-    def name(self, spec: str, layer: int | None = None) -> str:
+    def name(self, spec: str, layer: int | None = None, expert: int | None = None) -> str:
         template = self.local if spec == "local" else self.te
-        return template.format(layer) if self.per_layer else template
+        return template.format(*(i for i in (layer, expert) if i is not None)) if self.per_layer else template
 
 
 _L = "decoder.layers.{}."
@@ -101,10 +103,20 @@ PARAMS: tuple[Param, ...] = (
           True),
     Param("fc1", _L + "mlp.linear_fc1.weight", _L + "mlp.linear_fc1.weight", ("gate", "up"), 0, True),
     Param("fc2", _L + "mlp.linear_fc2.weight", _L + "mlp.linear_fc2.weight", ("down",), 1, True),
+    # mixture of experts (megatron-core MoELayer, local spec, SequentialMLP): the router is replicated, each expert's
+    # fc1 [gate; up] column- and fc2 row-parallel inside the expert (--expert-tensor-parallel-size = TP)
+    Param("router", _L + "mlp.router.weight", _L + "mlp.router.weight", ("router",), None, True),
+    Param("expert_fc1", _L + "mlp.experts.local_experts.{}.linear_fc1.weight",
+          _L + "mlp.experts.local_experts.{}.linear_fc1.weight", ("expert_gate", "expert_up"), 0, True, True),
+    Param("expert_fc2", _L + "mlp.experts.local_experts.{}.linear_fc2.weight",
+          _L + "mlp.experts.local_experts.{}.linear_fc2.weight", ("expert_down",), 1, True, True),
 )
 
 
 PARAM_BY_KEY = {p.key: p for p in PARAMS}
+
+
+MOE_PARAMS = frozenset({"router", "expert_fc1", "expert_fc2"})
 
 
 PARAM_OF_ROLE = {r: p for p in PARAMS for r in p.roles}
@@ -119,6 +131,58 @@ EXTRA_STATE: dict[str, tuple[str, ...]] = {
                            _L + "self_attention.core_attention._extra_state", _L + "mlp.linear_fc1._extra_state",
                            _L + "mlp.linear_fc2._extra_state", "output_layer._extra_state"),
 }
+
+
+# A MoE layer's _extra_state entries in the local spec: each expert's linears (the router has none); they replace
+# the dense MLP's.
+EXPERT_EXTRA_STATE = (_L + "mlp.experts.local_experts.{}.linear_fc1._extra_state",
+                      _L + "mlp.experts.local_experts.{}.linear_fc2._extra_state")
+
+
+def extra_state_names(spec: str, shape: ModelShape, layer: int, local_experts: int) -> list[str]:
+    """The ``_extra_state`` names of local layer ``layer`` of a model of ``shape``, in a shard holding
+    ``local_experts`` experts."""
+    names = [t.format(layer) for t in EXTRA_STATE[spec] if "{}" in t]
+    if not shape.is_moe:
+        return names
+    names = [n for n in names if ".mlp." not in n]
+    return names + [t.format(layer, e) for e in range(local_experts) for t in EXPERT_EXTRA_STATE]
+
+
+def layer_param_names(param: Param, spec: str, layer: int, local_experts: int) -> list[tuple[str, int | None]]:
+    """(state-dict name, local expert) of each tensor of ``param`` in local layer ``layer`` of a shard holding
+    ``local_experts`` experts (one per expert if ``per_expert``)."""
+    if param.per_expert:
+        return [(param.name(spec, layer, e), e) for e in range(local_experts)]
+    return [(param.name(spec, layer), None)]
+
+
+def expert_shard(expert: int, num_experts: int, ep: int) -> tuple[int, int]:
+    """(EP rank, local number) of expert ``expert``: expert-parallel rank r holds experts [r*E/ep, (r+1)*E/ep),
+    numbered from 0 in its shard (megatron-core's expert parallelism, declared here once)."""
+    per = num_experts // ep
+    return expert // per, expert % per
+
+
+def check_ep(shape: ModelShape, ep: int, what: str = "") -> None:
+    """Expert parallelism splits the experts evenly; a dense model has none to split."""
+    if ep < 1:
+        raise PruneError(f"--ep {ep}: must be at least 1")
+    if ep > 1 and not shape.is_moe:
+        raise PruneError(f"{what}--ep {ep}: the model is dense (no experts to split); expert parallelism needs a "
+                         "mixture-of-experts model")
+    if shape.is_moe and shape.num_experts % ep:
+        valid = [d for d in range(1, shape.num_experts + 1) if shape.num_experts % d == 0]
+        raise PruneError(f"{what}num_experts {shape.num_experts} is not divisible by expert-parallel size {ep}; "
+                         f"valid --ep values: {valid}")
+
+
+def check_moe_layout(shape: ModelShape, spec: str, ckpt_format: str) -> None:
+    """What the Megatron format takes of a mixture-of-experts model so far: the local spec, ``torch`` format."""
+    if shape.is_moe and (spec != "local" or ckpt_format != "torch"):
+        raise PruneError(f"a mixture-of-experts model ({shape.num_experts} experts) is written in the local spec and "
+                         f"torch format only so far; got spec {spec}, format {ckpt_format} (use --transformer-impl "
+                         "local --ckpt-format torch)")
 
 
 def role_tp_axis(role: str) -> int | None:
@@ -199,8 +263,8 @@ def fuse(param: Param, parts: Mapping[str, torch.Tensor], ng_local: int) -> torc
         return fuse_qkv(parts["q"], parts["k"], parts["v"], ng_local)
     if param.key == "qkv_bias":
         return fuse_qkv(parts["q_bias"], parts["k_bias"], parts["v_bias"], ng_local)
-    if param.key == "fc1":
-        return fuse_fc1(parts["gate"], parts["up"])
+    if param.key in ("fc1", "expert_fc1"):
+        return fuse_fc1(*(parts[r] for r in param.roles))
     (role,) = param.roles
     return parts[role]
 
@@ -209,7 +273,7 @@ def unfuse(param: Param, t: torch.Tensor, ng_local: int, np_local: int, hn: int)
     """Inverse of :func:`fuse`."""
     if param.key in ("qkv", "qkv_bias"):
         return dict(zip(param.roles, unfuse_qkv(t, ng_local, np_local, hn)))
-    if param.key == "fc1":
+    if param.key in ("fc1", "expert_fc1"):
         return dict(zip(param.roles, unfuse_fc1(t)))
     return {param.roles[0]: t}
 
@@ -232,7 +296,7 @@ def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
 def tp_units(shape: ModelShape, padded: int) -> dict[str, int]:
     """Source size of each TP-split axis."""
     return {"heads": shape.num_attention_heads, "groups": shape.num_query_groups,
-            "ffn": shape.ffn_hidden_size, "vocab": padded}
+            "ffn": shape.ffn_hidden_size, "vocab": padded, "expert_ffn": shape.moe_ffn_hidden_size}
 
 
 def rank_index(units: Mapping[str, int], tp: int, rank: int) -> AxisIndex:
@@ -254,8 +318,21 @@ def check_tp_pp(shape: ModelShape, tp: int, pp: int, what: str = "") -> None:
                          f"valid --pp values: {valid}")
 
 
-def shard_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def shard_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """Megatron-LM's shard folder: ``mp_rank_TT``, ``_PPP`` with pipeline parallelism, ``_EEE`` with expert
+    parallelism."""
+    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep == 1 else f"{name}_{ep_rank:03d}"
 
 
-_SHARD_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+def shard_keys(tp: int, pp: int, ep: int = 1) -> list[tuple[int, ...]]:
+    """Every shard of a layout, pipeline stage by stage: (tp, pp), or (tp, pp, ep) with expert parallelism."""
+    return [(t, p) if ep == 1 else (t, p, e) for p in range(pp) for t in range(tp) for e in range(ep)]
+
+
+def shard_path_name(key: tuple[int, ...], pp: int, ep: int) -> str:
+    """The folder name of shard ``key`` (:func:`shard_keys`)."""
+    return shard_dir_name(key[0], key[1], pp, key[2] if len(key) > 2 else 0, ep)
+
+
+_SHARD_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")

@@ -24,20 +24,22 @@ from megatron.prune.core.roles import NORM_ROLES, ROLE_AXES
 from megatron.prune.core.shape import ModelShape, hf_config_for_shape
 from megatron.prune.core.slicing import AxisIndex, int_view_dtype, layer_index, model_index, slice_role, tp_slice_index
 from megatron.prune.formats.mcore.read import WORKERS, MegatronCheckpoint
-from megatron.prune.formats.mcore.schema import (CHECKPOINT_VERSION, EXTRA_STATE, META_DIR, MODEL_FILE, PARAM_OF_ROLE,
-                                                 TRACKER, Param, fuse, model_role, pad_vocab, params_for, rank_index,
-                                                 shard_dir_name, tp_units, unfuse)
+from megatron.prune.formats.mcore.schema import (CHECKPOINT_VERSION, EXTRA_STATE, META_DIR, MODEL_FILE, MOE_PARAMS,
+                                                 PARAM_OF_ROLE, TRACKER, Param, extra_state_names, fuse,
+                                                 layer_param_names, model_role, pad_vocab, params_for, rank_index,
+                                                 shard_keys, shard_path_name, tp_units, unfuse)
 from megatron.prune.formats.source import TensorOverrides
 from megatron.prune.io.atomic import copy_side_files
 from megatron.prune.io.memory import BufferPool, ordered_map
 from megatron.prune.io.torch_stream import TorchStreamWriter
 
-# (role, layer) -> rank-local pruned logical tensor for output rank r
-RoleFn = Callable[[str, int | None, int], torch.Tensor]
+# (role, layer, r[, expert]) -> rank-local pruned logical tensor for output rank r (expert: its output number)
+RoleFn = Callable[..., torch.Tensor]
 
 
-# (param, layer) -> output rank r's stored megatron-core tensor of param (layer None: a model-level param)
-ParamFn = Callable[["Param", int | None, int], torch.Tensor]
+# (param, layer, r[, expert]) -> output rank r's stored megatron-core tensor of param (layer None: a model-level
+# param; expert: the output expert of a per-expert param)
+ParamFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,15 @@ class Layout:
     pp: int
     spec: str
     padded_vocab: int
+    ep: int = 1  # expert-parallel size: each EP rank's shards hold num_experts / ep of the experts
 
     @property
     def layers_per_stage(self) -> int:
         return self.shape.num_layers // self.pp
+
+    @property
+    def local_experts(self) -> int:
+        return self.shape.num_experts // self.ep
 
 
 def global_roles(src: Any, plan: PrunePlan, layout: Layout, overrides: TensorOverrides | None = None) -> RoleFn:
@@ -61,14 +68,16 @@ def global_roles(src: Any, plan: PrunePlan, layout: Layout, overrides: TensorOve
     units = tp_units(plan.target, layout.padded_vocab)
     hn = src.shape.head_dim
 
-    def get(role: str, layer: int | None, r: int) -> torch.Tensor:
-        if overrides is not None and overrides.has(role, layer):
+    def get(role: str, layer: int | None, r: int, expert: int | None = None) -> torch.Tensor:
+        if expert is None and overrides is not None and overrides.has(role, layer):
             t = overrides.get(role, layer)
         elif layer is None:
             t = slice_role(role, src.get(role), model_index(plan), hn, plan.norm_scale)
         else:
             lp = plan.layers[layer]
-            t = slice_role(role, src.get(role, lp.source_layer), layer_index(plan, lp), hn, plan.norm_scale)
+            where = () if expert is None else (lp.experts[expert],)  # the source expert it comes from
+            t = slice_role(role, src.get(role, lp.source_layer, *where), layer_index(plan, lp, expert), hn,
+                           plan.norm_scale)
         if layer is None and "vocab" in ROLE_AXES[role]:
             t = pad_vocab(t, layout.padded_vocab)
         return slice_role(role, t, rank_index(units, layout.tp, r), hn)
@@ -80,10 +89,11 @@ def fused_params(roles: RoleFn, layout: Layout) -> ParamFn:
     """Stored tensors from rank-local logical tensors: fuse q/k/v and gate/up per output rank."""
     ng_local = layout.shape.num_query_groups // layout.tp
 
-    def get(param: Param, layer: int | None, r: int) -> torch.Tensor:
+    def get(param: Param, layer: int | None, r: int, expert: int | None = None) -> torch.Tensor:
         if layer is None:
             return roles(model_role(param, layout.shape), None, r)
-        return fuse(param, {role: roles(role, layer, r) for role in param.roles}, ng_local)
+        where = () if expert is None else (expert,)
+        return fuse(param, {role: roles(role, layer, r, *where) for role in param.roles}, ng_local)
 
     return get
 
@@ -189,7 +199,9 @@ def balanced_params(src: MegatronCheckpoint, plan: PrunePlan, layout: Layout,
             return AxisIndex(hidden=plan.hidden)  # vocab kept whole: padding rows stay as they are
         return tp_slice_index(layer_index(plan, plan.layers[layer]), units, src.tp, r)
 
-    def get(param: Param, layer: int | None, r: int) -> torch.Tensor:
+    def get(param: Param, layer: int | None, r: int, expert: int | None = None) -> torch.Tensor:
+        if param.key in MOE_PARAMS:  # experts are taken whole-tensor (global) so far
+            return fallback(param, layer, r, *(() if expert is None else (expert,)))
         if layer is None and "vocab" in ROLE_AXES[param.roles[0]] and not local_vocab:
             return fallback(param, layer, r)
         if overrides is not None and any(overrides.has(role, layer) for role in param.roles):
@@ -208,10 +220,10 @@ def balanced_params(src: MegatronCheckpoint, plan: PrunePlan, layout: Layout,
     return get
 
 
-def shard_jobs(layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int
+def shard_jobs(layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int, ep_rank: int = 0
                ) -> tuple[list[tuple[str, Callable[[], torch.Tensor]]], list[str]]:
-    """Output shard (tp_rank, pp_rank) as (name, compute) pairs in state-dict order, and its ``_extra_state``
-    names (stored as None, as megatron-core saves them for the local spec)."""
+    """Output shard (tp_rank, pp_rank, ep_rank) as (name, compute) pairs in state-dict order, and its
+    ``_extra_state`` names (stored as None, as megatron-core saves them for the local spec)."""
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
     model_params, layer_params = params_for(layout.shape, first, last)
     jobs: list[tuple[str, Callable[[], torch.Tensor]]] = []
@@ -220,8 +232,11 @@ def shard_jobs(layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int
     for i in range(layout.layers_per_stage):
         layer = pp_rank * layout.layers_per_stage + i
         for p in layer_params:
-            jobs.append((p.name(layout.spec, i), lambda p=p, layer=layer: params(p, layer, tp_rank)))
-    extra = [t.format(i) for i in range(layout.layers_per_stage) for t in EXTRA_STATE[layout.spec] if "{}" in t]
+            for name, e in layer_param_names(p, layout.spec, i, layout.local_experts):
+                where = () if e is None else (ep_rank * layout.local_experts + e,)  # the model's expert number
+                jobs.append((name, lambda p=p, layer=layer, where=where: params(p, layer, tp_rank, *where)))
+    extra = [n for i in range(layout.layers_per_stage)
+             for n in extra_state_names(layout.spec, layout.shape, i, layout.local_experts)]
     if last:
         extra += [t for t in EXTRA_STATE[layout.spec] if "{}" not in t]
     return jobs, extra
@@ -231,7 +246,7 @@ class Stopped(Exception):
     """Another shard's writer failed (or the run was interrupted): this one stops too."""
 
 
-def write_shard(path: Path, layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int, args: argparse.Namespace,
+def write_shard(path: Path, layout: Layout, params: ParamFn, key: tuple[int, ...], args: argparse.Namespace,
                 workers: int = WORKERS, stop: threading.Event | None = None) -> None:
     """Write output shard (tp_rank, pp_rank) as a Megatron-LM ``model_optim_rng.pt``.
 
@@ -239,7 +254,7 @@ def write_shard(path: Path, layout: Layout, params: ParamFn, tp_rank: int, pp_ra
     (:class:`TorchStreamWriter`), so compute and writing overlap and only a few tensors are in memory at once.
     Once ``stop`` is set the shard is abandoned (:class:`Stopped`) at the next tensor.
     """
-    jobs, extra = shard_jobs(layout, params, tp_rank, pp_rank)
+    jobs, extra = shard_jobs(layout, params, *key)
     model: dict[str, Any] = {}
     with TorchStreamWriter(path) as out:
         tensors = ordered_map(lambda job: job[1](), jobs, workers, ahead=2 * workers)
@@ -258,28 +273,31 @@ def write_checkpoint(out: Path, layout: Layout, params: ParamFn, args: argparse.
                      files_at_once: int | None = None) -> None:
     """Write every shard of ``layout`` into ``out`` (an existing empty folder).
 
-    The TP shards of one pipeline stage are written at once (at most ``files_at_once``, default one per CPU):
+    The TP (and EP) shards of one pipeline stage are written at once (at most ``files_at_once``, default one per CPU):
     each streams a few tensors at a time, so memory stays small, and writes to separate files run in parallel
     where one file's writes would queue on its lock. ``release`` runs after each stage.
     """
     iter_dir = out / "iter_0000000"
     cpus = os.cpu_count() or 1
-    at_once = max(1, min(files_at_once or cpus, layout.tp))
+    per_stage = layout.tp * layout.ep
+    at_once = max(1, min(files_at_once or cpus, per_stage))
     workers = max(1, min(WORKERS, cpus // at_once))
 
     stop = threading.Event()  # set on any failure or Ctrl-C: the other shards' writers give up at once
 
-    def write(key: tuple[int, int]) -> None:
-        path = iter_dir / shard_dir_name(*key, layout.pp) / MODEL_FILE
+    def write(key: tuple[int, ...]) -> None:
+        path = iter_dir / shard_path_name(key, layout.pp, layout.ep) / MODEL_FILE
         path.parent.mkdir(parents=True)
-        write_shard(path, layout, params, *key, args, workers, stop)
+        write_shard(path, layout, params, key, args, workers, stop)
 
-    with tqdm(total=layout.tp * layout.pp, desc="writing shards", unit="shard", disable=not progress) as bar, \
+    keys = shard_keys(layout.tp, layout.pp, layout.ep)  # stage by stage
+    with tqdm(total=len(keys), desc="writing shards", unit="shard", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=at_once) as pool:
         try:
             for p in range(layout.pp):
-                for t0 in range(0, layout.tp, at_once):
-                    futures = [pool.submit(write, (t, p)) for t in range(t0, min(t0 + at_once, layout.tp))]
+                stage = keys[p * per_stage:(p + 1) * per_stage]
+                for t0 in range(0, per_stage, at_once):
+                    futures = [pool.submit(write, key) for key in stage[t0:t0 + at_once]]
                     done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                     for f in done:
                         if f.exception() is not None:
