@@ -7,9 +7,6 @@ strictly with transformers' logits (TP 1 and 2, EP 2)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from megatron.prune.formats.hf import HFCheckpoint
 from megatron.prune.formats.hf import apply_plan as apply_hf_plan
 from megatron.prune.formats.mcore import ops
 from megatron.prune.scoring.methods import random_scores
+from procs import run_on_two_ranks
 from tiny import MOE_FAMILIES, make_tiny_hf
 
 MOE = sorted(MOE_FAMILIES)
@@ -99,13 +97,7 @@ def test_megatron_core_logits_equal_transformers(moe_models, tmp_path):
     ref = apply_hf_plan(hf, tmp_path / "pruned-hf", plan, progress=False)
     out = ops.apply_plan(open_megatron(tmp_path / "qwen3-moe-tp2"), plan, tmp_path / "pruned-tp2", progress=False)
     jobs.append({"name": "moe-pruned-tp2", "mg": str(out), "hf": str(ref), "tp": 2})
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", str(WORKER), str(tmp_path / "jobs.json"),
-                           str(tmp_path / "results.json")], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    per_rank = json.loads((tmp_path / "results.json").read_text())
+    per_rank = run_on_two_ranks(WORKER, jobs, tmp_path, timeout=900)
     for job in jobs:
         for r in per_rank:
             res = r[job["name"]]

@@ -6,10 +6,6 @@ whole model), then TP=2 jobs; results come back as JSON, one entry per rank.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +17,7 @@ from megatron.prune.formats.hf import HFCheckpoint
 from megatron.prune.formats.hf import apply_plan as apply_hf_plan
 from megatron.prune.formats.mcore import ops
 from megatron.prune.scoring.methods import random_scores
+from procs import run_on_two_ranks
 from tests.tiny import LLAMA3_ROPE, llama3_rope, logits, make_tiny_hf, make_tiny_model, sample_ids
 
 FAMILIES = ("llama-gqa", "qwen2-bias", "llama-tied", "qwen3")
@@ -67,13 +64,7 @@ def parity(tiny_hf, tmp_path_factory) -> dict[str, list[dict]]:
     rope = make_tiny_hf(root / "llama3-rope-hf", "llama-gqa", **LLAMA3_ROPE)
     jobs.append({"name": "llama3-rope", "mg": str(ops.hf_to_megatron(rope, root / "llama3-rope", tp=2, progress=False)),
                  "hf": str(rope), "tp": 2, "seq": ROPE_SEQ})
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", str(WORKER), str(root / "jobs.json"),
-                           str(root / "results.json")], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    per_rank = json.loads((root / "results.json").read_text())
+    per_rank = run_on_two_ranks(WORKER, jobs, root, timeout=600)
     out = {j["name"]: [r[j["name"]] for r in per_rank] for j in jobs}
     out["torch_dist"] = {"mg": root / "torch_dist", "hf": tiny_hf("qwen2-bias")}
     return out
