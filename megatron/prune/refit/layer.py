@@ -169,12 +169,11 @@ def target_moment(teacher: torch.nn.Module, group: str, xs: list[torch.Tensor], 
                   index: AxisIndex, head_dim: int, product: torch.dtype = torch.float32) -> torch.Tensor:
     """``E[y x_sᵀ]`` (float64), ``y`` the original group's kept outputs: straight from them when the teacher run kept
     them, else ``W E[x_t x_sᵀ]`` from its inputs (float32 products)."""
+    C = Moment(product)
     if group in run.targets:
-        C = Moment(product)
         for s, y in zip(xs, run.targets[group], strict=True):
             C.add(y, s)
         return C.mean()
-    C = Moment(product)
     for s, t in zip(xs, run.inputs[group], strict=True):
         C.add(t, s)
     t_mods = dict(teacher.named_modules())
