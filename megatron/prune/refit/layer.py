@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron.prune.core.slicing import AxisIndex, expand_heads, slice_role
-from megatron.prune.refit.solve import DEFAULT_DAMPING, Moment, reconstruction_error, solve_from_moments
+from megatron.prune.refit.solve import DEFAULT_DAMPING, Moment, reconstruction_errors, solve_from_moments
 
 # reader groups, in forward order: the linears of a group read the same input and are solved together
 GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -135,10 +135,12 @@ def run_teacher(layer: torch.nn.Module, calls: list[Call], index: AxisIndex | No
 
         def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
             y = out if module.bias is None else out - module.bias  # W x: the bias stays as it is
-            y = y.index_select(-1, rows.to(out.device))
-            energy[group] += float(y.float().pow(2).sum(dtype=torch.float64))
+            y = y.reshape(-1, y.shape[-1])  # 2-D: index_select on the last dim of a 3-D tensor is ~10x slower
+            r = rows.to(out.device)
+            yf = y.float()
+            energy[group] += float((yf * yf).sum(0).index_select(0, r).sum(dtype=torch.float64))
             if role in kept:
-                kept[role].append(y)
+                kept[role].append(y.index_select(1, r))
         return hook
 
     handles = [modules[path].register_forward_hook(watch(g, role)) for g, members in GROUPS.items()
@@ -152,7 +154,8 @@ def run_teacher(layer: torch.nn.Module, calls: list[Call], index: AxisIndex | No
     finally:
         for h in handles:
             h.remove()
-    joined = {g: [torch.cat(ys, -1) for ys in zip(*(kept[role] for role, _ in GROUPS[g]))] for g in narrow}
+    joined = {g: [ys[0] if len(ys) == 1 else torch.cat(ys, -1) for ys in zip(*(kept[role] for role, _ in GROUPS[g]))]
+              for g in narrow}
     return TeacherLayer(outputs, seen, {g: e / tokens[0] for g, e in energy.items()}, joined)
 
 
@@ -195,8 +198,7 @@ def refit_group(student: torch.nn.Module, teacher: torch.nn.Module, group: str, 
     prior = torch.cat([s_mods[path].weight.float() for _, path in GROUPS[group]])
     new = solve_from_moments(C_ys, H_ss, prior.double(), delta)
     scale = max(run.energy[group], 1e-30)
-    report = GroupReport(reconstruction_error(prior, H_ss, C_ys, run.energy[group]) / scale,
-                         reconstruction_error(new, H_ss, C_ys, run.energy[group]) / scale)
+    report = GroupReport(*(e / scale for e in reconstruction_errors([prior, new], H_ss, C_ys, run.energy[group])))
     start = 0
     with torch.no_grad():
         for role, path in GROUPS[group]:
@@ -217,15 +219,15 @@ def refit_to_residual(linear: torch.nn.Module, xs: list[torch.Tensor], targets: 
     for x, y in zip(xs, targets, strict=True):
         H.add(x)
         C.add(y, x)
-        energy += float(y.float().pow(2).sum())
+        yf = y.float().reshape(-1)
+        energy += float(yf @ yf)
         tokens += y.numel() // y.shape[-1]
     H_ss, C_ys = H.mean(), C.mean()
     prior = linear.weight.double()
     new = solve_from_moments(C_ys, H_ss, prior, delta)
     energy /= tokens
     scale = max(energy, 1e-30)
-    report = GroupReport(reconstruction_error(prior, H_ss, C_ys, energy) / scale,
-                         reconstruction_error(new, H_ss, C_ys, energy) / scale)
+    report = GroupReport(*(e / scale for e in reconstruction_errors([prior, new], H_ss, C_ys, energy)))
     with torch.no_grad():
         linear.weight.copy_(new.to(storage or linear.weight.dtype).to(linear.weight.dtype))
     return report

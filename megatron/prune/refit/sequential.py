@@ -67,6 +67,12 @@ class RefitSummary:
         return (sum(g.sliced for g in reports) / len(reports), sum(g.refit for g in reports) / len(reports))
 
 
+def select_hidden(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``h [b, s, n]`` restricted to the channels ``keep``, gathered in 2-D (10x faster than on a 3-D tensor's last
+    dim on CPU)."""
+    return h.reshape(-1, h.shape[-1]).index_select(1, keep).reshape(*h.shape[:-1], len(keep))
+
+
 def student_config(config: Any, plan: PrunePlan) -> Any:
     """The transformers config of the pruned layers. Set on a copy, field by field: transformers refuses a hidden
     size that is not a multiple of the head count at construction, which a Megatron target may have."""
@@ -128,7 +134,7 @@ def refit_head(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, teache
                student_hidden: list[torch.Tensor], damping: float) -> tuple[torch.Tensor, tuple[float, float]]:
     """An untied ``lm_head`` refit on the final norm's output (the same two-stream least squares), with its
     (sliced, refit) relative error. ``norm`` is the original final norm, materialised."""
-    from megatron.prune.refit.solve import reconstruction_error
+    from megatron.prune.refit.solve import reconstruction_errors
 
     norm_s = copy.deepcopy(norm)
     norm_s.weight = torch.nn.Parameter(sliced_final_norm(norm, plan))
@@ -139,8 +145,7 @@ def refit_head(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, teache
     new = solve_from_moments(C_ys, H_ss, prior, damping)
     energy = float(((W @ T_tt) * W).sum())
     scale = max(energy, 1e-30)
-    return new, (reconstruction_error(prior, H_ss, C_ys, energy) / scale,
-                 reconstruction_error(new, H_ss, C_ys, energy) / scale)
+    return new, tuple(e / scale for e in reconstruction_errors([prior, new], H_ss, C_ys, energy))
 
 
 @torch.no_grad()
@@ -236,7 +241,7 @@ def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.
     release(body.embed_tokens)
     hidden = torch.as_tensor(plan.hidden, device=device)
     teacher_calls = calls
-    student_calls = [Call(c.hidden.index_select(-1, hidden), c.kwargs) for c in calls]
+    student_calls = [Call(select_hidden(c.hidden, hidden), c.kwargs) for c in calls]
     s_config, hn = student_config(model.config, plan), plan.source.head_dim
     kept = {lp.source_layer: j for j, lp in enumerate(plan.layers)}
     summary = RefitSummary(tokens=int(windows.numel()))
@@ -260,7 +265,7 @@ def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.
                                     hn).outputs
                 release(layers[end])
                 end += 1
-            residual, run.outputs = [h.index_select(-1, hidden) for h in after], after
+            residual, run.outputs = [select_hidden(h, hidden) for h in after], after
             materialise(layers[i], f"model.layers.{i}", src, device)
         if index is not None:
             student = pruned_layer(layers[i], s_config, j, index, hn, plan.norm_scale)

@@ -115,12 +115,22 @@ def solve_from_moments(C_ys: torch.Tensor, H_ss: torch.Tensor, prior: torch.Tens
     return torch.cholesky_solve(rhs.T, L).T.to(prior.dtype)
 
 
-def reconstruction_error(W: torch.Tensor, H_ss: torch.Tensor, C_ys: torch.Tensor, yy: torch.Tensor | float) -> float:
-    """``E‖W x_s − y‖²`` from moments: ``tr(W H Wᵀ) − 2 tr(W C_ysᵀ) + E‖y‖²`` (``yy``: ``E‖y‖²`` or ``E[y yᵀ]``).
-    The products run in float32 (a report, not a solve)."""
-    W = W.float()
+def reconstruction_errors(Ws: list[torch.Tensor], H_ss: torch.Tensor, C_ys: torch.Tensor,
+                          yy: torch.Tensor | float) -> list[float]:
+    """``E‖W x_s − y‖²`` for each ``W``, from moments: ``tr(W H Wᵀ) − 2 tr(W C_ysᵀ) + E‖y‖²`` (``yy``: ``E‖y‖²`` or
+    ``E[y yᵀ]``). The products run in float32 (a report, not a solve), the moments converted once for all ``Ws``."""
+    H, C = H_ss.float(), C_ys.float()
     y2 = float(yy.double().trace()) if torch.is_tensor(yy) and yy.dim() == 2 else float(yy)
-    return float(((W @ H_ss.float()) * W).double().sum() - 2 * (W * C_ys.float()).double().sum()) + y2
+    out = []
+    for W in Ws:
+        W = W.float()
+        out.append(float(((W @ H) * W).sum(dtype=torch.float64) - 2 * (W * C).sum(dtype=torch.float64)) + y2)
+    return out
+
+
+def reconstruction_error(W: torch.Tensor, H_ss: torch.Tensor, C_ys: torch.Tensor, yy: torch.Tensor | float) -> float:
+    """:func:`reconstruction_errors` of one ``W``."""
+    return reconstruction_errors([W], H_ss, C_ys, yy)[0]
 
 
 # ---- tied embeddings: a diagonal refit of the final norm ----------------------------------------------------
