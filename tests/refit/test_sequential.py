@@ -271,3 +271,29 @@ def test_a_keep_all_plan_with_the_refit_writes_the_input_bit_for_bit(tok_model, 
     assert prune_cli(tok_model, tmp_path / "again", "--plan", str(tmp_path / "same" / "prune_plan.json"),
                      "--samples", "4", "--seq-len", "32", "--reconstruct", "least-squares") == 0
     assert_same_tensors(hf_tensors(tok_model), hf_tensors(tmp_path / "again"))
+
+
+PER_LAYER = ["--num-attention-heads", "4", "--num-query-groups", "2", "--ffn-hidden-size", "48", "--tp", "2",
+             "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+
+
+def test_per_layer_pruning_selects_inside_the_refit_as_score_then_prune_would(tok_model, tmp_path, monkeypatch):
+    """Heads, groups and FFN channels only (hidden and layers kept): the refit's own run of each original layer gives
+    the activation statistics, so no scoring pass runs, and the plan and every tensor equal those of `score` then
+    `prune --scores` (TP-balanced over 2 slices)."""
+    from megatron.prune.scoring import methods
+
+    assert main(["score", "--model", str(tok_model), "--output", str(tmp_path / "scores.pt"), "--no-progress",
+                 *PER_LAYER[8:]]) == 0
+    assert prune_cli(tok_model, tmp_path / "scored", *PER_LAYER, "--scores", str(tmp_path / "scores.pt")) == 0
+
+    def no_scoring_pass(*args, **kwargs):
+        raise AssertionError("a separate scoring pass ran")
+
+    monkeypatch.setattr(methods, "score_model", no_scoring_pass)
+    assert prune_cli(tok_model, tmp_path / "fused", *PER_LAYER) == 0
+    fused, scored = (PrunePlan.load(tmp_path / d / "prune_plan.json") for d in ("fused", "scored"))
+    assert fused.layers == scored.layers
+    assert fused.info["selection"].startswith("in the refit")
+    assert any(lp.ffn != tuple(range(48)) for lp in fused.layers)  # chosen, not the placeholder's first units
+    assert_same_tensors(hf_tensors(tmp_path / "fused"), hf_tensors(tmp_path / "scored"))

@@ -26,9 +26,16 @@ from pathlib import Path
 from megatron.prune.commands import add_ckpt_format_argument
 from megatron.prune.commands.score import add_calibration_arguments, check_calibration_arguments, scoring_options
 from megatron.prune.core.plan import NORM_RESCALES, PrunePlan, norm_rescale
-from megatron.prune.core.select import make_plan
-from megatron.prune.core.target import (GQA_MODES, MOE_FLAGS, TargetRequest, check_tp_balance, gqa_query_groups,
-                                        resolve_target, top_k_note)
+from megatron.prune.core.select import Scores, make_plan
+from megatron.prune.core.target import (
+    GQA_MODES,
+    MOE_FLAGS,
+    TargetRequest,
+    check_tp_balance,
+    gqa_query_groups,
+    resolve_target,
+    top_k_note,
+)
 from megatron.prune.errors import PruneError, check_at_least
 from megatron.prune.formats import ADAPTERS
 from megatron.prune.formats.folder import open_model
@@ -36,7 +43,7 @@ from megatron.prune.formats.source import FormatAdapter, TensorSource, WriteOpti
 from megatron.prune.io.atomic import check_output_path, scratch_folder
 from megatron.prune.refit.run import RECONSTRUCT, check_reconstruct, default_reconstruct, reconstruct
 from megatron.prune.refit.run import describe as describe_refit
-from megatron.prune.refit.sequential import RefitOptions
+from megatron.prune.refit.sequential import FusedSelection, RefitOptions, fusable
 from megatron.prune.refit.solve import DEFAULT_DAMPING
 from megatron.prune.scoring.methods import SCORERS, auto_method, method_settings
 
@@ -143,9 +150,12 @@ def refit_options(args: argparse.Namespace) -> RefitOptions:
     return RefitOptions(damping=args.damping)
 
 
-def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapter) -> tuple[PrunePlan, str]:
-    """A plan from ``--plan``, or from the target flags and the selection method, checked for the format; and the
-    ``--reconstruct`` method, checked too (all before the scoring pass)."""
+def build_plan(args: argparse.Namespace, src: TensorSource,
+               adapter: FormatAdapter) -> tuple[PrunePlan, str, FusedSelection | None]:
+    """A plan from ``--plan``, or from the target flags and the selection method, checked for the format; the
+    ``--reconstruct`` method, checked too (all before the scoring pass); and, when activation selection can be made
+    inside the refit's own pass (only per-layer axes pruned), the plan holds the counts only and the selection says
+    how the refit chooses the units (no separate scoring pass)."""
     if args.plan is not None:
         if any(getattr(args, k) is not None for k in ("hidden_size", "num_attention_heads", "num_query_groups",
                                                       "ffn_hidden_size", "num_layers", "drop_layers", *MOE_FLAGS)):
@@ -159,7 +169,7 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
                           scoring_options(args, args.seed, args.scores))
         if reconstruct == "none":  # the plan's record of an earlier refit does not describe these weights
             plan = dataclasses.replace(plan, info={k: v for k, v in plan.info.items() if k != "reconstruct"})
-        return plan, reconstruct
+        return plan, reconstruct, None
     auto = args.drop_layers == "auto"
     if auto and args.num_layers is None:
         raise PruneError("--drop-layers auto needs --num-layers N (how many layers to keep)")
@@ -186,13 +196,20 @@ def build_plan(args: argparse.Namespace, src: TensorSource, adapter: FormatAdapt
     if target == src.shape and drop is None:
         reconstruct = "none"  # keep-all: the output is the input
     check_reconstruct(src, reconstruct, method, args.calib, refit_options(args), target, options)
+    balance = args.prune_type == "balance"
+    info = {**method_settings(method, options), **({"requested": "auto"} if args.method == "auto" else {})}
+    if method == "activation" and options.scores is None and reconstruct == "least-squares" and drop is None:
+        counts = make_plan(src.shape, target, Scores.zeros(src.shape), None, tp=tp, balance=balance,
+                           info={**info, "selection": "in the refit's pass over the calibration text"}, ep=ep)
+        if fusable(counts):
+            return (norm_rescale(counts, args.norm_rescale), reconstruct,
+                    FusedSelection(options.aggregation, tp if balance else 1))
     scores = SCORERS[method](src, options)
     if auto and scores.layers is None:
         raise PruneError(f"--drop-layers auto needs block-influence scores; --method {method} has none "
                          "(use --method activation)")
-    info = {**method_settings(method, options), **({"requested": "auto"} if args.method == "auto" else {})}
-    plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=args.prune_type == "balance", info=info, ep=ep)
-    return norm_rescale(plan, args.norm_rescale), reconstruct
+    plan = make_plan(src.shape, target, scores, drop, tp=tp, balance=balance, info=info, ep=ep)
+    return norm_rescale(plan, args.norm_rescale), reconstruct, None
 
 
 def check_arguments(args: argparse.Namespace, kind: str) -> None:
@@ -213,14 +230,14 @@ def run(args: argparse.Namespace) -> int:
     adapter = ADAPTERS[folder.kind]()
     src = adapter.open(folder.path)
     check_output_path(args.input, args.output, args.overwrite)
-    plan, method = build_plan(args, src, adapter)
+    plan, method, select = build_plan(args, src, adapter)
     describe(plan)
     refit = method == "least-squares"  # the refit's scratch folder only when it runs
     with scratch_folder(args.output, "refit") if refit else contextlib.nullcontext() as scratch:
         store = None
         if refit:
             store, summary, plan = reconstruct(src, plan, scoring_options(args, args.seed, args.scores),
-                                               refit_options(args), scratch)
+                                               refit_options(args), scratch, select)
             if summary is not None:
                 print(describe_refit(summary))
         adapter.write(src, plan, args.output, write_options(args), overrides=store)

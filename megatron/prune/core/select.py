@@ -45,6 +45,16 @@ class Scores:
             raise PruneError(f"cannot read scores file {path}: {e}") from e
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k in d})
 
+    @classmethod
+    def zeros(cls, shape: ModelShape) -> "Scores":
+        """Every unit equal (top-k keeps the first ones): for a plan that fixes the counts, its units chosen later."""
+        L = shape.num_layers
+        moe = {} if not shape.is_moe else dict(
+            experts=torch.zeros(L, shape.num_experts),
+            expert_ffn=torch.zeros(L, shape.num_experts, shape.moe_ffn_hidden_size))
+        return cls(hidden=torch.zeros(shape.hidden_size), heads=torch.zeros(L, shape.num_attention_heads),
+                   ffn=torch.zeros(L, shape.ffn_hidden_size), method="placeholder", **moe)
+
     def check(self, shape: ModelShape) -> "Scores":
         expect = {
             "hidden": (shape.hidden_size,),
@@ -107,6 +117,23 @@ def select_experts(scores: Scores, layer: int, target: ModelShape, tp_slices: in
     return experts, tuple(top_k(scores.expert_ffn[layer, e], target.moe_ffn_hidden_size, tp_slices) for e in experts)
 
 
+def dense_layer_plan(layer: int, head_s: torch.Tensor, group_s: torch.Tensor | None, ffn_s: torch.Tensor,
+                     shape: ModelShape, target: ModelShape, slices: int = 1, experts: tuple[int, ...] = (),
+                     expert_ffn: tuple[tuple[int, ...], ...] = ()) -> LayerPlan:
+    """One kept layer's choice from its own scores: the best query groups (``slices`` TP slices kept equal), the best
+    heads within each, the best FFN channels. Per layer, so the refit can choose each layer as it reaches it."""
+    hpg_s, hpg_t = shape.heads_per_group, target.heads_per_group
+    if group_s is None:
+        group_s = head_s.reshape(-1, hpg_s).sum(1)
+    groups = top_k(group_s, target.num_query_groups, slices)
+    heads: list[int] = []
+    for g in groups:
+        within = top_k(head_s[g * hpg_s : (g + 1) * hpg_s], hpg_t)
+        heads.extend(g * hpg_s + h for h in within)
+    ffn = top_k(ffn_s, target.ffn_hidden_size, slices)
+    return LayerPlan(layer, groups, tuple(heads), ffn, experts, expert_ffn)
+
+
 def make_plan(
     shape: ModelShape,
     target: ModelShape,
@@ -135,19 +162,12 @@ def make_plan(
         dropped = spread_middle(L, L - target.num_layers)
         kept_layers = tuple(i for i in range(L) if i not in dropped)
         layer_rule = "spread-middle"
-    hpg_s, hpg_t = shape.heads_per_group, target.heads_per_group
     layer_plans = []
     for i in kept_layers:
-        head_s = scores.heads[i]
-        group_s = scores.groups[i] if scores.groups is not None else head_s.reshape(-1, hpg_s).sum(1)
-        groups = top_k(group_s, target.num_query_groups, slices)
-        heads: list[int] = []
-        for g in groups:
-            within = top_k(head_s[g * hpg_s : (g + 1) * hpg_s], hpg_t)
-            heads.extend(g * hpg_s + h for h in within)
-        ffn = top_k(scores.ffn[i], target.ffn_hidden_size, slices)
+        group_s = None if scores.groups is None else scores.groups[i]
         experts, expert_ffn = select_experts(scores, i, target, slices, ep if balance else 1)
-        layer_plans.append(LayerPlan(i, groups, tuple(heads), ffn, experts, expert_ffn))
+        layer_plans.append(dense_layer_plan(i, scores.heads[i], group_s, scores.ffn[i], shape, target, slices,
+                                            experts, expert_ffn))
     hidden = top_k(scores.hidden, target.hidden_size)
     meta = {"method": scores.method, "layer_rule": layer_rule, "tp": tp,
             "prune_type": "balance" if balance else "unbalance", **({"ep": ep} if shape.is_moe else {})}

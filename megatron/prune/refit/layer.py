@@ -89,13 +89,16 @@ READER_INPUTS = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gate_up": 
 @dataclass
 class TeacherLayer:
     """The original layer's run over the calibration batches: its outputs; per reader group, either its input
-    (``inputs``) or its outputs on the rows the pruned layer keeps (``targets``), whichever is narrower (the cross
-    moment of the refit is that width times the pruned input's); and ``E‖y‖²`` of each group's kept outputs (the
-    scale of its reconstruction error)."""
+    (``inputs``) or its outputs (``targets``, the group's roles side by side, ``[T, n]`` per batch), whichever is
+    narrower once the pruned layer's kept outputs are taken (the cross moment of the refit is that width times the
+    pruned input's); per role, the sum over tokens of each output feature's square (``sq``, the scale of the
+    reconstruction error). Nothing here depends on which units the pruned layer keeps, only on how many: the refit
+    can choose them after this run (:func:`group_energy`, :func:`kept_targets`)."""
 
     outputs: list[torch.Tensor]
     inputs: dict[str, list[torch.Tensor]]
-    energy: dict[str, float]
+    sq: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
     targets: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
@@ -106,9 +109,35 @@ def kept_outputs(role: str, index: AxisIndex, head_dim: int) -> torch.Tensor:
     return expand_heads(keep, head_dim) if axis in ("heads", "groups") else keep
 
 
+def group_rows(run: TeacherLayer, group: str, index: AxisIndex, head_dim: int) -> torch.Tensor:
+    """Positions of the kept outputs of ``group`` in its roles' outputs side by side."""
+    rows, start = [], 0
+    for role, _ in GROUPS[group]:
+        rows.append(kept_outputs(role, index, head_dim) + start)
+        start += run.sq[role].numel()
+    return torch.cat(rows)
+
+
+def group_energy(run: TeacherLayer, group: str, index: AxisIndex, head_dim: int) -> float:
+    """``E‖y‖²`` of the original group's kept outputs."""
+    total = sum(float(run.sq[role].index_select(0, kept_outputs(role, index, head_dim)).sum()) for role, _ in GROUPS[group])
+    return total / max(run.tokens, 1)
+
+
+def kept_targets(run: TeacherLayer, group: str, index: AxisIndex, head_dim: int) -> list[torch.Tensor]:
+    """The original group's kept outputs per batch ``[T, k]`` (``group`` is in ``run.targets``)."""
+    rows = group_rows(run, group, index, head_dim)
+    ys = run.targets[group]
+    if not ys or rows.numel() == ys[0].shape[1]:  # kept indices are unique: all of them, in order
+        return ys
+    rows = rows.to(ys[0].device)
+    return [y.index_select(1, rows) for y in ys]  # 2-D: index_select on a 3-D tensor's last dim is ~10x slower
+
+
 def by_outputs(layer: torch.nn.Module, group: str, index: AxisIndex, head_dim: int) -> bool:
     """Whether the refit of ``group`` reads the original's kept outputs rather than its inputs: when they are fewer
-    (down_proj after hidden or FFN pruning: ``h'`` outputs against ``f`` inputs)."""
+    (down_proj after hidden or FFN pruning: ``h'`` outputs against ``f`` inputs). Counts only: ``index`` may hold any
+    units of the right number."""
     modules = dict(layer.named_modules())
     rows = sum(len(kept_outputs(role, index, head_dim)) for role, _ in GROUPS[group])
     return rows < modules[GROUPS[group][0][1]].weight.shape[1]
@@ -116,47 +145,45 @@ def by_outputs(layer: torch.nn.Module, group: str, index: AxisIndex, head_dim: i
 
 @torch.no_grad()
 def run_teacher(layer: torch.nn.Module, calls: list[Call], index: AxisIndex | None, head_dim: int) -> TeacherLayer:
-    """The original layer's stock forward on every batch; with ``index`` (the layer is kept) also what its pruned
-    counterpart's refit needs."""
+    """The original layer's stock forward on every batch; with ``index`` (the layer is kept; only its unit counts
+    matter) also what its pruned counterpart's refit needs."""
     outputs: list[torch.Tensor] = []
     if index is None:
         for c in calls:
             out = layer(c.hidden, **c.kwargs)
             outputs.append(out[0] if isinstance(out, tuple) else out)
-        return TeacherLayer(outputs, {}, {})
-    energy = dict.fromkeys(GROUPS, 0.0)
-    tokens = [0]
+        return TeacherLayer(outputs, {})
     modules = dict(layer.named_modules())
     narrow = {g for g in GROUPS if by_outputs(layer, g, index, head_dim)}
+    sq: dict[str, torch.Tensor] = {}
     kept: dict[str, list[torch.Tensor]] = {role: [] for g in narrow for role, _ in GROUPS[g]}
 
-    def watch(group: str, role: str):
-        rows = kept_outputs(role, index, head_dim)
-
+    def watch(role: str):
         def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
             y = out if module.bias is None else out - module.bias  # W x: the bias stays as it is
-            y = y.reshape(-1, y.shape[-1])  # 2-D: index_select on the last dim of a 3-D tensor is ~10x slower
-            r = rows.to(out.device)
+            y = y.reshape(-1, y.shape[-1])
             yf = y.float()
-            energy[group] += float((yf * yf).sum(0).index_select(0, r).sum(dtype=torch.float64))
+            part = (yf * yf).sum(0).double()
+            sq[role] = part if role not in sq else sq[role] + part
             if role in kept:
-                kept[role].append(y.index_select(1, r))
+                kept[role].append(y)
         return hook
 
-    handles = [modules[path].register_forward_hook(watch(g, role)) for g, members in GROUPS.items()
+    handles = [modules[path].register_forward_hook(watch(role)) for members in GROUPS.values()
                for role, path in members]
+    tokens = 0
     try:
         with capture_inputs(layer, {g: p for g, p in READER_INPUTS.items() if g not in narrow}) as seen:
             for c in calls:
                 out = layer(c.hidden, **c.kwargs)
                 outputs.append(out[0] if isinstance(out, tuple) else out)
-                tokens[0] += c.hidden.shape[0] * c.hidden.shape[1]
+                tokens += c.hidden.shape[0] * c.hidden.shape[1]
     finally:
         for h in handles:
             h.remove()
     joined = {g: [ys[0] if len(ys) == 1 else torch.cat(ys, -1) for ys in zip(*(kept[role] for role, _ in GROUPS[g]))]
               for g in narrow}
-    return TeacherLayer(outputs, seen, {g: e / tokens[0] for g, e in energy.items()}, joined)
+    return TeacherLayer(outputs, seen, {r: v.cpu() for r, v in sq.items()}, tokens, joined)
 
 
 OUTPUT_AXIS = {"q": "heads", "k": "groups", "v": "groups", "o": "hidden", "gate": "ffn", "up": "ffn", "down": "hidden"}
@@ -174,7 +201,7 @@ def target_moment(teacher: torch.nn.Module, group: str, xs: list[torch.Tensor], 
     them, else ``W E[x_t x_sᵀ]`` from its inputs (float32 products)."""
     C = Moment(product)
     if group in run.targets:
-        for s, y in zip(xs, run.targets[group], strict=True):
+        for s, y in zip(xs, kept_targets(run, group, index, head_dim), strict=True):
             C.add(y, s)
         return C.mean()
     for s, t in zip(xs, run.inputs[group], strict=True):
@@ -197,8 +224,9 @@ def refit_group(student: torch.nn.Module, teacher: torch.nn.Module, group: str, 
     s_mods = dict(student.named_modules())
     prior = torch.cat([s_mods[path].weight.float() for _, path in GROUPS[group]])
     new = solve_from_moments(C_ys, H_ss, prior.double(), delta)
-    scale = max(run.energy[group], 1e-30)
-    report = GroupReport(*(e / scale for e in reconstruction_errors([prior, new], H_ss, C_ys, run.energy[group])))
+    energy = group_energy(run, group, index, head_dim)
+    scale = max(energy, 1e-30)
+    report = GroupReport(*(e / scale for e in reconstruction_errors([prior, new], H_ss, C_ys, energy)))
     start = 0
     with torch.no_grad():
         for role, path in GROUPS[group]:

@@ -12,7 +12,7 @@ from megatron.prune.core.shape import ModelShape
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.source import TensorSource
 from megatron.prune.refit.layer import GROUPS
-from megatron.prune.refit.sequential import HEADS, RefitOptions, RefitSummary, refit_model
+from megatron.prune.refit.sequential import HEADS, FusedSelection, RefitOptions, RefitSummary, refit_model
 from megatron.prune.refit.solve import SingularMomentError
 from megatron.prune.refit.store import RefitStore
 from megatron.prune.scoring.methods import ScoringOptions
@@ -69,9 +69,11 @@ def check_reconstruct(src: TensorSource, reconstruct: str, method: str | None, c
 
 
 def reconstruct(src: TensorSource, plan: PrunePlan, scoring: ScoringOptions, options: RefitOptions,
-                scratch: Path) -> tuple[RefitStore | None, RefitSummary | None, PrunePlan]:
+                scratch: Path, select: FusedSelection | None = None
+                ) -> tuple[RefitStore | None, RefitSummary | None, PrunePlan]:
     """Refit ``plan`` applied to ``src`` on the calibration text of ``scoring`` into a store in ``scratch``; the plan,
-    its info recording how. A plan that keeps everything needs no refit (the output stays the input, bit for bit)."""
+    its info recording how. A plan that keeps everything needs no refit (the output stays the input, bit for bit).
+    With ``select`` the plan gives the counts and the refit chooses the units; the plan returned holds its choice."""
     from megatron.prune.runtime import DTYPES, load_tokenizer, tokenize, transformers_config
     from megatron.prune.scoring.methods import calibration_windows
     from megatron.prune.text import builtin_text, read_texts
@@ -83,10 +85,12 @@ def reconstruct(src: TensorSource, plan: PrunePlan, scoring: ScoringOptions, opt
     store = RefitStore(scratch)
     try:
         summary = refit_model(src, transformers_config(src), plan, windows, scoring.batch_size, DTYPES[scoring.dtype],
-                              scoring.device, store, options, scoring.progress)
+                              scoring.device, store, options, scoring.progress, select)
     except SingularMomentError as e:
         raise PruneError(f"--reconstruct least-squares: {e}; give more (or more varied) calibration text "
                          "(--calib, --samples) or raise --damping") from None
+    if select is not None:
+        plan = dataclasses.replace(plan, layers=tuple(summary.layer_plans)).validate()
     sliced, refit = summary.mean_error()
     info = {"method": "least-squares", "damping": options.damping, "groups": list(options.groups),
             "head": options.head, "calib": [str(p) for p in scoring.calib] if scoring.calib else "builtin:calib",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from megatron.prune.core.plan import PrunePlan
+from megatron.prune.core.plan import LayerPlan, PrunePlan
 from megatron.prune.core.slicing import AxisIndex, layer_index, slice_role
 from megatron.prune.formats.hf import parse_hf_name
 from megatron.prune.formats.safetensors import DTYPE_CODES
@@ -48,6 +48,26 @@ class RefitOptions:
     depth: str = "residual"
 
 
+@dataclass(frozen=True)
+class FusedSelection:
+    """Choose each layer's query groups, heads and FFN channels inside the refit, from activation statistics gathered
+    on its own run of the original layer (the hooks of :mod:`megatron.prune.scoring.stats`), instead of a separate
+    scoring pass over the same tokens: for plans whose only pruned axes are per layer (hidden size and depth kept).
+    The choice is :func:`~megatron.prune.core.select.dense_layer_plan` on the same statistics, so the plan is the one a
+    scoring pass then ``make_plan`` would give."""
+
+    aggregation: str
+    slices: int = 1  # TP slices that keep equal counts
+
+
+def fusable(plan: PrunePlan) -> bool:
+    """Whether ``plan``'s choices can be made layer by layer inside the refit (:class:`FusedSelection`): a dense
+    model whose hidden size and layers are all kept."""
+    s, t = plan.source, plan.target
+    return (not s.is_moe and t.hidden_size == s.hidden_size and len(plan.layers) == s.num_layers
+            and plan.vocab is None)
+
+
 @dataclass
 class RefitSummary:
     """Per kept layer, how each refit group's calibration error went from the sliced weights to the refitted ones."""
@@ -58,6 +78,8 @@ class RefitSummary:
     tokens: int = 0
     seconds: float = 0.0
     loss: tuple[float, float, int] | None = None  # calibration LM loss: (original, pruned and refit, tokens)
+    scores: Any = None  # with a FusedSelection: the activation Scores gathered on the way
+    layer_plans: list[LayerPlan] = field(default_factory=list)  # with a FusedSelection: each layer's choice
 
     def mean_error(self) -> tuple[float, float]:
         """Mean relative error over every refit group of every layer: (sliced, refit)."""
@@ -177,6 +199,19 @@ def refit_final_gain(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, 
     return gain, (error(prior), error(gain))
 
 
+def choose_layer(i: int, stats: Any, plan: PrunePlan, select: FusedSelection) -> LayerPlan:
+    """Layer ``i``'s groups, heads and FFN channels from its activation statistics (``LayerStats``), as ``make_plan``
+    chooses them from scores; non-finite statistics (overflowing activations) are refused as scoring refuses them."""
+    from megatron.prune.core.select import dense_layer_plan
+    from megatron.prune.errors import PruneError
+
+    heads, groups, ffn = stats.heads.result().cpu(), stats.groups.result().cpu(), stats.ffn.result().cpu()
+    for name, score in (("head", heads), ("query group", groups), ("FFN channel", ffn)):
+        if not torch.isfinite(score).all():
+            raise PruneError(f"layer {i}: non-finite {name} scores (activations overflowed? try --dtype float32)")
+    return dense_layer_plan(i, heads, groups, ffn, plan.source, plan.target, select.slices)
+
+
 # the calibration loss is a report; over the whole calibration it would cost two full vocabulary projections
 # (a third of a forward of the 135M demo model at 8k tokens), so it reads the first windows up to this many tokens
 LOSS_TOKENS = 2048
@@ -223,10 +258,17 @@ def model_losses(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, stor
 @torch.no_grad()
 def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.Tensor, batch_size: int,
                 dtype: torch.dtype, device: str, store: RefitStore, options: RefitOptions = RefitOptions(),
-                progress: bool = True) -> RefitSummary:
+                progress: bool = True, select: FusedSelection | None = None) -> RefitSummary:
     """Refit every kept layer of ``plan`` applied to ``src`` on the calibration ``windows`` ``[n, s]``, writing the
-    refitted tensors into ``store`` (by output layer); the HF ``config`` is the source's."""
+    refitted tensors into ``store`` (by output layer); the HF ``config`` is the source's. With ``select``, ``plan``
+    gives only the counts (:func:`fusable`) and each layer's units are chosen on the way (``summary.layer_plans``)."""
+    from contextlib import nullcontext
+
     from megatron.prune.scoring.layerwise import first_layer_inputs, hidden_of, materialise, release, skeleton
+    from megatron.prune.scoring.stats import importance_hooks, scores_from_stats
+
+    if select is not None and not fusable(plan):
+        raise ValueError("a fused selection needs a dense plan that keeps the hidden size, every layer, the vocabulary")
 
     t0 = time.perf_counter()
     model = skeleton(config, dtype)
@@ -246,42 +288,50 @@ def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.
     kept = {lp.source_layer: j for j, lp in enumerate(plan.layers)}
     summary = RefitSummary(tokens=int(windows.numel()))
     layers, L = body.layers, len(body.layers)
-    bar = tqdm(total=L, desc="refitting layer by layer", unit="layer", disable=not progress)
-    i = 0
-    while i < L:
-        j = kept.get(i)
-        index = None if j is None else layer_index(plan, plan.layers[j])
-        materialise(layers[i], f"model.layers.{i}", src, device)
-        run = run_teacher(layers[i], teacher_calls, index, hn)
-        end, residual = i + 1, None
-        if index is None:
-            release(layers[i])
-        elif options.depth == "residual" and "down" in options.groups and i + 1 < L and i + 1 not in kept:
-            release(layers[i])  # one layer at a time: read it again after the run of dropped layers that follows
-            after = run.outputs  # the original through that run
-            while end < L and end not in kept:
-                materialise(layers[end], f"model.layers.{end}", src, device)
-                after = run_teacher(layers[end], [Call(h, c.kwargs) for h, c in zip(after, teacher_calls)], None,
-                                    hn).outputs
-                release(layers[end])
-                end += 1
-            residual, run.outputs = [select_hidden(h, hidden) for h in after], after
+    desc = "scoring and refitting layer by layer" if select else "refitting layer by layer"
+    bar = tqdm(total=L, desc=desc, unit="layer", disable=not progress)
+    hooks = importance_hooks(model, plan.source, select.aggregation) if select else nullcontext([])
+    with hooks as stats:
+        i = 0
+        while i < L:
+            j = kept.get(i)
+            index = None if j is None else layer_index(plan, plan.layers[j])  # with select: the counts only
             materialise(layers[i], f"model.layers.{i}", src, device)
-        if index is not None:
-            student = pruned_layer(layers[i], s_config, j, index, hn, plan.norm_scale)
-            storage = {role: storage_dtype(src, role, i) for g in options.groups for role, _ in GROUPS[g]}
-            outputs, report = refit_layer(student, layers[i], student_calls, run, index, hn, options.groups,
-                                          options.damping, storage, residual)
-            release(layers[i])
-            summary.layers.append(report)
-            params = {parse_hf_name(f"model.layers.0.{n}")[0]: p for n, p in student.named_parameters()}
-            store.put(j, {role: params[role].detach().to(dt).cpu() for role, dt in storage.items()})
-            student_calls = [Call(o, c.kwargs) for o, c in zip(outputs, student_calls)]
-            del student
-        teacher_calls = [Call(o, c.kwargs) for o, c in zip(run.outputs, teacher_calls)]
-        bar.update(end - i)
-        i = end
+            run = run_teacher(layers[i], teacher_calls, index, hn)
+            if select is not None:  # the statistics hooks have seen layer i: choose its units
+                summary.layer_plans.append(choose_layer(i, stats[i], plan, select))
+                index = layer_index(plan, summary.layer_plans[-1])
+            end, residual = i + 1, None
+            if index is None:
+                release(layers[i])
+            elif options.depth == "residual" and "down" in options.groups and i + 1 < L and i + 1 not in kept:
+                release(layers[i])  # one layer at a time: read it again after the run of dropped layers that follows
+                after = run.outputs  # the original through that run
+                while end < L and end not in kept:
+                    materialise(layers[end], f"model.layers.{end}", src, device)
+                    after = run_teacher(layers[end], [Call(h, c.kwargs) for h, c in zip(after, teacher_calls)], None,
+                                        hn).outputs
+                    release(layers[end])
+                    end += 1
+                residual, run.outputs = [select_hidden(h, hidden) for h in after], after
+                materialise(layers[i], f"model.layers.{i}", src, device)
+            if index is not None:
+                student = pruned_layer(layers[i], s_config, j, index, hn, plan.norm_scale)
+                storage = {role: storage_dtype(src, role, i) for g in options.groups for role, _ in GROUPS[g]}
+                outputs, report = refit_layer(student, layers[i], student_calls, run, index, hn, options.groups,
+                                              options.damping, storage, residual)
+                release(layers[i])
+                summary.layers.append(report)
+                params = {parse_hf_name(f"model.layers.0.{n}")[0]: p for n, p in student.named_parameters()}
+                store.put(j, {role: params[role].detach().to(dt).cpu() for role, dt in storage.items()})
+                student_calls = [Call(o, c.kwargs) for o, c in zip(outputs, student_calls)]
+                del student
+            teacher_calls = [Call(o, c.kwargs) for o, c in zip(run.outputs, teacher_calls)]
+            bar.update(end - i)
+            i = end
     bar.close()
+    if select is not None:
+        summary.scores = scores_from_stats(stats, select.aggregation)
     materialise(body.norm, "model.norm", src, device)
     if options.head == "auto":
         untied = not plan.source.tied_embeddings and src.has("lm_head")
