@@ -310,7 +310,6 @@ DENSE_LLAMA = "pretrain_llama.py builds dense LLaMA-family layers (GQA attention
 # Megatron flags stock pretrain_gpt.py acts on but this recipe does not: (arg, what to do instead). Refused rather
 # than ignored, since the run would train on as something else than asked for.
 UNSUPPORTED_FLAGS: dict[str, tuple[str, str]] = {
-    "--num-experts": ("num_experts", DENSE_LLAMA),
     "--mtp-num-layers": ("mtp_num_layers", DENSE_LLAMA),
     "--multi-latent-attention": ("multi_latent_attention", DENSE_LLAMA),
     "--experimental-attention-variant": ("experimental_attention_variant", DENSE_LLAMA),
