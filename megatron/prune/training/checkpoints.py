@@ -102,15 +102,16 @@ def never_trained(state: dict[str, Any]) -> bool:
 
 
 def load_model_weights(model: torch.nn.Module, ref: CheckpointRef, tp_rank: int, pp_rank: int = 0,
-                       pp_size: int = 1) -> None:
-    """Load this rank's model weights (no optimizer, no RNG) from a stock Megatron checkpoint."""
+                       pp_size: int = 1, ep_rank: int = 0, ep_size: int = 1) -> None:
+    """Load this rank's model weights (no optimizer, no RNG) from a stock Megatron checkpoint (a MoE one's
+    expert-parallel shard ``ep_rank`` of ``ep_size``)."""
     if ref.torch_dist:
         from megatron.core import dist_checkpointing
 
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ref.folder))
         state = loaded["model"]
     else:
-        path = _rank_file(ref, tp_rank, pp_rank, pp_size)
+        path = _rank_file(ref, tp_rank, pp_rank, pp_size, ep_rank, ep_size)
         if not path.is_file():
             raise PruneError(f"checkpoint {ref.root}: missing {path}")
         state = load_shard(path)["model"]
