@@ -257,8 +257,6 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
                             str(d / "conv_tp1_out"), "--use-checkpoint-args",
                             "--no-use-tokenizer-model-from-checkpoint-args"],
          f"--load {d / 'conv_tp1_out'}: the saved learning-rate schedule differs from this run's flags ("),
-        ("moe_flag", driver_argv(inputs, "--num-experts", "4", load=pruned[1]),
-         "the checkpoint's mixture-of-experts args disagree with the flags (num_experts: checkpoint None vs flags 4"),
         ("kd_tied_pp1", driver_argv(inputs, "--kd-teacher-load", str(inputs["tied"][1]), "--kd-alpha", "0.5",
                                     "--ckpt-format", "torch_dist", load=inputs["tied_pruned"]), None),
         ("kd_dist_teacher", driver_argv(inputs, "--kd-teacher-load", str(inputs["dist_tp2"]), "--kd-alpha", "1",

@@ -307,9 +307,18 @@ def check_moe(args: Any) -> None:
 def check_moe_shape(ckpt_args: Any, args: Any, flag: str) -> None:
     """Clear error when a checkpoint's experts disagree with the flags (a dense checkpoint with --num-experts, other
     expert counts or widths, another router); the stock loader would stop on a missing or misshapen tensor, or
-    load the router into another top-k."""
-    if not (getattr(ckpt_args, "num_experts", None) or getattr(args, "num_experts", None)):
+    load the router into another top-k. (The stock --use-checkpoint-args loader keeps a --num-experts that a dense
+    checkpoint's args leave unset.)"""
+    saved, given = getattr(ckpt_args, "num_experts", None), getattr(args, "num_experts", None)
+    if not (saved or given):
         return
+    if not saved:
+        raise PruneError(f"{flag} {args.load}: a dense checkpoint (no experts), but the flags build a "
+                         f"mixture-of-experts model (--num-experts {given}); drop --num-experts")
+    if not given:
+        raise PruneError(f"{flag} {args.load}: a mixture-of-experts checkpoint ({saved} experts), but the flags build "
+                         "a dense model; pass --use-checkpoint-args (or its --num-experts, --moe-ffn-hidden-size, "
+                         "--moe-router-topk)")
     diffs = [f"{name}: checkpoint {getattr(ckpt_args, name, None)!r} vs flags {getattr(args, name, None)!r}"
              for name in MOE_MODEL_ARGS if getattr(ckpt_args, name, None) != getattr(args, name, None)]
     if diffs:

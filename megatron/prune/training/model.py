@@ -72,7 +72,7 @@ def _layer_spec(args: Any, config: Any):
             qk_layernorm=args.qk_layernorm,
             use_te_activation_func=bool(getattr(args, "use_te_activation_func", False)),
             use_te_op_fuser=bool(getattr(args, "use_transformer_engine_op_fuser", False)))
-    spec = get_gpt_layer_local_spec(num_experts=args.num_experts, moe_grouped_gemm=bool(args.moe_grouped_gemm),
+    spec = get_gpt_layer_local_spec(num_experts=getattr(args, "num_experts", None), moe_grouped_gemm=False,
                                     qk_layernorm=args.qk_layernorm, normalization=args.normalization)
     if attention.uses_sdpa(args):
         spec.submodules.self_attention.submodules.core_attention = attention.SDPAttention
