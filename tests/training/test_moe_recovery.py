@@ -56,10 +56,11 @@ def make_moe_inputs(d: Path) -> dict:
             "pruned_ep2": d / "pruned_ep2", "dense": dense}
 
 
-def refusal(inputs: dict, name: str, *flags: str, load: Path) -> tuple[str, list[str], None]:
-    """A case that must stop before training; it names a SAVE folder that must stay absent."""
+def refusal(inputs: dict, name: str, *flags: str, load: Path, world: int = 1) -> tuple[str, list[str], dict]:
+    """A case that must stop before training (checked as for ``world`` ranks, as check_model.sh's pre-flight does);
+    it names a SAVE folder that must stay absent."""
     save = ["--save", str(inputs["dir"] / f"{name}_out"), "--save-interval", "1"]
-    return name, driver_argv(inputs, *flags, *save, load=load, iters=1), None
+    return name, driver_argv(inputs, *flags, *save, load=load, iters=1), {"WORLD_SIZE": str(world)}
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +71,18 @@ def moe(tmp_path_factory) -> dict:
     kd = ["--kd-teacher-load", str(inputs["mg"]), "--kd-alpha", "0.5"]
     cases = [
         ("plain", driver_argv(inputs, "--save", str(d / "plain_out"), "--save-interval", str(PLAIN_ITERS),
-                              load=inputs["pruned"], iters=PLAIN_ITERS), None),
-        ("no_aux", driver_argv(inputs, "--moe-aux-loss-coeff", "0", load=inputs["pruned"], iters=1), None),
+                              load=inputs["pruned"], iters=PLAIN_ITERS), {}),
+        ("no_aux", driver_argv(inputs, "--moe-aux-loss-coeff", "0", load=inputs["pruned"], iters=1), {}),
         ("kd_ep1", driver_argv(inputs, *kd, "--save", str(d / "kd_ep1_out"), "--save-interval", str(KD_ITERS),
-                               load=inputs["pruned"], iters=KD_ITERS), None),
+                               load=inputs["pruned"], iters=KD_ITERS), {}),
         refusal(inputs, "grouped_gemm", "--moe-grouped-gemm", load=inputs["pruned"]),
+        refusal(inputs, "flex", "--moe-token-dispatcher-type", "flex", load=inputs["pruned"]),
+        refusal(inputs, "tp2", "--tensor-model-parallel-size", "2", load=inputs["pruned"], world=2),
         refusal(inputs, "load_ep", load=inputs["pruned_ep2"]),
         refusal(inputs, "teacher_ep", "--kd-teacher-load", str(inputs["mg_ep2"]), load=inputs["pruned"]),
         refusal(inputs, "dense_experts", "--num-experts", "4", load=inputs["dense"]),
     ]
-    spec = [{"name": n, "argv": a, "log": str(d / f"case_{n}")} for n, a, _ in cases]
+    spec = [{"name": n, "argv": a, "log": str(d / f"case_{n}"), "env": env} for n, a, env in cases]
     (d / "cases.json").write_text(json.dumps(spec))
     driver = subprocess.Popen([sys.executable, str(ROOT / "tests/training/recovery_harness.py"), "cases",
                                str(d / "cases.json")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -156,6 +159,9 @@ def test_ep2_under_torchrun_trains_as_ep1(moe, tmp_path):
 
 @pytest.mark.parametrize("name,message", [
     ("grouped_gemm", "--moe-grouped-gemm: megatron-core's local spec (the one this run builds) has no grouped GEMM"),
+    ("flex", "--moe-token-dispatcher-type flex: runs on DeepEP or HybridEP kernels, which need a GPU"),
+    ("tp2", "--tensor-model-parallel-size 2 with a mixture-of-experts model: megatron-core's MoE layer trains at "
+            "TP > 1 only with --sequence-parallel"),
     ("load_ep", "the checkpoint was saved at expert-parallel size 2, the run uses --expert-model-parallel-size 1; "
                 "reshard it: megatron-prune reshard --input {pruned_ep2} --output {pruned_ep2}-ep1 --ep 1"),
     ("teacher_ep", "error: --kd-teacher-load {mg_ep2}: the checkpoint was saved at expert-parallel size 2"),
@@ -188,13 +194,16 @@ def test_moe_checks():
     with pytest.raises(PruneError, match="reshard --input ck --output ck-ep1 --ep 1$"):
         checks.check_expert_parallel(ck, run, "--load", "ck", torch_dist=False)
     checks.check_expert_parallel(ck, run, "--load", "ck", torch_dist=True)  # torch_dist reshards on load
-    moe_te = Namespace(num_experts=4, transformer_impl="transformer_engine")
+    moe_te = Namespace(num_experts=4, transformer_impl="transformer_engine", moe_token_dispatcher_type="alltoall")
     checks.check_moe(moe_te)  # TE not installed here: the local spec is built
+    with pytest.raises(PruneError, match="--tensor-model-parallel-size 2 with a mixture-of-experts model"):
+        checks.check_moe(Namespace(**vars(moe_te), tensor_model_parallel_size=2))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(model_mod, "have_transformer_engine", lambda: True)
         with pytest.raises(PruneError, match="local spec only .*pass --transformer-impl local$"):
             checks.check_moe(moe_te)
-        checks.check_moe(Namespace(num_experts=None, transformer_impl="transformer_engine"))
+        checks.check_moe(Namespace(num_experts=None, transformer_impl="transformer_engine",
+                                   moe_token_dispatcher_type="flex"))
         checks.check_moe_flags_first(checks.preflight_flags(["--moe-grouped-gemm"]))  # TE builds grouped GEMM
     with pytest.raises(PruneError, match="--moe-grouped-gemm"):
         checks.check_moe_flags_first(checks.preflight_flags(["--moe-grouped-gemm"]))

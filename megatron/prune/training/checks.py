@@ -297,8 +297,22 @@ def set_moe_aux_loss(args: Any, coeff_given: bool) -> None:
 
 def check_moe(args: Any) -> None:
     """What a MoE run cannot do here: Transformer Engine's MoE layers (megatron-prune writes MoE checkpoints in the
-    local spec only, and pretrain_llama.py builds MoE layers from megatron-core's local spec only)."""
-    if getattr(args, "num_experts", None) and layer_spec_name(args) == "transformer_engine":
+    local spec only, and pretrain_llama.py builds MoE layers from megatron-core's local spec only); on CPU the flex
+    token dispatcher (DeepEP / HybridEP kernels: an ImportError, or a bare assertion at EP=1, once the model is
+    built); and tensor parallelism: megatron-core's MoE layer trains at TP > 1 only with sequence parallelism
+    (a ValueError at the first step), which the local spec's RMSNorm does not support."""
+    if not getattr(args, "num_experts", None):
+        return
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    if tp > 1:
+        raise PruneError(f"--tensor-model-parallel-size {tp} with a mixture-of-experts model: megatron-core's MoE "
+                         "layer trains at TP > 1 only with --sequence-parallel, which its local spec (RMSNorm) does "
+                         "not support; train at TP=1 and split the experts instead: --expert-model-parallel-size N "
+                         "(EP=N in check_model.sh) on a checkpoint resharded with megatron-prune reshard --tp 1 --ep N")
+    if args.moe_token_dispatcher_type == "flex" and shims_active():
+        raise PruneError("--moe-token-dispatcher-type flex: runs on DeepEP or HybridEP kernels, which need a GPU; on "
+                         "CPU use allgather or alltoall (--moe-token-dispatcher-type alltoall)")
+    if layer_spec_name(args) == "transformer_engine":
         raise PruneError(f"--num-experts {args.num_experts}: pretrain_llama.py builds mixture-of-experts layers from "
                          "megatron-core's local spec only (SequentialMLP experts, as megatron-prune writes them); "
                          "pass --transformer-impl local")
