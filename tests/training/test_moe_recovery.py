@@ -50,10 +50,15 @@ def make_moe_inputs(d: Path) -> dict:
     assert cli_main(["prune", "--input", str(mg), "--output", str(d / "pruned"), *PRUNE]) == 0
     for src, out in ((mg, d / "mg_ep2"), (d / "pruned", d / "pruned_ep2")):
         assert cli_main(["reshard", "--input", str(src), "--output", str(out), "--ep", "2", "--no-progress"]) == 0
+    mixtral = hf_to_megatron(make_tiny_hf(d / "mixtral_hf", "mixtral", vocab_size=VOCAB), d / "mixtral", tp=1,
+                             make_vocab_size_divisible_by=64, progress=False)
+    assert cli_main(["prune", "--input", str(mixtral), "--output", str(d / "mixtral_pruned"), "--num-experts", "2",
+                     *PRUNE[2:]]) == 0
     dense = hf_to_megatron(make_tiny_hf(d / "dense_hf", "llama-gqa", vocab_size=VOCAB), d / "dense", tp=1,
                            make_vocab_size_divisible_by=64, progress=False)
     return {"dir": d, "TOKENIZER": str(tok), "DATA": data, "mg": mg, "mg_ep2": d / "mg_ep2", "pruned": d / "pruned",
-            "pruned_ep2": d / "pruned_ep2", "dense": dense}
+            "pruned_ep2": d / "pruned_ep2", "dense": dense,
+            "mixtral": d / "mixtral_pruned"}
 
 
 def refusal(inputs: dict, name: str, *flags: str, load: Path, world: int = 1) -> tuple[str, list[str], dict]:
@@ -75,6 +80,8 @@ def moe(tmp_path_factory) -> dict:
         ("no_aux", driver_argv(inputs, "--moe-aux-loss-coeff", "0", load=inputs["pruned"], iters=1), {}),
         ("kd_ep1", driver_argv(inputs, *kd, "--save", str(d / "kd_ep1_out"), "--save-interval", str(KD_ITERS),
                                load=inputs["pruned"], iters=KD_ITERS), {}),
+        ("mixtral", driver_argv(inputs, "--save", str(d / "mixtral_out"), "--save-interval", "2",
+                                load=inputs["mixtral"], iters=2), {}),
         refusal(inputs, "grouped_gemm", "--moe-grouped-gemm", load=inputs["pruned"]),
         refusal(inputs, "flex", "--moe-token-dispatcher-type", "flex", load=inputs["pruned"]),
         refusal(inputs, "tp2", "--tensor-model-parallel-size", "2", load=inputs["pruned"], world=2),
@@ -120,6 +127,20 @@ def test_pruned_moe_trains_at_ep1_with_the_aux_loss_and_exports(moe, tmp_path):
     model = export(moe["dir"] / "plain_out", tmp_path / "hf")
     assert type(model).__name__ == "Qwen3MoeForCausalLM"
     assert (model.config.num_experts, model.config.moe_intermediate_size, model.config.num_hidden_layers) == (4, 8, 2)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.randint(0, VOCAB, (2, 12))).logits).all()
+
+
+def test_pruned_mixtral_trains_and_exports(moe, tmp_path):
+    """Mixtral (no QK-norm; 4 experts pruned to 2) through the same recipe: finite losses with the aux loss beside
+    them, exported to a MixtralForCausalLM transformers runs."""
+    ok(moe["runs"]["driver"])
+    r = ok(moe["runs"]["mixtral"])
+    lm, balance = parse_losses(r.stdout), parse_losses(r.stdout, "load_balancing_loss")
+    assert sorted(lm) == sorted(balance) == [1, 2] and all(np.isfinite(float(v)) for v in lm.values()), r.stdout[-2000:]
+    assert all(float(v) > 0.5 for v in balance.values()), balance
+    model = export(moe["dir"] / "mixtral_out", tmp_path / "hf")
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 2
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.randint(0, VOCAB, (2, 12))).logits).all()
 
