@@ -52,7 +52,7 @@ def make_moe_inputs(d: Path) -> dict:
         assert cli_main(["reshard", "--input", str(src), "--output", str(out), "--ep", "2", "--no-progress"]) == 0
     mixtral = hf_to_megatron(make_tiny_hf(d / "mixtral_hf", "mixtral", vocab_size=VOCAB), d / "mixtral", tp=1,
                              make_vocab_size_divisible_by=64, progress=False)
-    assert cli_main(["prune", "--input", str(mixtral), "--output", str(d / "mixtral_pruned"), "--num-experts", "2",
+    assert cli_main(["prune", "--input", str(mixtral), "--output", str(d / "mixtral_pruned"), "--num-experts", "3",
                      *PRUNE[2:]]) == 0
     dense = hf_to_megatron(make_tiny_hf(d / "dense_hf", "llama-gqa", vocab_size=VOCAB), d / "dense", tp=1,
                            make_vocab_size_divisible_by=64, progress=False)
@@ -132,7 +132,7 @@ def test_pruned_moe_trains_at_ep1_with_the_aux_loss_and_exports(moe, tmp_path):
 
 
 def test_pruned_mixtral_trains_and_exports(moe, tmp_path):
-    """Mixtral (no QK-norm; 4 experts pruned to 2) through the same recipe: finite losses with the aux loss beside
+    """Mixtral (no QK-norm; 4 experts pruned to 3) through the same recipe: finite losses with the aux loss beside
     them, exported to a MixtralForCausalLM transformers runs."""
     ok(moe["runs"]["driver"])
     r = ok(moe["runs"]["mixtral"])
@@ -140,7 +140,7 @@ def test_pruned_mixtral_trains_and_exports(moe, tmp_path):
     assert sorted(lm) == sorted(balance) == [1, 2] and all(np.isfinite(float(v)) for v in lm.values()), r.stdout[-2000:]
     assert all(float(v) > 0.5 for v in balance.values()), balance
     model = export(moe["dir"] / "mixtral_out", tmp_path / "hf")
-    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 2
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 3
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.randint(0, VOCAB, (2, 12))).logits).all()
 
