@@ -1,8 +1,8 @@
 """Recovery training of a pruned mixture-of-experts model (Qwen3-MoE, 6 experts pruned to 4 of half the width, 4
 layers to 2) on the stock loop, on CPU: at EP=1 (one process, cases forked from one interpreter) and at EP=2 (torchrun
 on 2 ranks through scripts/check_model.sh, once for the module), with the aux load-balancing loss on, distilling from
-the unpruned MoE, and the saved checkpoints exported to HF and run by transformers. Each MoE refusal is one line and
-writes nothing."""
+the unpruned MoE, and the saved checkpoints exported to HF and run by transformers; a pruned Mixtral the same way at
+EP=1. Each MoE refusal is one line and writes nothing."""
 
 from __future__ import annotations
 
