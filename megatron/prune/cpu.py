@@ -243,12 +243,11 @@ def _patch_moe_alltoall() -> None:
     """The alltoall MoE token dispatcher (expert parallelism) hands its split sizes over as numpy arrays only
     after a device-to-host copy (megatron-core 0.19.2): give the CPU the same."""
     try:
-        import megatron.core.transformer.moe.moe_utils as moe_utils
-        import megatron.core.transformer.moe.token_dispatcher as dispatcher
+        from megatron.core.transformer.moe import moe_utils, token_dispatcher
     except ImportError:  # a megatron-core without MoE modules
         return
     moe_utils.maybe_move_tensor_to_cpu = _host_split_sizes
-    dispatcher.maybe_move_tensor_to_cpu = _host_split_sizes
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_split_sizes
 
 
 def apply_cpu_shims() -> bool:

@@ -191,8 +191,8 @@ def _run_cases(spec_path: str) -> None:
             with open(case["log"] + ".out", "w") as out, open(case["log"] + ".err", "w") as err:
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
-                os.environ.update({**dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())),
+                os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                                    **case.get("env", {})})  # a case's env wins (e.g. WORLD_SIZE for a pre-flight)
                 code = 1
                 try:

@@ -21,8 +21,7 @@ from megatron.prune.errors import PruneError
 from megatron.prune.training import checks
 from megatron.prune.training import model as model_mod
 from megatron.prune.training.checkpoints import saved_expert_parallel
-from tests.training.recovery_harness import (ROOT, case_result, driver_argv, finish, ok, parse_losses,
-                                             start_check_model)
+from tests.training.recovery_harness import ROOT, case_result, driver_argv, finish, ok, parse_losses, start_check_model
 
 VOCAB = 300
 PRUNE = ["--num-experts", "4", "--moe-ffn-hidden-size", "8", "--num-layers", "2", "--method", "magnitude",
@@ -181,15 +180,16 @@ def test_ep2_under_torchrun_trains_as_ep1(moe, tmp_path):
 @pytest.mark.parametrize("name,message", [
     ("grouped_gemm", "--moe-grouped-gemm: megatron-core's local spec (the one this run builds) has no grouped GEMM"),
     ("flex", "--moe-token-dispatcher-type flex: runs on DeepEP or HybridEP kernels, which need a GPU"),
-    ("tp2", "--tensor-model-parallel-size 2 with a mixture-of-experts model: megatron-core's MoE layer trains at "
-            "TP > 1 only with --sequence-parallel"),
-    ("load_ep", "the checkpoint was saved at expert-parallel size 2, the run uses --expert-model-parallel-size 1; "
-                "reshard it: megatron-prune reshard --input {pruned_ep2} --output {pruned_ep2}-ep1 --ep 1"),
+    ("tp2", ("--tensor-model-parallel-size 2 with a mixture-of-experts model: megatron-core's MoE layer trains at "
+             "TP > 1 only with --sequence-parallel")),
+    ("load_ep", ("the checkpoint was saved at expert-parallel size 2, the run uses --expert-model-parallel-size 1; "
+                 "reshard it: megatron-prune reshard --input {pruned_ep2} --output {pruned_ep2}-ep1 --ep 1")),
     ("teacher_ep", "error: --kd-teacher-load {mg_ep2}: the checkpoint was saved at expert-parallel size 2"),
-    ("dense_experts", "error: --load {dense}: a dense checkpoint (no experts), but the flags build a "
-                      "mixture-of-experts model (--num-experts 4); drop --num-experts"),
+    ("dense_experts", ("error: --load {dense}: a dense checkpoint (no experts), but the flags build a "
+                       "mixture-of-experts model (--num-experts 4); drop --num-experts")),
 ])
 def test_moe_refusals_are_one_line_and_write_nothing(moe, name, message):
+    """Each MoE refusal stops before start-up with exit code 2 and one error line, and writes no SAVE folder."""
     ok(moe["runs"]["driver"])
     r = moe["runs"][name]
     errors = [line for line in r.stderr.splitlines() if line.startswith("pretrain_llama.py: error:")]
@@ -228,13 +228,11 @@ def test_moe_checks():
         checks.check_moe_flags_first(checks.preflight_flags(["--moe-grouped-gemm"]))  # TE builds grouped GEMM
     with pytest.raises(PruneError, match="--moe-grouped-gemm"):
         checks.check_moe_flags_first(checks.preflight_flags(["--moe-grouped-gemm"]))
-    for args, given, want in [(dict(num_experts=4, moe_router_load_balancing_type="aux_loss"), False, 1e-2),
-                              (dict(num_experts=4, moe_router_load_balancing_type="aux_loss"), True, 0.0),
-                              (dict(num_experts=4, moe_router_load_balancing_type="sinkhorn"), False, 0.0),
-                              (dict(num_experts=None, moe_router_load_balancing_type="aux_loss"), False, 0.0)]:
-        ns = Namespace(moe_aux_loss_coeff=0.0, **args)
+    for experts, balancing, given, want in [(4, "aux_loss", False, 1e-2), (4, "aux_loss", True, 0.0),
+                                            (4, "sinkhorn", False, 0.0), (None, "aux_loss", False, 0.0)]:
+        ns = Namespace(moe_aux_loss_coeff=0.0, num_experts=experts, moe_router_load_balancing_type=balancing)
         checks.set_moe_aux_loss(ns, coeff_given=given)
-        assert ns.moe_aux_loss_coeff == want, (args, given)
+        assert ns.moe_aux_loss_coeff == want, (experts, balancing, given)
 
 
 def test_cpu_shim_hands_the_alltoall_dispatcher_host_split_sizes():
