@@ -18,7 +18,9 @@
 #   TOKENIZER     HF tokenizer folder (e.g. $LOAD/hf_meta) or SentencePiece .model (required); used even
 #                 where LOAD's args name another (Megatron's default under --use-checkpoint-args would
 #                 take that path, which is gone once the checkpoint has moved)
-#   TP (1) PP (1) NPROC (TP*PP) NNODES (1)  NODE_RANK (0) MASTER_ADDR (127.0.0.1) MASTER_PORT (29500)
+#   TP (1) PP (1) EP (1) NPROC (TP*PP*EP) NNODES (1)  NODE_RANK (0) MASTER_ADDR (127.0.0.1) MASTER_PORT (29500)
+#                 EP: expert-parallel size of a mixture-of-experts model (a torch-format LOAD must have been saved
+#                 at it: megatron-prune reshard --ep EP)
 #   TRAIN_ITERS (100) SEQ_LEN (512) MICRO_BATCH (1) GLOBAL_BATCH (8) LR (1e-4), MIN_LR (LR/10)
 #   TRAIN_SAMPLES (unset) a sample-based schedule instead of TRAIN_ITERS (Megatron's --train-samples;
 #                 WARMUP stays in iterations, converted to samples)
@@ -39,7 +41,7 @@ require_python check_model.sh
 mock=0; for arg in "$@"; do [[ "$arg" == --mock-data ]] && mock=1; done
 [[ "$mock" == 1 ]] || : "${DATA:?set DATA to a dataset prefix (see megatron-prune data)}"
 : "${TOKENIZER:?set TOKENIZER to an HF tokenizer folder or a SentencePiece .model}"
-TP="${TP:-1}"; PP="${PP:-1}"; NPROC="${NPROC:-$((TP * PP))}"; NNODES="${NNODES:-1}"
+TP="${TP:-1}"; PP="${PP:-1}"; EP="${EP:-1}"; NPROC="${NPROC:-$((TP * PP * EP))}"; NNODES="${NNODES:-1}"
 TRAIN_ITERS="${TRAIN_ITERS:-100}"; SEQ_LEN="${SEQ_LEN:-512}"
 MICRO_BATCH="${MICRO_BATCH:-1}"; GLOBAL_BATCH="${GLOBAL_BATCH:-8}"
 LR="${LR:-1e-4}"; MIN_LR="${MIN_LR:-$("$PYTHON" -c "print(float('$LR') / 10)")}"
@@ -77,6 +79,7 @@ else
   flags+=(--normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope
           --max-position-embeddings "$SEQ_LEN")
 fi
+[[ "$EP" != 1 ]] && flags+=(--expert-model-parallel-size "$EP")
 [[ -n "${SAVE:-}" ]] && flags+=(--save "$SAVE" --save-interval "${SAVE_INTERVAL:-$iters}")
 [[ -n "${KD_TEACHER:-}" ]] && flags+=(--kd-teacher-load "$KD_TEACHER" --kd-alpha "${KD_ALPHA:-0.5}"
                                       --kd-temperature "${KD_TEMPERATURE:-1.0}")

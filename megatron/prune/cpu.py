@@ -230,6 +230,26 @@ def _patch_initialize_megatron() -> None:
     training_mod.initialize_megatron = initialize_megatron
 
 
+def _host_split_sizes(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """``maybe_move_tensor_to_cpu`` as on a GPU: the split sizes come back as numpy arrays (which
+    ``all_to_all_single`` takes) also when the tensor already lives on the CPU; the stock one leaves a CPU tensor
+    as it is, and gloo's ``all_to_all_single`` then refuses tensor split sizes (a TypeError)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    return tensor
+
+
+def _patch_moe_alltoall() -> None:
+    """The alltoall MoE token dispatcher (expert parallelism) hands its split sizes over as numpy arrays only
+    after a device-to-host copy (megatron-core 0.19.2): give the CPU the same."""
+    try:
+        from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    except ImportError:  # a megatron-core without MoE modules
+        return
+    moe_utils.maybe_move_tensor_to_cpu = _host_split_sizes
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_split_sizes
+
+
 def apply_cpu_shims() -> bool:
     """Install every CPU shim (idempotent). Returns False, doing nothing, when CUDA is available."""
     global _APPLIED, _MODE
@@ -240,6 +260,7 @@ def apply_cpu_shims() -> bool:
         return False
     _patch_torch_cuda()
     _patch_rng_tracker()
+    _patch_moe_alltoall()
     try:
         _patch_initialize_megatron()
     except ImportError:  # megatron.training absent: megatron-core alone still works

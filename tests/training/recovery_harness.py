@@ -191,8 +191,9 @@ def _run_cases(spec_path: str) -> None:
             with open(case["log"] + ".out", "w") as out, open(case["log"] + ".err", "w") as err:
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
-                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **case.get("env", {}))
+                os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                                   **case.get("env", {})})  # a case's env wins (e.g. WORLD_SIZE for a pre-flight)
                 code = 1
                 try:
                     code = recipe.main(case["argv"])
@@ -257,8 +258,6 @@ def start_driver(inputs) -> tuple[subprocess.Popen, list[dict]]:
                             str(d / "conv_tp1_out"), "--use-checkpoint-args",
                             "--no-use-tokenizer-model-from-checkpoint-args"],
          f"--load {d / 'conv_tp1_out'}: the saved learning-rate schedule differs from this run's flags ("),
-        ("moe_flag", driver_argv(inputs, "--num-experts", "4", load=pruned[1]),
-         "--num-experts 4: not supported: pretrain_llama.py builds dense LLaMA-family layers"),
         ("kd_tied_pp1", driver_argv(inputs, "--kd-teacher-load", str(inputs["tied"][1]), "--kd-alpha", "0.5",
                                     "--ckpt-format", "torch_dist", load=inputs["tied_pruned"]), None),
         ("kd_dist_teacher", driver_argv(inputs, "--kd-teacher-load", str(inputs["dist_tp2"]), "--kd-alpha", "1",

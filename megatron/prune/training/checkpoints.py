@@ -4,6 +4,7 @@ safe, memory-mapped loader as the format adapter's (:func:`megatron.prune.format
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,9 @@ def find_checkpoint(root: str | os.PathLike, flag: str) -> CheckpointRef:
     return CheckpointRef(root, folder, is_torch_dist(folder))
 
 
-def _rank_file(ref: CheckpointRef, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
-    return ref.folder / shard_dir_name(tp_rank, pp_rank, pp_size) / MODEL_FILE
+def _rank_file(ref: CheckpointRef, tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0,
+               ep_size: int = 1) -> Path:
+    return ref.folder / shard_dir_name(tp_rank, pp_rank, pp_size, ep_rank, ep_size) / MODEL_FILE
 
 
 def checkpoint_state(ref: CheckpointRef) -> dict[str, Any]:
@@ -80,6 +82,11 @@ def checkpoint_args(ref: CheckpointRef) -> Any:
     return checkpoint_state(ref)["args"]
 
 
+def saved_expert_parallel(args: Any) -> int:
+    """The expert-parallel size a checkpoint's args record (1 for a dense model or none recorded)."""
+    return int(getattr(args, "expert_model_parallel_size", None) or 1) if getattr(args, "num_experts", None) else 1
+
+
 def saved_layer_spec(root: str | os.PathLike) -> str | None:
     """The layer spec a Megatron checkpoint's args record (``local`` or ``transformer_engine``); None where they say
     none or ``root`` is no Megatron checkpoint."""
@@ -95,15 +102,16 @@ def never_trained(state: dict[str, Any]) -> bool:
 
 
 def load_model_weights(model: torch.nn.Module, ref: CheckpointRef, tp_rank: int, pp_rank: int = 0,
-                       pp_size: int = 1) -> None:
-    """Load this rank's model weights (no optimizer, no RNG) from a stock Megatron checkpoint."""
+                       pp_size: int = 1, ep_rank: int = 0, ep_size: int = 1) -> None:
+    """Load this rank's model weights (no optimizer, no RNG) from a stock Megatron checkpoint (a MoE one's
+    expert-parallel shard ``ep_rank`` of ``ep_size``)."""
     if ref.torch_dist:
         from megatron.core import dist_checkpointing
 
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ref.folder))
         state = loaded["model"]
     else:
-        path = _rank_file(ref, tp_rank, pp_rank, pp_size)
+        path = _rank_file(ref, tp_rank, pp_rank, pp_size, ep_rank, ep_size)
         if not path.is_file():
             raise PruneError(f"checkpoint {ref.root}: missing {path}")
         state = load_shard(path)["model"]
@@ -145,15 +153,16 @@ def check_weights(ref: CheckpointRef, flag: str) -> None:
         return
     args = checkpoint_args(ref)
     tp, pp = int(getattr(args, "tensor_model_parallel_size", 1)), int(getattr(args, "pipeline_model_parallel_size", 1))
-    for t_rank in range(tp):
-        for p_rank in range(pp):
-            path = _rank_file(ref, t_rank, p_rank, pp)
-            if not path.is_file():
-                raise PruneError(f"{flag} {ref.root}: missing shard {path} (its args say TP={tp} PP={pp})")
-            state = load_shard(path)  # a truncated or corrupt shard is refused by name here
-            # "model", or "model0", "model1", ... with virtual pipeline stages
-            for key in [k for k in state if k == "model" or (k.startswith("model") and k[5:].isdigit())]:
-                for name, t in state[key].items():
-                    if isinstance(t, torch.Tensor):
-                        check_finite(t, f"{flag} {path}: {name}")
-            del state
+    ep = saved_expert_parallel(args)
+    for t_rank, p_rank, e_rank in itertools.product(range(tp), range(pp), range(ep)):
+        path = _rank_file(ref, t_rank, p_rank, pp, e_rank, ep)
+        if not path.is_file():
+            raise PruneError(f"{flag} {ref.root}: missing shard {path} (its args say TP={tp} PP={pp}"
+                             f"{f' EP={ep}' if ep > 1 else ''})")
+        state = load_shard(path)  # a truncated or corrupt shard is refused by name here
+        # "model", or "model0", "model1", ... with virtual pipeline stages
+        for key in [k for k in state if k == "model" or (k.startswith("model") and k[5:].isdigit())]:
+            for name, t in state[key].items():
+                if isinstance(t, torch.Tensor):
+                    check_finite(t, f"{flag} {path}: {name}")
+        del state

@@ -72,18 +72,30 @@ def _layer_spec(args: Any, config: Any):
             qk_layernorm=args.qk_layernorm,
             use_te_activation_func=bool(getattr(args, "use_te_activation_func", False)),
             use_te_op_fuser=bool(getattr(args, "use_transformer_engine_op_fuser", False)))
-    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
+    spec = get_gpt_layer_local_spec(num_experts=getattr(args, "num_experts", None), moe_grouped_gemm=False,
+                                    qk_layernorm=args.qk_layernorm, normalization=args.normalization)
     if attention.uses_sdpa(args):
         spec.submodules.self_attention.submodules.core_attention = attention.SDPAttention
     return spec
 
 
 def spec_description(args: Any) -> str:
-    """The layer spec and attention kernel this run builds, for the start-up line."""
+    """The layer spec and attention kernel this run builds (and its experts), for the start-up line."""
     name = layer_spec_name(args)
     if name == "local":
-        return f"local spec, {'torch SDPA' if attention.uses_sdpa(args) else 'unfused'} attention"
-    return f"{name} spec"
+        text = f"local spec, {'torch SDPA' if attention.uses_sdpa(args) else 'unfused'} attention"
+    else:
+        text = f"{name} spec"
+    return text + moe_description(args)
+
+
+def moe_description(args: Any) -> str:
+    """The experts of a MoE run, for the start-up line ('' for a dense model)."""
+    if not getattr(args, "num_experts", None):
+        return ""
+    return (f", {args.num_experts} experts (SequentialMLP, top-{args.moe_router_topk}, EP="
+            f"{args.expert_model_parallel_size}, {args.moe_token_dispatcher_type} dispatcher), load balancing "
+            f"{args.moe_router_load_balancing_type} x {args.moe_aux_loss_coeff}")
 
 
 def gpt_model_kwargs(args: Any) -> dict[str, Any]:

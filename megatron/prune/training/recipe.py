@@ -26,7 +26,7 @@ from megatron.prune.cpu import CPU_FLAGS, WITHOUT_TE_FLAGS, apply_cpu_shims, ski
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.mcore.schema import META_DIR
 from megatron.prune.training.checks import (check_flags_first, check_paths_first, keep_own_tokenizer, preflight_flags,
-                                            validate_inputs)
+                                            set_moe_aux_loss, validate_inputs)
 from megatron.prune.training.datasets import train_valid_test_datasets_provider
 from megatron.prune.training.kd import distill_losses
 from megatron.prune.training.checkpoints import saved_layer_spec
@@ -287,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_flags_first(flags)
         check_paths_first(flags)
         args = parse_and_validate_args(add_recovery_args)
+        set_moe_aux_loss(args, coeff_given=flags.moe_aux_loss_coeff is not None)
         # every shard is read once, before start-up: by check_model.sh's pre-flight, else by rank 0
         validate_inputs(args, scan_weights=stage != "done" and os.environ.get("RANK", "0") == "0")
     except PruneError as e:

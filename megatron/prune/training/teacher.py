@@ -39,7 +39,9 @@ def build_teacher(args: Any, pre_process: bool = True, post_process: bool = True
     teacher = build_gpt(t_args, pre_process, post_process)
     try:
         load_model_weights(teacher, ref, parallel_state.get_tensor_model_parallel_rank(),
-                              parallel_state.get_pipeline_model_parallel_rank(), args.pipeline_model_parallel_size)
+                           parallel_state.get_pipeline_model_parallel_rank(), args.pipeline_model_parallel_size,
+                           parallel_state.get_expert_model_parallel_rank() if t_args.num_experts else 0,
+                           args.expert_model_parallel_size if t_args.num_experts else 1)
     except PruneError as e:
         split = (f" (at PP={args.pipeline_model_parallel_size} the teacher's layers are split evenly over the stages; "
                  "a torch-format teacher saved with another split needs `megatron-prune reshard --pp "
@@ -60,7 +62,8 @@ TEACHER_SHAPE_FIELDS: tuple[str, ...] = (
     "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights", "rotary_base",
     "rotary_percent", "position_embedding_type", "max_position_embeddings", "padded_vocab_size",
     "apply_layernorm_1p", "use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor",
-    "qk_layernorm",
+    "qk_layernorm", "num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax",
+    "moe_router_score_function", "moe_shared_expert_intermediate_size", "moe_layer_freq", "moe_grouped_gemm",
 )
 
 
