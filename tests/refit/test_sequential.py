@@ -297,3 +297,11 @@ def test_per_layer_pruning_selects_inside_the_refit_as_score_then_prune_would(to
     assert fused.info["selection"].startswith("in the refit")
     assert any(lp.ffn != tuple(range(48)) for lp in fused.layers)  # chosen, not the placeholder's first units
     assert_same_tensors(hf_tensors(tmp_path / "fused"), hf_tensors(tmp_path / "scored"))
+    # the Megatron TP=2 checkpoint (balanced over its own TP) chooses and refits the same, read through its HF view
+    assert main(["convert", "hf-to-megatron", "--input", str(tok_model), "--output", str(tmp_path / "mg"), "--tp",
+                 "2", "--no-progress"]) == 0
+    assert prune_cli(tmp_path / "mg", tmp_path / "mg_out", *PER_LAYER[:6], *PER_LAYER[8:]) == 0
+    assert main(["convert", "megatron-to-hf", "--input", str(tmp_path / "mg_out"), "--output",
+                 str(tmp_path / "back"), "--no-progress"]) == 0
+    assert PrunePlan.load(tmp_path / "mg_out").layers == fused.layers
+    assert_same_tensors(hf_tensors(tmp_path / "fused"), hf_tensors(tmp_path / "back"))

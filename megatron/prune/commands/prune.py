@@ -6,7 +6,10 @@ Axes you do not name are kept. The chosen indices are written beside the weights
 With activation selection (the default where the input has a tokenizer) the kept weights are then refit by least
 squares (--reconstruct least-squares): every linear that reads a pruned axis is refit, layer by layer on the pruned
 model's own inputs, to give what the original gave on the calibration text; one decoder layer is held at a time, on
-HF and Megatron (any TP/PP) inputs alike. --reconstruct none keeps the sliced weights.
+HF and Megatron (any TP/PP) inputs alike. --reconstruct none keeps the sliced weights. When only per-layer axes
+shrink (heads, query groups, FFN; hidden size and layers kept) each layer's units are chosen inside that same pass,
+from the activations of its original layer: no separate scoring pass, and the plan is the one `score` then
+`prune --scores` gives.
 
 Examples:
   megatron-prune prune --input smollm2 --output small --hidden-size 480 --num-attention-heads 6 \
