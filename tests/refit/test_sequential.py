@@ -277,7 +277,8 @@ PER_LAYER = ["--num-attention-heads", "4", "--num-query-groups", "2", "--ffn-hid
              "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
 
 
-def test_per_layer_pruning_selects_inside_the_refit_as_score_then_prune_would(tok_model, tmp_path, monkeypatch):
+def test_per_layer_pruning_selects_inside_the_refit_as_score_then_prune_would(tok_model, tmp_path, monkeypatch,
+                                                                              capsys):
     """Heads, groups and FFN channels only (hidden and layers kept): the refit's own run of each original layer gives
     the activation statistics, so no scoring pass runs, and the plan and every tensor equal those of `score` then
     `prune --scores` (TP-balanced over 2 slices)."""
@@ -295,6 +296,8 @@ def test_per_layer_pruning_selects_inside_the_refit_as_score_then_prune_would(to
     fused, scored = (PrunePlan.load(tmp_path / d / "prune_plan.json") for d in ("fused", "scored"))
     assert fused.layers == scored.layers
     assert fused.info["selection"].startswith("in the refit")
+    assert main(["plan", "show", str(tmp_path / "fused")]) == 0
+    assert "scored in the refit's pass" in capsys.readouterr().out
     assert any(lp.ffn != tuple(range(48)) for lp in fused.layers)  # chosen, not the placeholder's first units
     assert_same_tensors(hf_tensors(tmp_path / "fused"), hf_tensors(tmp_path / "scored"))
     # the Megatron TP=2 checkpoint (balanced over its own TP) chooses and refits the same, read through its HF view

@@ -72,8 +72,9 @@ def method_line(info: Mapping[str, Any]) -> str:
         return f"method: activation{how} (scores from {info['scores']})"
     if method == "activation" and "calib" in info:
         calib = info["calib"] if isinstance(info["calib"], str) else " ".join(info["calib"])
+        where = f"; scored {info['selection']}" if "selection" in info else ""
         return (f"method: activation{how} (calibration {calib}: {info.get('samples')} windows of "
-                f"{info.get('seq_len')} tokens, aggregation {info.get('aggregation')}, {info.get('dtype')})")
+                f"{info.get('seq_len')} tokens, aggregation {info.get('aggregation')}, {info.get('dtype')}{where})")
     return f"method: {method}{how}"
 
 
