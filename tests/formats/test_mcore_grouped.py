@@ -147,3 +147,17 @@ def test_grouped_cli_and_refusals(models, tiny_hf, tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
     with pytest.raises(PruneError, match="SequentialMLP: --transformer-impl local"):
         ops.hf_to_megatron(hf, tmp_path / "bad", spec="transformer_engine", progress=False)
+
+
+def test_args_and_names_that_disagree_are_refused(models, tmp_path):
+    """The layout is read from the args: SequentialMLP names under args saying moe_grouped_gemm=True (local spec) are
+    refused when the checkpoint is opened, naming the spec grouped GEMM needs."""
+    mg = ops.hf_to_megatron(models["mixtral"], tmp_path / "mg", progress=False)
+    path = mg / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
+    shard = torch.load(path, weights_only=False)
+    shard["args"].moe_grouped_gemm = True
+    torch.save(shard, path)
+    with pytest.raises(PruneError, match="args say moe_grouped_gemm=True .TEGroupedMLP .grouped GEMM. experts., which "
+                                         "megatron-core builds in the transformer_engine spec only, but its names are "
+                                         "local-spec"):
+        open_megatron(mg)
