@@ -19,10 +19,16 @@ def free_port() -> int:
 
 def run_on_two_ranks(worker: Path, jobs: list[dict], folder: Path, timeout: int) -> list[dict]:
     """Run ``worker JOBS.json RESULTS.json`` under torchrun on 2 CPU ranks (one thread each); each rank's results."""
+    return run_on_ranks(worker, jobs, folder, timeout, 2)
+
+
+def run_on_ranks(worker: Path, jobs: list[dict], folder: Path, timeout: int, ranks: int) -> list[dict]:
+    """Run ``worker JOBS.json RESULTS.json`` under torchrun on ``ranks`` CPU ranks (one thread each); each rank's
+    results."""
     (folder / "jobs.json").write_text(json.dumps(jobs))
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", str(worker), str(folder / "jobs.json"),
+    proc = subprocess.run([str(torchrun), f"--nproc_per_node={ranks}", str(worker), str(folder / "jobs.json"),
                            str(folder / "results.json")], capture_output=True, text=True, env=env, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((folder / "results.json").read_text())

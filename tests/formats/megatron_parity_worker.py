@@ -1,8 +1,9 @@
 """torchrun worker: build megatron-core GPTModel (local spec) from each checkpoint's args, load its shard
 strictly, and compare its logits with transformers' for the matching HF checkpoint.
 
-Usage: torchrun --nproc_per_node=2 tests/megatron_parity_worker.py JOBS.json RESULTS.json
-JOBS.json: [{"name", "mg", "hf", "tp"[, "dist", "seq"]}]; jobs run grouped by TP so each process group starts once.
+Usage: torchrun --nproc_per_node=N tests/megatron_parity_worker.py JOBS.json RESULTS.json (N = 2, or 4 for TP2 x EP2)
+JOBS.json: [{"name", "mg", "hf", "tp"[, "ep", "dist", "seq"]}]; jobs run grouped by EP and TP so each process group
+starts once.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def main(jobs_path: str, out_path: str) -> None:
             mg = model(ids, pos, mask)[..., : ckpt.shape.vocab_size]
         ref = logits(job["hf"], ids)
         results[job["name"]] = {
-            "rank": torch.distributed.get_rank(), "tp": job["tp"], "max_abs_diff": float((mg - ref).abs().max()),
+            "rank": torch.distributed.get_rank(), "tp": job["tp"], "tp_rank": rank, "ep_rank": ep_rank,
+            "max_abs_diff": float((mg - ref).abs().max()),
             "ref_scale": float(ref.abs().max()), "shape": list(mg.shape), "strict_load": True,
         }
         if job["name"].startswith("convert-"):

@@ -21,7 +21,7 @@ from megatron.prune.formats.hf import HFCheckpoint
 from megatron.prune.formats.hf import apply_plan as apply_hf_plan
 from megatron.prune.formats.mcore import ops
 from megatron.prune.scoring.methods import random_scores
-from procs import run_on_two_ranks
+from procs import run_on_ranks, run_on_two_ranks
 from tiny import MOE_FAMILIES, make_tiny_hf
 
 MOE = sorted(MOE_FAMILIES)
@@ -74,9 +74,10 @@ def test_megatron_prune_equals_hf_prune(moe_models, tmp_path, family, prune_type
 
 
 def test_moe_megatron_refusals(moe_models, tmp_path):
-    """Not written yet: the Transformer Engine spec (its MoE layers name their norm apart) and torch_dist."""
+    """Not written yet: SequentialMLP experts in the Transformer Engine spec (grouped ones are:
+    test_mcore_grouped.py) and torch_dist."""
     for kw in (dict(spec="transformer_engine"), dict(ckpt_format="torch_dist")):
-        with pytest.raises(PruneError, match="local spec and torch format only"):
+        with pytest.raises(PruneError, match="in torch format with SequentialMLP: --transformer-impl local"):
             ops.hf_to_megatron(moe_models["mixtral"], tmp_path / "mg", progress=False, **kw)
         assert not (tmp_path / "mg").exists()
 
@@ -103,6 +104,31 @@ def test_megatron_core_logits_equal_transformers(moe_models, tmp_path):
             res = r[job["name"]]
             assert res["strict_load"] and res["close"], (job["name"], res)
             assert res["max_abs_diff"] < 1e-4 * max(1.0, res["ref_scale"]), (job["name"], res)
+
+
+def test_megatron_core_logits_at_tp2_ep2(moe_models, tmp_path):
+    """4 ranks, TP=2 x EP=2 (expert tensor parallel = TP, expert data parallel 1): each rank loads its
+    mp_rank_TT_000_EEE shard strictly, runs half the experts on half their channels (allgather dispatcher, no
+    sequence parallelism: inference needs none), and every rank gives transformers' logits. A grouped-GEMM
+    checkpoint resharded to SequentialMLP runs the same way."""
+    jobs = [{"name": f"moe-{name}-tp2-ep2", "hf": str(hf), "tp": 2, "ep": 2,
+             "mg": str(ops.hf_to_megatron(hf, tmp_path / name, tp=2, ep=2, progress=False))}
+            for name, hf in moe_models.items() if name != "qwen3-moe-raw"]
+    hf = moe_models["qwen3-moe"]
+    grouped = ops.hf_to_megatron(hf, tmp_path / "grouped", tp=1, ep=1, spec="transformer_engine", grouped=True,
+                                 progress=False)
+    jobs.append({"name": "moe-grouped-tp2-ep2", "hf": str(hf), "tp": 2, "ep": 2,
+                 "mg": str(ops.reshard(grouped, tmp_path / "grouped-local", tp=2, ep=2, spec="local",
+                                       progress=False))})
+    per_rank = run_on_ranks(WORKER, jobs, tmp_path, timeout=600, ranks=4)
+    assert len(per_rank) == 4
+    for job in jobs:
+        for r in per_rank:
+            res = r[job["name"]]
+            assert res["strict_load"] and res["close"], (job["name"], res)
+            assert res["max_abs_diff"] < 1e-4 * max(1.0, res["ref_scale"]), (job["name"], res)
+    assert sorted((r[jobs[0]["name"]]["tp_rank"], r[jobs[0]["name"]]["ep_rank"]) for r in per_rank) == \
+        [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 @pytest.mark.parametrize("family", MOE)

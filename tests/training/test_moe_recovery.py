@@ -226,8 +226,12 @@ def test_moe_checks():
         checks.check_moe(Namespace(num_experts=None, transformer_impl="transformer_engine",
                                    moe_token_dispatcher_type="flex"))
         checks.check_moe_flags_first(checks.preflight_flags(["--moe-grouped-gemm"]))  # TE builds grouped GEMM
-    with pytest.raises(PruneError, match="--moe-grouped-gemm"):
+    with pytest.raises(PruneError, match="converts to SequentialMLP ones: megatron-prune reshard --input CKPT "
+                                         "--output CKPT-local --transformer-impl local"):
         checks.check_moe_flags_first(checks.preflight_flags(["--moe-grouped-gemm"]))
+    grouped = Namespace(transformer_impl="transformer_engine", moe_grouped_gemm=True)
+    with pytest.raises(PruneError, match="--transformer-impl local .its grouped-GEMM experts become SequentialMLP"):
+        checks.check_layer_spec(grouped, Namespace(transformer_impl="local"), "--load", "ck")
     for experts, balancing, given, want in [(4, "aux_loss", False, 1e-2), (4, "aux_loss", True, 0.0),
                                             (4, "sinkhorn", False, 0.0), (None, "aux_loss", False, 0.0)]:
         ns = Namespace(moe_aux_loss_coeff=0.0, num_experts=experts, moe_router_load_balancing_type=balancing)

@@ -191,3 +191,43 @@ def test_megatron_tp2_vocab_prune_equals_hf_path(family, bbpe, tmp_path):
     assert (tmp_path / "back" / "tokenizer.json").read_text() == (tmp_path / "hf_out" / "tokenizer.json").read_text()
     cfg = json.loads((tmp_path / "mg_out" / META_DIR / "config.json").read_text())
     assert (cfg["vocab_size"], cfg["pad_token_id"]) == (keep, list(hf_plan.vocab).index(2999))
+
+
+def test_vocab_prune_of_a_moe_model_hf_and_megatron_ep2(bbpe, tmp_path):
+    """`megatron-prune vocab prune` of a tiny Qwen3-MoE, from its HF folder and from its Megatron conversions (TP=2
+    EP=2, SequentialMLP and grouped-GEMM experts): the kept embedding / output rows are the original rows, every
+    other tensor (router, experts, attention, norms) is untouched bit for bit, and the Megatron results exported to
+    HF equal the HF result (tensors and tokenizer); the grouped checkpoint stays grouped."""
+    from safetensors.torch import load_file
+
+    from megatron.prune.cli import main
+    from megatron.prune.formats.folder import open_megatron
+    from megatron.prune.formats.mcore.ops import hf_to_megatron, megatron_to_hf
+
+    src = model_with_tokenizer(tmp_path / "src", "qwen3-moe", bbpe, bos_token_id=1, eos_token_id=2)
+    docs = calib_docs()[::25]
+    counts = count_tokens(src, [write_docs(tmp_path / "d.jsonl", docs)], open_tokenizer(src).rules, workers=1,
+                          progress=False)
+    counts.save(tmp_path / "c.json")
+    keep = len(needed_for(src, counts)) + 41
+    hf_to_megatron(src, tmp_path / "mg", tp=2, ep=2, make_vocab_size_divisible_by=64, progress=False)
+    hf_to_megatron(src, tmp_path / "mg-grouped", tp=2, ep=2, spec="transformer_engine", grouped=True,
+                   make_vocab_size_divisible_by=64, progress=False)
+    for name in ("src", "mg", "mg-grouped"):
+        assert main(["vocab", "prune", "--input", str(tmp_path / name), "--output", str(tmp_path / f"{name}-out"),
+                     "--keep", str(keep), "--counts", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    kept = list(PrunePlan.load(tmp_path / "src-out").vocab)
+    assert len(kept) == keep < 3000
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "src-out" / "model.safetensors")
+    assert a.keys() == b.keys() and any(".experts.3." in n for n in a)
+    for name in a:
+        want = a[name][kept] if name in ("model.embed_tokens.weight", "lm_head.weight") else a[name]
+        assert torch.equal(want, b[name]), name
+    assert open_megatron(tmp_path / "mg-grouped-out").grouped and open_megatron(tmp_path / "mg-out").ep == 2
+    for name in ("mg", "mg-grouped"):
+        back = megatron_to_hf(tmp_path / f"{name}-out", tmp_path / f"{name}-back", progress=False)
+        c = load_file(back / "model.safetensors")
+        assert c.keys() == b.keys()
+        for t in b:
+            assert torch.equal(b[t], c[t]), (name, t)
+        assert (back / "tokenizer.json").read_text() == (tmp_path / "src-out" / "tokenizer.json").read_text()

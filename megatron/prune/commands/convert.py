@@ -16,7 +16,7 @@ from pathlib import Path
 
 from megatron.prune.commands import add_ckpt_format_argument
 from megatron.prune.errors import PruneError, check_at_least
-from megatron.prune.formats.mcore.schema import SPEC_CHOICES, resolve_spec
+from megatron.prune.formats.mcore.schema import MOE_SPEC, SPEC_CHOICES, resolve_spec
 
 HELP = "convert HF <-> Megatron checkpoints (hf-to-megatron with --tp/--pp, megatron-to-hf)"
 DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
@@ -48,6 +48,10 @@ def add_hf_to_megatron_arguments(p: argparse.ArgumentParser) -> None:
                    help="hf-to-megatron: layer spec whose parameter names to write; auto (the default): the spec "
                         "pretrain_llama.py builds on this machine, transformer_engine where Transformer Engine and a "
                         "GPU are present, else local")
+    p.add_argument("--moe-grouped-gemm", action="store_true", default=None,
+                   help="hf-to-megatron: write a mixture-of-experts model's experts as megatron-core's TEGroupedMLP "
+                        "(mlp.experts.linear_fc1.weightE; transformer_engine spec, recorded as moe_grouped_gemm=True) "
+                        "instead of SequentialMLP (mlp.experts.local_experts.E.*; local spec)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, metavar="N",
                    help="hf-to-megatron: vocab padding unit before the TP factor (default 128)")
     add_ckpt_format_argument(p, "hf-to-megatron: ")
@@ -61,7 +65,7 @@ def add_megatron_to_hf_arguments(p: argparse.ArgumentParser) -> None:
 
 # hf-to-megatron's flags and their defaults; megatron-to-hf takes none of them (its input's layout is read).
 TO_MEGATRON_DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "transformer_impl": "auto", "make_vocab_size_divisible_by": 128,
-                        "ckpt_format": "torch"}
+                        "ckpt_format": "torch", "moe_grouped_gemm": False}
 
 
 def flag(dest: str) -> str:
@@ -89,17 +93,24 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_at_least("--iteration", iteration, 0)
 
 
+def output_spec(transformer_impl: str, grouped: bool) -> str:
+    """The layer spec to write: grouped-GEMM experts exist in megatron-core's transformer_engine spec only, so
+    ``auto`` means that spec with --moe-grouped-gemm (an explicit other spec is refused when the model is read)."""
+    return MOE_SPEC[True] if grouped and transformer_impl == "auto" else resolve_spec(transformer_impl)
+
+
 def run(args: argparse.Namespace) -> int:
     from megatron.prune.formats.mcore.ops import hf_to_megatron, megatron_to_hf
 
     check_arguments(args)
     if args.direction == "hf-to-megatron":
-        spec = resolve_spec(args.transformer_impl)
+        spec = output_spec(args.transformer_impl, args.moe_grouped_gemm)
         hf_to_megatron(args.input, args.output, args.tp, args.pp, spec,
                        args.make_vocab_size_divisible_by, args.overwrite, not args.no_progress, args.ckpt_format,
-                       ep=args.ep)
+                       ep=args.ep, grouped=args.moe_grouped_gemm)
         ep = f", EP={args.ep}" if args.ep > 1 else ""
-        print(f"wrote Megatron checkpoint {args.output} (TP={args.tp}, PP={args.pp}{ep}, {spec} spec, "
+        grouped = ", grouped-GEMM experts" if args.moe_grouped_gemm else ""
+        print(f"wrote Megatron checkpoint {args.output} (TP={args.tp}, PP={args.pp}{ep}, {spec} spec{grouped}, "
               f"{args.ckpt_format} format)")
     else:
         megatron_to_hf(args.input, args.output, args.overwrite, not args.no_progress,

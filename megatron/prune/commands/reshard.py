@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=int, help="new expert-parallel size of a mixture-of-experts model (default: keep)")
     p.add_argument("--transformer-impl", choices=SPEC_CHOICES,
                    help="layer spec whose parameter names to write (default: keep; auto: the spec pretrain_llama.py "
-                        "builds on this machine)")
+                        "builds on this machine); a mixture-of-experts model's experts follow it: SequentialMLP in "
+                        "local, grouped GEMM (TEGroupedMLP) in transformer_engine")
     add_ckpt_format_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

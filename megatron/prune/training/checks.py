@@ -98,8 +98,10 @@ def check_layer_spec(ckpt_args: Any, args: Any, flag: str, path: str) -> None:
     saved, built = getattr(ckpt_args, "transformer_impl", None), layer_spec_name(args)
     if saved not in ("local", "transformer_engine") or saved == built:
         return
+    grouped = " (its grouped-GEMM experts become SequentialMLP ones)" \
+        if built == "local" and getattr(ckpt_args, "moe_grouped_gemm", False) else ""
     fixes = [f"convert it: megatron-prune reshard --input {path} --output {str(path).rstrip('/')}-{built} "
-             f"--transformer-impl {built}"]
+             f"--transformer-impl {built}{grouped}"]
     if saved == "local":
         fixes.append("or pass --transformer-impl local")
     raise PruneError(f"{flag} {path}: the checkpoint has {saved}-spec parameter names, but this run builds the "
@@ -273,7 +275,9 @@ def check_moe_flags_first(ns: argparse.Namespace) -> None:
     built = layer_spec_name(argparse.Namespace(transformer_impl=ns.transformer_impl or "transformer_engine"))
     if ns.moe_grouped_gemm and built == "local":
         raise PruneError("--moe-grouped-gemm: megatron-core's local spec (the one this run builds) has no grouped "
-                         "GEMM and would build SequentialMLP experts all the same; drop the flag")
+                         "GEMM and would build SequentialMLP experts all the same; drop the flag (a checkpoint with "
+                         "grouped-GEMM experts converts to SequentialMLP ones: megatron-prune reshard --input CKPT "
+                         "--output CKPT-local --transformer-impl local)")
 
 
 # The load-balancing loss coefficient a MoE run gets when the flags give none (megatron-core's default, 0, turns the

@@ -31,8 +31,9 @@ def rope_scaling_args(hf_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, pp: int, padded: int,
                    divisible_by: int, dtype: torch.dtype, spec: str, hf_config: Mapping[str, Any],
-                   tokenizer_dir: Path | None, ep: int = 1) -> argparse.Namespace:
-    """The ``args`` Namespace of an output checkpoint: ``base`` (if any) with every shape field set."""
+                   tokenizer_dir: Path | None, ep: int = 1, grouped: bool = False) -> argparse.Namespace:
+    """The ``args`` Namespace of an output checkpoint: ``base`` (if any) with every shape field set (``grouped``: the
+    experts in TEGroupedMLP's layout)."""
     a = argparse.Namespace(**vars(base)) if base is not None else argparse.Namespace()
     max_pos = int(hf_config.get("max_position_embeddings") or getattr(a, "max_position_embeddings", None) or 4096)
     rope = hf_config.get("rope_theta") or (hf_config.get("rope_parameters") or {}).get("rope_theta")
@@ -57,7 +58,7 @@ def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, 
         iteration=0, consumed_train_samples=0, consumed_valid_samples=0,
     )
     fields.update(rope_scaling_args(hf_config))
-    fields.update(moe_args(shape, hf_config))
+    fields.update(moe_args(shape, hf_config, grouped))
     fields.setdefault("seq_length", getattr(a, "seq_length", None) or min(max_pos, 4096))
     a.__dict__.update(fields)
     if tokenizer_dir is not None:
@@ -65,16 +66,18 @@ def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, 
     return a
 
 
-def moe_args(shape: ModelShape, hf_config: Mapping[str, Any]) -> dict[str, Any]:
+def moe_args(shape: ModelShape, hf_config: Mapping[str, Any], grouped: bool = False) -> dict[str, Any]:
     """megatron-core's mixture-of-experts args (none for a dense model). Its router takes the top-k of the logits and
     softmaxes them (= softmax, top-k, renormalised: Mixtral, Qwen3-MoE with norm_topk_prob), or with pre-softmax takes
-    the top-k of the softmax as it is (Qwen3-MoE without norm_topk_prob)."""
+    the top-k of the softmax as it is (Qwen3-MoE without norm_topk_prob). ``moe_grouped_gemm`` records the expert
+    layout (what ``--use-checkpoint-args`` and our reader read back); fc1 stays [gate; up], not interleaved."""
     if not shape.is_moe:
         return dict(num_experts=None)
     return dict(num_experts=shape.num_experts, moe_ffn_hidden_size=shape.moe_ffn_hidden_size,
                 ffn_hidden_size=shape.moe_ffn_hidden_size, moe_router_topk=shape.num_experts_per_tok,
                 moe_router_pre_softmax=not hf_config.get("norm_topk_prob", True), moe_router_score_function="softmax",
-                moe_grouped_gemm=False, moe_token_dispatcher_type="allgather", moe_layer_freq=1,
+                moe_grouped_gemm=grouped, moe_mlp_glu_interleave_size=None, moe_token_dispatcher_type="allgather",
+                moe_layer_freq=1,
                 moe_shared_expert_intermediate_size=None, expert_tensor_parallel_size=None)
 
 
@@ -117,8 +120,8 @@ def shape_from_args(args: argparse.Namespace, vocab_size: int | None) -> ModelSh
     if getattr(args, "qk_l2_norm", None):
         wrong["qk_l2_norm"] = args.qk_l2_norm
     experts = int(getattr(args, "num_experts", None) or 0)
-    if experts:  # what the MoE schema knows: every layer sparse, SequentialMLP, no shared expert, softmax router
-        for k, want in (("moe_grouped_gemm", False), ("moe_shared_expert_intermediate_size", None),
+    if experts:  # what the MoE schema knows: every layer sparse, [gate; up] experts, no shared expert, softmax router
+        for k, want in (("moe_mlp_glu_interleave_size", None), ("moe_shared_expert_intermediate_size", None),
                         ("moe_router_score_function", "softmax")):
             if getattr(args, k, want) != want:
                 wrong[k] = getattr(args, k)
@@ -126,8 +129,8 @@ def shape_from_args(args: argparse.Namespace, vocab_size: int | None) -> ModelSh
             wrong["moe_layer_freq"] = args.moe_layer_freq
     if wrong:
         raise PruneError(f"not a LLaMA-family Megatron checkpoint we read: {wrong} (need RMSNorm, swiglu, rope, "
-                         "no linear biases, QK-norm if any an RMSNorm; experts in every layer, SequentialMLP, no "
-                         "shared expert, a softmax router)")
+                         "no linear biases, QK-norm if any an RMSNorm; experts in every layer, SequentialMLP or "
+                         "TEGroupedMLP with fc1 [gate; up], no shared expert, a softmax router)")
     try:
         heads = int(args.num_attention_heads)
         groups = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads

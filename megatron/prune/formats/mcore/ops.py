@@ -18,8 +18,8 @@ from megatron.prune.formats.hf import HFCheckpoint, check_hf_target, write_prune
 from megatron.prune.formats.mcore.args import args_for_shape, config_with_dtype
 from megatron.prune.formats.mcore.dist import torch_to_dist
 from megatron.prune.formats.mcore.read import CheckpointHeader, MegatronCheckpoint, load_shard
-from megatron.prune.formats.mcore.schema import (META_DIR, SPECS, check_ckpt_format, check_ep, check_moe_layout,
-                                                 check_tp_pp, padded_vocab_size, tp_units)
+from megatron.prune.formats.mcore.schema import (META_DIR, MOE_SPEC, SPECS, check_ckpt_format, check_ep,
+                                                 check_moe_layout, check_tp_pp, padded_vocab_size, tp_units)
 
 from megatron.prune.formats.mcore.write import (Layout, ParamFn, balanced_params, global_params, write_checkpoint,
                                                 write_meta)
@@ -34,22 +34,23 @@ NOT_CARRIED = ("optimizer state and RNG state are not carried over and the itera
 def save(src: TensorSource, plan: PrunePlan, output: Path, tp: int, pp: int, spec: str, divisible_by: int,
          params_fn: Callable[..., ParamFn], base_args: argparse.Namespace | None,
          side_files: Path | None, overwrite: bool, progress: bool, save_plan: bool,
-         ckpt_format: str = "torch", overrides: TensorOverrides | None = None, ep: int = 1) -> Path:
+         ckpt_format: str = "torch", overrides: TensorOverrides | None = None, ep: int = 1,
+         grouped: bool = False) -> Path:
     """Shared body of convert, reshard and prune: write ``plan`` applied to ``src`` (``overrides`` in place of some
-    slices) as a Megatron checkpoint of TP ``tp``, PP ``pp`` and EP ``ep``."""
+    slices) as a Megatron checkpoint of TP ``tp``, PP ``pp`` and EP ``ep`` (``grouped``: TEGroupedMLP experts)."""
     if spec not in SPECS:
         raise PruneError(f"layer spec {spec!r} unknown; choose one of {', '.join(SPECS)}")
     check_ckpt_format(ckpt_format)
-    check_moe_layout(plan.target, spec, ckpt_format)
+    check_moe_layout(plan.target, spec, ckpt_format, grouped)
     target = plan.target
     check_tp_pp(target, tp, pp, what="output: ")
     check_ep(target, ep, what="output: ")
-    layout = Layout(target, tp, pp, spec, padded_vocab_size(target.vocab_size, divisible_by, tp), ep)
+    layout = Layout(target, tp, pp, spec, padded_vocab_size(target.vocab_size, divisible_by, tp), ep, grouped)
     output = Path(output)
     final = output.resolve()
     tokenizer = final / META_DIR if side_files is not None and has_tokenizer_file(side_files) else None
     args = args_for_shape(base_args, target, tp, pp, layout.padded_vocab, divisible_by, src.dtype, spec,
-                          src.hf_config, tokenizer, ep)
+                          src.hf_config, tokenizer, ep, grouped)
     with atomic_output(output, overwrite) as tmp:
         write_checkpoint(tmp, layout, params_fn(src, plan, layout, overrides), args, src.release, progress)
         write_meta(tmp, side_files, src.hf_config, target)
@@ -62,30 +63,37 @@ def save(src: TensorSource, plan: PrunePlan, output: Path, tp: int, pp: int, spe
 
 def hf_to_megatron(hf_dir: Path | str, out_dir: Path | str, tp: int = 1, pp: int = 1, spec: str = "local",
                    make_vocab_size_divisible_by: int = 128, overwrite: bool = False, progress: bool = True,
-                   ckpt_format: str = "torch", ep: int = 1) -> Path:
-    """Convert an HF LLaMA-family checkpoint into a Megatron-LM checkpoint of TP ``tp``, PP ``pp`` and EP ``ep``."""
+                   ckpt_format: str = "torch", ep: int = 1, grouped: bool = False) -> Path:
+    """Convert an HF LLaMA-family checkpoint into a Megatron-LM checkpoint of TP ``tp``, PP ``pp`` and EP ``ep``
+    (``grouped``: a MoE model's experts in TEGroupedMLP's layout, transformer_engine spec)."""
     src = HFCheckpoint.open(hf_dir).in_one_dtype()  # mixed float32/float16/bfloat16 weights: one dtype, no loss
     check_tp_pp(src.shape, tp, pp)
     check_ep(src.shape, ep)
+    check_moe_layout(src.shape, spec, ckpt_format, grouped)
     check_output_path(hf_dir, out_dir, overwrite)
     return save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec, make_vocab_size_divisible_by,
                  global_params, None, Path(hf_dir), overwrite, progress, save_plan=False, ckpt_format=ckpt_format,
-                 ep=ep)
+                 ep=ep, grouped=grouped)
 
 
 def reshard(mg_dir: Path | str, out_dir: Path | str, tp: int | None = None, pp: int | None = None,
             spec: str | None = None, make_vocab_size_divisible_by: int | None = None, overwrite: bool = False,
             progress: bool = True, ckpt_format: str = "torch", ep: int | None = None) -> Path:
-    """Rewrite a Megatron checkpoint at another TP/PP/EP size (and/or layer spec); weights unchanged."""
+    """Rewrite a Megatron checkpoint at another TP/PP/EP size (and/or layer spec); weights unchanged. A MoE model's
+    expert layout follows the spec (:data:`MOE_SPEC`): ``--transformer-impl local`` turns TEGroupedMLP experts into
+    SequentialMLP ones, ``transformer_engine`` the other way."""
     src = open_megatron(mg_dir)
-    tp, pp, ep = tp or src.tp, pp or src.pp, ep or src.ep
+    tp, pp, ep, spec = tp or src.tp, pp or src.pp, ep or src.ep, spec or src.spec
+    grouped = src.shape.is_moe and MOE_SPEC[True] == spec
     check_tp_pp(src.shape, tp, pp)
     check_ep(src.shape, ep)
+    check_moe_layout(src.shape, spec, ckpt_format, grouped)
     check_output_path(mg_dir, out_dir, overwrite)
     div = make_vocab_size_divisible_by or int(getattr(src.args, "make_vocab_size_divisible_by", 128))
     plan_file = src.folder / PLAN_FILE
-    out = save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec or src.spec, div, global_params,
-                src.args, src.folder / META_DIR, overwrite, progress, save_plan=False, ckpt_format=ckpt_format, ep=ep)
+    out = save(src, PrunePlan.keep_all(src.shape), Path(out_dir), tp, pp, spec, div, global_params,
+               src.args, src.folder / META_DIR, overwrite, progress, save_plan=False, ckpt_format=ckpt_format, ep=ep,
+               grouped=grouped)
     if plan_file.is_file():
         shutil.copy2(plan_file, out / PLAN_FILE)  # keep the record of how this checkpoint was pruned
     return out
@@ -180,7 +188,7 @@ def apply_plan(src: CheckpointHeader, plan: PrunePlan, output: Path | str, overw
     src.release()
     out = save(src, plan, Path(output), tp, pp, src.spec, div, params_fn, src.args, src.folder / META_DIR,
                overwrite, progress, save_plan=True, ckpt_format=ckpt_format, overrides=overrides,
-               ep=src.ep)
+               ep=src.ep, grouped=src.grouped)  # the expert layout it read
     print(f"note: {NOT_CARRIED}")
     return out
 

@@ -20,9 +20,9 @@ from megatron.prune.errors import PruneError
 from megatron.prune.formats.safetensors import DTYPE_CODES
 from megatron.prune.formats.mcore.args import check_meta_family, hf_config_from_args, shape_from_args
 from megatron.prune.formats.source import check_finite
-from megatron.prune.formats.mcore.schema import (EXTRA_STATE, META_DIR, MODEL_FILE, PARAM_BY_KEY, PARAM_OF_ROLE,
-                                                 TRACKER, _SHARD_DIR, Param, check_ep, check_tp_pp, expert_shard,
-                                                 extra_state_names, layer_param_names, params_for, shard_keys,
+from megatron.prune.formats.mcore.schema import (EXPERT_LAYOUT_NAMES, EXTRA_STATE, META_DIR, MODEL_FILE, MOE_SPEC,
+                                                 PARAM_BY_KEY, PARAM_OF_ROLE, TRACKER, _SHARD_DIR, Param, check_ep,
+                                                 check_tp_pp, expert_shard, extra_state_names, layer_param_names, params_for, shard_keys,
                                                  shard_path_name, stored_shape, unfuse)
 from megatron.prune.io.memory import drop_mapped_pages, file_mappings
 
@@ -111,6 +111,11 @@ class CheckpointHeader:
     dtype: torch.dtype
     hf_config: dict[str, Any]
 
+    @property
+    def grouped(self) -> bool:
+        """Whether the experts are in TEGroupedMLP's layout (``weightE``): the saved ``moe_grouped_gemm`` says so."""
+        return self.shape.is_moe and bool(getattr(self.args, "moe_grouped_gemm", False))
+
     def has(self, role: str, layer: int | None = None, expert: int | None = None) -> bool:
         """Which logical tensors exist follows from the shape alone (tied embeddings, q/k/v bias, experts)."""
         return has_role(self.shape, role)
@@ -176,6 +181,10 @@ class MegatronCheckpoint(CheckpointHeader):
         ckpt = cls(folder, iter_dir, args, shape, tp, pp, spec, padded, dtype, hf_config, expected, ep=ep)
         check_tp_pp(shape, tp, pp, what="checkpoint: ")
         check_ep(shape, ep, what="checkpoint: ")
+        if shape.is_moe and MOE_SPEC[ckpt.grouped] != spec:
+            raise PruneError(f"{folder}: args say moe_grouped_gemm={ckpt.grouped} ({EXPERT_LAYOUT_NAMES[ckpt.grouped]} "
+                             f"experts), which megatron-core builds in the {MOE_SPEC[ckpt.grouped]} spec only, but its "
+                             f"names are {spec}-spec")
         for key in tqdm(sorted(expected), desc="checking shards", unit="shard", disable=len(expected) < 16):
             ckpt._check_shard(key, first["model"] if key == min(expected) else load_shard(expected[key])["model"])
         return ckpt
@@ -194,10 +203,10 @@ class MegatronCheckpoint(CheckpointHeader):
         first, last = pp_rank == 0, pp_rank == self.pp - 1
         model, layer = params_for(self.shape, first, last)
         names: dict[str, Param | None] = {p.name(self.spec): p for p in model}
-        local = self.shape.num_experts // self.ep
+        local, grouped = self.shape.num_experts // self.ep, self.grouped
         for i in range(self.layers_per_stage):
-            names.update({n: p for p in layer for n, _ in layer_param_names(p, self.spec, i, local)})
-            names.update(dict.fromkeys(extra_state_names(self.spec, self.shape, i, local)))
+            names.update({n: p for p in layer for n, _ in layer_param_names(p, self.spec, i, local, grouped)})
+            names.update(dict.fromkeys(extra_state_names(self.spec, self.shape, i, local, grouped)))
         if last:
             names.update({t: None for t in EXTRA_STATE[self.spec] if "{}" not in t})
         return names
@@ -207,8 +216,10 @@ class MegatronCheckpoint(CheckpointHeader):
         want = self.expected_names(key[1])
         unknown = sorted(set(sd) - set(want))
         if unknown:
+            experts = f" with {EXPERT_LAYOUT_NAMES[self.grouped]} experts (args: moe_grouped_gemm=" \
+                      f"{self.grouped})" if self.shape.is_moe else ""
             raise PruneError(f"{where}: unknown state-dict key(s) {unknown[:6]}{' ...' if len(unknown) > 6 else ''} "
-                             f"for a {self.spec}-spec LLaMA-family GPTModel")
+                             f"for a {self.spec}-spec LLaMA-family GPTModel{experts}")
         missing = sorted(n for n, p in want.items() if p is not None and n not in sd)
         if missing:
             raise PruneError(f"{where}: missing state-dict key(s) {missing[:6]}{' ...' if len(missing) > 6 else ''}")
@@ -251,7 +262,7 @@ class MegatronCheckpoint(CheckpointHeader):
             return param, stage, 0, param.name(self.spec)
         ep_rank, local = (0, None) if expert is None else expert_shard(expert, self.shape.num_experts, self.ep)
         return (param, layer // self.layers_per_stage, ep_rank,
-                param.name(self.spec, layer % self.layers_per_stage, local))
+                param.name(self.spec, layer % self.layers_per_stage, local, self.grouped))
 
     # -- TensorSource ----------------------------------------------------------------------------
 

@@ -62,8 +62,9 @@ class Param:
     """One megatron-core parameter: its name per layer spec, the logical roles it fuses, its TP split axis.
 
     ``tp_axis`` is the one declaration of how the parameter is split across tensor-parallel ranks:
-    0 column-parallel, 1 row-parallel, None replicated. ``per_expert`` parameters are one per expert of a layer
-    (SequentialMLP's ``local_experts.E``; expert parallelism 1: every rank holds every expert).
+    0 column-parallel, 1 row-parallel, None replicated. ``per_expert`` parameters are one per local expert of a layer
+    (SequentialMLP's ``local_experts.E``, TEGroupedMLP's ``weightE``). ``grouped`` is the name in a MoE layer built
+    with grouped GEMM (:data:`MOE_SPEC`; None: the ``te`` name).
     """
 
     key: str
@@ -73,9 +74,10 @@ class Param:
     tp_axis: int | None
     per_layer: bool
     per_expert: bool = False
+    grouped: str | None = None
 
-    def name(self, spec: str, layer: int | None = None, expert: int | None = None) -> str:
-        template = self.local if spec == "local" else self.te
+    def name(self, spec: str, layer: int | None = None, expert: int | None = None, grouped: bool = False) -> str:
+        template = self.local if spec == "local" else (self.grouped or self.te) if grouped else self.te
         return template.format(*(i for i in (layer, expert) if i is not None)) if self.per_layer else template
 
 
@@ -100,16 +102,20 @@ PARAMS: tuple[Param, ...] = (
           None, True),
     Param("proj", _L + "self_attention.linear_proj.weight", _L + "self_attention.linear_proj.weight", ("o",), 1, True),
     Param("post_norm", _L + "pre_mlp_layernorm.weight", _L + "mlp.linear_fc1.layer_norm_weight", ("post_norm",), None,
-          True),
+          True, grouped=_L + "pre_mlp_layernorm.weight"),  # a MoE layer's norm is a TENorm of its own
     Param("fc1", _L + "mlp.linear_fc1.weight", _L + "mlp.linear_fc1.weight", ("gate", "up"), 0, True),
     Param("fc2", _L + "mlp.linear_fc2.weight", _L + "mlp.linear_fc2.weight", ("down",), 1, True),
-    # mixture of experts (megatron-core MoELayer, local spec, SequentialMLP): the router is replicated, each expert's
-    # fc1 [gate; up] column- and fc2 row-parallel inside the expert (--expert-tensor-parallel-size = TP)
+    # mixture of experts (megatron-core MoELayer): the router is replicated, each expert's fc1 [gate; up] column- and
+    # fc2 row-parallel inside the expert (--expert-tensor-parallel-size = TP). SequentialMLP (local spec) holds one
+    # linear per expert; TEGroupedMLP (transformer_engine spec, --moe-grouped-gemm) one TE GroupedLinear per fc whose
+    # weightE is the same [2*f/tp, h] / [h, f/tp] tensor of local expert E (its sharded_state_dict maps the two)
     Param("router", _L + "mlp.router.weight", _L + "mlp.router.weight", ("router",), None, True),
     Param("expert_fc1", _L + "mlp.experts.local_experts.{}.linear_fc1.weight",
-          _L + "mlp.experts.local_experts.{}.linear_fc1.weight", ("expert_gate", "expert_up"), 0, True, True),
+          _L + "mlp.experts.local_experts.{}.linear_fc1.weight", ("expert_gate", "expert_up"), 0, True, True,
+          grouped=_L + "mlp.experts.linear_fc1.weight{}"),
     Param("expert_fc2", _L + "mlp.experts.local_experts.{}.linear_fc2.weight",
-          _L + "mlp.experts.local_experts.{}.linear_fc2.weight", ("expert_down",), 1, True, True),
+          _L + "mlp.experts.local_experts.{}.linear_fc2.weight", ("expert_down",), 1, True, True,
+          grouped=_L + "mlp.experts.linear_fc2.weight{}"),
 )
 
 
@@ -139,22 +145,40 @@ EXPERT_EXTRA_STATE = (_L + "mlp.experts.local_experts.{}.linear_fc1._extra_state
                       _L + "mlp.experts.local_experts.{}.linear_fc2._extra_state")
 
 
-def extra_state_names(spec: str, shape: ModelShape, layer: int, local_experts: int) -> list[str]:
+# ... and with grouped GEMM: one per TE GroupedLinear (all of a shard's local experts)
+GROUPED_EXTRA_STATE = (_L + "mlp.experts.linear_fc1._extra_state", _L + "mlp.experts.linear_fc2._extra_state")
+
+
+# The two expert layouts megatron-core 0.19 builds, keyed by the saved ``moe_grouped_gemm`` arg: the layer spec each
+# exists in (the local spec ignores --moe-grouped-gemm and builds SequentialMLP; the legacy GroupedMLP with
+# weight1/weight2 is gone). Names differ, tensors do not (:class:`Param`).
+MOE_SPEC: dict[bool, str] = {False: "local", True: "transformer_engine"}
+
+
+EXPERT_LAYOUT_NAMES = {False: "SequentialMLP", True: "TEGroupedMLP (grouped GEMM)"}
+
+
+def extra_state_names(spec: str, shape: ModelShape, layer: int, local_experts: int, grouped: bool = False
+                      ) -> list[str]:
     """The ``_extra_state`` names of local layer ``layer`` of a model of ``shape``, in a shard holding
-    ``local_experts`` experts."""
+    ``local_experts`` experts (``grouped``: TEGroupedMLP's)."""
     names = [t.format(layer) for t in EXTRA_STATE[spec] if "{}" in t]
     if not shape.is_moe:
         return names
     names = [n for n in names if ".mlp." not in n]
+    if grouped:
+        return names + [t.format(layer) for t in GROUPED_EXTRA_STATE]
     return names + [t.format(layer, e) for e in range(local_experts) for t in EXPERT_EXTRA_STATE]
 
 
-def layer_param_names(param: Param, spec: str, layer: int, local_experts: int) -> list[tuple[str, int | None]]:
+def layer_param_names(param: Param, spec: str, layer: int, local_experts: int, grouped: bool = False
+                      ) -> list[tuple[str, int | None]]:
     """(state-dict name, local expert) of each tensor of ``param`` in local layer ``layer`` of a shard holding
-    ``local_experts`` experts (one per expert if ``per_expert``)."""
+    ``local_experts`` experts (one per expert if ``per_expert``; ``grouped``: a MoE layer's names under grouped
+    GEMM)."""
     if param.per_expert:
-        return [(param.name(spec, layer, e), e) for e in range(local_experts)]
-    return [(param.name(spec, layer), None)]
+        return [(param.name(spec, layer, e, grouped), e) for e in range(local_experts)]
+    return [(param.name(spec, layer, grouped=grouped), None)]
 
 
 def expert_shard(expert: int, num_experts: int, ep: int) -> tuple[int, int]:
@@ -177,12 +201,16 @@ def check_ep(shape: ModelShape, ep: int, what: str = "") -> None:
                          f"valid --ep values: {valid}")
 
 
-def check_moe_layout(shape: ModelShape, spec: str, ckpt_format: str) -> None:
-    """What the Megatron format takes of a mixture-of-experts model so far: the local spec, ``torch`` format."""
-    if shape.is_moe and (spec != "local" or ckpt_format != "torch"):
-        raise PruneError(f"a mixture-of-experts model ({shape.num_experts} experts) is written in the local spec and "
-                         f"torch format only so far; got spec {spec}, format {ckpt_format} (use --transformer-impl "
-                         "local --ckpt-format torch)")
+def check_moe_layout(shape: ModelShape, spec: str, ckpt_format: str, grouped: bool = False) -> None:
+    """What the Megatron format takes of a mixture-of-experts model so far: ``torch`` format, SequentialMLP experts in
+    the local spec or TEGroupedMLP experts in the transformer_engine spec (:data:`MOE_SPEC`)."""
+    if grouped and not shape.is_moe:
+        raise PruneError("--moe-grouped-gemm: the model is dense (no experts to group); drop the flag")
+    if shape.is_moe and (MOE_SPEC[grouped] != spec or ckpt_format != "torch"):
+        valid = "; ".join(f"{EXPERT_LAYOUT_NAMES[g]}: --transformer-impl {s}" for g, s in MOE_SPEC.items())
+        raise PruneError(f"a mixture-of-experts model ({shape.num_experts} experts) is written in torch format with "
+                         f"{valid} only so far; got {EXPERT_LAYOUT_NAMES[grouped]}, spec {spec}, format {ckpt_format} "
+                         "(--ckpt-format torch)")
 
 
 def role_tp_axis(role: str) -> int | None:

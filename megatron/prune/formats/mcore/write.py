@@ -52,6 +52,7 @@ class Layout:
     spec: str
     padded_vocab: int
     ep: int = 1  # expert-parallel size: each EP rank's shards hold num_experts / ep of the experts
+    grouped: bool = False  # experts named as TEGroupedMLP's (grouped GEMM) instead of SequentialMLP's
 
     @property
     def layers_per_stage(self) -> int:
@@ -232,11 +233,11 @@ def shard_jobs(layout: Layout, params: ParamFn, tp_rank: int, pp_rank: int, ep_r
     for i in range(layout.layers_per_stage):
         layer = pp_rank * layout.layers_per_stage + i
         for p in layer_params:
-            for name, e in layer_param_names(p, layout.spec, i, layout.local_experts):
+            for name, e in layer_param_names(p, layout.spec, i, layout.local_experts, layout.grouped):
                 where = () if e is None else (ep_rank * layout.local_experts + e,)  # the model's expert number
                 jobs.append((name, lambda p=p, layer=layer, where=where: params(p, layer, tp_rank, *where)))
     extra = [n for i in range(layout.layers_per_stage)
-             for n in extra_state_names(layout.spec, layout.shape, i, layout.local_experts)]
+             for n in extra_state_names(layout.spec, layout.shape, i, layout.local_experts, layout.grouped)]
     if last:
         extra += [t for t in EXTRA_STATE[layout.spec] if "{}" not in t]
     return jobs, extra
