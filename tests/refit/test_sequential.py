@@ -296,6 +296,7 @@ def test_per_layer_pruning_selects_inside_the_refit_as_score_then_prune_would(to
     fused, scored = (PrunePlan.load(tmp_path / d / "prune_plan.json") for d in ("fused", "scored"))
     assert fused.layers == scored.layers
     assert fused.info["selection"].startswith("in the refit")
+    assert fused.info["method"] == scored.info["method"] == "activation"
     assert main(["plan", "show", str(tmp_path / "fused")]) == 0
     assert "scored in the refit's pass" in capsys.readouterr().out
     assert any(lp.ffn != tuple(range(48)) for lp in fused.layers)  # chosen, not the placeholder's first units

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megatron.prune.errors import PruneError
-from megatron.prune.training import checks
+from megatron.prune.training import checks, moe_checks
 from megatron.prune.training import model as model_mod
 from megatron.prune.training.checkpoints import saved_expert_parallel
 from tests.training.recovery_harness import ROOT, case_result, driver_argv, finish, ok, parse_losses, start_check_model
@@ -205,37 +205,37 @@ def test_moe_checks():
                    moe_router_score_function="softmax", moe_shared_expert_intermediate_size=None,
                    expert_model_parallel_size=2)
     run = Namespace(**{**vars(ck), "expert_model_parallel_size": 1, "load": "ck"})
-    checks.check_moe_shape(ck, run, "--load")
+    moe_checks.check_moe_shape(ck, run, "--load")
     with pytest.raises(PruneError, match=r"moe_router_topk: checkpoint 2 vs flags 1\)"):
-        checks.check_moe_shape(ck, Namespace(**{**vars(run), "moe_router_topk": 1}), "--load")
-    checks.check_moe_shape(Namespace(num_experts=None), Namespace(num_experts=None, load="ck"), "--load")  # dense
+        moe_checks.check_moe_shape(ck, Namespace(**{**vars(run), "moe_router_topk": 1}), "--load")
+    moe_checks.check_moe_shape(Namespace(num_experts=None), Namespace(num_experts=None, load="ck"), "--load")  # dense
     with pytest.raises(PruneError, match="a mixture-of-experts checkpoint .4 experts., but the flags build a dense"):
-        checks.check_moe_shape(ck, Namespace(num_experts=None, load="ck"), "--load")
+        moe_checks.check_moe_shape(ck, Namespace(num_experts=None, load="ck"), "--load")
     assert saved_expert_parallel(ck) == 2 and saved_expert_parallel(Namespace(num_experts=None)) == 1
     with pytest.raises(PruneError, match="reshard --input ck --output ck-ep1 --ep 1$"):
-        checks.check_expert_parallel(ck, run, "--load", "ck", torch_dist=False)
-    checks.check_expert_parallel(ck, run, "--load", "ck", torch_dist=True)  # torch_dist reshards on load
+        moe_checks.check_expert_parallel(ck, run, "--load", "ck", torch_dist=False)
+    moe_checks.check_expert_parallel(ck, run, "--load", "ck", torch_dist=True)  # torch_dist reshards on load
     moe_te = Namespace(num_experts=4, transformer_impl="transformer_engine", moe_token_dispatcher_type="alltoall")
-    checks.check_moe(moe_te)  # TE not installed here: the local spec is built
+    moe_checks.check_moe(moe_te)  # TE not installed here: the local spec is built
     with pytest.raises(PruneError, match="--tensor-model-parallel-size 2 with a mixture-of-experts model"):
-        checks.check_moe(Namespace(**vars(moe_te), tensor_model_parallel_size=2))
+        moe_checks.check_moe(Namespace(**vars(moe_te), tensor_model_parallel_size=2))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(model_mod, "have_transformer_engine", lambda: True)
         with pytest.raises(PruneError, match="local spec only .*pass --transformer-impl local$"):
-            checks.check_moe(moe_te)
-        checks.check_moe(Namespace(num_experts=None, transformer_impl="transformer_engine",
+            moe_checks.check_moe(moe_te)
+        moe_checks.check_moe(Namespace(num_experts=None, transformer_impl="transformer_engine",
                                    moe_token_dispatcher_type="flex"))
-        checks.check_moe_flags_first(checks.preflight_flags(["--moe-grouped-gemm"]))  # TE builds grouped GEMM
+        moe_checks.check_moe_flags_first(checks.preflight_flags(["--moe-grouped-gemm"]))  # TE builds grouped GEMM
     with pytest.raises(PruneError, match="converts to SequentialMLP ones: megatron-prune reshard --input CKPT "
                                          "--output CKPT-local --transformer-impl local"):
-        checks.check_moe_flags_first(checks.preflight_flags(["--moe-grouped-gemm"]))
+        moe_checks.check_moe_flags_first(checks.preflight_flags(["--moe-grouped-gemm"]))
     grouped = Namespace(transformer_impl="transformer_engine", moe_grouped_gemm=True)
     with pytest.raises(PruneError, match="--transformer-impl local .its grouped-GEMM experts become SequentialMLP"):
         checks.check_layer_spec(grouped, Namespace(transformer_impl="local"), "--load", "ck")
     for experts, balancing, given, want in [(4, "aux_loss", False, 1e-2), (4, "aux_loss", True, 0.0),
                                             (4, "sinkhorn", False, 0.0), (None, "aux_loss", False, 0.0)]:
         ns = Namespace(moe_aux_loss_coeff=0.0, num_experts=experts, moe_router_load_balancing_type=balancing)
-        checks.set_moe_aux_loss(ns, coeff_given=given)
+        moe_checks.set_moe_aux_loss(ns, coeff_given=given)
         assert ns.moe_aux_loss_coeff == want, (experts, balancing, given)
 
 

@@ -202,7 +202,7 @@ def build_plan(args: argparse.Namespace, src: TensorSource,
     balance = args.prune_type == "balance"
     info = {**method_settings(method, options), **({"requested": "auto"} if args.method == "auto" else {})}
     if method == "activation" and options.scores is None and reconstruct == "least-squares" and drop is None:
-        counts = make_plan(src.shape, target, Scores.zeros(src.shape), None, tp=tp, balance=balance,
+        counts = make_plan(src.shape, target, Scores.zeros(src.shape, method), None, tp=tp, balance=balance,
                            info={**info, "selection": "in the refit's pass over the calibration text"}, ep=ep)
         if fusable(counts):
             return (norm_rescale(counts, args.norm_rescale), reconstruct,

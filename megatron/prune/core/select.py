@@ -46,14 +46,15 @@ class Scores:
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k in d})
 
     @classmethod
-    def zeros(cls, shape: ModelShape) -> "Scores":
-        """Every unit equal (top-k keeps the first ones): for a plan that fixes the counts, its units chosen later."""
+    def zeros(cls, shape: ModelShape, method: str = "placeholder") -> "Scores":
+        """Every unit equal (top-k keeps the first ones): for a plan that fixes the counts, its units chosen later
+        (by ``method``, which the plan records)."""
         L = shape.num_layers
         moe = {} if not shape.is_moe else dict(
             experts=torch.zeros(L, shape.num_experts),
             expert_ffn=torch.zeros(L, shape.num_experts, shape.moe_ffn_hidden_size))
         return cls(hidden=torch.zeros(shape.hidden_size), heads=torch.zeros(L, shape.num_attention_heads),
-                   ffn=torch.zeros(L, shape.ffn_hidden_size), method="placeholder", **moe)
+                   ffn=torch.zeros(L, shape.ffn_hidden_size), method=method, **moe)
 
     def check(self, shape: ModelShape) -> "Scores":
         expect = {

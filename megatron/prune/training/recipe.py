@@ -26,7 +26,8 @@ from megatron.prune.cpu import CPU_FLAGS, WITHOUT_TE_FLAGS, apply_cpu_shims, ski
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.mcore.schema import META_DIR
 from megatron.prune.training.checks import (check_flags_first, check_paths_first, keep_own_tokenizer, preflight_flags,
-                                            set_moe_aux_loss, validate_inputs)
+                                            validate_inputs)
+from megatron.prune.training.moe_checks import set_moe_aux_loss
 from megatron.prune.training.datasets import train_valid_test_datasets_provider
 from megatron.prune.training.kd import distill_losses
 from megatron.prune.training.checkpoints import saved_layer_spec
