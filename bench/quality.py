@@ -291,22 +291,30 @@ def main(argv=None) -> int:
             ab["demo: damping"][f"{RefitOptions().damping:g} (default)"] = results["shapes"]["demo"]["reconstructed"]
             print(f"damping: {ab['demo: damping']}", flush=True)
     shapes = results["shapes"]
+    main3 = [n for n in ("width", "width+depth", "demo") if n in shapes]
+
+    def measured(names: list[str], ok) -> bool | None:
+        """The target's verdict, or None when this run measured none of its shapes (not a vacuous "met")."""
+        return ok() if names else None
     results["targets"] = {
         **({"activation <= 0.1 x random (mean of 3 seeds), every shape":
-            all(r["ratio_vs_random"] <= 0.1 for r in shapes.values())} if args.baselines else {}),
+            measured(list(shapes), lambda: all(r["ratio_vs_random"] <= 0.1 for r in shapes.values()))}
+           if args.baselines else {}),
         "scoring <= 1.5 x plain forward": results["timing"]["ratio"] <= 1.5,
         "reconstructed <= 0.5 x activation (width, width+depth, demo; held-out)":
-            all(shapes[n]["reconstructed_vs_activation"] <= 0.5 for n in ("width", "width+depth", "demo")
-                if n in shapes),
+            measured(main3, lambda: all(shapes[n]["reconstructed_vs_activation"] <= 0.5 for n in main3)),
         "reconstructed < activation on the other domain (width, width+depth, demo)":
-            all(shapes[n]["reconstructed_other"] < shapes[n]["activation_other"]
-                for n in ("width", "width+depth", "demo") if n in shapes),
-        "FFN-only reconstructed <= 1.3 x original": "ffn" not in shapes or
-            shapes["ffn"]["reconstructed"] <= 1.3 * results["original_ppl"]["held-out"],
-        "depth reconstructed <= 0.8 x block influence": "depth" not in shapes or
-            shapes["depth"]["reconstructed_vs_activation"] <= 0.8,
+            measured(main3, lambda: all(shapes[n]["reconstructed_other"] < shapes[n]["activation_other"]
+                                        for n in main3)),
+        "FFN-only reconstructed <= 1.3 x original": measured(
+            [n for n in ("ffn",) if n in shapes],
+            lambda: shapes["ffn"]["reconstructed"] <= 1.3 * results["original_ppl"]["held-out"]),
+        "depth reconstructed <= 0.8 x block influence": measured(
+            [n for n in ("depth",) if n in shapes], lambda: shapes["depth"]["reconstructed_vs_activation"] <= 0.8),
+        # this run's own timing (its refit follows a separate scoring pass for every shape); bench/refit_time.py
+        # times the steps between plain forwards, as prune runs them
         "scoring + refit <= 3 x plain forward (every shape)":
-            all(r["scoring_plus_refit_vs_forward"] <= 3 for r in shapes.values()),
+            measured(list(shapes), lambda: all(r["scoring_plus_refit_vs_forward"] <= 3 for r in shapes.values())),
     }
     results["seconds"] = round(time.time() - t0, 1)
     save(results, args.output)
@@ -345,7 +353,8 @@ def table(r: dict) -> str:
                  f"= {t['ratio']:.2f}x wall ({t['ratio_cpu_time']:.2f}x CPU time)")
     for k, v in r["ablations"].items():
         lines.append(f"{k}: " + ", ".join(f"{a} {b:,.1f}" if isinstance(b, float) else f"{b}" for a, b in v.items()))
-    lines += [f"target {k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items()]
+    lines += [f"target {k}: {'not measured' if v is None else 'met' if v else 'NOT met'}"
+              for k, v in r["targets"].items()]
     return "\n".join(lines)
 
 
