@@ -15,17 +15,13 @@ from megatron.prune.data import MEGATRON_TOKENIZER_TYPES, check_token_ids, valid
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.folder import is_megatron_dir
 from megatron.prune.formats.mcore.schema import META_DIR
-from megatron.prune.training.checkpoints import (
-    check_weights,
-    checkpoint_args,
-    checkpoint_state,
-    find_checkpoint,
-    never_trained,
-)
+from megatron.prune.training.checkpoints import (check_weights, checkpoint_args, checkpoint_state, find_checkpoint,
+                                                 never_trained)
 from megatron.prune.training.datasets import check_dataset_files, read_sequence_counts
 from megatron.prune.training.model import layer_spec_name
 from megatron.prune.training.moe_checks import check_expert_parallel, check_moe, check_moe_flags_first, check_moe_shape
 from megatron.prune.training.teacher import check_teacher
+
 
 # Megatron args that the stock --use-checkpoint-args loader leaves out (megatron-core 0.19.2) but that change
 # the model's outputs: adopted from the checkpoint by adopt_checkpoint_args.
