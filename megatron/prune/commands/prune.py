@@ -30,15 +30,8 @@ from megatron.prune.commands import add_ckpt_format_argument
 from megatron.prune.commands.score import add_calibration_arguments, check_calibration_arguments, scoring_options
 from megatron.prune.core.plan import NORM_RESCALES, PrunePlan, norm_rescale
 from megatron.prune.core.select import Scores, make_plan
-from megatron.prune.core.target import (
-    GQA_MODES,
-    MOE_FLAGS,
-    TargetRequest,
-    check_tp_balance,
-    gqa_query_groups,
-    resolve_target,
-    top_k_note,
-)
+from megatron.prune.core.target import (GQA_MODES, MOE_FLAGS, TargetRequest, check_tp_balance, gqa_query_groups,
+                                        resolve_target, top_k_note)
 from megatron.prune.errors import PruneError, check_at_least
 from megatron.prune.formats import ADAPTERS
 from megatron.prune.formats.folder import open_model

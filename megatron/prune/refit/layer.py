@@ -120,7 +120,8 @@ def group_rows(run: TeacherLayer, group: str, index: AxisIndex, head_dim: int) -
 
 def group_energy(run: TeacherLayer, group: str, index: AxisIndex, head_dim: int) -> float:
     """``E‖y‖²`` of the original group's kept outputs."""
-    total = sum(float(run.sq[role].index_select(0, kept_outputs(role, index, head_dim)).sum()) for role, _ in GROUPS[group])
+    total = sum(float(run.sq[role].index_select(0, kept_outputs(role, index, head_dim)).sum())
+                for role, _ in GROUPS[group])
     return total / max(run.tokens, 1)
 
 

@@ -78,7 +78,6 @@ class RefitSummary:
     tokens: int = 0
     seconds: float = 0.0
     loss: tuple[float, float, int] | None = None  # calibration LM loss: (original, pruned and refit, tokens)
-    scores: Any = None  # with a FusedSelection: the activation Scores gathered on the way
     layer_plans: list[LayerPlan] = field(default_factory=list)  # with a FusedSelection: each layer's choice
 
     def mean_error(self) -> tuple[float, float]:
@@ -265,7 +264,7 @@ def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.
     from contextlib import nullcontext
 
     from megatron.prune.scoring.layerwise import first_layer_inputs, hidden_of, materialise, release, skeleton
-    from megatron.prune.scoring.stats import importance_hooks, scores_from_stats
+    from megatron.prune.scoring.stats import importance_hooks
 
     if select is not None and not fusable(plan):
         raise ValueError("a fused selection needs a dense plan that keeps the hidden size, every layer, the vocabulary")
@@ -330,8 +329,6 @@ def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.
             bar.update(end - i)
             i = end
     bar.close()
-    if select is not None:
-        summary.scores = scores_from_stats(stats, select.aggregation)
     materialise(body.norm, "model.norm", src, device)
     if options.head == "auto":
         untied = not plan.source.tied_embeddings and src.has("lm_head")
