@@ -15,6 +15,7 @@ from megatron.prune.models import cache_root, embedded_model_dir
 from megatron.prune.perplexity import greedy, perplexity
 from megatron.prune.runtime import load_hf, tokenize
 from megatron.prune.scoring.methods import SCORERS
+from megatron.prune.scoring.stats import DEFAULT_SAMPLES
 from megatron.prune.text import builtin_text
 
 HELP = "prune the embedded model with each method and compare perplexity and generations"
@@ -33,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="selection methods to compare (default: all available)")
     p.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens for perplexity (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window (default %(default)s)")
-    p.add_argument("--calib-samples", type=int, default=32,
-                   help="calibration windows of 256 tokens for --method activation (default %(default)s)")
+    p.add_argument("--calib-samples", type=int, default=DEFAULT_SAMPLES,
+                   help="calibration windows of 256 tokens for --method activation (default %(default)s, as prune's "
+                        "--samples; fewer is quicker and worse: 32 gave perplexity 66 against 54)")
 
 
 def run(args: argparse.Namespace) -> int:

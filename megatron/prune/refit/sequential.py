@@ -140,14 +140,15 @@ def head_rows(src: TensorSource, role: str, plan: PrunePlan) -> torch.Tensor:
 def final_moments(student_input: Any, norm: torch.nn.Module, teacher_hidden: list[torch.Tensor],
                   student_hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``E[x_s x_sᵀ]``, ``E[x_t x_sᵀ]`` and ``E[x_t x_tᵀ]`` of the head's inputs: ``x_t`` the original's final-norm
-    output, ``x_s = student_input(h_s)`` what the pruned model's head (or gain) reads."""
+    output, ``x_s = student_input(h_s)`` what the pruned model's head (or gain) reads. On the CPU, beside the head
+    read from the checkpoint, wherever the hidden states ran (``[h, h]`` each: small)."""
     H, C, T = Moment(torch.float32), Moment(torch.float32), Moment(torch.float32)
     for h_t, h_s in zip(teacher_hidden, student_hidden, strict=True):
         x_s, x_t = student_input(h_s), norm(h_t)
         H.add(x_s)
         C.add(x_t, x_s)
         T.add(x_t)
-    return H.mean(), C.mean(), T.mean()
+    return H.mean().cpu(), C.mean().cpu(), T.mean().cpu()
 
 
 @torch.no_grad()
@@ -178,7 +179,7 @@ def refit_final_gain(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, 
     the ridge pulls toward the plan's sliced (and rescaled) gain. Returns g and the (sliced, refit) relative error."""
     from megatron.prune.refit.solve import fit_diagonal, logit_gain_moments
 
-    prior = sliced_final_norm(norm, plan).double()
+    prior = sliced_final_norm(norm, plan).double().cpu()  # solved on the CPU, with the head's moments
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
     def normalised(h: torch.Tensor) -> torch.Tensor:
