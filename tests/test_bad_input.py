@@ -206,6 +206,8 @@ CASES: dict[str, Case] = {
     "eval seq-len past positions": Case("eval --model {hf} --seq-len 100000 --no-progress", 2,
                                         ("--seq-len 100000", "max_position_embeddings 128")),
     "eval max-tokens -1": Case("eval --model {hf} --max-tokens -1 --no-progress", 2, ("--max-tokens -1",)),
+    "demo max-tokens 0": Case("demo --max-tokens 0 --output {o}", 2, ("--max-tokens 0: must be at least 1",)),
+    "demo calib-samples 0": Case("demo --calib-samples 0 --output {o}", 2, ("--calib-samples 0: must be at least 1",)),
     "convert vocab unit 0": Case("convert hf-to-megatron --input {hf} --output {o} --make-vocab-size-divisible-by 0",
                                  2, ("--make-vocab-size-divisible-by 0: must be at least 1",)),
     "convert vocab unit -4": Case("convert hf-to-megatron --input {hf} --output {o} --make-vocab-size-divisible-by -4",

@@ -11,6 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
+from megatron.prune.errors import check_at_least
 from megatron.prune.models import cache_root, embedded_model_dir
 from megatron.prune.perplexity import greedy, perplexity
 from megatron.prune.runtime import load_hf, tokenize
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron.prune.cli import build_parser
 
+    check_at_least("--max-tokens", args.max_tokens, 1)
+    check_at_least("--seq-len", args.seq_len, 2)
+    check_at_least("--calib-samples", args.calib_samples, 1)
     out_root = args.output or cache_root() / "demo"
     src = embedded_model_dir()
     rows = []
