@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import FAMILIES, make_tiny_hf  # noqa: E402
+from tiny import FAMILIES, make_tiny_hf, with_real_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,24 +28,6 @@ def tiny_hf(tmp_path_factory):
         return cache[family]
 
     return get
-
-
-def with_real_tokenizer(folder: Path, family: str, real_model: Path) -> Path:
-    """A tiny random ``family`` model with the real model's tokenizer (vocab 49152); layer 2 is a no-op."""
-    import torch
-
-    from compare import TOKENIZER_FILES
-    from tiny import make_tiny_model
-
-    model = make_tiny_model(family, vocab_size=49152)
-    with torch.no_grad():
-        model.model.layers[2].self_attn.o_proj.weight.zero_()
-        model.model.layers[2].mlp.down_proj.weight.zero_()
-    model.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (real_model / name).is_file():
-            shutil.copy(real_model / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -104,3 +104,20 @@ def logits(folder_or_model, ids: torch.Tensor) -> torch.Tensor:
 def sample_ids(vocab: int = 96, batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def with_real_tokenizer(folder: Path, family: str, real_model: Path) -> Path:
+    """A tiny random ``family`` model with the real model's tokenizer (vocab 49152); layer 2 is a no-op."""
+    import shutil
+
+    from compare import TOKENIZER_FILES
+
+    model = make_tiny_model(family, vocab_size=49152)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (real_model / name).is_file():
+            shutil.copy(real_model / name, folder / name)
+    return folder
