@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from compare import hf_tensors, prune_cli
-from tiny import with_real_tokenizer
 from megatron.prune.core.plan import PrunePlan
+from tiny import with_real_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
