@@ -50,8 +50,9 @@ PROMPT = "The built-in function len() returns"
 def obs_ranking(W: torch.Tensor, H: torch.Tensor, width: int, per_round: int = 1,
                 delta: float = DEFAULT_DAMPING) -> torch.Tensor:
     """Greedy OBS elimination order of the units of ``width`` consecutive input columns of ``W [out, n]``, given the
-    input moment ``H [n, n]``: ``per_round`` cheapest units leave per round, the weights left are compensated and the
-    inverse moment downdated. Returns one score per unit, its round of elimination (higher = more important)."""
+    input moment ``H [n, n]``: the ``per_round`` units of least cost ``tr(W_u [H⁻¹]_uu⁻¹ W_uᵀ)`` leave per round, the
+    weights left are compensated and the inverse moment downdated. Returns one score per unit, its round of
+    elimination (higher = more important)."""
     Hinv = torch.linalg.inv(damp(H.double(), delta))
     W = W.double().clone()
     units = H.shape[0] // width
@@ -61,12 +62,10 @@ def obs_ranking(W: torch.Tensor, H: torch.Tensor, width: int, per_round: int = 1
     step = 0
     while alive.any():
         live = alive.nonzero()[:, 0]
-        cost = []
-        for u in live.tolist():
-            c = cols[u]
-            Wc = W[:, c]
-            cost.append(float((Wc * torch.linalg.solve(Hinv[c][:, c], Wc.T).T).sum()))
-        gone = live[torch.argsort(torch.tensor(cost), stable=True)[:per_round]]
+        c = cols[live]  # [u, w]
+        W_u = W[:, c].permute(1, 2, 0)  # [u, w, out]
+        cost = (W_u * torch.linalg.solve(Hinv[c[:, :, None], c[:, None, :]], W_u)).sum((1, 2))
+        gone = live[torch.argsort(cost, stable=True)[:per_round]]
         score[gone] = float(step)
         step += 1
         alive[gone] = False
@@ -76,31 +75,6 @@ def obs_ranking(W: torch.Tensor, H: torch.Tensor, width: int, per_round: int = 1
         inv_PP = torch.linalg.inv(Hinv[P][:, P])
         H_PR = Hinv[P][:, R]
         W[:, R] -= W[:, P] @ inv_PP @ H_PR
-        Hinv[R[:, None], R[None, :]] -= H_PR.T @ inv_PP @ H_PR
-    return score
-
-
-def ffn_ranking(W: torch.Tensor, H: torch.Tensor, per_round: int = 32, delta: float = DEFAULT_DAMPING) -> torch.Tensor:
-    """:func:`obs_ranking` of single FFN channels, vectorised (the per-unit cost is ``‖w_j‖² / [H⁻¹]_jj``)."""
-    Hinv = torch.linalg.inv(damp(H.double(), delta))
-    W = W.double().clone()
-    alive = torch.ones(H.shape[0], dtype=torch.bool)
-    score = torch.zeros(H.shape[0])
-    step = 0
-    while alive.any():
-        live = alive.nonzero()[:, 0]
-        Wl = W[:, live]
-        cost = (Wl * Wl).sum(0) / Hinv[live, live]
-        gone = live[torch.argsort(cost, stable=True)[:per_round]]
-        score[gone] = float(step)
-        step += 1
-        alive[gone] = False
-        R = alive.nonzero()[:, 0]
-        if R.numel() == 0:
-            break
-        inv_PP = torch.linalg.inv(Hinv[gone][:, gone])
-        H_PR = Hinv[gone][:, R]
-        W[:, R] -= W[:, gone] @ inv_PP @ H_PR
         Hinv[R[:, None], R[None, :]] -= H_PR.T @ inv_PP @ H_PR
     return score
 
@@ -133,7 +107,7 @@ def activation_and_obs(model, windows: torch.Tensor) -> tuple[Scores, Scores]:
         W_o, W_d = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
         heads.append(obs_ranking(W_o, H_o, hn))
         groups.append(obs_ranking(W_o, H_o, hn * shape.heads_per_group))
-        ffn.append(ffn_ranking(W_d, H_d))
+        ffn.append(obs_ranking(W_d, H_d, 1, per_round=32))  # SlimGPT's column blocks
     obs = dataclasses.replace(act, heads=torch.stack(heads), groups=torch.stack(groups), ffn=torch.stack(ffn),
                               method="obs")
     return act, obs

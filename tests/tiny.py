@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -108,8 +109,6 @@ def sample_ids(vocab: int = 96, batch: int = 2, seq: int = 12, seed: int = 1) ->
 
 def with_real_tokenizer(folder: Path, family: str, real_model: Path) -> Path:
     """A tiny random ``family`` model with the real model's tokenizer (vocab 49152); layer 2 is a no-op."""
-    import shutil
-
     from compare import TOKENIZER_FILES
 
     model = make_tiny_model(family, vocab_size=49152)

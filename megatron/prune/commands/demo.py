@@ -11,8 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
-from megatron.prune.errors import PruneError, check_at_least
-from megatron.prune.io.atomic import check_writable_parent
+from megatron.prune.errors import check_at_least
+from megatron.prune.io.atomic import check_output_path
 from megatron.prune.models import cache_root, embedded_model_dir
 from megatron.prune.perplexity import greedy, perplexity
 from megatron.prune.runtime import load_hf, tokenize
@@ -48,10 +48,7 @@ def run(args: argparse.Namespace) -> int:
     check_at_least("--seq-len", args.seq_len, 2)
     check_at_least("--calib-samples", args.calib_samples, 1)
     out_root = args.output or cache_root() / "demo"
-    if out_root.exists() and not out_root.is_dir():
-        raise PruneError(f"--output {out_root} is a file, not a folder")
-    # before a minute of measuring, not after: the folder (or, if it exists, a folder inside it) can be made
-    check_writable_parent(out_root / "smollm2" if out_root.is_dir() else out_root, "--output")
+    check_output_path([], out_root, overwrite=True)  # before a minute of measuring, not after
     src = embedded_model_dir()
     rows = []
 
