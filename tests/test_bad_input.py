@@ -63,6 +63,7 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     (d / "empty.txt").write_text("")
     (d / "short.txt").write_text("hello")
     (d / "bad.json").write_text('{"hidden_size": 32,\n')
+    (d / "cfg.json").write_text(json.dumps({"intermediate_size": 32}))
     (d / "garbage.pt").write_bytes(b"not a torch file")
     (d / "a_file").write_text("a file where a folder should be")
     (d / "text.txt").write_text("hello world. " * 40)
@@ -109,6 +110,27 @@ def interrupt_on_import(monkeypatch) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+
+
+def swallowed_interrupt_on_import(monkeypatch) -> None:
+    """A real Ctrl-C during the start-up imports that the imported code swallows (a bare ``except:`` around an
+    optional import): the run went on and wrote its output."""
+    import importlib
+
+    real = importlib.import_module
+    sent: list[bool] = []
+
+    def swallowing(name, *a, **kw):
+        if not sent:
+            sent.append(True)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)  # the handler runs here
+            except BaseException:  # noqa: BLE001 - what the library did
+                pass
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(importlib, "import_module", swallowing)
 
 
 def interrupt_after_rename(monkeypatch) -> None:
@@ -262,6 +284,13 @@ CASES: dict[str, Case] = {
     # Ctrl-C
     "ctrl-c during start-up": Case(HF_OUT, 130, ("interrupted; nothing half-written is left",),
                                    fault=interrupt_on_import),
+    "ctrl-c swallowed during start-up": Case(HF_OUT, 130, ("interrupted; nothing half-written is left",),
+                                             fault=swallowed_interrupt_on_import),
+    "seed ctrl-c during start-up": Case("--model_name_or_path {hf} --prune_config_path {cfg_json} --output_path {o}",
+                                        130, ("interrupted",), run="prune_hf", fault=interrupt_on_import),
+    "seed ctrl-c swallowed during start-up": Case("--model_name_or_path {hf} --prune_config_path {cfg_json} "
+                                                  "--output_path {o}", 130, ("interrupted",),
+                                                  run="prune_hf", fault=swallowed_interrupt_on_import),
     "ctrl-c after the rename": Case(HF_OUT, 130, ("was written in full; it is complete",),
                                     fault=interrupt_after_rename, leaves=("o",)),
     # seed entry points

@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from megatron.prune.errors import PruneError
-from megatron.prune.io.atomic import FINISHED
+from megatron.prune.io.atomic import FINISHED, interrupts_remembered, raise_if_interrupted
 
 # verb -> module; the module's docstring is the verb's long help.
 VERBS: dict[str, str] = {
@@ -74,15 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     verb = argv[0] if argv and argv[0] in VERBS else None
     name = f"megatron-prune {verb}" if verb else "megatron-prune"
     FINISHED.clear()
-    try:
-        args = parse(argv, verb)
-    except PruneError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # during start-up imports
-        print(f"{name}: {interrupted_line()}", file=sys.stderr)
-        return 130
-    return execute(args, name)
+    with interrupts_remembered():
+        try:
+            args = parse(argv, verb)
+        except PruneError as e:
+            print(f"{name}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # during start-up imports
+            print(f"{name}: {interrupted_line()}", file=sys.stderr)
+            return 130
+        return execute(args, name)
 
 
 def parse(argv: list[str], verb: str | None) -> argparse.Namespace:
@@ -97,9 +98,11 @@ def parse(argv: list[str], verb: str | None) -> argparse.Namespace:
 
 def execute(args: argparse.Namespace, prog: str, reword: Callable[[str], str] = str) -> int:
     """Run a parsed verb; a refusal (exit status 2), a filesystem fault (1) or Ctrl-C (130) ends with one line
-    ``PROG: ...`` on stderr, never a traceback. ``reword`` lets a seed entry point name its own flags in that line."""
+    ``PROG: ...`` on stderr, never a traceback. ``reword`` lets a seed entry point name its own flags in that line.
+    Callers wrap parsing and this in :func:`.io.atomic.interrupts_remembered`."""
     FINISHED.clear()
     try:
+        raise_if_interrupted()  # a Ctrl-C during the imports that a library swallowed
         return int(args._run(args) or 0)
     except PruneError as e:
         print(f"{prog}: error: {reword(str(e))}", file=sys.stderr)

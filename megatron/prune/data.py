@@ -28,7 +28,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from megatron.prune.errors import PruneError
-from megatron.prune.io.atomic import FINISHED, check_writable_parent, clean_stale_partials, partial_name
+from megatron.prune.io.atomic import (FINISHED, check_writable_parent, clean_stale_partials, partial_name,
+                                      raise_if_interrupted)
 from megatron.prune.io.workers import end_with_parent
 
 SUFFIX = "_text_document"  # Megatron's naming for a dataset built from the "text" key
@@ -428,6 +429,7 @@ def preprocess(
         builder.finalize(str(tmp_idx))
         # .idx goes first, so that an interruption between the two renames leaves a .bin without an .idx (refused
         # on use) rather than a new .bin beside the old .idx of an overwritten dataset
+        raise_if_interrupted()
         idx_path.unlink(missing_ok=True)
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)

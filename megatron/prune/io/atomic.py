@@ -24,6 +24,38 @@ from megatron.prune.errors import PruneError
 
 # Outputs renamed into place by this process, in order: a Ctrl-C after the last rename finds its output complete.
 FINISHED: list[Path] = []
+# Ctrl-Cs received while :func:`interrupts_remembered` is on, whether or not their KeyboardInterrupt got through.
+INTERRUPTS: list[int] = []
+
+
+@contextmanager
+def interrupts_remembered() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered, so one that a library swallowed (a bare
+    ``except:`` around an optional import) still stops the run before an output is renamed into place. A SIGINT
+    that was ignored or handled otherwise when the run began (or by an enclosing call of this) is left so."""
+
+    def remember(signum: int, frame: object) -> None:
+        INTERRUPTS.append(signum)
+        raise KeyboardInterrupt
+
+    previous = None
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        INTERRUPTS.clear()
+        try:
+            previous = signal.signal(signal.SIGINT, remember)
+        except ValueError:  # not in the main thread
+            previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def raise_if_interrupted() -> None:
+    """Re-raise a Ctrl-C that arrived during the run but did not stop it."""
+    if INTERRUPTS:
+        raise KeyboardInterrupt
 
 
 def check_output_path(inputs: Path | list[Path], output: Path, overwrite: bool = False) -> Path:
@@ -143,6 +175,7 @@ def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
         previous = None
     try:
         yield tmp
+        raise_if_interrupted()
         if out.exists():
             if any(out.iterdir()) and not overwrite:
                 raise PruneError(f"output folder {output} appeared while writing; not replacing it")
@@ -172,6 +205,7 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
     tmp = path.with_name(partial_name(path))
     try:
         yield tmp
+        raise_if_interrupted()
         os.replace(tmp, path)
         FINISHED.append(path)
     except BaseException:

@@ -55,4 +55,12 @@ def main(name: str, argv: Sequence[str] | None = None) -> int:
     if missing:
         print(no_environment_message(script, missing), file=sys.stderr)
         return 1
-    return getattr(importlib.import_module(module), function)(None if argv is None else list(argv))
+    from megatron.prune.cli import interrupted_line
+    from megatron.prune.io.atomic import interrupts_remembered
+
+    with interrupts_remembered():
+        try:
+            return getattr(importlib.import_module(module), function)(None if argv is None else list(argv))
+        except KeyboardInterrupt:  # during the imports (the verb's own run answers for itself)
+            print(f"{script}: {interrupted_line()}", file=sys.stderr)
+            return 130
