@@ -230,6 +230,7 @@ CASES: dict[str, Case] = {
     "eval max-tokens -1": Case("eval --model {hf} --max-tokens -1 --no-progress", 2, ("--max-tokens -1",)),
     "demo max-tokens 0": Case("demo --max-tokens 0 --output {o}", 2, ("--max-tokens 0: must be at least 1",)),
     "demo calib-samples 0": Case("demo --calib-samples 0 --output {o}", 2, ("--calib-samples 0: must be at least 1",)),
+    "demo device unknown": Case("demo --device tpu9 --output {o}", 2, ("--device tpu9: unknown device",)),
     "demo output a file": Case("demo --output {a_file}", 2, ("a_file exists and is not a folder",)),
     "demo output under /proc": Case("demo --output /proc/x", 2, ("output /proc/x", "cannot write in /proc")),
     "convert vocab unit 0": Case("convert hf-to-megatron --input {hf} --output {o} --make-vocab-size-divisible-by 0",

@@ -2,7 +2,8 @@
 
 Activation selection is shown twice: with the least-squares refit of the kept weights (the default) and, the same
 plan, without it. Prints parameters, perplexity on held-out text (Python's own docs, never used for calibration),
-time taken, and a short greedy generation from each model. This is what `make demo` runs; it needs no network and no GPU.
+time taken, and a short greedy generation from each model. This is what `make demo` runs; it needs no network, and
+uses a GPU where there is one (--device).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from megatron.prune.errors import check_at_least
 from megatron.prune.io.atomic import check_output_path
 from megatron.prune.models import cache_root, embedded_model_dir
 from megatron.prune.perplexity import greedy, perplexity
-from megatron.prune.runtime import load_hf, tokenize
+from megatron.prune.runtime import DEVICE_CHOICES, load_hf, resolve_device, tokenize
 from megatron.prune.scoring.methods import SCORERS
 from megatron.prune.scoring.stats import DEFAULT_SAMPLES
 from megatron.prune.text import builtin_text
@@ -39,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, default=DEFAULT_SAMPLES,
                    help="calibration windows of 256 tokens for --method activation (default %(default)s, as prune's "
                         "--samples; fewer is quicker and worse: 32 gave perplexity 66 against 54)")
+    p.add_argument("--device", default="auto",
+                   help=f"where pruning and evaluation run: {DEVICE_CHOICES} (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,27 +50,28 @@ def run(args: argparse.Namespace) -> int:
     check_at_least("--max-tokens", args.max_tokens, 1)
     check_at_least("--seq-len", args.seq_len, 2)
     check_at_least("--calib-samples", args.calib_samples, 1)
+    device = resolve_device(args.device)
     out_root = args.output or cache_root() / "demo"
     check_output_path([], out_root, overwrite=True)  # before a minute of measuring, not after
     src = embedded_model_dir()
     rows = []
 
     def measure(name: str, folder: Path, seconds: float) -> None:
-        model, tok = load_hf(folder)
+        model, tok = load_hf(folder, device=device)
         ids = tokenize(tok, builtin_text("eval"), args.max_tokens)
         ppl = perplexity(model, ids, args.seq_len, progress=False).perplexity
         params = sum(p.numel() for p in model.parameters())
         rows.append((name, params, ppl, seconds, greedy(model, tok, PROMPT)))
         print(f"  {name}: {params / 1e6:.1f}M parameters, perplexity {ppl:.2f}")
 
-    print(f"embedded model: {src}")
+    print(f"embedded model: {src} (on {device})")
     measure("original", src, 0.0)
     parser = build_parser(["prune"])
     shape_flags = [x for k, v in DEMO_SHAPE.items() for x in (f"--{k}", str(v))]
     def prune(name: str, out: Path, *flags: str) -> None:
         t0 = time.time()
         prune_args = parser.parse_args(["prune", "--input", str(src), "--output", str(out), "--overwrite",
-                                        "--no-progress", *flags])
+                                        "--no-progress", "--device", device, *flags])
         prune_args._run(prune_args)
         measure(name, out, time.time() - t0)
 
