@@ -169,3 +169,19 @@ def test_gram_is_the_full_product(n):
     got = rc.gram(a)
     torch.testing.assert_close(got, a.T @ a, rtol=1e-12, atol=1e-12)
     assert torch.equal(got, got.T)
+
+
+@pytest.mark.parametrize("product", [torch.float64, torch.float32])
+def test_symmetric_moment_over_batches_is_the_full_product(product):
+    """``E[a aᵀ]`` accumulated batch by batch into the lower triangle of the float64 sum (several column blocks) and
+    mirrored once: the one-shot product, exactly symmetric, and the same however often it is read."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(3, 50, 300, generator=g)
+    exact = a.reshape(-1, 300).double().T @ a.reshape(-1, 300).double() / 150
+    m = rc.Moment(product)
+    for i in range(3):
+        m.add(a[i])
+    got = m.mean()
+    tol = 1e-12 if product == torch.float64 else 1e-5
+    torch.testing.assert_close(got, exact, rtol=tol, atol=tol)
+    assert torch.equal(got, got.T) and torch.equal(m.mean(), got)

@@ -221,10 +221,12 @@ def refit_group(student: torch.nn.Module, teacher: torch.nn.Module, group: str, 
     H = Moment(product)
     for s in xs:
         H.add(s)
-    H_ss, C_ys = H.mean(), target_moment(teacher, group, xs, run, index, head_dim, product)
+    H_ss = H.mean()
+    del H  # its sum: one [n, n] float64 less while solving
+    C_ys = target_moment(teacher, group, xs, run, index, head_dim, product)
     s_mods = dict(student.named_modules())
     prior = torch.cat([s_mods[path].weight.float() for _, path in GROUPS[group]])
-    new = solve_from_moments(C_ys, H_ss, prior.double(), delta)
+    new = solve_from_moments(C_ys, H_ss, prior, delta, torch.float64)
     energy = group_energy(run, group, index, head_dim)
     scale = max(energy, 1e-30)
     report = GroupReport(*(e / scale for e in reconstruction_errors([prior, new], H_ss, C_ys, energy)))
@@ -252,6 +254,7 @@ def refit_to_residual(linear: torch.nn.Module, xs: list[torch.Tensor], targets: 
         energy += float(yf @ yf)
         tokens += y.numel() // y.shape[-1]
     H_ss, C_ys = H.mean(), C.mean()
+    del H, C
     prior = linear.weight.double()
     new = solve_from_moments(C_ys, H_ss, prior, delta)
     energy /= tokens

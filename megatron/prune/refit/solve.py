@@ -26,53 +26,83 @@ class SingularMomentError(ValueError):
 # ---- moments ---------------------------------------------------------------------------------------------
 
 
-def gram(a: torch.Tensor) -> torch.Tensor:
-    """``aᵀa`` for ``a [T, n]``, computing only the lower triangle by column blocks and mirroring it: ~3/4 of the
-    full product's work at n ≈ 500, ~5/8 at n ≥ 1000 (torch has no symmetric rank-k product)."""
+def _block(n: int) -> int:
+    return 128 if n <= 768 else 256
+
+
+def gram_lower_(acc: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``acc += aᵀa`` on the lower triangle (and the whole diagonal blocks) of ``acc [n, n]`` for ``a [T, n]``, by
+    column blocks: ~3/4 of the full product's work at n ≈ 500, ~5/8 at n ≥ 1000 (torch has no symmetric rank-k
+    product), and no ``[n, n]`` temporary (an FFN of 28,672 channels would need 3 GB for each)."""
     n = a.shape[1]
-    block = 128 if n <= 768 else 256
-    out = torch.empty(n, n, dtype=a.dtype, device=a.device)
+    block = _block(n)
     for i in range(0, n, block):
-        out[i:, i:i + block] = a[:, i:].T @ a[:, i:i + block]
-    low = out.tril()  # exactly symmetric, which a plain aᵀa need not be
-    return low + low.tril(-1).T
+        acc[i:, i:i + block] += a[:, i:].T @ a[:, i:i + block]
+    return acc
+
+
+def mirror_lower_(m: torch.Tensor) -> torch.Tensor:
+    """Copy the lower triangle of ``m [n, n]`` onto its upper triangle, in place: exactly symmetric."""
+    block = _block(m.shape[0])
+    for i in range(0, m.shape[0], block):
+        d = m[i:i + block, i:i + block]
+        d.copy_(d.tril() + d.tril(-1).T)
+        m[i:i + block, i + block:] = m[i + block:, i:i + block].T
+    return m
+
+
+def gram(a: torch.Tensor) -> torch.Tensor:
+    """``aᵀa`` for ``a [T, n]`` (in ``a``'s dtype), computed as a lower triangle and mirrored: exactly symmetric,
+    which a plain ``aᵀa`` need not be."""
+    n = a.shape[1]
+    return mirror_lower_(gram_lower_(torch.zeros(n, n, dtype=a.dtype, device=a.device), a))
 
 
 class Moment:
-    """Running ``E[a bᵀ]`` over token batches ``a [T, n]``, ``b [T, m]`` (``b`` omitted: ``E[a aᵀ]``), summed in float64.
+    """Running ``E[a bᵀ]`` over token batches ``a [T, n]``, ``b [T, m]`` (``b`` omitted: ``E[a aᵀ]``, accumulated as a
+    lower triangle), summed in float64.
 
     ``product`` is the dtype of each batch's matmul: float64 is exact; float32 is 2x faster on CPU and, summed
-    per batch into float64, loses nothing the damping would not swamp (relative error ~1e-6 per batch).
+    per batch into float64, loses nothing the damping would not swamp (relative error ~1e-6 per batch). Each batch
+    is added block by block into the float64 sum: no ``[n, m]`` temporary beyond it.
     """
 
     def __init__(self, product: torch.dtype = torch.float64) -> None:
         self.sum: torch.Tensor | None = None
         self.count = 0
         self.product = product
+        self.symmetric = False
 
     def add(self, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
         """Accumulate one batch (leading dims are flattened into tokens)."""
         a = a.reshape(-1, a.shape[-1]).to(self.product)
         if b is None:
-            part = gram(a).double()
+            if self.sum is None:
+                self.sum, self.symmetric = a.new_zeros(a.shape[1], a.shape[1], dtype=torch.float64), True
+            gram_lower_(self.sum, a)
         else:
             b = b.reshape(-1, b.shape[-1]).to(self.product)
             if a.shape[0] != b.shape[0]:
                 raise ValueError(f"moment of {a.shape[0]} tokens against {b.shape[0]}")
-            part = (a.T @ b).double()
-        self.sum = part if self.sum is None else self.sum.add_(part)
+            if self.sum is None:
+                self.sum = (a.T @ b).double()
+            else:
+                self.sum += a.T @ b
         self.count += a.shape[0]
 
     def mean(self) -> torch.Tensor:
         """The moment ``E[a bᵀ]`` (float64)."""
         if self.sum is None or self.count == 0:
             raise SingularMomentError("no calibration tokens were accumulated")
-        return self.sum / self.count
+        out = self.sum / self.count
+        return mirror_lower_(out) if self.symmetric else out
 
 
 def damp(H: torch.Tensor, delta: float) -> torch.Tensor:
-    """``H + δ·mean(diag H)·I``: the usual relative damping (SparseGPT), so δ is scale-free."""
-    return H + (delta * H.diagonal().mean()) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    """``H + δ·mean(diag H)·I``: the usual relative damping (SparseGPT), so δ is scale-free. A new tensor."""
+    out = H.clone()
+    out.diagonal().add_(delta * H.diagonal().mean())
+    return out
 
 
 def damped_cholesky(H: torch.Tensor, delta: float = DEFAULT_DAMPING,
@@ -103,16 +133,17 @@ def damped_cholesky(H: torch.Tensor, delta: float = DEFAULT_DAMPING,
 
 
 def solve_from_moments(C_ys: torch.Tensor, H_ss: torch.Tensor, prior: torch.Tensor,
-                       delta: float = DEFAULT_DAMPING) -> torch.Tensor:
+                       delta: float = DEFAULT_DAMPING, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``argmin_W' E‖W' x_s − y‖² + λ‖W' − prior‖²`` = ``(C_ys + λ prior)(H_ss + λI)⁻¹``, λ = δ·mean(diag H_ss).
 
     ``C_ys = E[y x_sᵀ] [out, n_s]``, ``H_ss = E[x_s x_sᵀ]``, ``prior [out, n_s]`` (the plainly sliced weights);
-    returns prior's dtype. The ridge pulls toward ``prior`` rather than zero.
+    returns ``dtype`` (default prior's), solved in float64 whatever prior's dtype. The ridge pulls toward ``prior``
+    rather than zero.
     """
     L, d = damped_cholesky(H_ss, delta)
     lam = d * H_ss.double().diagonal().mean()
-    rhs = C_ys.double() + lam * prior.double()
-    return torch.cholesky_solve(rhs.T, L).T.to(prior.dtype)
+    rhs = prior.to(torch.float64, copy=True).mul_(lam).add_(C_ys)
+    return torch.cholesky_solve(rhs.T, L).T.to(dtype or prior.dtype)
 
 
 def reconstruction_errors(Ws: list[torch.Tensor], H_ss: torch.Tensor, C_ys: torch.Tensor,
