@@ -50,6 +50,12 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     weights = load_file(hf / "model.safetensors")
     weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(weights, shutil.copytree(hf, d / "hf_nan") / "model.safetensors", metadata={"format": "pt"})
+    small = shutil.copytree(hf, d / "hf_small_vocab")  # its embedding cut to 1000 rows; the tokenizer left whole
+    config = json.loads((small / "config.json").read_text())
+    rows = {k: v[:1000] if v.shape[0] == config["vocab_size"] else v
+            for k, v in load_file(hf / "model.safetensors").items()}
+    save_file(rows, small / "model.safetensors", metadata={"format": "pt"})
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
     mg_nan = shutil.copytree(mg, d / "mg_nan")
     shard = mg_nan / "iter_0000000" / "mp_rank_01" / "model_optim_rng.pt"
     state = torch.load(shard, weights_only=False)
@@ -69,7 +75,7 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     (d / "text.txt").write_text("hello world. " * 40)
     (d / "text.jsonl").write_text(json.dumps({"text": "hello world, " * 40}) + "\n")
     return {"d": d, "hf": hf, "mg": mg, "mgd": mgd, "mgd_missing": missing, "mgd_cut": cut,
-            "hf_nan": d / "hf_nan", "mg_nan": mg_nan, "hash": tree_hash(d)}
+            "hf_nan": d / "hf_nan", "mg_nan": mg_nan, "hf_small_vocab": small, "hash": tree_hash(d)}
 
 
 def half_index(plan: dict) -> dict:
@@ -282,6 +288,16 @@ CASES: dict[str, Case] = {
                             ("model.layers.1.mlp.up_proj.weight holds 1 NaN",)),
     "prune Inf in a TP shard": Case("prune --input {mg_nan} --output {o} --hidden-size 40 --method random", 2,
                                     ("mp_rank_01", "decoder.layers.2.mlp.linear_fc2.weight holds 0 NaN and 1 Inf",)),
+    # a tokenizer that is not the model's: ids beyond its embedding (an IndexError deep in torch, before)
+    "prune tokenizer beyond vocab": Case("prune --input {hf_small_vocab} --output {o} --ffn-hidden-size 32 --reconstruct none "
+                                         + " ".join(QUICK), 2, ("token id", "vocabulary has 1000 entries")),
+    "score tokenizer beyond vocab": Case("score --model {hf_small_vocab} --output {o}.pt " + " ".join(QUICK), 2,
+                                         ("vocabulary has 1000 entries",)),
+    "eval tokenizer beyond vocab": Case("eval --model {hf_small_vocab} --seq-len 16 --max-tokens 64 --no-progress", 2,
+                                        ("vocabulary has 1000 entries",)),
+    "eval layer by layer tokenizer beyond vocab": Case("eval --model {hf_small_vocab} --seq-len 16 --max-tokens 64 "
+                                                       "--layer-by-layer always --no-progress", 2,
+                                                       ("vocabulary has 1000 entries",)),
     # Ctrl-C
     "ctrl-c during start-up": Case(HF_OUT, 130, ("interrupted; nothing half-written is left",),
                                    fault=interrupt_on_import),

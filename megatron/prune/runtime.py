@@ -154,6 +154,13 @@ def transformers_config(src: TensorSource):
     return AutoConfig.from_pretrained(src.folder, local_files_only=True)
 
 
-def tokenize(tok, text: str, max_tokens: int | None) -> torch.Tensor:
+def tokenize(tok, text: str, max_tokens: int | None, vocab_size: int | None = None) -> torch.Tensor:
+    """``text`` as token ids ``[n]`` (the first ``max_tokens``); with ``vocab_size``, the model's embedding rows, an id
+    beyond them is refused here rather than as an IndexError deep in the embedding: the tokenizer is not the model's."""
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    return ids[:max_tokens] if max_tokens else ids
+    ids = ids[:max_tokens] if max_tokens else ids
+    if vocab_size is not None and ids.numel() and int(ids.max()) >= vocab_size:
+        raise PruneError(f"the tokenizer gives token id {int(ids.max())} but the model's vocabulary has {vocab_size} "
+                         f"entries (ids 0 to {vocab_size - 1}): the tokenizer files beside the weights are not this "
+                         "model's (a vocabulary-pruned model needs the tokenizer `vocab prune` wrote)")
+    return ids

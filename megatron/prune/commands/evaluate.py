@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                          "--tasks and --layer-by-layer")
     if not args.tasks and layer_by_layer(args):
         text = read_texts(args.text, "--text") if args.text else builtin_text("eval")
-        ids = tokenize(load_tokenizer(args.model), text, args.max_tokens or None)
+        ids = tokenize(load_tokenizer(args.model), text, args.max_tokens or None, source_shape(args.model).vocab_size)
         return report(args, perplexity_layerwise(args.model, ids, args.seq_len, args.batch_size, DTYPES[args.dtype],
                                                  args.device, progress=not args.no_progress), t0)
     model, tok = load_hf(args.model, DTYPES[args.dtype], args.device)
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(format_results(results)))
         return 0
     text = read_texts(args.text, "--text") if args.text else builtin_text("eval")
-    ids = tokenize(tok, text, args.max_tokens or None)
+    ids = tokenize(tok, text, args.max_tokens or None, model.get_input_embeddings().num_embeddings)
     return report(args, perplexity(model, ids, args.seq_len, args.batch_size, progress=not args.no_progress), t0)
 
 

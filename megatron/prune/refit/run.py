@@ -81,7 +81,8 @@ def reconstruct(src: TensorSource, plan: PrunePlan, scoring: ScoringOptions, opt
     if plan.is_identity():
         return None, None, plan
     text = read_texts(list(scoring.calib), "--calib") if scoring.calib else builtin_text("calib")
-    windows = calibration_windows(tokenize(load_tokenizer(src.folder), text, None), scoring.samples, scoring.seq_len)
+    ids = tokenize(load_tokenizer(src.folder), text, None, src.shape.vocab_size)
+    windows = calibration_windows(ids, scoring.samples, scoring.seq_len)
     store = RefitStore(scratch)
     try:
         summary = refit_model(src, transformers_config(src), plan, windows, scoring.batch_size, DTYPES[scoring.dtype],

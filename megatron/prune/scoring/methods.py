@@ -89,14 +89,14 @@ def score_model(folder: Path, options: ScoringOptions = ScoringOptions()) -> Sco
     if why:
         print(why, flush=True)
     if layerwise:
-        windows = calibration_windows(tokenize(load_tokenizer(folder), text, None), samples, seq_len)
+        windows = calibration_windows(tokenize(load_tokenizer(folder), text, None, shape.vocab_size), samples, seq_len)
         t0 = time.perf_counter()
         scores = collect_scores_layerwise(Path(folder), shape, windows, batch_size, DTYPES[dtype], device, agg,
                                           o.progress)
     else:
         model, tok = load_hf(folder, DTYPES[dtype], device)
         shape = shape_from_hf_config(model.config.to_dict())
-        windows = calibration_windows(tokenize(tok, text, None), samples, seq_len)
+        windows = calibration_windows(tokenize(tok, text, None, shape.vocab_size), samples, seq_len)
         t0 = time.perf_counter()
         scores = collect_scores(model, shape, windows, batch_size, agg, o.progress)
     scores.check(shape)  # NaN/Inf scores (activations overflowed in float16?) would select arbitrary units
