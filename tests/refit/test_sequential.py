@@ -95,6 +95,29 @@ def test_a_tied_head_refits_the_final_norm_gain_on_both_paths(tied_tok_model, tm
     assert_same_tensors(refit, hf_tensors(tmp_path / "back"))
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_head_refit_in_vocabulary_blocks_equals_the_whole_head(refit_pair, tok_model, tied_tok_model, tmp_path,
+                                                                    monkeypatch, tied):
+    """The output head is refit (untied) or its Gram matrix taken (tied) a block of vocabulary rows at a time, so a
+    128k x 8k head is never whole in float64: ragged blocks of 1000 rows give what one block of the whole head gives."""
+    from megatron.prune.refit import sequential
+
+    shape = SHAPE if not tied else ["--hidden-size", "36", "--num-attention-heads", "4", "--num-query-groups", "2",
+                                    "--ffn-hidden-size", "48", *SHAPE[6:]]
+    model, role = (tied_tok_model, "final_norm.None") if tied else (tok_model, "lm_head.None")
+    monkeypatch.setattr(sequential, "HEAD_ROWS", 10**6)
+    whole = refit_pair / "refit" if not tied else tmp_path / "whole"
+    if tied:
+        assert prune_cli(model, whole, *shape) == 0
+    monkeypatch.setattr(sequential, "HEAD_ROWS", 1000)
+    assert prune_cli(model, tmp_path / "blocks", *shape) == 0
+    a, b = hf_tensors(whole), hf_tensors(tmp_path / "blocks")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != role)
+    torch.testing.assert_close(b[role], a[role], rtol=1e-6, atol=1e-7)
+    head = [PrunePlan.load(f).info["reconstruct"]["head_refit"] for f in (whole, tmp_path / "blocks")]
+    assert head[0]["error_refit"] == pytest.approx(head[1]["error_refit"], rel=1e-5)
+
+
 def _calib_ppl(folder: Path) -> float:
     from megatron.prune.perplexity import perplexity
     from megatron.prune.runtime import load_hf, tokenize

@@ -154,7 +154,7 @@ def test_diagonal_gain_fit_matches_brute_force():
     kept = [0, 1, 3, 4, 6, 7]
     xt = torch.randn(40, 8, generator=g, dtype=torch.float64)
     r = xt[:, kept] + 0.1 * torch.randn(40, 6, generator=g, dtype=torch.float64)
-    Q, b = rc.logit_gain_moments(E[:, kept], E, _moment(r), _moment(xt, r))
+    Q, b = rc.logit_gain_moments(rc.gram(E), torch.tensor(kept), _moment(r), _moment(xt, r))
     gain = rc.fit_diagonal(Q, b, torch.ones(6, dtype=torch.float64), delta=0.0)
     # logits_s[t, v] = Σ_i E[v, K_i] g_i r[t, i]: linear in g with design A[(t, v), i] = E[v, K_i] r[t, i]
     A = (E[:, kept][None, :, :] * r[:, None, :]).reshape(-1, 6)

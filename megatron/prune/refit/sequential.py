@@ -131,10 +131,19 @@ def sliced_final_norm(norm: torch.nn.Module, plan: PrunePlan) -> torch.Tensor:
     return slice_role("final_norm", norm.weight, AxisIndex(hidden=plan.hidden), plan.source.head_dim, plan.norm_scale)
 
 
-def head_rows(src: TensorSource, role: str, plan: PrunePlan) -> torch.Tensor:
-    """The output head (``lm_head``, or ``embed`` when tied) in float64, restricted to the kept vocabulary."""
-    W = src.get(role).double()
-    return W if plan.vocab is None else W.index_select(0, torch.as_tensor(plan.vocab))
+# the output head is refit (or its Gram matrix taken) this many vocabulary rows at a time: a 128k-entry head of
+# width 8192 is 8 GB in float64, and its right-hand side, prior and solution as much again each
+HEAD_ROWS = 8192
+
+
+def head_blocks(src: TensorSource, role: str, plan: PrunePlan):
+    """The output head (``lm_head``, or ``embed`` when tied) restricted to the kept vocabulary, as float64 blocks of
+    :data:`HEAD_ROWS` rows: ``(start, block)``, ``start`` the block's first row in the kept vocabulary."""
+    W = src.get(role)
+    if plan.vocab is not None:
+        W = W.index_select(0, torch.as_tensor(plan.vocab))
+    for start in range(0, W.shape[0], HEAD_ROWS):
+        yield start, W[start:start + HEAD_ROWS].double()
 
 
 def final_moments(student_input: Any, norm: torch.nn.Module, teacher_hidden: list[torch.Tensor],
@@ -155,19 +164,28 @@ def final_moments(student_input: Any, norm: torch.nn.Module, teacher_hidden: lis
 def refit_head(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, teacher_hidden: list[torch.Tensor],
                student_hidden: list[torch.Tensor], damping: float) -> tuple[torch.Tensor, tuple[float, float]]:
     """An untied ``lm_head`` refit on the final norm's output (the same two-stream least squares), with its
-    (sliced, refit) relative error. ``norm`` is the original final norm, materialised."""
-    from megatron.prune.refit.solve import reconstruction_errors
+    (sliced, refit) relative error. ``norm`` is the original final norm, materialised. The moments are factored once
+    and the head solved in blocks of vocabulary rows, written in its storage dtype."""
+    from megatron.prune.refit.solve import reconstruction_errors, ridge_factor, ridge_solve
 
     norm_s = copy.deepcopy(norm)
     norm_s.weight = torch.nn.Parameter(sliced_final_norm(norm, plan))
     H_ss, C_ts, T_tt = final_moments(norm_s, norm, teacher_hidden, student_hidden)
-    W = head_rows(src, "lm_head", plan)
-    prior = W.index_select(1, torch.as_tensor(plan.hidden))
-    C_ys = W @ C_ts
-    new = solve_from_moments(C_ys, H_ss, prior, damping)
-    energy = float(((W @ T_tt) * W).sum())
+    L, lam = ridge_factor(H_ss, damping)
+    kept = torch.as_tensor(plan.hidden)
+    vocab = len(plan.vocab) if plan.vocab is not None else plan.source.vocab_size
+    new = torch.empty(vocab, len(plan.hidden), dtype=storage_dtype(src, "lm_head", None))
+    errors, energy = [0.0, 0.0], 0.0
+    for start, W in head_blocks(src, "lm_head", plan):
+        prior, C_ys = W.index_select(1, kept), W @ C_ts
+        block = ridge_solve(C_ys, prior, L, lam, torch.float64)
+        new[start:start + W.shape[0]] = block
+        errors = [e + d for e, d in zip(errors, reconstruction_errors([prior, block], H_ss, C_ys, 0.0))]
+        energy += float(((W @ T_tt) * W).sum())
+    if start + W.shape[0] != vocab:
+        raise ValueError(f"lm_head has {start + W.shape[0]} rows where the plan's vocabulary has {vocab}")
     scale = max(energy, 1e-30)
-    return new, tuple(e / scale for e in reconstruction_errors([prior, new], H_ss, C_ys, energy))
+    return new, tuple((e + energy) / scale for e in errors)
 
 
 @torch.no_grad()
@@ -175,9 +193,10 @@ def refit_final_gain(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, 
                      student_hidden: list[torch.Tensor], damping: float) -> tuple[torch.Tensor, tuple[float, float]]:
     """With tied embeddings the head cannot change without changing the input embedding, so fit the final norm's
     gain g instead: ``min E‖E_K (g ∘ r_s) − E x_t‖²`` over the logits (kept vocabulary), ``r_s`` the pruned model's
-    normalised final hidden state, ``x_t`` the original's final-norm output (:func:`.solve.logit_gain_moments`);
-    the ridge pulls toward the plan's sliced (and rescaled) gain. Returns g and the (sliced, refit) relative error."""
-    from megatron.prune.refit.solve import fit_diagonal, logit_gain_moments
+    normalised final hidden state, ``x_t`` the original's final-norm output (:func:`.solve.logit_gain_moments`, from
+    the head's Gram matrix taken a block of rows at a time); the ridge pulls toward the plan's sliced (and rescaled)
+    gain. Returns g and the (sliced, refit) relative error."""
+    from megatron.prune.refit.solve import fit_diagonal, gram_lower_, logit_gain_moments, mirror_lower_
 
     prior = sliced_final_norm(norm, plan).double().cpu()  # solved on the CPU, with the head's moments
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
@@ -187,11 +206,13 @@ def refit_final_gain(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, 
         return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
     R, C, T = final_moments(normalised, norm, teacher_hidden, student_hidden)
-    E = head_rows(src, "embed", plan)
-    E_K = E.index_select(1, torch.as_tensor(plan.hidden))
-    Q, b = logit_gain_moments(E_K, E, R, C)
+    G = torch.zeros(plan.source.hidden_size, plan.source.hidden_size, dtype=torch.float64)
+    for _, E in head_blocks(src, "embed", plan):
+        gram_lower_(G, E)
+    G = mirror_lower_(G)
+    Q, b = logit_gain_moments(G, torch.as_tensor(plan.hidden), R, C)
     gain = fit_diagonal(Q, b, prior, damping)
-    energy = float(((E.T @ E) * T).sum())  # E‖E x_t‖²
+    energy = float((G * T).sum())  # E‖E x_t‖²
     scale = max(energy, 1e-30)
 
     def error(g: torch.Tensor) -> float:
@@ -224,13 +245,14 @@ def calibration_loss(norm: torch.nn.Module, head: torch.Tensor, hidden: list[tor
     final ``norm`` and the ``head`` weight ``[v, h]``, over the first windows until ``max_tokens`` are predicted;
     returns (loss, tokens)."""
     total, count = 0.0, 0
+    head = head.to(hidden[0].dtype) if hidden else head  # once, not per batch: a 70B head is GBs
     for k, h in enumerate(hidden):
         if count >= max_tokens:
             break
         rows = min(h.shape[0], -(-(max_tokens - count) // max(h.shape[1] - 1, 1)))  # whole windows, just enough
         h = h[:rows]
         ids = windows[k * batch_size : k * batch_size + rows].to(h.device)
-        logits = norm(h)[:, :-1] @ head.to(h.dtype).T
+        logits = norm(h)[:, :-1] @ head.T
         total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(),
                                                          reduction="sum"))
         count += ids[:, 1:].numel()
@@ -337,7 +359,7 @@ def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.
         summary.head_role = "lm_head" if untied else "final_norm"
         tensor, summary.head = fit(src, body.norm, plan, [c.hidden for c in teacher_calls],
                                    [c.hidden for c in student_calls], options.damping)
-        store.put(None, {summary.head_role: tensor.to(storage_dtype(src, summary.head_role, None)).cpu()})
+        store.put(None, {summary.head_role: tensor.to(storage_dtype(src, summary.head_role, None))})
     summary.loss = model_losses(src, body.norm, plan, store, [c.hidden for c in teacher_calls],
                                 [c.hidden for c in student_calls], windows, batch_size)
     release(body.norm)

@@ -132,6 +132,21 @@ def damped_cholesky(H: torch.Tensor, delta: float = DEFAULT_DAMPING,
 # ---- least-squares refits ----------------------------------------------------------------------------------
 
 
+def ridge_factor(H_ss: torch.Tensor, delta: float = DEFAULT_DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Cholesky factor of ``H_ss + λI`` and λ = δ·mean(diag H_ss) (δ raised as :func:`damped_cholesky` needs):
+    factor once, then :func:`ridge_solve` any number of output-row blocks against it."""
+    L, d = damped_cholesky(H_ss, delta)
+    return L, d * H_ss.double().diagonal().mean()
+
+
+def ridge_solve(C_ys: torch.Tensor, prior: torch.Tensor, L: torch.Tensor, lam: torch.Tensor,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(C_ys + λ prior)(H_ss + λI)⁻¹`` for the factor ``(L, λ)`` of :func:`ridge_factor`, in float64, returned as
+    ``dtype`` (default prior's). Each output row is solved on its own, so rows may come in blocks."""
+    rhs = prior.to(torch.float64, copy=True).mul_(lam).add_(C_ys)
+    return torch.cholesky_solve(rhs.T, L).T.to(dtype or prior.dtype)
+
+
 def solve_from_moments(C_ys: torch.Tensor, H_ss: torch.Tensor, prior: torch.Tensor,
                        delta: float = DEFAULT_DAMPING, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``argmin_W' E‖W' x_s − y‖² + λ‖W' − prior‖²`` = ``(C_ys + λ prior)(H_ss + λI)⁻¹``, λ = δ·mean(diag H_ss).
@@ -140,10 +155,7 @@ def solve_from_moments(C_ys: torch.Tensor, H_ss: torch.Tensor, prior: torch.Tens
     returns ``dtype`` (default prior's), solved in float64 whatever prior's dtype. The ridge pulls toward ``prior``
     rather than zero.
     """
-    L, d = damped_cholesky(H_ss, delta)
-    lam = d * H_ss.double().diagonal().mean()
-    rhs = prior.to(torch.float64, copy=True).mul_(lam).add_(C_ys)
-    return torch.cholesky_solve(rhs.T, L).T.to(dtype or prior.dtype)
+    return ridge_solve(C_ys, prior, *ridge_factor(H_ss, delta), dtype)
 
 
 def reconstruction_errors(Ws: list[torch.Tensor], H_ss: torch.Tensor, C_ys: torch.Tensor,
@@ -174,15 +186,16 @@ def fit_diagonal(Q: torch.Tensor, b: torch.Tensor, prior: torch.Tensor, delta: f
     return torch.cholesky_solve((b.double() + lam * prior.double())[:, None], L)[:, 0].to(prior.dtype)
 
 
-def logit_gain_moments(E_K: torch.Tensor, E: torch.Tensor, R_ss: torch.Tensor,
+def logit_gain_moments(G: torch.Tensor, kept: torch.Tensor, R_ss: torch.Tensor,
                        C_ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Q, b)`` of :func:`fit_diagonal` for ``min E‖E_K diag(g) r − E x_t‖²`` (tied head, gain g on kept channels).
 
-    ``r`` is the pruned model's final hidden state normalised but not yet scaled by the norm gain ``[n_s]``,
-    ``x_t`` the original's final-norm output ``[n_t]``; ``R_ss = E[r rᵀ]``, ``C_ts = E[x_t rᵀ]``;
-    ``Q = (E_KᵀE_K) ∘ R_ss`` (PSD: a Schur product), ``b = diag(E_Kᵀ E C_ts)``.
+    ``G = EᵀE [n_t, n_t]`` of the head ``E [vocab, n_t]`` (accumulated over row blocks: the head itself is never
+    needed whole), ``kept`` the kept channels K; ``r`` is the pruned model's final hidden state normalised but not yet
+    scaled by the norm gain ``[n_s]``, ``x_t`` the original's final-norm output ``[n_t]``; ``R_ss = E[r rᵀ]``,
+    ``C_ts = E[x_t rᵀ]``; ``Q = G_KK ∘ R_ss`` (PSD: a Schur product), ``b = diag(E_Kᵀ E C_ts) = (G_K: ∘ C_tsᵀ)·1``.
     """
-    EK, Ed = E_K.double(), E.double()
-    Q = (EK.T @ EK) * R_ss.double()
-    b = ((EK.T @ Ed) * C_ts.double().T).sum(1)
+    G_K = G.double().index_select(0, kept)
+    Q = G_K.index_select(1, kept) * R_ss.double()
+    b = (G_K * C_ts.double().T).sum(1)
     return Q, b
