@@ -185,3 +185,22 @@ def test_symmetric_moment_over_batches_is_the_full_product(product):
     tol = 1e-12 if product == torch.float64 else 1e-5
     torch.testing.assert_close(got, exact, rtol=tol, atol=tol)
     assert torch.equal(got, got.T) and torch.equal(m.mean(), got)
+
+
+def test_ridge_solves_and_scores_row_blocks_as_the_whole():
+    """One factorisation, rows solved in ragged blocks: the whole solve row for row, and the blocks' error terms plus
+    E‖y‖² add up to the whole weight's reconstruction error."""
+    g = torch.Generator().manual_seed(5)
+    xs = torch.randn(200, 9, generator=g, dtype=torch.float64)
+    W = torch.randn(23, 9, generator=g, dtype=torch.float64)
+    y = xs @ W.T + 0.1 * torch.randn(200, 23, generator=g, dtype=torch.float64)
+    H, C, yy = _moment(xs), _moment(y, xs), _moment(y)
+    prior = W + 0.5
+    whole = rc.solve_from_moments(C, H, prior, 0.05)
+    ridge = rc.Ridge.factor(H, 0.05)
+    blocks = [ridge.solve(C[r:r + 5], prior[r:r + 5]) for r in range(0, 23, 5)]
+    torch.testing.assert_close(torch.cat(blocks), whole, rtol=1e-12, atol=1e-12)
+    parts = [ridge.errors([prior[r:r + 5], whole[r:r + 5]], C[r:r + 5]) for r in range(0, 23, 5)]
+    summed = [sum(p[i] for p in parts) + float(yy.trace()) for i in (0, 1)]
+    assert summed == pytest.approx(rc.reconstruction_errors([prior, whole], H, C, yy), rel=1e-6)
+    assert summed[1] < summed[0]

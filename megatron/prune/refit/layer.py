@@ -1,7 +1,7 @@
 """The refit of one decoder layer, two streams side by side: the original layer runs on the original model's hidden
 states (the teacher), the pruned layer on the pruned model's (the student). Each linear of the pruned layer that
 reads a pruned axis is refit, in forward order, so that on calibration tokens it gives what the original linear
-gave: ``W' = argmin E‖W' x_s − W x_t‖²`` (:func:`.solve.solve_from_moments`), with ``x_s`` the pruned layer's own
+gave: ``W' = argmin E‖W' x_s − W x_t‖²`` (:class:`.solve.Ridge`), with ``x_s`` the pruned layer's own
 input as the already refitted linears before it make it.
 
 The layer is taken apart as the stock ``LlamaDecoderLayer.forward`` composes it (norm, attention, residual, norm,
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron.prune.core.slicing import AxisIndex, expand_heads, slice_role
-from megatron.prune.refit.solve import DEFAULT_DAMPING, Moment, reconstruction_errors, solve_from_moments
+from megatron.prune.refit.solve import DEFAULT_DAMPING, Moment, Ridge
 
 # reader groups, in forward order: the linears of a group read the same input and are solved together
 GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -196,20 +196,34 @@ def teacher_rows(role: str, w: torch.Tensor, index: AxisIndex, head_dim: int) ->
     return slice_role(role, w, AxisIndex(**{axis: index.for_axis(axis)}), head_dim)
 
 
-def target_moment(teacher: torch.nn.Module, group: str, xs: list[torch.Tensor], run: TeacherLayer,
-                  index: AxisIndex, head_dim: int, product: torch.dtype = torch.float32) -> torch.Tensor:
-    """``E[y x_sᵀ]`` (float64), ``y`` the original group's kept outputs: straight from them when the teacher run kept
-    them, else ``W E[x_t x_sᵀ]`` from its inputs (float32 products)."""
+def cross_moment(group: str, xs: list[torch.Tensor], run: TeacherLayer, index: AxisIndex, head_dim: int,
+                 product: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
+    """``E[y x_sᵀ]`` (float64), ``y`` the original group's kept outputs, when the teacher run kept them; else
+    ``E[x_t x_sᵀ]`` of its inputs, the targets' rows to be taken from it by :func:`target_rows`. Says which."""
     C = Moment(product)
     if group in run.targets:
         for s, y in zip(xs, kept_targets(run, group, index, head_dim), strict=True):
             C.add(y, s)
-        return C.mean()
+        return C.mean(), True
     for s, t in zip(xs, run.inputs[group], strict=True):
         C.add(t, s)
-    t_mods = dict(teacher.named_modules())
-    W = torch.cat([teacher_rows(role, t_mods[path].weight, index, head_dim).float() for role, path in GROUPS[group]])
-    return (W @ C.mean().float()).double()
+    return C.mean(), False
+
+
+def refit_rows(weight: torch.Tensor, ridge: Ridge, targets, storage: torch.dtype | None) -> list[float]:
+    """Refit ``weight [out, n_s]`` in place, :data:`.solve.ROW_BLOCK` rows at a time (``targets(r0, r1)``: ``E[y x_sᵀ]``
+    of those rows), each block rounded to ``storage`` as it will be written; the (sliced, refit) error terms summed
+    over the blocks (:meth:`.solve.Ridge.errors`)."""
+    from megatron.prune.refit import solve
+
+    total = [0.0, 0.0]
+    for r0 in range(0, weight.shape[0], solve.ROW_BLOCK):
+        r1 = min(r0 + solve.ROW_BLOCK, weight.shape[0])
+        C_ys, prior = targets(r0, r1), weight[r0:r1].float()
+        new = ridge.solve(C_ys, prior, torch.float64)
+        total = [t + e for t, e in zip(total, ridge.errors([prior, new], C_ys))]
+        weight[r0:r1].copy_(new.to(storage or weight.dtype).to(weight.dtype))
+    return total
 
 
 def refit_group(student: torch.nn.Module, teacher: torch.nn.Module, group: str, xs: list[torch.Tensor],
@@ -217,27 +231,34 @@ def refit_group(student: torch.nn.Module, teacher: torch.nn.Module, group: str, 
                 storage: dict[str, torch.dtype] | None = None, product: torch.dtype = torch.float32) -> GroupReport:
     """Refit the linears of ``group`` in ``student`` from its inputs ``xs`` (per batch) against what the original
     gave in ``run``. Each refitted weight is rounded to its ``storage`` dtype (role -> dtype), so the layers after it
-    see what will be written."""
+    see what will be written. Without kept outputs the targets are ``W_t E[x_t x_sᵀ]``, a block of rows at a time
+    (float32 products)."""
     H = Moment(product)
     for s in xs:
         H.add(s)
-    H_ss = H.mean()
+    ridge = Ridge.factor(H.mean(), delta)
     del H  # its sum: one [n, n] float64 less while solving
-    C_ys = target_moment(teacher, group, xs, run, index, head_dim, product)
-    s_mods = dict(student.named_modules())
-    prior = torch.cat([s_mods[path].weight.float() for _, path in GROUPS[group]])
-    new = solve_from_moments(C_ys, H_ss, prior, delta, torch.float64)
-    energy = group_energy(run, group, index, head_dim)
-    scale = max(energy, 1e-30)
-    report = GroupReport(*(e / scale for e in reconstruction_errors([prior, new], H_ss, C_ys, energy)))
-    start = 0
+    C, of_outputs = cross_moment(group, xs, run, index, head_dim, product)
+    C = C if of_outputs else C.float()
+    s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
+    errors, start = [0.0, 0.0], 0
     with torch.no_grad():
         for role, path in GROUPS[group]:
             w = s_mods[path].weight
-            rows = new[start:start + w.shape[0]]
-            w.copy_(rows.to((storage or {}).get(role, w.dtype)).to(w.dtype))
+            if of_outputs:
+                def targets(r0: int, r1: int, at: int = start) -> torch.Tensor:
+                    return C[at + r0:at + r1]
+            else:
+                rows = teacher_rows(role, t_mods[path].weight, index, head_dim).float()
+
+                def targets(r0: int, r1: int, rows: torch.Tensor = rows) -> torch.Tensor:
+                    return (rows[r0:r1] @ C).double()
+            part = refit_rows(w, ridge, targets, (storage or {}).get(role))
+            errors = [e + p for e, p in zip(errors, part)]
             start += w.shape[0]
-    return report
+    energy = group_energy(run, group, index, head_dim)
+    scale = max(energy, 1e-30)
+    return GroupReport(*((e + energy) / scale for e in errors))
 
 
 def refit_to_residual(linear: torch.nn.Module, xs: list[torch.Tensor], targets: list[torch.Tensor],
@@ -253,16 +274,13 @@ def refit_to_residual(linear: torch.nn.Module, xs: list[torch.Tensor], targets: 
         yf = y.float().reshape(-1)
         energy += float(yf @ yf)
         tokens += y.numel() // y.shape[-1]
-    H_ss, C_ys = H.mean(), C.mean()
+    ridge, C_ys = Ridge.factor(H.mean(), delta), C.mean()
     del H, C
-    prior = linear.weight.double()
-    new = solve_from_moments(C_ys, H_ss, prior, delta)
+    with torch.no_grad():
+        errors = refit_rows(linear.weight, ridge, lambda r0, r1: C_ys[r0:r1], storage)
     energy /= tokens
     scale = max(energy, 1e-30)
-    report = GroupReport(*(e / scale for e in reconstruction_errors([prior, new], H_ss, C_ys, energy)))
-    with torch.no_grad():
-        linear.weight.copy_(new.to(storage or linear.weight.dtype).to(linear.weight.dtype))
-    return report
+    return GroupReport(*((e + energy) / scale for e in errors))
 
 
 @torch.no_grad()

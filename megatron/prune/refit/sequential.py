@@ -26,7 +26,7 @@ from megatron.prune.formats.hf import parse_hf_name
 from megatron.prune.formats.safetensors import DTYPE_CODES
 from megatron.prune.formats.source import TensorSource
 from megatron.prune.refit.layer import GROUPS, Call, LayerReport, refit_layer, run_teacher
-from megatron.prune.refit.solve import DEFAULT_DAMPING, Moment, solve_from_moments
+from megatron.prune.refit.solve import DEFAULT_DAMPING, Moment
 from megatron.prune.refit.store import RefitStore
 
 # auto: refit an untied lm_head on the final norm's output; with a tied head (the embedding, which the residual stream
@@ -131,19 +131,17 @@ def sliced_final_norm(norm: torch.nn.Module, plan: PrunePlan) -> torch.Tensor:
     return slice_role("final_norm", norm.weight, AxisIndex(hidden=plan.hidden), plan.source.head_dim, plan.norm_scale)
 
 
-# the output head is refit (or its Gram matrix taken) this many vocabulary rows at a time: a 128k-entry head of
-# width 8192 is 8 GB in float64, and its right-hand side, prior and solution as much again each
-HEAD_ROWS = 8192
-
-
 def head_blocks(src: TensorSource, role: str, plan: PrunePlan):
     """The output head (``lm_head``, or ``embed`` when tied) restricted to the kept vocabulary, as float64 blocks of
-    :data:`HEAD_ROWS` rows: ``(start, block)``, ``start`` the block's first row in the kept vocabulary."""
+    :data:`.solve.ROW_BLOCK` rows, ``(start, block)``: a 128k x 8k head is 8 GB in float64, and its right-hand side,
+    prior and solution would be as much again each."""
+    from megatron.prune.refit import solve
+
     W = src.get(role)
     if plan.vocab is not None:
         W = W.index_select(0, torch.as_tensor(plan.vocab))
-    for start in range(0, W.shape[0], HEAD_ROWS):
-        yield start, W[start:start + HEAD_ROWS].double()
+    for start in range(0, W.shape[0], solve.ROW_BLOCK):
+        yield start, W[start:start + solve.ROW_BLOCK].double()
 
 
 def final_moments(student_input: Any, norm: torch.nn.Module, teacher_hidden: list[torch.Tensor],
@@ -166,21 +164,21 @@ def refit_head(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, teache
     """An untied ``lm_head`` refit on the final norm's output (the same two-stream least squares), with its
     (sliced, refit) relative error. ``norm`` is the original final norm, materialised. The moments are factored once
     and the head solved in blocks of vocabulary rows, written in its storage dtype."""
-    from megatron.prune.refit.solve import reconstruction_errors, ridge_factor, ridge_solve
+    from megatron.prune.refit.solve import Ridge
 
     norm_s = copy.deepcopy(norm)
     norm_s.weight = torch.nn.Parameter(sliced_final_norm(norm, plan))
     H_ss, C_ts, T_tt = final_moments(norm_s, norm, teacher_hidden, student_hidden)
-    L, lam = ridge_factor(H_ss, damping)
+    ridge = Ridge.factor(H_ss, damping)
     kept = torch.as_tensor(plan.hidden)
     vocab = len(plan.vocab) if plan.vocab is not None else plan.source.vocab_size
     new = torch.empty(vocab, len(plan.hidden), dtype=storage_dtype(src, "lm_head", None))
     errors, energy = [0.0, 0.0], 0.0
     for start, W in head_blocks(src, "lm_head", plan):
         prior, C_ys = W.index_select(1, kept), W @ C_ts
-        block = ridge_solve(C_ys, prior, L, lam, torch.float64)
+        block = ridge.solve(C_ys, prior, torch.float64)
         new[start:start + W.shape[0]] = block
-        errors = [e + d for e, d in zip(errors, reconstruction_errors([prior, block], H_ss, C_ys, 0.0))]
+        errors = [e + d for e, d in zip(errors, ridge.errors([prior, block], C_ys))]
         energy += float(((W @ T_tt) * W).sum())
     if start + W.shape[0] != vocab:
         raise ValueError(f"lm_head has {start + W.shape[0]} rows where the plan's vocabulary has {vocab}")

@@ -13,6 +13,8 @@ Nothing here knows about models, checkpoints or plans.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 DEFAULT_DAMPING = 0.01  # δ: ridge of δ·mean(diag H); measured against 0.001 and 0.1 by bench/quality.py
@@ -118,7 +120,8 @@ def damped_cholesky(H: torch.Tensor, delta: float = DEFAULT_DAMPING,
         raise SingularMomentError("moment matrix has non-finite entries")
     d = float(delta)
     while True:
-        L, info = torch.linalg.cholesky_ex(damp(H, d))
+        A = damp(H, d)
+        L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32)))  # in place: no third [n, n]
         if int(info) == 0:
             return L, d
         if d >= max_delta:
@@ -132,19 +135,36 @@ def damped_cholesky(H: torch.Tensor, delta: float = DEFAULT_DAMPING,
 # ---- least-squares refits ----------------------------------------------------------------------------------
 
 
-def ridge_factor(H_ss: torch.Tensor, delta: float = DEFAULT_DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Cholesky factor of ``H_ss + λI`` and λ = δ·mean(diag H_ss) (δ raised as :func:`damped_cholesky` needs):
-    factor once, then :func:`ridge_solve` any number of output-row blocks against it."""
-    L, d = damped_cholesky(H_ss, delta)
-    return L, d * H_ss.double().diagonal().mean()
+# output rows solved (and scored) at a time: the right-hand side, prior and solution of a block are each
+# ROW_BLOCK x n float64 (128 MiB at n = 4096), where a whole 28,672-row gate_up of a 70B layer, or a 128k-entry head,
+# would need GBs for each
+ROW_BLOCK = 4096
 
 
-def ridge_solve(C_ys: torch.Tensor, prior: torch.Tensor, L: torch.Tensor, lam: torch.Tensor,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``(C_ys + λ prior)(H_ss + λI)⁻¹`` for the factor ``(L, λ)`` of :func:`ridge_factor`, in float64, returned as
-    ``dtype`` (default prior's). Each output row is solved on its own, so rows may come in blocks."""
-    rhs = prior.to(torch.float64, copy=True).mul_(lam).add_(C_ys)
-    return torch.cholesky_solve(rhs.T, L).T.to(dtype or prior.dtype)
+@dataclass(frozen=True)
+class Ridge:
+    """``H_ss = E[x_s x_sᵀ]`` factored once, with its ridge λ = δ·mean(diag H_ss), so output rows can be solved
+    (:meth:`solve`) and scored (:meth:`errors`) block by block: each row of ``W'`` is its own least squares."""
+
+    L: torch.Tensor  # Cholesky factor of H_ss + λI (float64)
+    lam: torch.Tensor  # λ (a float64 scalar)
+    H: torch.Tensor  # H_ss in float32, for the error report
+
+    @classmethod
+    def factor(cls, H_ss: torch.Tensor, delta: float = DEFAULT_DAMPING) -> Ridge:
+        L, d = damped_cholesky(H_ss, delta)
+        return cls(L, d * H_ss.double().diagonal().mean(), H_ss.float())
+
+    def solve(self, C_ys: torch.Tensor, prior: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(C_ys + λ prior)(H_ss + λI)⁻¹`` for the rows of ``C_ys`` and ``prior``, solved in float64, returned as
+        ``dtype`` (default prior's)."""
+        rhs = prior.to(torch.float64, copy=True).mul_(self.lam).add_(C_ys)
+        return torch.cholesky_solve(rhs.T, self.L).T.to(dtype or prior.dtype)
+
+    def errors(self, Ws: list[torch.Tensor], C_ys: torch.Tensor) -> list[float]:
+        """``E‖W x_s − y‖² − E‖y‖²`` for each ``W`` (rows matching ``C_ys``): :func:`reconstruction_errors` without
+        its constant, so the errors of row blocks add up."""
+        return cross_terms(Ws, self.H, C_ys.float())
 
 
 def solve_from_moments(C_ys: torch.Tensor, H_ss: torch.Tensor, prior: torch.Tensor,
@@ -155,20 +175,24 @@ def solve_from_moments(C_ys: torch.Tensor, H_ss: torch.Tensor, prior: torch.Tens
     returns ``dtype`` (default prior's), solved in float64 whatever prior's dtype. The ridge pulls toward ``prior``
     rather than zero.
     """
-    return ridge_solve(C_ys, prior, *ridge_factor(H_ss, delta), dtype)
+    return Ridge.factor(H_ss, delta).solve(C_ys, prior, dtype)
+
+
+def cross_terms(Ws: list[torch.Tensor], H: torch.Tensor, C: torch.Tensor) -> list[float]:
+    """``tr(W H Wᵀ) − 2 tr(W Cᵀ)`` for each ``W``, in float32 products summed in float64 (a report, not a solve)."""
+    out = []
+    for W in Ws:
+        W = W.float()
+        out.append(float(((W @ H) * W).sum(dtype=torch.float64) - 2 * (W * C).sum(dtype=torch.float64)))
+    return out
 
 
 def reconstruction_errors(Ws: list[torch.Tensor], H_ss: torch.Tensor, C_ys: torch.Tensor,
                           yy: torch.Tensor | float) -> list[float]:
     """``E‖W x_s − y‖²`` for each ``W``, from moments: ``tr(W H Wᵀ) − 2 tr(W C_ysᵀ) + E‖y‖²`` (``yy``: ``E‖y‖²`` or
     ``E[y yᵀ]``). The products run in float32 (a report, not a solve), the moments converted once for all ``Ws``."""
-    H, C = H_ss.float(), C_ys.float()
     y2 = float(yy.double().trace()) if torch.is_tensor(yy) and yy.dim() == 2 else float(yy)
-    out = []
-    for W in Ws:
-        W = W.float()
-        out.append(float(((W @ H) * W).sum(dtype=torch.float64) - 2 * (W * C).sum(dtype=torch.float64)) + y2)
-    return out
+    return [e + y2 for e in cross_terms(Ws, H_ss.float(), C_ys.float())]
 
 
 def reconstruction_error(W: torch.Tensor, H_ss: torch.Tensor, C_ys: torch.Tensor, yy: torch.Tensor | float) -> float:
