@@ -345,8 +345,9 @@ def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.
                 params = {parse_hf_name(f"model.layers.0.{n}")[0]: p for n, p in student.named_parameters()}
                 store.put(j, {role: params[role].detach().to(dt).cpu() for role, dt in storage.items()})
                 student_calls = [Call(o, c.kwargs) for o, c in zip(outputs, student_calls)]
-                del student
+                del student, params, outputs
             teacher_calls = [Call(o, c.kwargs) for o, c in zip(run.outputs, teacher_calls)]
+            run = residual = None  # freed now, not once the next layer's run has been built beside them
             bar.update(end - i)
             i = end
     bar.close()
