@@ -185,6 +185,7 @@ def test_symmetric_moment_over_batches_is_the_full_product(product):
     tol = 1e-12 if product == torch.float64 else 1e-5
     torch.testing.assert_close(got, exact, rtol=tol, atol=tol)
     assert torch.equal(got, got.T) and torch.equal(m.mean(), got)
+    assert torch.equal(m.pop_mean(), got) and m.sum is None  # the same, in place of the sum
 
 
 def test_ridge_solves_and_scores_row_blocks_as_the_whole():

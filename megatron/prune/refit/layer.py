@@ -204,10 +204,10 @@ def cross_moment(group: str, xs: list[torch.Tensor], run: TeacherLayer, index: A
     if group in run.targets:
         for s, y in zip(xs, kept_targets(run, group, index, head_dim), strict=True):
             C.add(y, s)
-        return C.mean(), True
+        return C.pop_mean(), True
     for s, t in zip(xs, run.inputs[group], strict=True):
         C.add(t, s)
-    return C.mean(), False
+    return C.pop_mean(), False
 
 
 def refit_rows(weight: torch.Tensor, ridge: Ridge, targets, storage: torch.dtype | None) -> list[float]:
@@ -230,16 +230,17 @@ def refit_group(student: torch.nn.Module, teacher: torch.nn.Module, group: str, 
                 run: TeacherLayer, index: AxisIndex, head_dim: int, delta: float = DEFAULT_DAMPING,
                 storage: dict[str, torch.dtype] | None = None, product: torch.dtype = torch.float32) -> GroupReport:
     """Refit the linears of ``group`` in ``student`` from its inputs ``xs`` (per batch) against what the original
-    gave in ``run``. Each refitted weight is rounded to its ``storage`` dtype (role -> dtype), so the layers after it
-    see what will be written. Without kept outputs the targets are ``W_t E[x_t x_sᵀ]``, a block of rows at a time
-    (float32 products)."""
+    gave in ``run`` (whose inputs or outputs for the group are released once read). Each refitted weight is rounded
+    to its ``storage`` dtype (role -> dtype), so the layers after it see what will be written. Without kept outputs
+    the targets are ``W_t E[x_t x_sᵀ]``, a block of rows at a time (float32 products)."""
     H = Moment(product)
     for s in xs:
         H.add(s)
-    ridge = Ridge.factor(H.mean(), delta)
-    del H  # its sum: one [n, n] float64 less while solving
+    ridge = Ridge.factor(H.pop_mean(), delta)
     C, of_outputs = cross_moment(group, xs, run, index, head_dim, product)
     C = C if of_outputs else C.float()
+    run.inputs.pop(group, None)  # used up: the layer's later groups run without them
+    run.targets.pop(group, None)
     s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
     errors, start = [0.0, 0.0], 0
     with torch.no_grad():
@@ -274,8 +275,7 @@ def refit_to_residual(linear: torch.nn.Module, xs: list[torch.Tensor], targets: 
         yf = y.float().reshape(-1)
         energy += float(yf @ yf)
         tokens += y.numel() // y.shape[-1]
-    ridge, C_ys = Ridge.factor(H.mean(), delta), C.mean()
-    del H, C
+    ridge, C_ys = Ridge.factor(H.pop_mean(), delta), C.pop_mean()
     with torch.no_grad():
         errors = refit_rows(linear.weight, ridge, lambda r0, r1: C_ys[r0:r1], storage)
     energy /= tokens

@@ -99,6 +99,15 @@ class Moment:
         out = self.sum / self.count
         return mirror_lower_(out) if self.symmetric else out
 
+    def pop_mean(self) -> torch.Tensor:
+        """:meth:`mean`, computed in place of the sum, which the moment gives up (it is empty afterwards): one
+        ``[n, m]`` float64 at the peak instead of two (3.3 GB for a 70B layer's 14k-channel down_proj input)."""
+        if self.sum is None or self.count == 0:
+            raise SingularMomentError("no calibration tokens were accumulated")
+        out, self.sum = self.sum.div_(self.count), None
+        self.count = 0
+        return mirror_lower_(out) if self.symmetric else out
+
 
 def damp(H: torch.Tensor, delta: float) -> torch.Tensor:
     """``H + δ·mean(diag H)·I``: the usual relative damping (SparseGPT), so δ is scale-free. A new tensor."""
