@@ -32,9 +32,10 @@ def write_model(folder: Path, args: argparse.Namespace) -> int:
 
     from megatron.prune.models import embedded_model_dir
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=args.hidden, intermediate_size=args.ffn,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.groups, tie_word_embeddings=True, max_position_embeddings=2048)
+    config = LlamaConfig(vocab_size=getattr(args, "vocab", 49152), hidden_size=args.hidden,
+                         intermediate_size=args.ffn, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.groups, tie_word_embeddings=not getattr(args, "untied", False),
+                         max_position_embeddings=2048)
     with torch.device("meta"):
         names = {n: p.shape for n, p in AutoModelForCausalLM.from_config(config).named_parameters()}
     g = torch.Generator().manual_seed(0)
@@ -53,6 +54,24 @@ def write_model(folder: Path, args: argparse.Namespace) -> int:
     return sum(t.numel() for t in tensors.values())
 
 
+def written_in_child(script: str, tmp: str) -> Path:
+    """``tmp``/model, written by ``SCRIPT --write`` (this command line's flags) in a child of its own."""
+    folder = Path(tmp) / "model"
+    subprocess.run([sys.executable, script, "--write", str(folder), *sys.argv[1:]], check=True)
+    return folder
+
+
+def imports_rss(modules: str) -> float:
+    """Peak RSS (GiB) of a fresh process that imports ``modules`` (a comma-separated list) and nothing else."""
+    return run([sys.executable, "-c", f"import {modules}"])[0]
+
+
+def shape_arguments(p: argparse.ArgumentParser, **defaults: int) -> None:
+    """The model-shape and calibration flags (``--layers``, ``--hidden``, ... ``--seq-len``) with these defaults."""
+    for name, value in defaults.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=value)
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
     """Peak RSS (GiB) and wall seconds of one child process."""
     t0 = time.perf_counter()
@@ -65,13 +84,7 @@ def run(cmd: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--ffn", type=int, default=5632)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--groups", type=int, default=4)
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
+    shape_arguments(p, layers=16, hidden=2048, ffn=5632, heads=16, groups=4, samples=16, seq_len=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--write", type=Path, help=argparse.SUPPRESS)  # the child that writes the checkpoint
     args = p.parse_args()
@@ -81,11 +94,8 @@ def main() -> None:
               f"{n * (4 if args.dtype == 'float32' else 2) / 2**30:.2f} GiB in {args.dtype}")
         return
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-        folder = Path(tmp) / "model"
-        subprocess.run([sys.executable, __file__, "--write", str(folder), *sys.argv[1:]], check=True)
-        imports, _ = run([sys.executable, "-c", "import torch, transformers, megatron.prune.scoring.methods, "
-                                                "megatron.prune.scoring.layerwise; from transformers import "
-                                                "AutoModelForCausalLM, LlamaForCausalLM"])
+        folder = written_in_child(__file__, tmp)
+        imports = imports_rss("torch, transformers, megatron.prune.scoring.methods, megatron.prune.scoring.layerwise")
         result = {}
         for mode in ("never", "always"):
             out = Path(tmp) / f"{mode}.pt"
