@@ -130,7 +130,8 @@ def damped_cholesky(H: torch.Tensor, delta: float = DEFAULT_DAMPING,
     d = float(delta)
     while True:
         A = damp(H, d)
-        L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32)))  # in place: no third [n, n]
+        info = torch.empty((), dtype=torch.int32, device=A.device)
+        L, info = torch.linalg.cholesky_ex(A, out=(A, info))  # in place: no third [n, n]
         if int(info) == 0:
             return L, d
         if d >= max_delta:
