@@ -54,6 +54,20 @@ def write_model(folder: Path, args: argparse.Namespace) -> int:
     return sum(t.numel() for t in tensors.values())
 
 
+def parsed_or_written(p: argparse.ArgumentParser, **fixed) -> argparse.Namespace | None:
+    """The command line's flags (``fixed`` set on them); in the child started by :func:`written_in_child`
+    (``--write FOLDER``), the checkpoint written there, its size printed, and None."""
+    p.add_argument("--write", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    vars(args).update(fixed)
+    if args.write is None:
+        return args
+    n = write_model(args.write, args)
+    print(f"model: {args.layers} layer(s), hidden {args.hidden}, FFN {args.ffn}, vocabulary "
+          f"{getattr(args, 'vocab', 49152)}: {n / 1e9:.2f}B parameters, {n * 2 / 2**30:.2f} GiB in bfloat16")
+    return None
+
+
 def written_in_child(script: str, tmp: str) -> Path:
     """``tmp``/model, written by ``SCRIPT --write`` (this command line's flags) in a child of its own."""
     folder = Path(tmp) / "model"
@@ -86,12 +100,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shape_arguments(p, layers=16, hidden=2048, ffn=5632, heads=16, groups=4, samples=16, seq_len=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--write", type=Path, help=argparse.SUPPRESS)  # the child that writes the checkpoint
-    args = p.parse_args()
-    if args.write:
-        n = write_model(args.write, args)
-        print(f"model: {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}: {n / 1e9:.2f}B parameters, "
-              f"{n * (4 if args.dtype == 'float32' else 2) / 2**30:.2f} GiB in {args.dtype}")
+    args = parsed_or_written(p)
+    if args is None:
         return
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         folder = written_in_child(__file__, tmp)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from layerwise_memory import imports_rss, run, shape_arguments, write_model, written_in_child
+from layerwise_memory import imports_rss, parsed_or_written, run, shape_arguments, written_in_child
 
 RESULTS = Path(__file__).resolve().parent / "results" / "refit_memory.json"
 
@@ -32,13 +32,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shape_arguments(p, layers=2, hidden=8192, ffn=28672, heads=64, groups=8, vocab=128256, to_hidden=6144,
                     to_heads=48, to_groups=6, to_ffn=14336, samples=64, seq_len=256)
-    p.add_argument("--write", type=Path, help=argparse.SUPPRESS)  # the child that writes the checkpoint
-    args = p.parse_args()
-    args.untied, args.dtype = True, "bfloat16"
-    if args.write:
-        n = write_model(args.write, args)
-        print(f"model: {args.layers} layer(s), hidden {args.hidden}, FFN {args.ffn}, vocabulary {args.vocab}: "
-              f"{n / 1e9:.2f}B parameters")
+    args = parsed_or_written(p, untied=True)
+    if args is None:
         return
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         folder = written_in_child(__file__, tmp)
