@@ -289,8 +289,9 @@ CASES: dict[str, Case] = {
     "prune Inf in a TP shard": Case("prune --input {mg_nan} --output {o} --hidden-size 40 --method random", 2,
                                     ("mp_rank_01", "decoder.layers.2.mlp.linear_fc2.weight holds 0 NaN and 1 Inf",)),
     # a tokenizer that is not the model's: ids beyond its embedding (an IndexError deep in torch, before)
-    "prune tokenizer beyond vocab": Case("prune --input {hf_small_vocab} --output {o} --ffn-hidden-size 32 --reconstruct none "
-                                         + " ".join(QUICK), 2, ("token id", "vocabulary has 1000 entries")),
+    "prune tokenizer beyond vocab": Case("prune --input {hf_small_vocab} --output {o} --ffn-hidden-size 32 "
+                                         "--reconstruct none " + " ".join(QUICK), 2,
+                                         ("token id", "vocabulary has 1000 entries")),
     "score tokenizer beyond vocab": Case("score --model {hf_small_vocab} --output {o}.pt " + " ".join(QUICK), 2,
                                          ("vocabulary has 1000 entries",)),
     "eval tokenizer beyond vocab": Case("eval --model {hf_small_vocab} --seq-len 16 --max-tokens 64 --no-progress", 2,

@@ -199,7 +199,7 @@ def teacher_rows(role: str, w: torch.Tensor, index: AxisIndex, head_dim: int) ->
 def cross_moment(group: str, xs: list[torch.Tensor], run: TeacherLayer, index: AxisIndex, head_dim: int,
                  product: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
     """``E[y x_sᵀ]`` (float64), ``y`` the original group's kept outputs, when the teacher run kept them; else
-    ``E[x_t x_sᵀ]`` of its inputs, the targets' rows to be taken from it by :func:`target_rows`. Says which."""
+    ``E[x_t x_sᵀ]`` of its inputs, from which :func:`refit_group` takes the targets' rows. Says which."""
     C = Moment(product)
     if group in run.targets:
         for s, y in zip(xs, kept_targets(run, group, index, head_dim), strict=True):
@@ -246,14 +246,10 @@ def refit_group(student: torch.nn.Module, teacher: torch.nn.Module, group: str, 
     with torch.no_grad():
         for role, path in GROUPS[group]:
             w = s_mods[path].weight
-            if of_outputs:
-                def targets(r0: int, r1: int, at: int = start) -> torch.Tensor:
-                    return C[at + r0:at + r1]
-            else:
-                rows = teacher_rows(role, t_mods[path].weight, index, head_dim).float()
+            rows = None if of_outputs else teacher_rows(role, t_mods[path].weight, index, head_dim).float()
 
-                def targets(r0: int, r1: int, rows: torch.Tensor = rows) -> torch.Tensor:
-                    return (rows[r0:r1] @ C).double()
+            def targets(r0: int, r1: int, at: int = start, rows: torch.Tensor | None = rows) -> torch.Tensor:
+                return C[at + r0:at + r1] if rows is None else (rows[r0:r1] @ C).double()
             part = refit_rows(w, ridge, targets, (storage or {}).get(role))
             errors = [e + p for e, p in zip(errors, part)]
             start += w.shape[0]
