@@ -43,12 +43,13 @@ def safetensors_of(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """The logical tensors of an HF checkpoint, keyed ``role.layer``."""
-    from megatron.prune.core.roles import expected_roles
+    """The logical tensors of an HF checkpoint, keyed ``role.layer`` (``role.layer.expert`` for an expert's)."""
+    from megatron.prune.core.roles import expected_tensors
     from megatron.prune.formats.hf import HFCheckpoint
 
     ckpt = HFCheckpoint.open(folder)
-    return {f"{r}.{l}": ckpt.get(r, l) for r, l in expected_roles(ckpt.shape)}
+    return {f"{r}.{l}" if e is None else f"{r}.{l}.{e}": ckpt.get(r, l, *(() if e is None else (e,)))
+            for r, l, e in expected_tensors(ckpt.shape)}
 
 
 def mg_shards(folder: Path) -> dict[str, object]:

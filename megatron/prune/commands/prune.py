@@ -119,7 +119,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("reconstruction (refit the kept weights on calibration text)")
     r.add_argument("--reconstruct", choices=RECONSTRUCT, default=None,
                    help="least-squares: refit every linear that reads a pruned axis (q/k/v, o_proj, gate/up, "
-                        "down_proj; an untied lm_head) so the pruned model reproduces the original's outputs on "
+                        "down_proj; in a mixture of experts the router and each kept expert's gate/up and down_proj; "
+                        "an untied lm_head) so the pruned model reproduces the original's outputs on "
                         "calibration text, layer by layer on the pruned model's own inputs; none: keep the sliced "
                         "weights. Default: least-squares where the selection runs calibration text (activation, "
                         "also --method auto when it picks activation), else none; with --method random|magnitude "
@@ -188,7 +189,7 @@ def build_plan(args: argparse.Namespace, src: TensorSource,
         if target == src.shape and drop is None:
             method, why = "random", "nothing to prune"  # keep-all: no scores needed
         print(f"--method auto: {method} ({why})")
-    reconstruct = args.reconstruct or default_reconstruct(method, src.shape)
+    reconstruct = args.reconstruct or default_reconstruct(method)
     if target == src.shape and drop is None:
         reconstruct = "none"  # keep-all: the output is the input
     check_reconstruct(src, reconstruct, method, args.calib, refit_options(args), target, options)

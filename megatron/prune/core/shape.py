@@ -189,6 +189,18 @@ def moe_sizes(family: Family, config: Mapping[str, Any]) -> dict[str, int]:
                 num_experts_per_tok=int(config[keys.top_k]))
 
 
+# transformers 5 runs experts with torch's grouped_mm by default, which refuses expert weights whose rows are not a
+# multiple of 16 bytes ("strides should be multiple of 16 bytes"): 8 channels in bf16/fp16, 4 in float32. A config
+# with this key set to "eager" runs them one by one instead (transformers reads it from config.json).
+EXPERTS_IMPLEMENTATION = "experts_implementation"
+GROUPED_MM_MULTIPLE = 8
+
+
+def grouped_mm_aligned(shape: ModelShape) -> bool:
+    """Whether transformers' grouped_mm experts take a MoE model of ``shape`` in any 16- or 32-bit dtype."""
+    return not (shape.moe_ffn_hidden_size % GROUPED_MM_MULTIPLE or shape.hidden_size % GROUPED_MM_MULTIPLE)
+
+
 def hf_config_for_shape(config: Mapping[str, Any], shape: ModelShape) -> dict[str, Any]:
     """A copy of ``config`` rewritten for ``shape`` (explicit ``head_dim`` included)."""
     out = dict(config)
@@ -209,6 +221,8 @@ def hf_config_for_shape(config: Mapping[str, Any], shape: ModelShape) -> dict[st
             out[k] = shape.num_experts
         out[keys.expert_ffn] = shape.moe_ffn_hidden_size
         out[keys.top_k] = shape.num_experts_per_tok
+        if not grouped_mm_aligned(shape):
+            out[EXPERTS_IMPLEMENTATION] = "eager"
     if "layer_types" in out and isinstance(out["layer_types"], list):
         out["layer_types"] = out["layer_types"][: shape.num_layers]
     return out

@@ -355,8 +355,8 @@ def write_pruned(ckpt: TensorSource, plan: PrunePlan, out: Path, max_shard_bytes
     def produce(group: list[int]) -> Iterator[torch.Tensor]:
         for i in group:
             o = items[i]
-            if o.new_expert is None and overrides is not None and overrides.has(o.role, o.new_layer):
-                yield overrides.get(o.role, o.new_layer)
+            if overrides is not None and overrides.has(o.role, o.new_layer, o.new_expert):
+                yield overrides.get(o.role, o.new_layer, o.new_expert)
             else:
                 index = (model_index(plan) if o.new_layer is None
                          else layer_index(plan, plan.layers[o.new_layer], o.new_expert))

@@ -61,12 +61,13 @@ class TensorSource(Protocol):
 
 
 class TensorOverrides(Protocol):
-    """Tensors of the pruned model that replace the plan's slices (refitted weights), by role and *output* layer,
-    already in the target shape and the source's dtype."""
+    """Tensors of the pruned model that replace the plan's slices (refitted weights), by role, *output* layer and
+    *output* expert (its position among the layer's kept experts), already in the target shape and the source's
+    dtype."""
 
-    def has(self, role: str, layer: int | None = None) -> bool: ...
+    def has(self, role: str, layer: int | None = None, expert: int | None = None) -> bool: ...
 
-    def get(self, role: str, layer: int | None = None) -> torch.Tensor: ...
+    def get(self, role: str, layer: int | None = None, expert: int | None = None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron.prune.core.slicing import AxisIndex, expand_heads, slice_role
-from megatron.prune.refit.solve import DEFAULT_DAMPING, Moment, Ridge
+from megatron.prune.refit.solve import (DEFAULT_DAMPING, GroupReport, Moment, Ridge, refit_rows,
+                                        refit_to_targets)
 
 # reader groups, in forward order: the linears of a group read the same input and are solved together
 GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -36,15 +37,6 @@ class Call:
 
     hidden: torch.Tensor
     kwargs: dict
-
-
-@dataclass
-class GroupReport:
-    """How well a refit group reproduces the original on calibration tokens: ``E‖W x_s − W_t x_t‖²`` relative to
-    ``E‖W_t x_t‖²``, with the plainly sliced weights and with the refitted ones."""
-
-    sliced: float
-    refit: float
 
 
 @dataclass
@@ -84,6 +76,14 @@ def capture_inputs(layer: torch.nn.Module, names: dict[str, str]) -> Iterator[di
 
 READER_INPUTS = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_proj",
                  "down": "mlp.down_proj"}
+MOE_INPUT = "moe"  # the input of a mixture-of-experts block (router and experts), in TeacherLayer.inputs
+
+
+def layer_groups(layer: torch.nn.Module) -> tuple[str, ...]:
+    """The reader groups of :data:`GROUPS` that ``layer`` has: all of them, or the attention's in a
+    mixture-of-experts layer (whose router and experts :mod:`.moe` refits)."""
+    modules = dict(layer.named_modules())
+    return tuple(g for g, members in GROUPS.items() if members[0][1] in modules)
 
 
 @dataclass
@@ -155,7 +155,8 @@ def run_teacher(layer: torch.nn.Module, calls: list[Call], index: AxisIndex | No
             outputs.append(out[0] if isinstance(out, tuple) else out)
         return TeacherLayer(outputs, {})
     modules = dict(layer.named_modules())
-    narrow = {g for g in GROUPS if by_outputs(layer, g, index, head_dim)}
+    present = layer_groups(layer)
+    narrow = {g for g in present if by_outputs(layer, g, index, head_dim)}
     sq: dict[str, torch.Tensor] = {}
     kept: dict[str, list[torch.Tensor]] = {role: [] for g in narrow for role, _ in GROUPS[g]}
 
@@ -170,11 +171,13 @@ def run_teacher(layer: torch.nn.Module, calls: list[Call], index: AxisIndex | No
                 kept[role].append(y)
         return hook
 
-    handles = [modules[path].register_forward_hook(watch(role)) for members in GROUPS.values()
-               for role, path in members]
+    handles = [modules[path].register_forward_hook(watch(role)) for g in present for role, path in GROUPS[g]]
+    readers = {g: p for g, p in READER_INPUTS.items() if g in present and g not in narrow}
+    if len(present) < len(GROUPS):
+        readers[MOE_INPUT] = "mlp"
     tokens = 0
     try:
-        with capture_inputs(layer, {g: p for g, p in READER_INPUTS.items() if g not in narrow}) as seen:
+        with capture_inputs(layer, readers) as seen:
             for c in calls:
                 out = layer(c.hidden, **c.kwargs)
                 outputs.append(out[0] if isinstance(out, tuple) else out)
@@ -210,22 +213,6 @@ def cross_moment(group: str, xs: list[torch.Tensor], run: TeacherLayer, index: A
     return C.pop_mean(), False
 
 
-def refit_rows(weight: torch.Tensor, ridge: Ridge, targets, storage: torch.dtype | None) -> list[float]:
-    """Refit ``weight [out, n_s]`` in place, :data:`.solve.ROW_BLOCK` rows at a time (``targets(r0, r1)``: ``E[y x_sᵀ]``
-    of those rows), each block rounded to ``storage`` as it will be written; the (sliced, refit) error terms summed
-    over the blocks (:meth:`.solve.Ridge.errors`)."""
-    from megatron.prune.refit import solve
-
-    total = [0.0, 0.0]
-    for r0 in range(0, weight.shape[0], solve.ROW_BLOCK):
-        r1 = min(r0 + solve.ROW_BLOCK, weight.shape[0])
-        C_ys, prior = targets(r0, r1), weight[r0:r1].float()
-        new = ridge.solve(C_ys, prior, torch.float64)
-        total = [t + e for t, e in zip(total, ridge.errors([prior, new], C_ys))]
-        weight[r0:r1].copy_(new.to(storage or weight.dtype).to(weight.dtype))
-    return total
-
-
 def refit_group(student: torch.nn.Module, teacher: torch.nn.Module, group: str, xs: list[torch.Tensor],
                 run: TeacherLayer, index: AxisIndex, head_dim: int, delta: float = DEFAULT_DAMPING,
                 storage: dict[str, torch.dtype] | None = None, product: torch.dtype = torch.float32) -> GroupReport:
@@ -253,9 +240,7 @@ def refit_group(student: torch.nn.Module, teacher: torch.nn.Module, group: str, 
             part = refit_rows(w, ridge, targets, (storage or {}).get(role))
             errors = [e + p for e, p in zip(errors, part)]
             start += w.shape[0]
-    energy = group_energy(run, group, index, head_dim)
-    scale = max(energy, 1e-30)
-    return GroupReport(*((e + energy) / scale for e in errors))
+    return GroupReport.relative(errors, group_energy(run, group, index, head_dim))
 
 
 def refit_to_residual(linear: torch.nn.Module, xs: list[torch.Tensor], targets: list[torch.Tensor],
@@ -263,31 +248,21 @@ def refit_to_residual(linear: torch.nn.Module, xs: list[torch.Tensor], targets: 
                       product: torch.dtype = torch.float32) -> GroupReport:
     """Refit ``linear`` so that its output on ``xs`` best gives ``targets`` (per batch, least squares with the ridge
     toward its current weights): what the block's last linear must add to the residual stream."""
-    H, C = Moment(product), Moment(product)
-    energy, tokens = 0.0, 0
-    for x, y in zip(xs, targets, strict=True):
-        H.add(x)
-        C.add(y, x)
-        yf = y.float().reshape(-1)
-        energy += float(yf @ yf)
-        tokens += y.numel() // y.shape[-1]
-    ridge, C_ys = Ridge.factor(H.pop_mean(), delta), C.pop_mean()
-    with torch.no_grad():
-        errors = refit_rows(linear.weight, ridge, lambda r0, r1: C_ys[r0:r1], storage)
-    energy /= tokens
-    scale = max(energy, 1e-30)
-    return GroupReport(*((e + energy) / scale for e in errors))
+    terms, energy, _ = refit_to_targets(linear.weight, xs, targets, delta, storage, product)
+    return GroupReport.relative(terms, energy)
 
 
 @torch.no_grad()
 def refit_layer(student: torch.nn.Module, teacher: torch.nn.Module, student_calls: list[Call], run: TeacherLayer,
                 index: AxisIndex, head_dim: int, groups: tuple[str, ...] = tuple(GROUPS),
                 delta: float = DEFAULT_DAMPING, storage: dict[str, torch.dtype] | None = None,
-                residual: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], LayerReport]:
+                residual: list[torch.Tensor] | None = None, experts: list[AxisIndex] | None = None
+                ) -> tuple[list[torch.Tensor], LayerReport]:
     """Refit ``groups`` of the pruned layer ``student`` in forward order; its outputs on every batch (what its stock
     forward gives with the refitted weights) and how much each refit reduced the error. With ``residual`` (per batch,
     the original's hidden states, kept channels, after a run of dropped layers that follows this one), down_proj is
-    refit so the layer's output is that residual stream instead (:func:`refit_to_residual`)."""
+    refit so the layer's output is that residual stream instead (:func:`refit_to_residual`). A mixture-of-experts
+    layer (``experts``: each kept expert's indices) has its router and experts refit by :func:`.moe.refit_moe`."""
     report = LayerReport()
     norm_in = [student.input_layernorm(c.hidden) for c in student_calls]
     if "qkv" in groups:
@@ -301,6 +276,13 @@ def refit_layer(student: torch.nn.Module, teacher: torch.nn.Module, student_call
     mid = [c.hidden + attn.o_proj(z) for c, z in zip(student_calls, o_in)]
     del o_in
     mlp_in = [student.post_attention_layernorm(h) for h in mid]
+    if MOE_INPUT in run.inputs:
+        from megatron.prune.refit.moe import refit_moe
+
+        moe_out, moe_reports = refit_moe(student.mlp, teacher.mlp, mlp_in, run.inputs.pop(MOE_INPUT), experts or [],
+                                         groups, delta, storage)
+        report.groups.update(moe_reports)
+        return [h + z for h, z in zip(mid, moe_out)], report
     if "gate_up" in groups:
         report.groups["gate_up"] = refit_group(student, teacher, "gate_up", mlp_in, run, index, head_dim, delta,
                                                storage)

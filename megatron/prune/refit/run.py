@@ -21,10 +21,9 @@ RECONSTRUCT = ("least-squares", "none")
 CALIBRATED = ("activation",)  # selection methods that run calibration text anyway
 
 
-def default_reconstruct(method: str, shape: ModelShape | None = None) -> str:
-    """``--reconstruct`` when not given: least-squares wherever calibration runs for the selection (none for a
-    mixture-of-experts model, which the refit does not take yet)."""
-    return "least-squares" if method in CALIBRATED and not (shape is not None and shape.is_moe) else "none"
+def default_reconstruct(method: str) -> str:
+    """``--reconstruct`` when not given: least-squares wherever calibration runs for the selection."""
+    return "least-squares" if method in CALIBRATED else "none"
 
 
 def min_tokens(target: ModelShape) -> int:
@@ -43,9 +42,6 @@ def check_reconstruct(src: TensorSource, reconstruct: str, method: str | None, c
         raise PruneError(f"--reconstruct {reconstruct!r}: choose one of {', '.join(RECONSTRUCT)}")
     if reconstruct == "none":
         return
-    if src.shape.is_moe:
-        raise PruneError("--reconstruct least-squares does not take mixture-of-experts models yet (the refit knows "
-                         "dense FFNs only); use --reconstruct none to keep the sliced weights")
     if not (options.damping > 0 and math.isfinite(options.damping)):
         raise PruneError(f"--damping {options.damping}: must be > 0 and finite (a multiple of the moments' mean "
                          "diagonal)")

@@ -102,13 +102,27 @@ def student_config(config: Any, plan: PrunePlan) -> Any:
     out.hidden_size, out.intermediate_size = t.hidden_size, t.ffn_hidden_size
     out.num_attention_heads, out.num_key_value_heads = t.num_attention_heads, t.num_query_groups
     out.head_dim = t.head_dim
+    if t.is_moe:  # the family's own keys (Mixtral's expert width is its intermediate_size)
+        from megatron.prune.core.shape import family_of, grouped_mm_aligned
+
+        keys = family_of({"architectures": config.architectures}).moe
+        for key in keys.experts:
+            if hasattr(out, key):
+                setattr(out, key, t.num_experts)
+        setattr(out, keys.expert_ffn, t.moe_ffn_hidden_size)
+        setattr(out, keys.top_k, t.num_experts_per_tok)
+        if not grouped_mm_aligned(t):
+            out._experts_implementation = "eager"
     return out
 
 
 def pruned_layer(teacher: torch.nn.Module, config: Any, number: int, index: AxisIndex, head_dim: int,
-                 norm_scale: float) -> torch.nn.Module:
+                 norm_scale: float, experts: list[AxisIndex] | None = None) -> torch.nn.Module:
     """The pruned counterpart of the (materialised) original decoder layer ``teacher``: the plan's slices of its
-    parameters, in a module of the same class built for the pruned shape."""
+    parameters, in a module of the same class built for the pruned shape (``experts``: each kept expert's indices,
+    in a mixture-of-experts layer)."""
+    from megatron.prune.refit.moe import pruned_moe_param
+
     device = next(teacher.parameters()).device
     with torch.device("meta"):  # no random init: every parameter is copied in below
         layer = type(teacher)(config, number).to(next(teacher.parameters()).dtype)
@@ -116,14 +130,40 @@ def pruned_layer(teacher: torch.nn.Module, config: Any, number: int, index: Axis
     originals = dict(teacher.named_parameters())
     with torch.no_grad():
         for name, param in layer.named_parameters():
+            if name.startswith(("mlp.gate.", "mlp.experts.")):
+                param.copy_(pruned_moe_param(name, originals[name], experts or []))
+                continue
             role, _ = parse_hf_name(f"model.layers.0.{name}")
             param.copy_(slice_role(role, originals[name], index, head_dim, norm_scale))
     return layer.eval()
 
 
-def storage_dtype(src: TensorSource, role: str, layer: int | None) -> torch.dtype:
+def refit_roles(groups: tuple[str, ...], moe: bool) -> tuple[str, ...]:
+    """The roles the refit ``groups`` rewrite in a dense or a mixture-of-experts layer."""
+    from megatron.prune.refit.moe import MOE_GROUP_ROLES
+
+    roles = [role for g in groups if not (moe and g in MOE_GROUP_ROLES) for role, _ in GROUPS[g]]
+    return tuple(roles + [role for g in groups if moe for role in MOE_GROUP_ROLES.get(g, ())])
+
+
+def layer_tensors(student: torch.nn.Module, roles: tuple[str, ...], storage: dict[str, torch.dtype]
+                  ) -> dict[str, torch.Tensor]:
+    """The refitted tensors of the pruned layer ``student`` by store key (role, or ``role.k`` for kept expert k),
+    on the CPU in their storage dtype."""
+    from megatron.prune.refit.moe import is_moe_layer, moe_tensors
+
+    params = {parse_hf_name(f"model.layers.0.{n}")[0]: p for n, p in student.named_parameters()
+              if not n.startswith(("mlp.gate.", "mlp.experts."))}
+    if is_moe_layer(student):
+        params.update(moe_tensors(student.mlp, set(roles)))
+    return {key: t.detach().to(storage[key.split(".")[0]]).cpu() for key, t in params.items()
+            if key.split(".")[0] in roles}
+
+
+def storage_dtype(src: TensorSource, role: str, layer: int | None, expert: int | None = None) -> torch.dtype:
     """The dtype a refitted tensor is written in: the source tensor's own."""
-    return {code: dtype for dtype, code in DTYPE_CODES.items()}[src.dtype_code(role, layer)]
+    where = () if expert is None else (expert,)
+    return {code: dtype for dtype, code in DTYPE_CODES.items()}[src.dtype_code(role, layer, *where)]
 
 
 def sliced_final_norm(norm: torch.nn.Module, plan: PrunePlan) -> torch.Tensor:
@@ -324,7 +364,8 @@ def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.
             end, residual = i + 1, None
             if index is None:
                 release(layers[i])
-            elif options.depth == "residual" and "down" in options.groups and i + 1 < L and i + 1 not in kept:
+            elif (options.depth == "residual" and "down" in options.groups and not plan.source.is_moe and i + 1 < L
+                  and i + 1 not in kept):  # a MoE layer has no one down_proj to take the run's place
                 release(layers[i])  # one layer at a time: read it again after the run of dropped layers that follows
                 after = run.outputs  # the original through that run
                 while end < L and end not in kept:
@@ -336,16 +377,20 @@ def refit_model(src: TensorSource, config: Any, plan: PrunePlan, windows: torch.
                 residual, run.outputs = [select_hidden(h, hidden) for h in after], after
                 materialise(layers[i], f"model.layers.{i}", src, device)
             if index is not None:
-                student = pruned_layer(layers[i], s_config, j, index, hn, plan.norm_scale)
-                storage = {role: storage_dtype(src, role, i) for g in options.groups for role, _ in GROUPS[g]}
+                lp = plan.layers[j] if select is None else summary.layer_plans[-1]
+                experts = [layer_index(plan, lp, k) for k in range(len(lp.experts))] if plan.source.is_moe else None
+                student = pruned_layer(layers[i], s_config, j, index, hn, plan.norm_scale, experts)
+                first = (lp.experts[0],) if plan.source.is_moe else ()  # expert tensors: one dtype
+                roles = refit_roles(options.groups, plan.source.is_moe)
+                storage = {role: storage_dtype(src, role, i, *(first if role.startswith("expert") else ()))
+                           for role in roles}
                 outputs, report = refit_layer(student, layers[i], student_calls, run, index, hn, options.groups,
-                                              options.damping, storage, residual)
+                                              options.damping, storage, residual, experts)
                 release(layers[i])
                 summary.layers.append(report)
-                params = {parse_hf_name(f"model.layers.0.{n}")[0]: p for n, p in student.named_parameters()}
-                store.put(j, {role: params[role].detach().to(dt).cpu() for role, dt in storage.items()})
+                store.put(j, layer_tensors(student, roles, storage))
                 student_calls = [Call(o, c.kwargs) for o, c in zip(outputs, student_calls)]
-                del student, params, outputs
+                del student, outputs
             teacher_calls = [Call(o, c.kwargs) for o, c in zip(run.outputs, teacher_calls)]
             run = residual = None  # freed now, not once the next layer's run has been built beside them
             bar.update(end - i)

@@ -177,6 +177,54 @@ class Ridge:
         return cross_terms(Ws, self.H, C_ys.float())
 
 
+def refit_rows(weight: torch.Tensor, ridge: Ridge, targets, storage: torch.dtype | None) -> list[float]:
+    """Refit ``weight [out, n_s]`` in place, :data:`ROW_BLOCK` rows at a time (``targets(r0, r1)``: ``E[y x_sᵀ]`` of
+    those rows), each block rounded to ``storage`` as it will be written; the (sliced, refit) error terms summed over
+    the blocks (:meth:`Ridge.errors`)."""
+    total = [0.0, 0.0]
+    for r0 in range(0, weight.shape[0], ROW_BLOCK):
+        r1 = min(r0 + ROW_BLOCK, weight.shape[0])
+        C_ys, prior = targets(r0, r1), weight[r0:r1].float()
+        new = ridge.solve(C_ys, prior, torch.float64)
+        total = [t + e for t, e in zip(total, ridge.errors([prior, new], C_ys))]
+        weight[r0:r1].copy_(new.to(storage or weight.dtype).to(weight.dtype))
+    return total
+
+
+def refit_to_targets(weight: torch.Tensor, xs: list[torch.Tensor], ys: list[torch.Tensor],
+                     delta: float = DEFAULT_DAMPING, storage: torch.dtype | None = None,
+                     product: torch.dtype = torch.float32) -> tuple[list[float], float, int]:
+    """Refit ``weight [out, n]`` in place so that ``weight @ x`` best gives ``y`` over the batches ``xs``, ``ys``
+    (ridge toward its current weights); its (sliced, refit) error terms, ``E‖y‖²`` and the tokens seen."""
+    H, C = Moment(product), Moment(product)
+    energy, tokens = 0.0, 0
+    for x, y in zip(xs, ys, strict=True):
+        H.add(x)
+        C.add(y, x)
+        yf = y.float().reshape(-1)
+        energy += float(yf @ yf)
+        tokens += y.numel() // y.shape[-1]
+    ridge, C_ys = Ridge.factor(H.pop_mean(), delta), C.pop_mean()
+    with torch.no_grad():
+        terms = refit_rows(weight, ridge, lambda r0, r1: C_ys[r0:r1], storage)
+    return terms, energy / tokens, tokens
+
+
+@dataclass
+class GroupReport:
+    """How well a refit group reproduces the original on calibration tokens: ``E‖W x_s − W_t x_t‖²`` relative to
+    ``E‖W_t x_t‖²``, with the plainly sliced weights and with the refitted ones."""
+
+    sliced: float
+    refit: float
+
+    @classmethod
+    def relative(cls, terms: list[float], energy: float) -> GroupReport:
+        """From the (sliced, refit) error terms of :meth:`Ridge.errors` and ``E‖y‖²``."""
+        scale = max(energy, 1e-30)
+        return cls(*((e + energy) / scale for e in terms))
+
+
 def solve_from_moments(C_ys: torch.Tensor, H_ss: torch.Tensor, prior: torch.Tensor,
                        delta: float = DEFAULT_DAMPING, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``argmin_W' E‖W' x_s − y‖² + λ‖W' − prior‖²`` = ``(C_ys + λ prior)(H_ss + λI)⁻¹``, λ = δ·mean(diag H_ss).

@@ -16,8 +16,15 @@ from safetensors.torch import save_file
 MODEL_LEVEL = "model"
 
 
+def key(role: str, expert: int | None = None) -> str:
+    """The name a tensor is stored under: its role, and ``role.k`` for kept expert k's."""
+    return role if expert is None else f"{role}.{expert}"
+
+
 class RefitStore:
-    """Tensors by (role, output layer) in ``folder``; ``layer`` None for model-level tensors (final norm, lm_head)."""
+    """Tensors by (role, output layer, output expert) in ``folder``; ``layer`` None for model-level tensors (final
+    norm, lm_head); ``expert`` the position among the layer's kept experts for per-expert tensors. :meth:`put` takes
+    them by :func:`key`."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -34,14 +41,14 @@ class RefitStore:
         save_file({role: t.contiguous() for role, t in tensors.items()}, str(self._file(layer)))
         self._roles[layer] = set(tensors)
 
-    def has(self, role: str, layer: int | None = None) -> bool:
-        return role in self._roles.get(layer, ())
+    def has(self, role: str, layer: int | None = None, expert: int | None = None) -> bool:
+        return key(role, expert) in self._roles.get(layer, ())
 
-    def get(self, role: str, layer: int | None = None) -> torch.Tensor:
-        if not self.has(role, layer):
-            raise KeyError(f"no refitted {role} for layer {layer}")
+    def get(self, role: str, layer: int | None = None, expert: int | None = None) -> torch.Tensor:
+        if not self.has(role, layer, expert):
+            raise KeyError(f"no refitted {key(role, expert)} for layer {layer}")
         with safe_open(str(self._file(layer)), framework="pt") as f:
-            return f.get_tensor(role)
+            return f.get_tensor(key(role, expert))
 
     def roles(self) -> dict[int | None, set[str]]:
         """What was refitted, by output layer."""

@@ -70,8 +70,8 @@ def global_roles(src: Any, plan: PrunePlan, layout: Layout, overrides: TensorOve
     hn = src.shape.head_dim
 
     def get(role: str, layer: int | None, r: int, expert: int | None = None) -> torch.Tensor:
-        if expert is None and overrides is not None and overrides.has(role, layer):
-            t = overrides.get(role, layer)
+        if overrides is not None and overrides.has(role, layer, expert):
+            t = overrides.get(role, layer, expert)
         elif layer is None:
             t = slice_role(role, src.get(role), model_index(plan), hn, plan.norm_scale)
         else:

@@ -1,0 +1,210 @@
+"""The refit of mixture-of-experts layers (Qwen3-MoE, Mixtral): the router and each kept expert's linears, exact where
+a dropped expert channel is a combination of kept ones, the default with activation selection, what the written
+model gives the loss it reports, and the Megatron path (TP, EP) equal to the HF path tensor for tensor."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from compare import TOKENIZER_FILES, assert_same_tensors, hf_tensors, prune_cli
+from megatron.prune.cli import main
+from megatron.prune.core.plan import LayerPlan, PrunePlan
+from megatron.prune.core.shape import shape_from_hf_config
+from megatron.prune.core.slicing import layer_index
+from megatron.prune.refit.layer import Call, refit_layer, run_teacher
+from megatron.prune.refit.sequential import pruned_layer, student_config
+from tiny import MOE_FAMILIES, make_tiny_model, silence_expert
+
+MOE = sorted(MOE_FAMILIES)
+FLAGS = ["--hidden-size", "40", "--num-attention-heads", "4", "--num-query-groups", "2", "--num-experts", "2",
+         "--moe-ffn-hidden-size", "12", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+
+
+def layer_calls(family: str, dead: int | None = None) -> tuple[torch.nn.Module, list[Call], object]:
+    """Layer 0 of a tiny MoE model (4 experts of 16 channels, top-2) and its calls on 3 random batches; with ``dead``,
+    an expert the router never picks (:func:`tiny.silence_expert`)."""
+    model = make_tiny_model(family, seed=3)
+    if dead is not None:
+        silence_expert(model, dead)
+    body, g, calls = model.model, torch.Generator().manual_seed(4), []
+    for _ in range(3):
+        h = body.embed_tokens(torch.randint(0, 96, (2, 16), generator=g))
+        pos = torch.arange(16)[None].expand(2, 16)
+        calls.append(Call(h.detach(), {"position_embeddings": body.rotary_emb(h, pos), "attention_mask": None,
+                                       "position_ids": pos}))
+    return body.layers[0], calls, model.config
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_an_expert_channel_that_is_a_combination_of_kept_ones_is_removed_exactly(family):
+    """In every expert, FFN channel 5 = 2 x channel 3 (same gate row, twice the up row). Dropping it changes the
+    block's output when sliced, not once the expert's down_proj is refit; the router, reading unpruned inputs, refits
+    to itself (routing unchanged)."""
+    teacher, calls, config = layer_calls(family)
+    with torch.no_grad():
+        gu = teacher.mlp.experts.gate_up_proj  # [E, 2F, h]: gate rows, then up rows
+        F = gu.shape[1] // 2
+        gu[:, 5] = gu[:, 3]
+        gu[:, F + 5] = 2 * gu[:, F + 3]
+    cfg = {**config.to_dict(), "architectures": config.architectures}
+    s = shape_from_hf_config(cfg)
+    kept_ffn = tuple(c for c in range(F) if c != 5)
+    lp = LayerPlan(0, tuple(range(s.num_query_groups)), tuple(range(s.num_attention_heads)), (), tuple(range(4)),
+                   (kept_ffn,) * 4)
+    plan = PrunePlan(s, s.replace(moe_ffn_hidden_size=F - 1, num_layers=1), tuple(range(s.hidden_size)), (lp,))
+    index, experts = layer_index(plan, lp), [layer_index(plan, lp, k) for k in range(4)]
+    student = pruned_layer(teacher, student_config(config, plan), 0, index, s.head_dim, 1.0, experts)
+    sliced = copy.deepcopy(student)
+    run = run_teacher(teacher, calls, index, s.head_dim)
+    out, report = refit_layer(student, teacher, calls, run, index, s.head_dim, ("gate_up", "down"), 1e-9,
+                              experts=experts)
+    assert set(report.groups) == {"router", "gate_up", "down"}
+    with torch.no_grad():
+        want = [teacher(c.hidden, **c.kwargs) for c in calls]
+        before = [sliced(c.hidden, **c.kwargs) for c in calls]
+        again = [student(c.hidden, **c.kwargs) for c in calls]  # the refit's outputs are its stock forward's
+    for o, a, w, b in zip(out, again, want, before):
+        assert (b - w).abs().max() > 1e-2  # slicing alone changes the output
+        torch.testing.assert_close(o, w, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a, o, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(student.mlp.gate.weight, sliced.mlp.gate.weight, atol=1e-4, rtol=1e-4)
+    assert report.groups["down"].refit < 1e-6 < report.groups["down"].sliced
+
+
+@pytest.fixture(scope="module")
+def moe_tok(tmp_path_factory, real_model):
+    """``moe_tok(family)`` -> a tiny random MoE model with the real tokenizer. Read-only."""
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(f"moe_{family}") / "model"
+            make_tiny_model(family, vocab_size=49152).save_pretrained(folder)
+            for name in TOKENIZER_FILES:
+                if (real_model / name).is_file():
+                    shutil.copy(real_model / name, folder / name)
+            cache[family] = folder
+        return cache[family]
+
+    return get
+
+
+def _calib_loss(folder: Path) -> float:
+    """Next-token loss of the HF model in ``folder`` on the refit's calibration windows (4 x 32, batches of 2)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron.prune.runtime import load_tokenizer, tokenize
+    from megatron.prune.scoring.methods import calibration_windows
+    from megatron.prune.text import builtin_text
+
+    windows = calibration_windows(tokenize(load_tokenizer(folder), builtin_text("calib"), None), 4, 32)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return sum(float(model(input_ids=windows[i:i + 2], labels=windows[i:i + 2]).loss) for i in (0, 2)) / 2
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_refit_is_the_default_and_writes_the_model_it_reports(moe_tok, tmp_path, family):
+    """Activation selection refits a MoE model by default: every refit linear's error falls, the router and each
+    kept expert's gate, up and down change (nothing else in the layers), and the written model gives the calibration
+    loss the refit reports (each expert's tensors written where the store put them)."""
+    src = moe_tok(family)
+    assert prune_cli(src, tmp_path / "refit", *FLAGS) == 0
+    assert prune_cli(src, tmp_path / "plain", *FLAGS, "--reconstruct", "none") == 0
+    plan = PrunePlan.load(tmp_path / "refit")
+    info = plan.info["reconstruct"]
+    assert info["error_refit"] < info["error_sliced"]
+    assert info["calibration_loss"]["pruned_refit"] == pytest.approx(_calib_loss(tmp_path / "refit"), abs=2e-5)
+    assert info["calibration_loss"]["original"] == pytest.approx(_calib_loss(src), abs=2e-5)
+    refit, plain = hf_tensors(tmp_path / "refit"), hf_tensors(tmp_path / "plain")
+    assert refit.keys() == plain.keys()
+    changed = {k for k in refit if not torch.equal(refit[k], plain[k])}
+    assert {k.split(".")[0] for k in changed} == {"q", "k", "v", "o", "router", "expert_gate", "expert_up",
+                                                  "expert_down", "lm_head"}
+    assert {k for k in changed if k.startswith("expert_down")} == {f"expert_down.{i}.{e}" for i in range(4)
+                                                                   for e in range(2)}
+
+
+@pytest.mark.parametrize("family,layout", [("qwen3-moe", ["--tp", "2", "--ep", "2"]), ("mixtral", ["--pp", "2"])])
+def test_moe_megatron_path_equals_the_hf_path(moe_tok, tmp_path, family, layout):
+    """The same plan and calibration on the Megatron checkpoint (experts split by TP and EP, or layers by PP) gives,
+    exported, the HF path's tensors: the refitted experts are written at their output positions on every rank."""
+    src = moe_tok(family)
+    assert prune_cli(src, tmp_path / "hf_out", *FLAGS) == 0
+    assert main(["convert", "hf-to-megatron", "--input", str(src), "--output", str(tmp_path / "mg"), *layout,
+                 "--no-progress"]) == 0
+    assert main(["prune", "--input", str(tmp_path / "mg"), "--output", str(tmp_path / "mg_out"), "--plan",
+                 str(tmp_path / "hf_out" / "prune_plan.json"), "--prune-type", "unbalance", *FLAGS[10:],
+                 "--no-progress"]) == 0
+    assert main(["convert", "megatron-to-hf", "--input", str(tmp_path / "mg_out"), "--output",
+                 str(tmp_path / "back"), "--no-progress"]) == 0
+    assert_same_tensors(hf_tensors(tmp_path / "hf_out"), hf_tensors(tmp_path / "back"))
+
+
+@pytest.mark.parametrize("family", MOE)
+@torch.no_grad()
+def test_each_expert_is_refit_on_the_tokens_routed_to_it_weighted_by_its_routing_weight(family):
+    """With the hidden size pruned (the pruned block's input is no longer the original's), by hand: the router is the
+    ridge least squares of the original's kept logits on every token; expert k's gate/up and down those of the
+    original expert's kept outputs on the tokens the refit router sends to k, each token scaled by its routing
+    weight; an expert no token reaches (DEAD) keeps its sliced weights."""
+    from megatron.prune.refit.solve import Moment, solve_from_moments
+
+    DEAD, delta = 1, 0.01
+    teacher, calls, config = layer_calls(family, dead=DEAD)
+    cfg = {**config.to_dict(), "architectures": config.architectures}
+    s = shape_from_hf_config(cfg)
+    hidden = tuple(range(40))  # channel 0 (the dead expert's) kept
+    F = s.moe_ffn_hidden_size
+    lp = LayerPlan(0, tuple(range(s.num_query_groups)), tuple(range(s.num_attention_heads)), (), tuple(range(4)),
+                   tuple(tuple(c for c in range(F) if c != (5 + e) % F) for e in range(4)))
+    plan = PrunePlan(s, s.replace(hidden_size=40, moe_ffn_hidden_size=F - 1, num_layers=1), hidden, (lp,))
+    index, experts = layer_index(plan, lp), [layer_index(plan, lp, k) for k in range(4)]
+    student = pruned_layer(teacher, student_config(config, plan), 0, index, s.head_dim, 1.0, experts)
+    sliced = copy.deepcopy(student)
+    seen: dict[str, list[torch.Tensor]] = {"t": [], "s": []}
+    hooks = [teacher.mlp.register_forward_pre_hook(lambda m, a: seen["t"].append(a[0])),
+             student.mlp.register_forward_pre_hook(lambda m, a: seen["s"].append(a[0]))]
+    keep = torch.as_tensor(hidden)
+    run = run_teacher(teacher, calls, index, s.head_dim)
+    refit_layer(student, teacher, [Call(c.hidden[..., keep], c.kwargs) for c in calls], run, index, s.head_dim,
+                ("gate_up", "down"), delta, experts=experts)
+    for h in hooks:
+        h.remove()
+    Xt = torch.cat([x.reshape(-1, s.hidden_size) for x in seen["t"]]).double()
+    Xs = torch.cat([x.reshape(-1, 40) for x in seen["s"]]).double()
+
+    def ridge(x: torch.Tensor, y: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        H, C = Moment(), Moment()
+        H.add(x)
+        C.add(y, x)
+        return solve_from_moments(C.mean(), H.mean(), prior.double(), delta)
+
+    t_mlp, s_mlp, o_mlp = teacher.mlp, student.mlp, sliced.mlp
+    router = ridge(Xs, Xt @ t_mlp.gate.weight.double().T, o_mlp.gate.weight)
+    live = [e for e in range(4) if e != DEAD]  # DEAD's row holds -1e5: float32 products round it by ~1e-6 of that
+    torch.testing.assert_close(s_mlp.gate.weight.double()[live], router[live], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s_mlp.gate.weight.double()[DEAD], router[DEAD], rtol=1e-4, atol=0.2)
+    _, weights, chosen = s_mlp.gate(Xs.float())
+    assert not (chosen == DEAD).any()
+    for name in ("gate_up_proj", "down_proj"):
+        assert torch.equal(getattr(s_mlp.experts, name)[DEAD], getattr(o_mlp.experts, name)[DEAD])
+    act = t_mlp.experts.act_fn
+    for k in (0, 2, 3):
+        token, slot = torch.where(chosen == k)
+        w = weights[token, slot].double()[:, None]
+        x_s, x_t = Xs[token], Xt[token]
+        rows = torch.as_tensor([*lp.expert_ffn[k], *(F + c for c in lp.expert_ffn[k])])
+        t_gu, t_down = t_mlp.experts.gate_up_proj[k].double(), t_mlp.experts.down_proj[k].double()
+        gu = ridge(w * x_s, w * (x_t @ t_gu[rows].T), o_mlp.experts.gate_up_proj[k])
+        torch.testing.assert_close(s_mlp.experts.gate_up_proj[k].double(), gu, rtol=1e-4, atol=1e-5)
+        g_s, u_s = (x_s @ s_mlp.experts.gate_up_proj[k].double().T).chunk(2, -1)
+        g_t, u_t = (x_t @ t_gu.T).chunk(2, -1)
+        down = ridge(w * act(g_s) * u_s, w * ((act(g_t) * u_t) @ t_down[keep].T), o_mlp.experts.down_proj[k])
+        torch.testing.assert_close(s_mlp.experts.down_proj[k].double(), down, rtol=1e-4, atol=1e-5)
+        assert not torch.equal(s_mlp.experts.down_proj[k], o_mlp.experts.down_proj[k])
