@@ -52,6 +52,21 @@ def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
             for r, l, e in expected_tensors(ckpt.shape)}
 
 
+def calib_loss(folder: Path) -> float:
+    """Next-token loss of the HF model in ``folder`` on the refit's calibration windows in the tests (the built-in
+    text, 4 x 32, batches of 2)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron.prune.runtime import load_tokenizer, tokenize
+    from megatron.prune.scoring.methods import calibration_windows
+    from megatron.prune.text import builtin_text
+
+    windows = calibration_windows(tokenize(load_tokenizer(folder), builtin_text("calib"), None), 4, 32)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return sum(float(model(input_ids=windows[i:i + 2], labels=windows[i:i + 2]).loss) for i in (0, 2)) / 2
+
+
 def mg_shards(folder: Path) -> dict[str, object]:
     """Every entry of every shard of a torch-format Megatron checkpoint, keyed ``(tp, pp):name``."""
     from megatron.prune.formats.mcore import ops

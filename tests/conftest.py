@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import FAMILIES, make_tiny_hf, with_real_tokenizer  # noqa: E402
+from tiny import FAMILIES, make_tiny_hf, moe_with_real_tokenizer, with_real_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +33,21 @@ def tiny_hf(tmp_path_factory):
 def tok_model(tmp_path_factory, real_model):
     """A tiny random LLaMA with the real model's tokenizer (vocab 49152); layer 2 is a no-op. Read-only."""
     return with_real_tokenizer(tmp_path_factory.mktemp("tok") / "model", "llama-gqa", real_model)
+
+
+@pytest.fixture(scope="session")
+def moe_tok(tmp_path_factory, real_model):
+    """``moe_tok(family)`` -> a tiny MoE with the real tokenizer whose expert tiny.DEAD_EXPERT the router never picks.
+    Read-only."""
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = moe_with_real_tokenizer(tmp_path_factory.mktemp(f"tok_{family}") / "model", family,
+                                                    real_model)
+        return cache[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

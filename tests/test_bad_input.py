@@ -292,6 +292,9 @@ CASES: dict[str, Case] = {
     "prune tokenizer beyond vocab": Case("prune --input {hf_small_vocab} --output {o} --ffn-hidden-size 32 "
                                          "--reconstruct none " + " ".join(QUICK), 2,
                                          ("token id", "vocabulary has 1000 entries")),
+    "prune refit of a random plan, tokenizer beyond vocab": Case(  # no scoring pass: the refit's own check
+        "prune --input {hf_small_vocab} --output {o} --ffn-hidden-size 32 --method random --reconstruct least-squares "
+        "--calib {d}/text.txt --samples 4 --seq-len 16 --no-progress", 2, ("token id", "vocabulary has 1000 entries")),
     "score tokenizer beyond vocab": Case("score --model {hf_small_vocab} --output {o}.pt " + " ".join(QUICK), 2,
                                          ("vocabulary has 1000 entries",)),
     "eval tokenizer beyond vocab": Case("eval --model {hf_small_vocab} --seq-len 16 --max-tokens 64 --no-progress", 2,

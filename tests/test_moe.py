@@ -4,22 +4,21 @@ expert the router never picks is pruned first and leaves the logits as they were
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from compare import TOKENIZER_FILES, prune_cli, safetensors_of, tree_hash
+from compare import prune_cli, safetensors_of, tree_hash
 from megatron.prune.cli import main
 from megatron.prune.core.plan import LayerPlan, PrunePlan
 from megatron.prune.core.shape import hf_config_for_shape, shape_from_hf_config
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.hf import HFCheckpoint
-from tiny import MOE_FAMILIES, logits, make_tiny_hf, make_tiny_model, sample_ids, silence_expert, tiny_config
+from tiny import DEAD_EXPERT, MOE_FAMILIES, logits, make_tiny_hf, make_tiny_model, sample_ids, tiny_config
 
 MOE = sorted(MOE_FAMILIES)
-DEAD = 1  # the expert silence_expert makes the router never pick
+DEAD = DEAD_EXPERT  # the expert the router of the moe_tok models never picks
 
 
 @pytest.fixture(scope="module")
@@ -30,24 +29,6 @@ def moe_hf(tmp_path_factory):
     def get(family: str) -> Path:
         if family not in cache:
             cache[family] = make_tiny_hf(tmp_path_factory.mktemp(family) / "model", family)
-        return cache[family]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def moe_tok(tmp_path_factory, real_model):
-    """``moe_tok(family)`` -> a tiny MoE with the real tokenizer whose expert DEAD the router never picks. Read-only."""
-    cache: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in cache:
-            folder = tmp_path_factory.mktemp(f"tok_{family}") / "model"
-            silence_expert(make_tiny_model(family, vocab_size=49152), DEAD).save_pretrained(folder)
-            for name in TOKENIZER_FILES:
-                if (real_model / name).is_file():
-                    shutil.copy(real_model / name, folder / name)
-            cache[family] = folder
         return cache[family]
 
     return get

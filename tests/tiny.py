@@ -107,16 +107,31 @@ def sample_ids(vocab: int = 96, batch: int = 2, seq: int = 12, seed: int = 1) ->
     return torch.randint(0, vocab, (batch, seq), generator=g)
 
 
-def with_real_tokenizer(folder: Path, family: str, real_model: Path) -> Path:
-    """A tiny random ``family`` model with the real model's tokenizer (vocab 49152); layer 2 is a no-op."""
+def copy_tokenizer(real_model: Path, folder: Path) -> Path:
+    """The real model's tokenizer files copied into ``folder``."""
     from compare import TOKENIZER_FILES
 
+    for name in TOKENIZER_FILES:
+        if (real_model / name).is_file():
+            shutil.copy(real_model / name, folder / name)
+    return folder
+
+
+def with_real_tokenizer(folder: Path, family: str, real_model: Path) -> Path:
+    """A tiny random ``family`` model with the real model's tokenizer (vocab 49152); layer 2 is a no-op."""
     model = make_tiny_model(family, vocab_size=49152)
     with torch.no_grad():
         model.model.layers[2].self_attn.o_proj.weight.zero_()
         model.model.layers[2].mlp.down_proj.weight.zero_()
     model.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (real_model / name).is_file():
-            shutil.copy(real_model / name, folder / name)
-    return folder
+    return copy_tokenizer(real_model, folder)
+
+
+DEAD_EXPERT = 1  # the expert of every MoE layer the router of :func:`moe_with_real_tokenizer` never picks
+
+
+def moe_with_real_tokenizer(folder: Path, family: str, real_model: Path) -> Path:
+    """A tiny random MoE ``family`` model with the real model's tokenizer, whose expert DEAD_EXPERT is never routed
+    to (:func:`silence_expert`)."""
+    silence_expert(make_tiny_model(family, vocab_size=49152), DEAD_EXPERT).save_pretrained(folder)
+    return copy_tokenizer(real_model, folder)

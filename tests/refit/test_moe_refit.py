@@ -5,13 +5,11 @@ model gives the loss it reports, and the Megatron path (TP, EP) equal to the HF 
 from __future__ import annotations
 
 import copy
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from compare import TOKENIZER_FILES, assert_same_tensors, hf_tensors, prune_cli
+from compare import assert_same_tensors, calib_loss, hf_tensors, prune_cli
 from megatron.prune.cli import main
 from megatron.prune.core.plan import LayerPlan, PrunePlan
 from megatron.prune.core.shape import shape_from_hf_config
@@ -76,38 +74,6 @@ def test_an_expert_channel_that_is_a_combination_of_kept_ones_is_removed_exactly
     assert report.groups["down"].refit < 1e-6 < report.groups["down"].sliced
 
 
-@pytest.fixture(scope="module")
-def moe_tok(tmp_path_factory, real_model):
-    """``moe_tok(family)`` -> a tiny random MoE model with the real tokenizer. Read-only."""
-    cache: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in cache:
-            folder = tmp_path_factory.mktemp(f"moe_{family}") / "model"
-            make_tiny_model(family, vocab_size=49152).save_pretrained(folder)
-            for name in TOKENIZER_FILES:
-                if (real_model / name).is_file():
-                    shutil.copy(real_model / name, folder / name)
-            cache[family] = folder
-        return cache[family]
-
-    return get
-
-
-def _calib_loss(folder: Path) -> float:
-    """Next-token loss of the HF model in ``folder`` on the refit's calibration windows (4 x 32, batches of 2)."""
-    from transformers import AutoModelForCausalLM
-
-    from megatron.prune.runtime import load_tokenizer, tokenize
-    from megatron.prune.scoring.methods import calibration_windows
-    from megatron.prune.text import builtin_text
-
-    windows = calibration_windows(tokenize(load_tokenizer(folder), builtin_text("calib"), None), 4, 32)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad():
-        return sum(float(model(input_ids=windows[i:i + 2], labels=windows[i:i + 2]).loss) for i in (0, 2)) / 2
-
-
 @pytest.mark.parametrize("family", MOE)
 def test_moe_refit_is_the_default_and_writes_the_model_it_reports(moe_tok, tmp_path, family):
     """Activation selection refits a MoE model by default: every refit linear's error falls, the router and each
@@ -119,8 +85,8 @@ def test_moe_refit_is_the_default_and_writes_the_model_it_reports(moe_tok, tmp_p
     plan = PrunePlan.load(tmp_path / "refit")
     info = plan.info["reconstruct"]
     assert info["error_refit"] < info["error_sliced"]
-    assert info["calibration_loss"]["pruned_refit"] == pytest.approx(_calib_loss(tmp_path / "refit"), abs=2e-5)
-    assert info["calibration_loss"]["original"] == pytest.approx(_calib_loss(src), abs=2e-5)
+    assert info["calibration_loss"]["pruned_refit"] == pytest.approx(calib_loss(tmp_path / "refit"), abs=2e-5)
+    assert info["calibration_loss"]["original"] == pytest.approx(calib_loss(src), abs=2e-5)
     refit, plain = hf_tensors(tmp_path / "refit"), hf_tensors(tmp_path / "plain")
     assert refit.keys() == plain.keys()
     changed = {k for k in refit if not torch.equal(refit[k], plain[k])}
@@ -150,9 +116,9 @@ def test_moe_megatron_path_equals_the_hf_path(moe_tok, tmp_path, family, layout)
 @torch.no_grad()
 def test_each_expert_is_refit_on_the_tokens_routed_to_it_weighted_by_its_routing_weight(family):
     """With the hidden size pruned (the pruned block's input is no longer the original's), by hand: the router is the
-    ridge least squares of the original's kept logits on every token; expert k's gate/up and down those of the
-    original expert's kept outputs on the tokens the refit router sends to k, each token scaled by its routing
-    weight; an expert no token reaches (DEAD) keeps its sliced weights."""
+    ridge least squares of the original's kept logits on every token; expert k's gate/up, and then its down_proj,
+    those of the original expert's kept outputs on the tokens the refit router sends to k, each token scaled by its
+    routing weight; an expert no token reaches (DEAD) keeps its sliced weights."""
     from megatron.prune.refit.solve import Moment, solve_from_moments
 
     DEAD, delta = 1, 0.01
@@ -172,10 +138,10 @@ def test_each_expert_is_refit_on_the_tokens_routed_to_it_weighted_by_its_routing
              student.mlp.register_forward_pre_hook(lambda m, a: seen["s"].append(a[0]))]
     keep = torch.as_tensor(hidden)
     run = run_teacher(teacher, calls, index, s.head_dim)
-    refit_layer(student, teacher, [Call(c.hidden[..., keep], c.kwargs) for c in calls], run, index, s.head_dim,
-                ("gate_up", "down"), delta, experts=experts)
-    for h in hooks:
-        h.remove()
+    hooks.pop(0).remove()  # the original block's inputs, as the teacher's run saw them
+    _, report = refit_layer(student, teacher, [Call(c.hidden[..., keep], c.kwargs) for c in calls], run, index,
+                            s.head_dim, ("gate_up", "down"), delta, experts=experts)
+    hooks.pop().remove()
     Xt = torch.cat([x.reshape(-1, s.hidden_size) for x in seen["t"]]).double()
     Xs = torch.cat([x.reshape(-1, 40) for x in seen["s"]]).double()
 
@@ -208,3 +174,4 @@ def test_each_expert_is_refit_on_the_tokens_routed_to_it_weighted_by_its_routing
         down = ridge(w * act(g_s) * u_s, w * ((act(g_t) * u_t) @ t_down[keep].T), o_mlp.experts.down_proj[k])
         torch.testing.assert_close(s_mlp.experts.down_proj[k].double(), down, rtol=1e-4, atol=1e-5)
         assert not torch.equal(s_mlp.experts.down_proj[k], o_mlp.experts.down_proj[k])
+    assert report.groups["down"].refit < report.groups["down"].sliced

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compare import assert_same_tensors, hf_tensors, prune_cli
+from compare import assert_same_tensors, calib_loss, hf_tensors, prune_cli
 from megatron.prune.cli import main
 from megatron.prune.core.plan import PrunePlan
 
@@ -25,28 +25,14 @@ def refit_pair(tok_model, tmp_path_factory):
     return d
 
 
-def _calib_loss(folder: Path) -> float:
-    """Next-token loss of the HF model in ``folder`` on the refit's calibration windows (4 x 32, batches of 2)."""
-    from transformers import AutoModelForCausalLM
-
-    from megatron.prune.runtime import load_tokenizer, tokenize
-    from megatron.prune.scoring.methods import calibration_windows
-    from megatron.prune.text import builtin_text
-
-    windows = calibration_windows(tokenize(load_tokenizer(folder), builtin_text("calib"), None), 4, 32)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad():
-        return sum(float(model(input_ids=windows[i:i + 2], labels=windows[i:i + 2]).loss) for i in (0, 2)) / 2
-
-
 def test_refit_is_the_default_with_activation_and_recorded_in_the_plan(refit_pair, tok_model):
     plan = PrunePlan.load(refit_pair / "refit")
     info = plan.info["reconstruct"]
     assert info["method"] == "least-squares" and info["samples"] == 4 and info["calib"] == "builtin:calib"
     assert info["error_refit"] < info["error_sliced"]
     loss = info["calibration_loss"]  # what the original and the written pruned model give on the calibration windows
-    assert loss["original"] == pytest.approx(_calib_loss(tok_model), abs=2e-5)
-    assert loss["pruned_refit"] == pytest.approx(_calib_loss(refit_pair / "refit"), abs=2e-5)
+    assert loss["original"] == pytest.approx(calib_loss(tok_model), abs=2e-5)
+    assert loss["pruned_refit"] == pytest.approx(calib_loss(refit_pair / "refit"), abs=2e-5)
     plain = PrunePlan.load(refit_pair / "plain")
     assert "reconstruct" not in plain.info and plain == plan  # same selection, only the weights differ
     refit, sliced = hf_tensors(refit_pair / "refit"), hf_tensors(refit_pair / "plain")

@@ -6,11 +6,14 @@ The block is held as transformers 5 holds it: ``mlp.gate`` (the router, ``[E, h]
 ``gate_up_proj [E, 2F, h]`` (each expert's gate rows, then its up rows) and ``down_proj [E, h, F]``.
 
 - Router: its kept rows, on every token, against the original router's logits of the kept experts.
-- Expert k: on the tokens the pruned (and refitted) router sends to it, its gate/up rows against the original
-  expert's kept gate/up outputs, then its down_proj against the original expert's output (kept hidden channels),
-  each token weighted by its routing weight, the factor that scales the expert's output in the block. An expert no
-  calibration token reaches keeps its sliced weights; one reached by fewer tokens than its input width moves only
-  within the span of the inputs it saw (the ridge pulls toward the sliced weights elsewhere).
+- Expert k's gate/up: on the tokens the pruned (and refitted) router sends to it, against the original expert's kept
+  gate/up outputs, each token weighted by its routing weight (the factor that scales the expert's output in the
+  block).
+- Expert k's down_proj: on the same tokens, against the original expert's output (kept hidden channels), each token
+  weighted likewise. Dropped experts are not compensated: the router renormalises over the kept ones.
+
+An expert no calibration token reaches keeps its sliced weights; one reached by fewer tokens than its input width
+moves only within the span of the inputs it saw (the ridge pulls toward the sliced weights elsewhere).
 """
 
 from __future__ import annotations
@@ -95,42 +98,73 @@ def refit_linear(weight: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, delta
     errors.add(*refit_to_targets(weight, [xs], [ys], delta, storage))
 
 
+def refit_gate_ups(s_experts: torch.nn.Module, t_experts: torch.nn.Module, xs: torch.Tensor, xt: torch.Tensor,
+                   kept: torch.Tensor, experts: list[AxisIndex], routed: list, delta: float,
+                   storage: torch.dtype | None) -> GroupReport:
+    """Refit each kept expert's gate/up rows, on its tokens (each scaled by its routing weight), against the original
+    expert's kept gate/up outputs on the original's inputs."""
+    errors, t_gu = Errors(), t_experts.gate_up_proj
+    F = t_gu.shape[1] // 2
+    for k, (index, (token, w)) in enumerate(zip(experts, routed)):
+        if token.numel():
+            y = (xt[token] @ t_gu[int(kept[k])].T).index_select(1, ffn_rows(index, F).to(xt.device))
+            refit_linear(s_experts.gate_up_proj[k], w * xs[token], w * y, delta, storage, errors)
+    return errors.report()
+
+
+def expert_inputs(experts: torch.nn.Module, k: int, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What expert ``k``'s down_proj reads on tokens ``x``, scaled by their routing weights ``w``: its output in the
+    block is ``down_proj @`` that."""
+    gate, up = (x @ experts.gate_up_proj[k].T).chunk(2, dim=-1)
+    return w * (experts.act_fn(gate) * up)
+
+
+def refit_downs(s_experts: torch.nn.Module, t_experts: torch.nn.Module, xs: torch.Tensor, xt: torch.Tensor,
+                kept: torch.Tensor, hidden: torch.Tensor, routed: list, delta: float,
+                storage: torch.dtype | None) -> GroupReport:
+    """Refit each kept expert's down_proj, on its tokens (each scaled by its routing weight), against the original
+    expert's output (kept hidden channels) on the original's inputs. (Fitting them in turn to what the whole block's
+    output misses instead, which would let the kept experts take up what the dropped ones leave out, lowered the
+    calibration error but raised perplexity on held-out text: bench/README.md.)"""
+    errors, t_gu, t_down, act = Errors(), t_experts.gate_up_proj, t_experts.down_proj, t_experts.act_fn
+    hidden = hidden.to(xt.device)
+    for k, (token, w) in enumerate(routed):
+        if token.numel():
+            e = int(kept[k])
+            g, u = (xt[token] @ t_gu[e].T).chunk(2, dim=-1)
+            y = w * ((act(g) * u) @ t_down[e].index_select(0, hidden).T)
+            refit_linear(s_experts.down_proj[k], expert_inputs(s_experts, k, xs[token], w), y, delta, storage, errors)
+    return errors.report()
+
+
 @torch.no_grad()
 def refit_moe(student: torch.nn.Module, teacher: torch.nn.Module, xs: list[torch.Tensor], xt: list[torch.Tensor],
               experts: list[AxisIndex], groups: tuple[str, ...], delta: float,
-              storage: dict[str, torch.dtype] | None = None) -> tuple[list[torch.Tensor], dict]:
+              storage: dict[str, torch.dtype] | None = None) -> tuple[list[torch.Tensor], dict[str, GroupReport]]:
     """Refit the pruned MoE block ``student`` (``mlp`` of the pruned layer) from its inputs ``xs`` against the
     original block ``teacher`` on its inputs ``xt`` (per batch, ``[b, s, h']`` and ``[b, s, h]``); ``experts``:
     each kept expert's indices. Returns the refitted block's outputs per batch (its stock forward) and a report per
-    refit group (``router``, ``gate_up``, ``down``)."""
+    refit group (``router`` and ``gate_up`` with gate/up in ``groups``, ``down``)."""
     storage = storage or {}
     Xs = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
     Xt = torch.cat([x.reshape(-1, x.shape[-1]) for x in xt])
     hidden = torch.arange(Xt.shape[1]) if experts[0].hidden is None else torch.as_tensor(experts[0].hidden)
     kept = torch.as_tensor([source_expert(index, k) for k, index in enumerate(experts)], dtype=torch.long)
-    reports: dict[str, Errors] = {g: Errors() for g in ("router", "gate_up", "down")
-                                  if (g == "router" and "gate_up" in groups) or g in groups}
-    if "router" in reports:
+    reports: dict[str, GroupReport] = {}
+    if "gate_up" in groups:
+        errors = Errors()
         targets = Xt @ teacher.gate.weight.index_select(0, kept.to(Xt.device)).T.to(Xt.dtype)
-        refit_linear(student.gate.weight, Xs, targets, delta, storage.get("router"), reports["router"])
+        refit_linear(student.gate.weight, Xs, targets, delta, storage.get("router"), errors)
+        reports["router"] = errors.report()
     _, weights, chosen = student.gate(Xs)
-    t_gu, t_down, act = teacher.experts.gate_up_proj, teacher.experts.down_proj, teacher.experts.act_fn
-    s_gu, s_down = student.experts.gate_up_proj, student.experts.down_proj
-    F = t_gu.shape[1] // 2
-    for k, index in enumerate(experts):
+    routed = []  # per kept expert: the tokens the router sends to it and their routing weights
+    for k in range(len(experts)):
         token, slot = torch.where(chosen == k)
-        if token.numel() == 0:
-            continue
-        w = weights[token, slot].to(Xs.dtype)[:, None]
-        x_s, x_t = Xs[token], Xt[token]
-        e = int(kept[k])
-        g_t, u_t = (x_t @ t_gu[e].T).chunk(2, dim=-1)
-        if "gate_up" in reports:
-            rows = ffn_rows(index, F).to(g_t.device)
-            refit_linear(s_gu[k], w * x_s, w * torch.cat([g_t, u_t], -1).index_select(1, rows), delta,
-                         storage.get("expert_gate"), reports["gate_up"])
-        if "down" in reports:
-            g_s, u_s = (x_s @ s_gu[k].T).chunk(2, dim=-1)
-            y = (act(g_t) * u_t) @ t_down[e].index_select(0, hidden.to(x_t.device)).T
-            refit_linear(s_down[k], w * (act(g_s) * u_s), w * y, delta, storage.get("expert_down"), reports["down"])
-    return [student(x) for x in xs], {g: r.report() for g, r in reports.items()}
+        routed.append((token, weights[token, slot].to(Xs.dtype)[:, None]))
+    if "gate_up" in groups:
+        reports["gate_up"] = refit_gate_ups(student.experts, teacher.experts, Xs, Xt, kept, experts, routed, delta,
+                                            storage.get("expert_gate"))
+    if "down" in groups:
+        reports["down"] = refit_downs(student.experts, teacher.experts, Xs, Xt, kept, hidden, routed, delta,
+                                      storage.get("expert_down"))
+    return [student(x) for x in xs], reports
