@@ -175,3 +175,20 @@ def test_each_expert_is_refit_on_the_tokens_routed_to_it_weighted_by_its_routing
         torch.testing.assert_close(s_mlp.experts.down_proj[k].double(), down, rtol=1e-4, atol=1e-5)
         assert not torch.equal(s_mlp.experts.down_proj[k], o_mlp.experts.down_proj[k])
     assert report.groups["down"].refit < report.groups["down"].sliced
+
+
+def test_balanced_moe_megatron_prune_with_refit_equals_the_hf_path(moe_tok, tmp_path):
+    """`prune` of a TP=2 EP=2 MoE checkpoint (balanced, the default: experts per EP rank, channels per TP slice of
+    each expert, chosen by activation, then refit): its export equals the HF model pruned with the same plan and
+    refit on the same calibration, so refitted experts (whole tensors, mixing the TP slices) are re-split right."""
+    src = moe_tok("qwen3-moe")
+    assert main(["convert", "hf-to-megatron", "--input", str(src), "--output", str(tmp_path / "mg"), "--tp", "2",
+                 "--ep", "2", "--no-progress"]) == 0
+    assert prune_cli(tmp_path / "mg", tmp_path / "mg_out", *FLAGS) == 0
+    plan = PrunePlan.load(tmp_path / "mg_out")
+    assert plan.info["reconstruct"]["method"] == "least-squares" and plan.info["ep"] == 2
+    assert prune_cli(src, tmp_path / "hf_out", "--plan", str(tmp_path / "mg_out" / "prune_plan.json"),
+                     "--reconstruct", "least-squares", *FLAGS[10:]) == 0
+    assert main(["convert", "megatron-to-hf", "--input", str(tmp_path / "mg_out"), "--output",
+                 str(tmp_path / "back"), "--no-progress"]) == 0
+    assert_same_tensors(hf_tensors(tmp_path / "hf_out"), hf_tensors(tmp_path / "back"))
