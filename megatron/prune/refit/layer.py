@@ -6,7 +6,8 @@ input as the already refitted linears before it make it.
 
 The layer is taken apart as the stock ``LlamaDecoderLayer.forward`` composes it (norm, attention, residual, norm,
 MLP, residual; Mistral, Qwen2 and Qwen3 are the same, Qwen3's QK-norm running inside the stock attention), so the
-pruned layer's outputs are what its stock forward gives. The QK-norm weights read no pruned axis: never refit.
+pruned layer's outputs are what its stock forward gives. The QK-norm weights read no pruned axis: never refit. A
+mixture-of-experts block (Qwen3-MoE, Mixtral) in place of the MLP is refit by :mod:`.moe`.
 """
 
 from __future__ import annotations

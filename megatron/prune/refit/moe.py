@@ -31,6 +31,11 @@ DOWN = "mlp.experts.down_proj"
 MOE_GROUP_ROLES = {"gate_up": ("router", "expert_gate", "expert_up"), "down": ("expert_down",)}
 
 
+def is_moe_param(name: str) -> bool:
+    """Whether a decoder layer's parameter ``name`` is its router's or its fused experts' (no HF role name)."""
+    return name.startswith(("mlp.gate.", "mlp.experts."))
+
+
 def is_moe_layer(layer: torch.nn.Module) -> bool:
     """Whether a decoder layer's MLP is a mixture of experts (a router and fused experts)."""
     return hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
@@ -52,6 +57,8 @@ def pruned_moe_param(name: str, original: torch.Tensor, experts: list[AxisIndex]
     order kept, as :func:`megatron.prune.core.slicing.layer_index` gives them)."""
     if name == ROUTER:
         return slice_role("router", original, experts[0], 0)
+    if name not in (GATE_UP, DOWN):
+        raise KeyError(f"{name}: not a mixture-of-experts parameter")
     parts = []
     for k, index in enumerate(experts):
         e = source_expert(index, k)

@@ -121,7 +121,7 @@ def pruned_layer(teacher: torch.nn.Module, config: Any, number: int, index: Axis
     """The pruned counterpart of the (materialised) original decoder layer ``teacher``: the plan's slices of its
     parameters, in a module of the same class built for the pruned shape (``experts``: each kept expert's indices,
     in a mixture-of-experts layer)."""
-    from megatron.prune.refit.moe import pruned_moe_param
+    from megatron.prune.refit.moe import is_moe_param, pruned_moe_param
 
     device = next(teacher.parameters()).device
     with torch.device("meta"):  # no random init: every parameter is copied in below
@@ -130,7 +130,7 @@ def pruned_layer(teacher: torch.nn.Module, config: Any, number: int, index: Axis
     originals = dict(teacher.named_parameters())
     with torch.no_grad():
         for name, param in layer.named_parameters():
-            if name.startswith(("mlp.gate.", "mlp.experts.")):
+            if is_moe_param(name):
                 param.copy_(pruned_moe_param(name, originals[name], experts or []))
                 continue
             role, _ = parse_hf_name(f"model.layers.0.{name}")
@@ -150,10 +150,10 @@ def layer_tensors(student: torch.nn.Module, roles: tuple[str, ...], storage: dic
                   ) -> dict[str, torch.Tensor]:
     """The refitted tensors of the pruned layer ``student`` by store key (role, or ``role.k`` for kept expert k),
     on the CPU in their storage dtype."""
-    from megatron.prune.refit.moe import is_moe_layer, moe_tensors
+    from megatron.prune.refit.moe import is_moe_layer, is_moe_param, moe_tensors
 
     params = {parse_hf_name(f"model.layers.0.{n}")[0]: p for n, p in student.named_parameters()
-              if not n.startswith(("mlp.gate.", "mlp.experts."))}
+              if not is_moe_param(n)}
     if is_moe_layer(student):
         params.update(moe_tensors(student.mlp, set(roles)))
     return {key: t.detach().to(storage[key.split(".")[0]]).cpu() for key, t in params.items()
