@@ -39,3 +39,18 @@ def test_refit_on_cuda_matches_the_cpu(model, shape, request, tmp_path):
     assert cpu.keys() == cuda.keys()
     for name in cpu:
         torch.testing.assert_close(cuda[name], cpu[name], rtol=2e-3, atol=2e-4, msg=name)
+
+
+def test_moe_refit_on_cuda_matches_the_cpu(moe_tok, tmp_path):
+    """A mixture-of-experts model (router and experts refit on the tokens routed to each) gives on the GPU what it
+    gives on the CPU."""
+    flags = ["--hidden-size", "40", "--num-attention-heads", "4", "--num-query-groups", "2", "--num-experts", "2",
+             "--moe-ffn-hidden-size", "12", *CALIB]
+    for device in ("cpu", "cuda"):
+        assert prune_cli(moe_tok("qwen3-moe"), tmp_path / device, *flags, "--device", device) == 0
+    plans = [PrunePlan.load(tmp_path / d / "prune_plan.json") for d in ("cpu", "cuda")]
+    assert plans[0].hidden == plans[1].hidden and plans[0].layers == plans[1].layers
+    cpu, cuda = hf_tensors(tmp_path / "cpu"), hf_tensors(tmp_path / "cuda")
+    assert cpu.keys() == cuda.keys() and any(k.startswith("expert_down") for k in cpu)
+    for name in cpu:
+        torch.testing.assert_close(cuda[name], cpu[name], rtol=2e-3, atol=2e-4, msg=name)
