@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron.prune.core.slicing import AxisIndex, expand_heads, slice_role
+from megatron.prune.refit.moe import is_moe_layer, refit_moe
 from megatron.prune.refit.solve import (DEFAULT_DAMPING, GroupReport, Moment, Ridge, refit_rows,
                                         refit_to_targets)
 
@@ -174,7 +175,7 @@ def run_teacher(layer: torch.nn.Module, calls: list[Call], index: AxisIndex | No
 
     handles = [modules[path].register_forward_hook(watch(role)) for g in present for role, path in GROUPS[g]]
     readers = {g: p for g, p in READER_INPUTS.items() if g in present and g not in narrow}
-    if len(present) < len(GROUPS):
+    if is_moe_layer(layer):
         readers[MOE_INPUT] = "mlp"
     tokens = 0
     try:
@@ -278,8 +279,6 @@ def refit_layer(student: torch.nn.Module, teacher: torch.nn.Module, student_call
     del o_in
     mlp_in = [student.post_attention_layernorm(h) for h in mid]
     if MOE_INPUT in run.inputs:
-        from megatron.prune.refit.moe import refit_moe
-
         moe_out, moe_reports = refit_moe(student.mlp, teacher.mlp, mlp_in, run.inputs.pop(MOE_INPUT), experts or [],
                                          groups, delta, storage)
         report.groups.update(moe_reports)
