@@ -17,6 +17,9 @@
 # config.json and the model's shape flags. With SMOKE_WEIGHTS=0 it keeps no weights (a 142 MB model does not
 # travel to a lent GPU machine); stage 2 then starts from random weights of the same shape, which trains at the
 # same tokens/s and MFU.
+# SMOKE_SHAPE (prune's shape flags, e.g. "--num-layers 16 --hidden-size 2048 --num-attention-heads 32
+# --num-query-groups 8 --ffn-hidden-size 8192", the ~1B LLaMA shape) trains that shape instead, from random weights
+# (it may be larger than the embedded model: nothing is pruned), with the embedded model's tokenizer and head size.
 # PREPARE_ONLY=1 stops after stage 1. For the `device` tool (64 MiB of files travel, no network there):
 #   here:  WORK=.gpu_smoke SMOKE_WEIGHTS=0 PREPARE_ONLY=1 bash scripts/gpu_smoke.sh
 #          python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -39,22 +42,44 @@ mkdir -p "$WORK"
 WORK="$(cd "$WORK" && pwd)"
 
 if [[ ! -f "$WORK/ready" ]]; then
-"$PYTHON" - "$WORK" "${SMOKE_WEIGHTS:-1}" <<'PY'
-import shutil, sys
+"$PYTHON" - "$WORK" "${SMOKE_WEIGHTS:-1}" "${SMOKE_SHAPE:-}" <<'PY'
+import argparse, json, shutil, sys
 from pathlib import Path
 from megatron.prune.cli import main
 from megatron.prune.commands.demo import DEMO_SHAPE
+from megatron.prune.core.shape import hf_config_for_shape, shape_from_hf_config
 from megatron.prune.formats.hf import HFCheckpoint
 from megatron.prune.formats.mcore.ops import hf_to_megatron
 from megatron.prune.models import embedded_model_dir
 from megatron.prune.text import builtin_text
 
-work, keep_weights = Path(sys.argv[1]), sys.argv[2] != "0"
+work, keep_weights, shape_flags = Path(sys.argv[1]), sys.argv[2] != "0", sys.argv[3].split()
 pruned = work / "pruned_hf"
-if not pruned.exists():
-    shape = [x for k, v in DEMO_SHAPE.items() for x in (f"--{k}", str(v))]
-    assert main(["prune", "--input", str(embedded_model_dir()), "--output", str(pruned), *shape]) == 0
-s = HFCheckpoint.open(pruned).shape
+if shape_flags:  # a shape of its own: the embedded model's config and tokenizer rewritten for it, no weights
+    fields = {"num-layers": "num_layers", "hidden-size": "hidden_size", "num-attention-heads": "num_attention_heads",
+              "num-query-groups": "num_query_groups", "ffn-hidden-size": "ffn_hidden_size"}
+    ap = argparse.ArgumentParser(prog="SMOKE_SHAPE", allow_abbrev=False)
+    for flag in fields:
+        ap.add_argument(f"--{flag}", type=int)
+    given = {fields[k.replace("_", "-")]: v for k, v in vars(ap.parse_args(shape_flags)).items() if v is not None}
+    if any(v < 1 for v in given.values()):
+        sys.exit(f"SMOKE_SHAPE: sizes must be positive: {given}")
+    embedded = embedded_model_dir()
+    config = json.loads((embedded / "config.json").read_text())
+    s = shape_from_hf_config(config).replace(**given)
+    if s.num_attention_heads % s.num_query_groups:
+        sys.exit(f"SMOKE_SHAPE: {s.num_attention_heads} heads do not divide into {s.num_query_groups} groups")
+    pruned.mkdir(parents=True, exist_ok=True)
+    (pruned / "config.json").write_text(json.dumps(hf_config_for_shape(config, s), indent=2) + "\n")
+    for f in embedded.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy2(f, pruned / f.name)
+    keep_weights = False
+else:
+    if not pruned.exists():
+        shape = [x for k, v in DEMO_SHAPE.items() for x in (f"--{k}", str(v))]
+        assert main(["prune", "--input", str(embedded_model_dir()), "--output", str(pruned), *shape]) == 0
+    s = HFCheckpoint.open(pruned).shape
 flags = ["--num-layers", s.num_layers, "--hidden-size", s.hidden_size, "--ffn-hidden-size", s.ffn_hidden_size,
          "--num-attention-heads", s.num_attention_heads, "--group-query-attention",
          "--num-query-groups", s.num_query_groups, "--kv-channels", s.head_dim]

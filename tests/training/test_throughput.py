@@ -138,6 +138,33 @@ def test_gpu_smoke_script_runs_on_cpu(real_model, tmp_path):
     shutil.rmtree(work)
 
 
+def test_gpu_smoke_prepares_a_shape_of_its_own(real_model, tmp_path):
+    """SMOKE_SHAPE: stage 1 writes that shape's config (larger than the embedded model: nothing pruned) with the
+    embedded tokenizer, and the Megatron flags for it; a shape Megatron cannot build is one line, nothing prepared."""
+    import json
+
+    env = {**os.environ, "PYTHON": sys.executable, "SMOKE_WEIGHTS": "0", "PREPARE_ONLY": "1"}
+    shape = "--num-layers 16 --hidden-size 2048 --num-attention-heads 32 --num-query-groups 8 --ffn-hidden-size 8192"
+    work = tmp_path / "big"
+    r = subprocess.run(["bash", str(ROOT / "scripts/gpu_smoke.sh")], capture_output=True, text=True, cwd=ROOT,
+                       env={**env, "WORK": str(work), "SMOKE_SHAPE": shape}, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (work / "model_flags.txt").read_text().split() == [
+        "--num-layers", "16", "--hidden-size", "2048", "--ffn-hidden-size", "8192", "--num-attention-heads", "32",
+        "--group-query-attention", "--num-query-groups", "8", "--kv-channels", "64"]
+    s = shape_from_hf_config(json.loads((work / "tokenizer" / "config.json").read_text()))
+    assert (s.num_layers, s.hidden_size, s.num_attention_heads, s.num_query_groups, s.ffn_hidden_size,
+            s.vocab_size, s.tied_embeddings) == (16, 2048, 32, 8, 8192, 49152, True)
+    assert (work / "tokenizer" / "tokenizer.json").is_file() and (work / "ready").is_file()
+    assert not (work / "pruned_hf").exists() and not (work / "pruned_mg").exists()
+    bad = tmp_path / "bad"
+    r = subprocess.run(["bash", str(ROOT / "scripts/gpu_smoke.sh")],
+                       env={**env, "WORK": str(bad), "SMOKE_SHAPE": "--num-attention-heads 32 --num-query-groups 5"},
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1 and "SMOKE_SHAPE: 32 heads do not divide into 5 groups" in r.stderr
+    assert "Traceback" not in r.stderr and not (bad / "ready").exists()
+
+
 def test_cli_refuses_missing_files_and_empty_logs(tmp_path, capsys):
     from megatron.prune.training.throughput import main
 
