@@ -317,12 +317,3 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, ep: int = 1) -> No
     parallel_state.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-
-
-def destroy_parallel() -> None:
-    """Tear down megatron's groups and the default process group."""
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

@@ -11,11 +11,6 @@ from megatron.prune.core.plan import PrunePlan
 from megatron.prune.errors import PruneError
 from tiny import make_tiny_model
 
-MANUAL_AGG = {  # stat [b, s, n] -> [n], written out directly
-    "mean-l2": lambda t: t.mean(1).pow(2).mean(0).sqrt(),
-    "mean": lambda t: t.mean((0, 1)),
-    "rms": lambda t: t.pow(2).mean((0, 1)).sqrt(),
-}
 
 CASES = {
     "larger than source": (["--ffn-hidden-size", "100"], "--ffn-hidden-size 100", "1..64"),

@@ -15,21 +15,6 @@ from megatron.prune.core.plan import PrunePlan
 from megatron.prune.formats.hf import HFCheckpoint
 from tiny import FAMILIES, logits, make_tiny_model, sample_ids
 
-CASES = {
-    "larger than source": (["--ffn-hidden-size", "100"], "--ffn-hidden-size 100", "1..64"),
-    "heads not multiple of groups": (["--num-query-groups", "4", "--num-attention-heads", "6"],
-                                     "not a multiple of the 4", "[4, 8]"),
-    "drop-groups needs whole groups": (["--num-attention-heads", "5"], "multiple of 2", "--gqa trim-heads"),
-    "too many heads per group": (["--num-query-groups", "2", "--num-attention-heads", "6"], "heads per group",
-                                 "multiples of 2 up to 4"),
-    "balance not divisible by tp": (["--tp", "2", "--ffn-hidden-size", "33"], "not divisible by --tp 2", "[32, 34]"),
-    "drop layer out of range": (["--drop-layers", "1,9"], "--drop-layers 9", "0..3"),
-    "drop layer repeated": (["--drop-layers", "1,1"], "repeats layer(s) 1", ""),
-    "drop every layer": (["--drop-layers", "0,1,2,3"], "all 4 layers", ""),
-    "hf hidden not multiple of heads": (["--hidden-size", "44"], "--hidden-size 44", "[40, 48]"),
-    "zero layers": (["--num-layers", "0"], "--num-layers 0", "1..4"),
-}
-
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_no_target_is_identity(tiny_hf, tmp_path, family):

@@ -3,6 +3,7 @@ time, the HF path equal to the Megatron path tensor for tensor, and the CLI's re
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,19 @@ def test_per_layer_pruning_selects_inside_the_refit_as_score_then_prune_would(to
                  str(tmp_path / "back"), "--no-progress"]) == 0
     assert PrunePlan.load(tmp_path / "mg_out").layers == fused.layers
     assert_same_tensors(hf_tensors(tmp_path / "fused"), hf_tensors(tmp_path / "back"))
+
+
+def test_refit_options_outside_their_choices_are_refused(tok_model):
+    """The refit's groups, head and depth (API choices; the CLI sets them) are checked with the rest, by name."""
+    from megatron.prune.errors import PruneError
+    from megatron.prune.formats.hf import HFCheckpoint
+    from megatron.prune.refit.run import check_reconstruct
+    from megatron.prune.refit.sequential import RefitOptions
+    from megatron.prune.scoring.methods import ScoringOptions
+
+    src = HFCheckpoint.open(tok_model)
+    for options, says in ((RefitOptions(groups=("qkv", "x")), "refit groups ['x']"),
+                          (RefitOptions(head="y"), "head 'y'"), (RefitOptions(depth="z"), "depth 'z'")):
+        with pytest.raises(PruneError, match=re.escape(says) + ".*the depth from residual, none"):
+            check_reconstruct(src, "least-squares", "activation", None, options, src.shape, ScoringOptions())
+    check_reconstruct(src, "least-squares", "activation", None, RefitOptions(), src.shape, ScoringOptions())

@@ -43,9 +43,6 @@ ROLE_AXES: dict[str, tuple[str, ...]] = {
 MODEL_ROLES = ("embed", "lm_head", "final_norm")
 
 
-LAYER_ROLES = tuple(r for r in ROLE_AXES if r not in MODEL_ROLES)
-
-
 NORM_ROLES = frozenset({"final_norm", "input_norm", "post_norm"})  # RMSNorms over the hidden size
 
 

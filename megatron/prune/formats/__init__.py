@@ -8,7 +8,6 @@ write, dist, ops).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 from megatron.prune.formats.source import FormatAdapter
@@ -28,10 +27,3 @@ def _megatron() -> FormatAdapter:
 
 # folder kind -> adapter factory; factories import lazily so the CLI starts fast.
 ADAPTERS: dict[str, Callable[[], FormatAdapter]] = {"hf": _hf, "megatron": _megatron}
-
-
-def detect_format(path: Path) -> FormatAdapter:
-    """The adapter of the checkpoint folder at ``path`` (a PruneError for anything else)."""
-    from megatron.prune.formats.folder import open_model
-
-    return ADAPTERS[open_model(path).kind]()

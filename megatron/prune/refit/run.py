@@ -12,7 +12,7 @@ from megatron.prune.core.shape import ModelShape
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.source import TensorSource
 from megatron.prune.refit.layer import GROUPS
-from megatron.prune.refit.sequential import HEADS, FusedSelection, RefitOptions, RefitSummary, refit_model
+from megatron.prune.refit.sequential import DEPTH, HEADS, FusedSelection, RefitOptions, RefitSummary, refit_model
 from megatron.prune.refit.solve import SingularMomentError
 from megatron.prune.refit.store import RefitStore
 from megatron.prune.scoring.methods import ScoringOptions
@@ -46,9 +46,10 @@ def check_reconstruct(src: TensorSource, reconstruct: str, method: str | None, c
         raise PruneError(f"--damping {options.damping}: must be > 0 and finite (a multiple of the moments' mean "
                          "diagonal)")
     unknown = [g for g in options.groups if g not in GROUPS]
-    if unknown or options.head not in HEADS:
-        raise PruneError(f"refit groups {unknown or list(options.groups)} / head {options.head!r}: choose groups from "
-                         f"{', '.join(GROUPS)} and the head from {', '.join(HEADS)}")
+    if unknown or options.head not in HEADS or options.depth not in DEPTH:
+        raise PruneError(f"refit groups {unknown or list(options.groups)} / head {options.head!r} / depth "
+                         f"{options.depth!r}: choose groups from {', '.join(GROUPS)}, the head from "
+                         f"{', '.join(HEADS)}, the depth from {', '.join(DEPTH)}")
     if not runnable(Path(src.folder)):
         raise PruneError(f"--reconstruct least-squares runs calibration text through the model, and {src.folder} has "
                          "no tokenizer (an HF folder's own, or a Megatron checkpoint's hf_meta/); use --reconstruct "
