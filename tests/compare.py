@@ -81,6 +81,17 @@ def prune_cli(src: Path, out: Path, *flags: str) -> int:
     return main(["prune", "--input", str(src), "--output", str(out), "--no-progress", *flags])
 
 
+def refuse(argv: list[str], out: Path, capsys, *needles: str) -> None:
+    """The CLI refuses ``argv`` (exit 2) naming every needle, and leaves neither ``out`` nor a partial of it."""
+    from megatron.prune.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for n in needles:
+        assert n in err, err
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
 def shape_of(model) -> "ModelShape":  # noqa: F821
     """The :class:`ModelShape` of a loaded HF model."""
     from megatron.prune.core.shape import shape_from_hf_config

@@ -9,8 +9,6 @@ import torch
 
 from megatron.prune.cli import main
 
-SMALL = ["--samples", "4", "--seq-len", "32", "--no-progress"]
-
 
 @torch.no_grad()
 def choice_logprob(model, tok, context: str, choice: str) -> float:

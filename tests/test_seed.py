@@ -21,10 +21,6 @@ from tiny_corpus import calib_docs, make_bytelevel_tokenizer, model_with_tokeniz
 
 ROOT = Path(__file__).resolve().parent.parent
 
-ROUND_TRIPS = [("llama-gqa", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
-              [("qwen2-bias", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
-              [("llama-tied", tp, pp) for tp in (1, 2) for pp in (1, 2)]
-
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "emb_pruner" / script), *args], capture_output=True,

@@ -14,12 +14,6 @@ from megatron.prune.scoring import stats
 from megatron.prune.scoring.methods import random_scores
 from tiny import make_tiny_model, sample_ids
 
-MANUAL_AGG = {  # stat [b, s, n] -> [n], written out directly
-    "mean-l2": lambda t: t.mean(1).pow(2).mean(0).sqrt(),
-    "mean": lambda t: t.mean((0, 1)),
-    "rms": lambda t: t.pow(2).mean((0, 1)).sqrt(),
-}
-
 
 def test_tp_balance_keeps_equal_counts_per_slice(tiny_hf):
     shape = HFCheckpoint.open(tiny_hf("llama-gqa")).shape  # 4 groups x 2 heads, ffn 64

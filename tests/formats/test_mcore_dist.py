@@ -11,10 +11,6 @@ from megatron.prune.errors import PruneError
 from megatron.prune.formats.folder import open_megatron
 from megatron.prune.formats.mcore import ops
 
-ROUND_TRIPS = [("llama-gqa", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
-              [("qwen2-bias", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
-              [("llama-tied", tp, pp) for tp in (1, 2) for pp in (1, 2)]
-
 
 @pytest.mark.parametrize("family", ["qwen2-bias", "qwen3"])
 def test_torch_dist_output_round_trips_and_reshards(tiny_hf, tmp_path, monkeypatch, family):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from compare import assert_same_tensors, hf_tensors, mg_shards, tree_hash
+from compare import assert_same_tensors, hf_tensors, mg_shards, refuse, tree_hash
 from megatron.prune.cli import main as cli_main
 from megatron.prune.core.plan import PrunePlan
 from megatron.prune.core.select import make_plan
@@ -139,14 +137,6 @@ def test_cli_prune_detects_megatron_and_reapplies_plan(tiny_hf, tmp_path, capsys
     assert cli_main(["prune", "--input", str(mg), "--output", str(tmp_path / "b"), "--plan",
                      str(tmp_path / "a" / "prune_plan.json"), "--no-progress"]) == 0
     assert_same_tensors(mg_shards(tmp_path / "a"), mg_shards(tmp_path / "b"))
-
-
-def refuse(argv: list[str], out: Path, capsys, *needles: str) -> None:
-    assert cli_main(argv) == 2
-    err = capsys.readouterr().err
-    for n in needles:
-        assert n in err, err
-    assert not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
 
 
 def test_refuses_balance_target_not_divisible_by_tp(tp2, tmp_path, capsys):

@@ -2,39 +2,17 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 from argparse import Namespace
-from pathlib import Path
 
-import pytest
 import torch
 
-from megatron.prune.cli import main as cli_main
+from compare import refuse
 from megatron.prune.core.roles import expected_roles
 from megatron.prune.formats.folder import open_megatron
 from megatron.prune.formats.hf import HFCheckpoint
 from megatron.prune.formats.mcore import ops, read, schema
 from megatron.prune.scoring.methods import magnitude_scores
-
-ROUND_TRIPS = [("llama-gqa", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
-              [("qwen2-bias", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
-              [("llama-tied", tp, pp) for tp in (1, 2) for pp in (1, 2)]
-
-ROOT = Path(__file__).resolve().parents[2]
-
-ITER_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*")
-
-# the pruned target of the tiny llama-gqa model (hidden 48, 8 heads / 4 groups, ffn 64, 4 layers)
-PRUNE_FLAGS = ["--hidden-size", "40", "--num-attention-heads", "4", "--num-query-groups", "2",
-               "--ffn-hidden-size", "32", "--num-layers", "3", "--method", "magnitude", "--no-progress"]
-
-VOCAB, DIVISIBLE_BY = 300, 192  # padded vocab 384 at TP=1 and TP=2: the same model at both TPs
-
-SPM_VOCAB = 200
-
-TIED_PRUNE = ["--hidden-size", "40", "--ffn-hidden-size", "32", "--num-layers", "3", "--method", "magnitude",
-              "--ckpt-format", "torch_dist", "--no-progress"]
 
 
 def test_megatron_source_gives_the_same_logical_tensors(tiny_hf, tmp_path):
@@ -47,14 +25,6 @@ def test_megatron_source_gives_the_same_logical_tensors(tiny_hf, tmp_path):
     a, b = magnitude_scores(mg), magnitude_scores(src)
     for name in ("hidden", "heads", "ffn", "groups"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-
-
-def refuse(argv: list[str], out: Path, capsys, *needles: str) -> None:
-    assert cli_main(argv) == 2
-    err = capsys.readouterr().err
-    for n in needles:
-        assert n in err, err
-    assert not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
 
 
 def test_refuses_missing_shard(tp2, tmp_path, capsys):

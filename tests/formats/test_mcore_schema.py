@@ -13,10 +13,6 @@ from megatron.prune.formats.folder import open_megatron
 from megatron.prune.formats.mcore import args as mcore_args
 from megatron.prune.formats.mcore import schema
 
-ROUND_TRIPS = [("llama-gqa", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
-              [("qwen2-bias", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
-              [("llama-tied", tp, pp) for tp in (1, 2) for pp in (1, 2)]
-
 
 def test_fuse_qkv_layout_is_per_group_and_inverts():
     ng, np_, hn, h = 2, 6, 2, 3

@@ -16,10 +16,6 @@ from megatron.prune.formats.mcore import ops, read, schema, write
 from megatron.prune.io.memory import BufferPool
 from megatron.prune.scoring.methods import random_scores
 
-ROUND_TRIPS = [("llama-gqa", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
-              [("qwen2-bias", tp, pp) for tp in (1, 2, 4) for pp in (1, 2)] + \
-              [("llama-tied", tp, pp) for tp in (1, 2) for pp in (1, 2)]
-
 
 @pytest.mark.parametrize("dtype,block", [(torch.bfloat16, 1 << 17), (torch.bfloat16, 24), (torch.float32, 1)])
 def test_param_gather_equals_unfuse_slice_fuse(dtype, block, monkeypatch):

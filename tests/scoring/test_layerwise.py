@@ -12,8 +12,6 @@ from megatron.prune.errors import PruneError
 from megatron.prune.formats.hf import HFCheckpoint
 from tiny import make_tiny_model
 
-SMALL = ["--samples", "4", "--seq-len", "32", "--no-progress"]
-
 
 def test_layer_by_layer_holds_one_decoder_layer_at_a_time(tok_model, monkeypatch, capsys):
     """Scoring layer by layer materialises one decoder layer at a time (the embedding is freed before the first);

@@ -16,13 +16,6 @@ from megatron.prune.errors import PruneError
 from megatron.prune.scoring import methods, stats
 from megatron.prune.scoring.methods import load_scores
 
-MANUAL_AGG = {  # stat [b, s, n] -> [n], written out directly
-    "mean-l2": lambda t: t.mean(1).pow(2).mean(0).sqrt(),
-    "mean": lambda t: t.mean((0, 1)),
-    "rms": lambda t: t.pow(2).mean((0, 1)).sqrt(),
-}
-
-
 SMALL = ["--samples", "4", "--seq-len", "32", "--no-progress"]
 
 

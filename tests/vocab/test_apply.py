@@ -19,8 +19,6 @@ from megatron.prune.vocab.folder import tokenizer_tokens
 from tiny import logits
 from tiny_corpus import calib_docs, make_bytelevel_tokenizer, model_with_tokenizer, needed_for, write_docs
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
 
 @pytest.fixture(scope="module")
 def bbpe(tmp_path_factory):

@@ -40,9 +40,6 @@ ROLE_AXES: dict[str, tuple[str, ...]] = {
 }
 
 
-MODEL_ROLES = ("embed", "lm_head", "final_norm")
-
-
 NORM_ROLES = frozenset({"final_norm", "input_norm", "post_norm"})  # RMSNorms over the hidden size
 
 
