@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks and figures the open issues ask for, as one run on a lent GPU machine (about 6 minutes on an
-# H100; no network there):
+# The GPU checks and figures the open issues ask for, as one run on a lent GPU machine (estimated 6 minutes on an
+# H100, not yet run on one; no network there):
 #   1. tests/refit/test_gpu.py: prune with the least-squares refit on cuda gives the CPU's tensors (dense, MoE);
 #   2. `score` and `prune` (activation scoring + refit, demo shape) of a model of the embedded SmolLM2-135M's shape,
 #      each timed with --device cuda and --device cpu (random weights: the 135M model does not travel, and the
@@ -43,6 +43,7 @@ prepare)
 run)
   [[ -d "$G/whl" && -f "$G/smoke/ready" ]] || { echo "gpu_checks.sh: error: $G is not prepared: run \`bash scripts/gpu_checks.sh prepare\` here first" >&2; exit 2; }
   PYTHON="${PYTHON:-python3}"
+  cd "$here"  # the tests' conftest and pyproject.toml's pytest settings
   out="${OUT:-$G/out}"; mkdir -p "$out"
   log="$out/gpu_checks.log"; : > "$log"
   say() { echo "$*" | tee -a "$log"; }
