@@ -255,9 +255,10 @@ def test_plan_show_lists_experts_kept_and_dropped(moe_hf, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("family", MOE)
-def test_megatron_checkpoint_scores_and_prunes_as_its_hf_model(moe_tok, tmp_path, family):
+def test_megatron_checkpoint_scores_and_prunes_as_its_hf_model(moe_tok, tmp_path, family, capsys):
     """A TP=2 PP=2 Megatron checkpoint of the model (tokenizer in hf_meta/) scores as its HF model bit for bit, whole
-    and layer by layer, and `prune --method activation` picks the same plan and writes the same weights."""
+    and layer by layer, and `prune --method activation` picks the same plan and writes the same weights, as does
+    `score` then `prune --scores`."""
     from megatron.prune.formats.mcore import ops
     from megatron.prune.scoring.methods import ScoringOptions, score_model
 
@@ -279,3 +280,10 @@ def test_megatron_checkpoint_scores_and_prunes_as_its_hf_model(moe_tok, tmp_path
                  str(tmp_path / "back"), "--no-progress"]) == 0
     a, b = safetensors_of(tmp_path / "hf_out"), safetensors_of(tmp_path / "back")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["score", "--model", str(mg), "--output", str(tmp_path / "s.pt"), *flags[6:-2], "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()  # a line per score the model has: no dense FFN line
+    assert [line.split()[0] for line in lines[1:7]] == ["hidden", "heads", "groups", "layers", "experts", "routing"]
+    assert prune_cli(src, tmp_path / "scored", *flags[:6], "--scores", str(tmp_path / "s.pt"), "--tp", "2",
+                     "--reconstruct", "none") == 0
+    assert PrunePlan.load(tmp_path / "scored").layers == plan.layers

@@ -133,7 +133,7 @@ def summary(scores: Scores) -> list[str]:
     lines = []
     for name in ("hidden", "heads", "groups", "ffn", "layers", "experts", "routing"):
         t = getattr(scores, name)
-        if t is not None:
+        if t is not None and t.numel():  # a MoE model's dense FFN scores are [L, 0]
             lines.append(f"{name:7s} {str(tuple(t.shape)):12s} min {t.min():.4g}  median {t.median():.4g}  "
                          f"max {t.max():.4g}")
     if scores.layers is not None:
