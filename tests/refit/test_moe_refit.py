@@ -96,6 +96,30 @@ def test_moe_refit_is_the_default_and_writes_the_model_it_reports(moe_tok, tmp_p
                                                                    for e in range(2)}
 
 
+def test_an_expert_routed_only_with_weight_zero_keeps_its_slices(moe_tok, tmp_path):
+    """Two experts kept at top-2, one the router never weighs (tiny.DEAD_EXPERT): every token goes to it with
+    routing weight 0, which carries no signal to refit on. It keeps its slices, as an unreached expert does (its
+    moment was zero: the refit stopped as singular), and the other expert is refit."""
+    from tiny import DEAD_EXPERT
+
+    src = moe_tok("qwen3-moe")
+    calib = ["--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+    assert main(["score", "--model", str(src), "--output", str(tmp_path / "s.pt"), *calib, "--no-progress"]) == 0
+    scores = torch.load(tmp_path / "s.pt", weights_only=True)
+    scores["experts"][:, DEAD_EXPERT] = scores["experts"].max() + 1  # kept, with the best of the others
+    torch.save(scores, tmp_path / "s.pt")
+    flags = ["--num-experts", "2", "--moe-ffn-hidden-size", "12", "--scores", str(tmp_path / "s.pt"), *calib]
+    assert prune_cli(src, tmp_path / "refit", *flags) == 0
+    assert prune_cli(src, tmp_path / "plain", *flags, "--reconstruct", "none") == 0
+    plan = PrunePlan.load(tmp_path / "refit")
+    refit, plain = hf_tensors(tmp_path / "refit"), hf_tensors(tmp_path / "plain")
+    for i, lp in enumerate(plan.layers):
+        dead, live = lp.experts.index(DEAD_EXPERT), 1 - lp.experts.index(DEAD_EXPERT)
+        for role in ("expert_gate", "expert_up", "expert_down"):
+            assert torch.equal(refit[f"{role}.{i}.{dead}"], plain[f"{role}.{i}.{dead}"])
+            assert not torch.equal(refit[f"{role}.{i}.{live}"], plain[f"{role}.{i}.{live}"])
+
+
 @pytest.mark.parametrize("family,layout", [("qwen3-moe", ["--tp", "2", "--ep", "2"]), ("mixtral", ["--pp", "2"])])
 def test_moe_megatron_path_equals_the_hf_path(moe_tok, tmp_path, family, layout):
     """The same plan and calibration on the Megatron checkpoint (experts split by TP and EP, or layers by PP) gives,

@@ -114,8 +114,12 @@ def test_two_stream_error_is_minimal(seed):
 
 def test_singular_beyond_damping_raises():
     W = torch.randn(3, 4, dtype=torch.float64)
-    with pytest.raises(rc.SingularMomentError, match="singular"):
+    with pytest.raises(rc.SingularMomentError, match="is zero: its input is 0 on every calibration token") as e:
         refit(W, [0, 1], torch.zeros(4, 4, dtype=torch.float64), rc.DEFAULT_DAMPING)  # no signal at all
+    assert e.value.zero
+    with pytest.raises(rc.SingularMomentError, match="singular") as e:  # a zero diagonal entry beside others
+        rc.damped_cholesky(torch.tensor([[1.0, 2.0], [2.0, 0.0]], dtype=torch.float64), 0.01)
+    assert not e.value.zero
     with pytest.raises(rc.SingularMomentError, match="singular"):
         rc.solve_from_moments(torch.zeros(3, 2), -torch.eye(2, dtype=torch.float64), torch.zeros(3, 2))  # not PSD
     with pytest.raises(rc.SingularMomentError, match="non-finite"):

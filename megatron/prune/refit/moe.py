@@ -12,7 +12,8 @@ The block is held as transformers 5 holds it: ``mlp.gate`` (the router, ``[E, h]
 - Expert k's down_proj: on the same tokens, against the original expert's output (kept hidden channels), each token
   weighted likewise. Dropped experts are not compensated: the router renormalises over the kept ones.
 
-An expert no calibration token reaches keeps its sliced weights; one reached by fewer tokens than its input width
+An expert no calibration token reaches (or reaches only with routing weight 0: top-k over as many kept experts)
+keeps its sliced weights; one reached by fewer tokens than its input width
 moves only within the span of the inputs it saw (the ridge pulls toward the sliced weights elsewhere).
 """
 
@@ -164,9 +165,9 @@ def refit_moe(student: torch.nn.Module, teacher: torch.nn.Module, xs: list[torch
         refit_linear(student.gate.weight, Xs, targets, delta, storage.get("router"), errors)
         reports["router"] = errors.report()
     _, weights, chosen = student.gate(Xs)
-    routed = []  # per kept expert: the tokens the router sends to it and their routing weights
+    routed = []  # per kept expert: the tokens the router sends to it with a weight, and their routing weights
     for k in range(len(experts)):
-        token, slot = torch.where(chosen == k)
+        token, slot = torch.where((chosen == k) & (weights > 0))  # a zero weight: the expert adds nothing there
         routed.append((token, weights[token, slot].to(Xs.dtype)[:, None]))
     if "gate_up" in groups:
         reports["gate_up"] = refit_gate_ups(student.experts, teacher.experts, Xs, Xt, kept, experts, routed, delta,

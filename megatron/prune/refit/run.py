@@ -86,7 +86,8 @@ def reconstruct(src: TensorSource, plan: PrunePlan, scoring: ScoringOptions, opt
                               scoring.device, store, options, scoring.progress, select)
     except SingularMomentError as e:
         raise PruneError(f"--reconstruct least-squares: {e}; give more (or more varied) calibration text "
-                         "(--calib, --samples) or raise --damping") from None
+                         f"(--calib, --samples){'' if e.zero else ' or raise --damping'}, or use --reconstruct none"
+                         ) from None
     if select is not None:
         plan = dataclasses.replace(plan, layers=tuple(summary.layer_plans)).validate()
     sliced, refit = summary.mean_error()

@@ -22,7 +22,12 @@ MAX_DAMPING = 1.0  # the damping fallback gives up beyond this δ
 
 
 class SingularMomentError(ValueError):
-    """A moment matrix stays singular (or is not a finite PSD matrix) even with the largest damping."""
+    """A moment matrix stays singular (or is not a finite PSD matrix) even with the largest damping; ``zero``: it is
+    the zero matrix (the input is 0 on every token), which no damping helps."""
+
+    def __init__(self, message: str, zero: bool = False) -> None:
+        super().__init__(message)
+        self.zero = zero
 
 
 # ---- moments ---------------------------------------------------------------------------------------------
@@ -127,6 +132,9 @@ def damped_cholesky(H: torch.Tensor, delta: float = DEFAULT_DAMPING,
         raise SingularMomentError(f"moment must be a square matrix, got shape {tuple(H.shape)}")
     if not torch.isfinite(H).all():
         raise SingularMomentError("moment matrix has non-finite entries")
+    if H.numel() and not H.diagonal().any():  # PSD with a zero diagonal: all zero, and δ·mean(diag) adds nothing
+        raise SingularMomentError(f"moment matrix {tuple(H.shape)} is zero: its input is 0 on every calibration "
+                                  "token, so there is nothing to refit on", zero=True)
     d = float(delta)
     while True:
         A = damp(H, d)
