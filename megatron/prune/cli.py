@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from megatron.prune.errors import PruneError
-from megatron.prune.io.atomic import FINISHED, interrupts_remembered, raise_if_interrupted
+from megatron.prune.io.atomic import FINISHED, Terminated, interrupts_remembered, raise_if_interrupted
 
 # verb -> module; the module's docstring is the verb's long help.
 VERBS: dict[str, str] = {
@@ -114,6 +114,9 @@ def execute(args: argparse.Namespace, prog: str, reword: Callable[[str], str] = 
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted_line()}", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"{prog}: {interrupted_line('terminated (SIGTERM)')}", file=sys.stderr)
+        return int(e.code)
 
 
 def os_error_line(e: OSError, args: argparse.Namespace | None = None) -> str:
@@ -127,12 +130,12 @@ def os_error_line(e: OSError, args: argparse.Namespace | None = None) -> str:
     return f"{e.strerror or e}" + (f": {where}" if where else "")
 
 
-def interrupted_line() -> str:
-    """What a Ctrl-C left: nothing (outputs are written to temporary siblings and renamed at the end), or, when it
-    came after the last rename, a complete output."""
+def interrupted_line(what: str = "interrupted") -> str:
+    """What a Ctrl-C (or SIGTERM) left: nothing (outputs are written to temporary siblings and renamed at the end),
+    or, when it came after the last rename, a complete output."""
     if FINISHED:
-        return f"interrupted after {FINISHED[-1]} was written in full; it is complete"
-    return "interrupted; nothing half-written is left"
+        return f"{what} after {FINISHED[-1]} was written in full; it is complete"
+    return f"{what}; nothing half-written is left"
 
 
 if __name__ == "__main__":

@@ -82,3 +82,44 @@ def test_interrupt_while_writing_megatron_shards_leaves_nothing(tiny_hf, tmp_pat
     per_shard = len(write.shard_jobs(write.Layout(open_megatron(mg).shape, 2, 1, "local", 128),
                                   lambda *a: None, 0, 0)[0])
     assert len(written) < per_shard  # the other writer gave up early instead of finishing its shard
+
+
+SIGTERM_RUN = """
+import os, signal, sys, time
+from argparse import Namespace
+from pathlib import Path
+from megatron.prune.cli import execute
+from megatron.prune.io.atomic import atomic_output, scratch_folder
+
+out, nested = Path(sys.argv[1]), sys.argv[2] == "nested"
+
+def run(args):
+    with scratch_folder(out, "refit") as scratch:  # the refit's scratch, before the output's temporary exists
+        (scratch / "moments").write_text("x")
+        if nested:
+            with atomic_output(out) as tmp:
+                (tmp / "half").write_text("y")
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+sys.exit(execute(Namespace(_run=run), "prog"))
+"""
+
+
+def test_sigterm_removes_the_temporaries_and_says_so(tmp_path):
+    """SIGTERM (``kill``, ``timeout``, a scheduler) during the refit's scratch phase, or while the output is being
+    written inside it: exit 143 with one line, no traceback, nothing left beside the output (the scratch folder was
+    left behind when only the output's temporary handled the signal)."""
+    import subprocess
+    import sys
+
+    for where in ("scratch", "nested"):
+        folder = tmp_path / where
+        folder.mkdir()
+        r = subprocess.run([sys.executable, "-c", SIGTERM_RUN, str(folder / "out"), where], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 143, (where, r.stderr)
+        assert r.stderr == "prog: terminated (SIGTERM); nothing half-written is left\n", (where, r.stderr)
+        assert list(folder.iterdir()) == [], where

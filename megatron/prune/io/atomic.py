@@ -167,14 +167,9 @@ def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
     clean_stale_partials(out)
     tmp = out.parent / partial_name(out)
     tmp.mkdir()
-    previous = signal.getsignal(signal.SIGTERM)
     try:
-        # SIGTERM becomes SystemExit so the cleanup below runs, as it does for Ctrl-C.
-        signal.signal(signal.SIGTERM, _raise_exit)
-    except ValueError:  # not in the main thread
-        previous = None
-    try:
-        yield tmp
+        with terminate_raises():
+            yield tmp
         raise_if_interrupted()
         if out.exists():
             if any(out.iterdir()) and not overwrite:
@@ -190,9 +185,6 @@ def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -204,7 +196,8 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
     clean_stale_partials(path)
     tmp = path.with_name(partial_name(path))
     try:
-        yield tmp
+        with terminate_raises():
+            yield tmp
         raise_if_interrupted()
         os.replace(tmp, path)
         FINISHED.append(path)
@@ -223,13 +216,34 @@ def scratch_folder(output: Path, what: str) -> Iterator[Path]:
     tmp = out.parent / f"{partial_name(out)}-{what}"
     tmp.mkdir()
     try:
-        yield tmp
+        with terminate_raises():
+            yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _raise_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+class Terminated(SystemExit):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler), raised where it lands so that cleanups run as for Ctrl-C;
+    exit status 143."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(128 + signum)
+
+
+@contextmanager
+def terminate_raises() -> Iterator[None]:
+    """While a temporary file or folder exists: SIGTERM raises :class:`Terminated` instead of ending the process
+    on the spot, so the temporary is removed. Nested uses keep the outer handler (restored on exit)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not in the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def copy_side_files(src: Path, dst: Path, skip: set[str], skip_suffixes: tuple[str, ...] = ()) -> list[str]:

@@ -20,8 +20,7 @@ import torch
 
 from megatron.prune.core.slicing import AxisIndex, expand_heads, slice_role
 from megatron.prune.refit.moe import is_moe_layer, refit_moe
-from megatron.prune.refit.solve import (DEFAULT_DAMPING, GroupReport, Moment, Ridge, refit_rows,
-                                        refit_to_targets)
+from megatron.prune.refit.solve import DEFAULT_DAMPING, GroupReport, Moment, Ridge, refit_rows, refit_to_targets
 
 # reader groups, in forward order: the linears of a group read the same input and are solved together
 GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
