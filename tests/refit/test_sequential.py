@@ -209,6 +209,39 @@ def test_megatron_path_equals_the_hf_path(tok_model, refit_pair, tmp_path, layou
     assert_same_tensors(hf_tensors(refit_pair / "refit"), hf_tensors(tmp_path / "back"))
 
 
+def test_a_plan_replays_the_refit_it_records(refit_pair, tok_model, calib_file, tmp_path, capsys):
+    """--plan refits with the calibration and refit settings the plan records where a flag is not typed, so it gives
+    the weights that run wrote bit for bit (it refit on the defaults: other weights); a typed flag wins; a selection
+    flag beside --plan, or a recorded --calib file that is gone, is refused before anything is written."""
+    import shutil
+
+    plan = refit_pair / "refit" / "prune_plan.json"
+    out = tmp_path / "again"
+    capsys.readouterr()
+    assert main(["prune", "--input", str(tok_model), "--output", str(out), "--plan", str(plan), "--no-progress"]) == 0
+    assert ("--plan: refit as the plan records it: --samples 4, --seq-len 32, --batch-size 2, --dtype float32, "
+            "--damping 0.01\n") in capsys.readouterr().out
+    assert_same_tensors(hf_tensors(refit_pair / "refit"), hf_tensors(out))
+    assert main(["prune", "--input", str(tok_model), "--output", str(tmp_path / "more"), "--plan", str(plan),
+                 "--samples", "8", "--no-progress"]) == 0
+    assert "--plan: refit as the plan records it: --seq-len 32, --batch-size 2," in capsys.readouterr().out
+    assert PrunePlan.load(tmp_path / "more").info["reconstruct"]["samples"] == 8
+    assert hf_tensors(tmp_path / "more")["down.0"].ne(hf_tensors(out)["down.0"]).any()
+    for flags, says in ((["--method", "random"], "--method random: --plan fixes the kept units"),
+                        (["--scores", str(plan)], f"--scores {plan}: --plan fixes the kept units")):
+        assert main(["prune", "--input", str(tok_model), "--output", str(tmp_path / "no"), "--plan", str(plan),
+                     *flags, "--no-progress"]) == 2
+        assert says in capsys.readouterr().err
+    text = tmp_path / "calib.jsonl"
+    shutil.copy(calib_file, text)
+    assert prune_cli(tok_model, tmp_path / "own", *SHAPE, "--calib", str(text)) == 0
+    text.unlink()
+    assert main(["prune", "--input", str(tok_model), "--output", str(tmp_path / "no"), "--plan",
+                 str(tmp_path / "own" / "prune_plan.json"), "--no-progress"]) == 2
+    assert f"was refit on --calib {text}, and {text} is not here: pass --calib" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists() and not list(tmp_path.glob(".no.partial-*"))
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--method", "magnitude", "--reconstruct", "least-squares"], ("--reconstruct least-squares with --method "
                                                                    "magnitude: the refit needs calibration text")),

@@ -104,7 +104,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--prune-type", choices=["balance", "unbalance"], default="balance",
                    help="balance: keep the same number of heads/groups/FFN channels inside each of the --tp "
                         "slices, so each TP shard can be pruned on its own; unbalance: select globally")
-    s.add_argument("--plan", type=Path, help="re-apply a saved prune_plan.json instead of selecting")
+    s.add_argument("--plan", type=Path,
+                   help="re-apply a saved prune_plan.json instead of selecting; a plan that was refit is refit again "
+                        "with the calibration and refit settings it records (--calib, --samples, --seq-len, "
+                        "--batch-size, --dtype, --damping), except those typed here")
     s.add_argument("--gqa", choices=GQA_MODES, default="drop-groups",
                    help="when only --num-attention-heads is given on a GQA model: trim-heads keeps every KV group "
                         "and fewer heads per group; drop-groups drops whole KV groups (default %(default)s, "
@@ -134,6 +137,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="split HF safetensors output above this size (default 5GB)")
     add_ckpt_format_argument(o, "Megatron input only: ")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for action in p._actions:  # defaults that say so: --plan fills the flags not typed from the plan's record
+        if action.dest in REPLAYED and action.default is not None:
+            action.default = type("Default", (type(action.default),), {})(action.default)
+
+
+# the refit settings a plan records and --plan replays where the flag is not typed (a saved refit gives the same
+# weights again): flag dest -> key in the plan's info["reconstruct"]
+REPLAYED = {"calib": "calib", "samples": "samples", "seq_len": "seq_len", "batch_size": "batch_size",
+            "dtype": "dtype", "damping": "damping"}
+
+
+def typed_flags(args: argparse.Namespace) -> set[str]:
+    """The :data:`REPLAYED` flags given on the command line; their values become plain numbers and strings."""
+    typed = set()
+    for dest in REPLAYED:
+        value = getattr(args, dest, None)
+        if type(value).__name__ == "Default":
+            setattr(args, dest, type(value).__mro__[1](value))
+        elif value is not None:
+            typed.add(dest)
+    return typed
+
+
+def replay_refit_settings(args: argparse.Namespace, plan: PrunePlan, path: Path) -> None:
+    """Take the calibration and refit settings an untyped flag leaves open from the refit ``plan`` records, so that
+    ``--plan`` gives the weights that run wrote; says which."""
+    record, taken = plan.info.get("reconstruct") or {}, []
+    for dest, key in REPLAYED.items():
+        if dest in args._typed or key not in record:
+            continue
+        value = record[key]
+        if dest == "calib":
+            if value == "builtin:calib":
+                continue
+            value = [Path(f) for f in value]
+            missing = [str(f) for f in value if not f.is_file()]
+            if missing:
+                raise PruneError(f"--plan {path} was refit on --calib {' '.join(map(str, value))}, and "
+                                 f"{', '.join(missing)} is not here: pass --calib (the same text gives the same "
+                                 "weights), or --reconstruct none")
+        setattr(args, dest, value)
+        taken.append(f"--{dest.replace('_', '-')} {' '.join(map(str, value)) if dest == 'calib' else value}")
+    if taken:
+        print(f"--plan: refit as the plan records it: {', '.join(taken)}")
 
 
 def write_options(args: argparse.Namespace) -> WriteOptions:
@@ -157,11 +204,17 @@ def build_plan(args: argparse.Namespace, src: TensorSource,
         if any(getattr(args, k) is not None for k in ("hidden_size", "num_attention_heads", "num_query_groups",
                                                       "ffn_hidden_size", "num_layers", "drop_layers", *MOE_FLAGS)):
             raise PruneError("--plan fixes the target shape; do not combine it with target-shape flags")
+        if args.method != "auto" or args.scores is not None:
+            given = f"--method {args.method}" if args.method != "auto" else f"--scores {args.scores}"
+            raise PruneError(f"{given}: --plan fixes the kept units; do not combine it with a selection method or "
+                             "scores")
         plan = PrunePlan.load(args.plan)
         if plan.source != src.shape:
             raise PruneError(f"plan {args.plan} was made for {plan.source}, but the input is {src.shape}")
         adapter.check_target(src, plan.target, write_options(args))
         reconstruct = args.reconstruct or ("least-squares" if "reconstruct" in plan.info else "none")
+        if reconstruct == "least-squares":
+            replay_refit_settings(args, plan, args.plan)
         check_reconstruct(src, reconstruct, None, args.calib, refit_options(args), plan.target,
                           scoring_options(args, args.seed, args.scores))
         if reconstruct == "none":  # the plan's record of an earlier refit does not describe these weights
@@ -222,6 +275,7 @@ def check_arguments(args: argparse.Namespace, kind: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
+    args._typed = typed_flags(args)
     folder = open_model(args.input)
     check_arguments(args, folder.kind)
     adapter = ADAPTERS[folder.kind]()

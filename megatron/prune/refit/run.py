@@ -93,7 +93,8 @@ def reconstruct(src: TensorSource, plan: PrunePlan, scoring: ScoringOptions, opt
     sliced, refit = summary.mean_error()
     info = {"method": "least-squares", "damping": options.damping, "groups": list(options.groups),
             "head": options.head, "calib": [str(p) for p in scoring.calib] if scoring.calib else "builtin:calib",
-            "samples": scoring.samples, "seq_len": scoring.seq_len, "dtype": scoring.dtype,
+            "samples": scoring.samples, "seq_len": scoring.seq_len, "batch_size": scoring.batch_size,
+            "dtype": scoring.dtype,
             "tokens": summary.tokens, "error_sliced": round(sliced, 6), "error_refit": round(refit, 6),
             "seconds": round(summary.seconds, 2)}
     if summary.loss is not None:
