@@ -71,6 +71,8 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     (d / "bad.json").write_text('{"hidden_size": 32,\n')
     (d / "cfg.json").write_text(json.dumps({"intermediate_size": 32}))
     (d / "garbage.pt").write_bytes(b"not a torch file")
+    torch.save([1, 2, 3], d / "list.pt")
+    torch.save({"hidden": [1.0], "heads": torch.zeros(1), "ffn": torch.zeros(1)}, d / "listy_scores.pt")
     (d / "a_file").write_text("a file where a folder should be")
     (d / "text.txt").write_text("hello world. " * 40)
     (d / "text.jsonl").write_text(json.dumps({"text": "hello world, " * 40}) + "\n")
@@ -342,6 +344,18 @@ CASES: dict[str, Case] = {
     "reshard an HF folder": Case("reshard --input {hf} --output {o} --tp 2 --no-progress", 2,
                                  ("latest_checkpointed_iteration.txt",)),
     "eval a bare folder": Case("eval --model {d} --no-progress", 2, ("is not an HF model folder",)),
+    "scores file a list": Case("prune --input {hf} --output {o} --scores {list_pt} --num-layers 2 --no-progress", 2,
+                               ("scores file", "list.pt holds a list, not the dictionary of a file of `megatron-prune "
+                                "score`")),
+    "scores not tensors": Case("prune --input {hf} --output {o} --scores {listy_scores_pt} --num-layers 2 "
+                               "--no-progress", 2, ("'hidden' is a list, not a tensor",)),
+    "scores not torch": Case("prune --input {hf} --output {o} --scores {garbage_pt} --num-layers 2 --no-progress", 2,
+                             ("cannot read scores file",)),
+    "scores a folder": Case("prune --input {hf} --output {o} --scores {d} --num-layers 2 --no-progress", 2,
+                            ("is a folder; give the scores file",)),
+    "seed beyond 64 bits": Case("prune --input {hf} --output {o} --method random --seed 99999999999999999999 "
+                                "--num-layers 2 --no-progress", 2,
+                                ("--seed 99999999999999999999: choose a seed in 0..18446744073709551615",)),
     "scores to a folder": Case("score --model {hf} --output {d} " + " ".join(QUICK), 2, ("is a folder",)),
     "vocab keep too few": Case("vocab prune --input {hf} --output {o} --keep 10 --no-progress", 2,
                                ("--keep 10 is outside",)),

@@ -42,7 +42,17 @@ class Scores:
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-            raise PruneError(f"cannot read scores file {path}: {e}") from e
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch explains weights_only at length
+            raise PruneError(f"cannot read scores file {path}: {first}") from None
+        what = "a file of `megatron-prune score`"
+        if not isinstance(d, dict):
+            raise PruneError(f"scores file {path} holds a {type(d).__name__}, not the dictionary of {what}")
+        missing = [k for k in ("hidden", "heads", "ffn") if k not in d]
+        if missing:
+            raise PruneError(f"scores file {path} has no {', '.join(missing)} scores: is it {what}?")
+        for k in cls.__dataclass_fields__:
+            if k in d and d[k] is not None and not isinstance(d[k], str if k == "method" else torch.Tensor):
+                raise PruneError(f"scores file {path}: '{k}' is a {type(d[k]).__name__}, not a tensor: is it {what}?")
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k in d})
 
     @classmethod

@@ -123,6 +123,8 @@ def save_scores(run: ScoringRun, path: Path) -> None:
 def load_scores(path: Path, shape: ModelShape) -> Scores:
     """Scores saved by ``score`` (or :meth:`Scores.save`), checked against the model they will prune."""
     path = Path(path)
+    if path.is_dir():
+        raise PruneError(f"--scores {path} is a folder; give the scores file `megatron-prune score` wrote")
     if not path.is_file():
         raise PruneError(f"--scores {path} does not exist; make it with `megatron-prune score`")
     return Scores.load(path).check(shape)
