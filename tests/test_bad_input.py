@@ -353,6 +353,14 @@ CASES: dict[str, Case] = {
                              ("cannot read scores file",)),
     "scores a folder": Case("prune --input {hf} --output {o} --scores {d} --num-layers 2 --no-progress", 2,
                             ("is a folder; give the scores file",)),
+    "prune calibration window past the positions": Case("prune --input {hf} --output {o} --seq-len 200 --samples 2 "
+                                                        "--num-layers 2 --no-progress", 2,
+                                                        ("--seq-len 200: longer than the model's "
+                                                         "max_position_embeddings 128",)),
+    "score calibration window past the positions": Case("score --model {hf} --output {o} --seq-len 200 --samples 2 "
+                                                        "--no-progress", 2, ("--seq-len 200: longer than",)),
+    "demo window past the positions": Case("demo --output {o} --seq-len 9000 --max-tokens 20000", 2,
+                                           ("--seq-len 9000: longer than the model's max_position_embeddings 8192",)),
     "seed beyond 64 bits": Case("prune --input {hf} --output {o} --method random --seed 99999999999999999999 "
                                 "--num-layers 2 --no-progress", 2,
                                 ("--seed 99999999999999999999: choose a seed in 0..18446744073709551615",)),

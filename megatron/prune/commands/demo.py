@@ -16,7 +16,7 @@ from megatron.prune.errors import check_at_least
 from megatron.prune.io.atomic import check_output_path
 from megatron.prune.models import cache_root, embedded_model_dir
 from megatron.prune.perplexity import greedy, perplexity
-from megatron.prune.runtime import DEVICE_CHOICES, load_hf, resolve_device, tokenize
+from megatron.prune.runtime import DEVICE_CHOICES, load_hf, model_seq_len, resolve_device, tokenize
 from megatron.prune.scoring.methods import SCORERS
 from megatron.prune.scoring.stats import DEFAULT_SAMPLES
 from megatron.prune.text import builtin_text
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     out_root = args.output or cache_root() / "demo"
     check_output_path([], out_root, overwrite=True)  # before a minute of measuring, not after
     src = embedded_model_dir()
+    model_seq_len(src, args.seq_len, args.seq_len)  # a window past the model's positions: refused, not run
     rows = []
 
     def measure(name: str, folder: Path, seconds: float) -> None:

@@ -268,7 +268,7 @@ def check_arguments(args: argparse.Namespace, kind: str) -> None:
     check_at_least("--max-shard-size", args.max_shard_size, 1)
     if args.seed is not None and not 0 <= args.seed < 2**64:  # torch's generator takes 64 bits
         raise PruneError(f"--seed {args.seed}: choose a seed in 0..{2**64 - 1}")
-    check_calibration_arguments(args)
+    check_calibration_arguments(args, args.input)
     if kind == "hf" and args.ckpt_format is not None:
         raise PruneError(f"--ckpt-format {args.ckpt_format}: the output of an HF input is an HF checkpoint "
                          "(safetensors); the flag is for Megatron inputs (convert the output with `megatron-prune "

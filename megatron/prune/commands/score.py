@@ -25,7 +25,7 @@ from pathlib import Path
 from megatron.prune.data import check_input_file
 from megatron.prune.errors import PruneError, check_at_least
 from megatron.prune.io.atomic import check_writable_parent
-from megatron.prune.runtime import DTYPES, resolve_device
+from megatron.prune.runtime import DTYPES, model_seq_len, resolve_device
 from megatron.prune.scoring import methods
 from megatron.prune.scoring.layerwise import MODES
 from megatron.prune.scoring.stats import AGGREGATIONS, DEFAULT_AGGREGATION
@@ -58,14 +58,18 @@ def add_calibration_arguments(p: argparse.ArgumentParser | argparse._ArgumentGro
                         "samples (Minitron); mean = over all tokens; rms = L2 over all tokens (default %(default)s)")
 
 
-def check_calibration_arguments(args: argparse.Namespace) -> None:
-    """Refuse calibration flags that cannot run (none takes 0 to mean its default), before any work."""
+def check_calibration_arguments(args: argparse.Namespace, model: Path | None = None) -> None:
+    """Refuse calibration flags that cannot run (none takes 0 to mean its default), before any work; with the
+    ``model`` folder, a --seq-len other than the default that is longer than its positions (the default is left to
+    models shorter than it: RoPE runs past them)."""
     check_at_least("--samples", args.samples, 1)
     check_at_least("--seq-len", args.seq_len, 2)
     check_at_least("--batch-size", args.batch_size, 1)
     resolve_device(args.device)
     for path in args.calib or ():
         check_input_file(path, "--calib")
+    if model is not None and int(args.seq_len) != methods.DEFAULT_SEQ_LEN:
+        model_seq_len(model, int(args.seq_len), methods.DEFAULT_SEQ_LEN)
 
 
 def scoring_options(args: argparse.Namespace, seed: int = 0, scores: Path | None = None) -> methods.ScoringOptions:
@@ -101,7 +105,7 @@ def check_output(path: Path, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, args.overwrite)
-    check_calibration_arguments(args)
+    check_calibration_arguments(args, args.model)
     result = methods.score_model(args.model, scoring_options(args))
     methods.save_scores(result, args.output)
     m = result.meta
