@@ -138,3 +138,15 @@ def test_plan_show_says_what_was_kept_dropped_and_how(tiny_hf, tmp_path, capsys)
     assert line == "reconstruction: none (the kept weights are the original's, sliced)"
     assert main(["plan", "show", str(model)]) == 2
     assert "has no prune_plan.json" in capsys.readouterr().err
+
+
+def test_no_progress_silences_the_libraries_bars_too(tok_model):
+    """transformers drew its "Loading weights" bar on stderr under --no-progress (eval, score, prune, demo); without
+    the flag it still does."""
+    argv = [sys.executable, "-m", "megatron.prune", "eval", "--model", str(tok_model), "--max-tokens", "64",
+            "--seq-len", "32", "--device", "cpu"]
+    quiet = subprocess.run([*argv, "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "Loading weights" not in quiet.stderr and "it/s" not in quiet.stderr, quiet.stderr[-2000:]
+    loud = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert loud.returncode == 0 and "Loading weights" in loud.stderr

@@ -68,6 +68,22 @@ def quiet_optional_backends() -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
+def quiet_progress_bars() -> None:
+    """``--no-progress`` silences the libraries' bars too (transformers' "Loading weights", the hub's): through the
+    hub's switch for those not imported yet, directly for those that are."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one verb; a refusal, a filesystem fault or Ctrl-C ends with one line on stderr, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -101,6 +117,8 @@ def execute(args: argparse.Namespace, prog: str, reword: Callable[[str], str] = 
     ``PROG: ...`` on stderr, never a traceback. ``reword`` lets a seed entry point name its own flags in that line.
     Callers wrap parsing and this in :func:`.io.atomic.interrupts_remembered`."""
     FINISHED.clear()
+    if getattr(args, "no_progress", False):
+        quiet_progress_bars()
     try:
         raise_if_interrupted()  # a Ctrl-C during the imports that a library swallowed
         return int(args._run(args) or 0)
