@@ -68,6 +68,7 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n\nmore text\n".encode("latin-1"))
     (d / "empty.txt").write_text("")
     (d / "short.txt").write_text("hello")
+    (d / "few.txt").write_text("hello world. " * 5)
     (d / "bad.json").write_text('{"hidden_size": 32,\n')
     (d / "cfg.json").write_text(json.dumps({"intermediate_size": 32}))
     (d / "garbage.pt").write_bytes(b"not a torch file")
@@ -76,6 +77,7 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     (d / "a_file").write_text("a file where a folder should be")
     (d / "text.txt").write_text("hello world. " * 40)
     (d / "text.jsonl").write_text(json.dumps({"text": "hello world, " * 40}) + "\n")
+    (d / "body.jsonl").write_text(json.dumps({"body": "hello world, " * 40}) + "\n")
     return {"d": d, "hf": hf, "mg": mg, "mgd": mgd, "mgd_missing": missing, "mgd_cut": cut,
             "hf_nan": d / "hf_nan", "mg_nan": mg_nan, "hf_small_vocab": small, "hash": tree_hash(d)}
 
@@ -264,7 +266,17 @@ CASES: dict[str, Case] = {
     "calibration text empty": Case(HF_OUT.replace("random", "activation") + " --calib {empty_txt}", 2,
                                    ("--calib", "empty.txt: no text")),
     "calibration text too short": Case(HF_OUT.replace("random", "activation") + " --calib {short_txt}", 2,
-                                       ("calibration text has 1 tokens", "fewer than --samples 64")),
+                                       ("calibration text has 1 tokens, fewer than one window of --seq-len 256; "
+                                        "give more text (--calib)",)),
+    "calibration text shorter than a window": Case(HF_OUT.replace("random", "activation") + " --calib {few_txt} "
+                                                   "--seq-len 64", 2,
+                                                   ("fewer than one window of --seq-len 64", "or a --seq-len of at "
+                                                    "most")),
+    "calibration in a folder": Case("score --model {hf} --output {o} --calib {d} " + " ".join(QUICK), 2,
+                                    ("is a folder; pass a file (--calib takes several: pass the files in it)",)),
+    "calibration jsonl without a text field": Case(HF_OUT.replace("random", "activation") + " --calib {body_jsonl}",
+                                                   2, ("not a JSON object with a 'text' field (fields: 'body'); name "
+                                                       "the field 'text'",)),
     # plans
     "plan a JSON list": Case("prune --input {hf} --output {o} --plan {plan_list_json} --no-progress", 2,
                              ("plan_list.json", "JSON list")),

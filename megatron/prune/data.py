@@ -138,12 +138,13 @@ class TextTokenizer:
         return self.encode(text) + [self.info.eod_id]
 
 
-def check_input_file(path: str | os.PathLike, flag: str = "--input") -> None:
-    """Refuse a missing input or a folder: one file per run (several files or globs are not supported)."""
+def check_input_file(path: str | os.PathLike, flag: str = "--input", several: bool = False) -> None:
+    """Refuse a missing input or a folder (``several``: the flag takes several files; else one file per run)."""
     p = Path(path)
     if p.is_dir():
-        raise PruneError(f"{flag} {p}: is a folder; pass a file (one file per run: concatenate several files "
-                         f"into one, or run once per file)")
+        more = (f"{flag} takes several: pass the files in it" if several else
+                "one file per run: concatenate several files into one, or run once per file")
+        raise PruneError(f"{flag} {p}: is a folder; pass a file ({more})")
     if not p.exists():
         raise PruneError(f"{flag} {p}: no such file")
     if not p.is_file():  # a device or a pipe (/dev/null, <(cmd)): it can be read, but only once and not sized
@@ -200,8 +201,12 @@ def resolve_input_format(path: str | os.PathLike, requested: str = "auto", flag:
     return "jsonl" if is_json_object(first) else "text"
 
 
-def json_document(line: str, key: str, where: str) -> str:
-    """The ``key`` string of one JSON-lines line; an error names ``where`` and, for bad JSON, json's own message."""
+OTHER_FIELD = "pass --json-keys FIELD to read another field"  # the data verb's way; other readers say theirs
+
+
+def json_document(line: str, key: str, where: str, other_field: str = OTHER_FIELD) -> str:
+    """The ``key`` string of one JSON-lines line; an error names ``where`` and, for bad JSON, json's own message;
+    ``other_field`` says how to read a file whose text is in another field."""
     try:
         obj = json.loads(line.rstrip("\r\n"))  # a newline inside an unterminated string would hide json's message
     except json.JSONDecodeError as e:
@@ -213,8 +218,7 @@ def json_document(line: str, key: str, where: str) -> str:
         raise PruneError(f"{where}: a JSON {_JSON_TYPES[type(obj)]}, expected an object with a '{key}' field")
     if key not in obj:
         fields = ", ".join(map(repr, list(obj)[:8])) or "none"
-        raise PruneError(f"{where}: not a JSON object with a '{key}' field (fields: {fields}); "
-                         f"pass --json-keys FIELD to read another field")
+        raise PruneError(f"{where}: not a JSON object with a '{key}' field (fields: {fields}); {other_field}")
     doc = obj[key]
     if not isinstance(doc, str):
         raise PruneError(f"{where}: '{key}' is a JSON {_JSON_TYPES.get(type(doc), type(doc).__name__)}, not a string")

@@ -25,6 +25,11 @@ def builtin_text(split: str = "eval") -> str:
     return "\n\n".join(topics[n].strip() for n in chosen)
 
 
+# what a JSON-lines reader without --json-keys says of a file whose text is in another field
+TEXT_FIELD_ONLY = ("name the field 'text' (these files are read by that field alone; `megatron-prune data "
+                   "--json-keys FIELD` reads others)")
+
+
 def read_texts(paths: list[Path], flag: str = "--text") -> str:
     """Concatenate the documents of text files (whole) and JSON-lines files (a ``text`` field per line), read as
     ``megatron-prune data`` reads them: the format by suffix or by the first line, ``.gz`` unpacked, a byte that is not
@@ -33,12 +38,13 @@ def read_texts(paths: list[Path], flag: str = "--text") -> str:
 
     docs: list[str] = []
     for p in map(Path, paths):
-        check_input_file(p, flag)
+        check_input_file(p, flag, several=True)
         lines = numbered_lines(p, flag)
         if resolve_input_format(p, flag=flag) == "text":
             docs.append("".join(line for _, line in lines))
         else:
-            docs.extend(json_document(line, "text", f"{flag} {p}:{n}") for n, line in lines if line.strip())
+            docs.extend(json_document(line, "text", f"{flag} {p}:{n}", TEXT_FIELD_ONLY) for n, line in lines
+                        if line.strip())
     if not any(d.strip() for d in docs):
         raise PruneError(f"{flag} {' '.join(map(str, paths))}: no text")
     return "\n\n".join(docs)

@@ -61,7 +61,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_at_least("--num-fewshot", args.num_fewshot, 0)
     args.device = resolve_device(args.device)
     for path in args.text or ():
-        check_input_file(path, "--text")
+        check_input_file(path, "--text", several=True)
     check_model_folder(args.model)
     args.seq_len = model_seq_len(args.model, args.seq_len, DEFAULT_SEQ_LEN)
 

@@ -67,7 +67,7 @@ def check_calibration_arguments(args: argparse.Namespace, model: Path | None = N
     check_at_least("--batch-size", args.batch_size, 1)
     resolve_device(args.device)
     for path in args.calib or ():
-        check_input_file(path, "--calib")
+        check_input_file(path, "--calib", several=True)
     if model is not None and int(args.seq_len) != methods.DEFAULT_SEQ_LEN:
         model_seq_len(model, int(args.seq_len), methods.DEFAULT_SEQ_LEN)
 

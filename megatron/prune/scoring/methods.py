@@ -45,6 +45,10 @@ def calibration_windows(ids: torch.Tensor, samples: int, seq_len: int) -> torch.
     if samples < 1 or seq_len < 2:
         raise PruneError(f"--samples {samples} --seq-len {seq_len}: need at least 1 sample of at least 2 tokens")
     n = ids.numel() // seq_len
+    if n == 0:
+        raise PruneError(f"calibration text has {ids.numel()} tokens, fewer than one window of --seq-len {seq_len}; "
+                         "give more text (--calib)" + (f" or a --seq-len of at most {ids.numel()}"
+                                                       if ids.numel() >= 2 else ""))
     if n < samples:
         raise PruneError(f"calibration text has {ids.numel()} tokens: {n} windows of --seq-len {seq_len}, fewer "
                          f"than --samples {samples}; give more text or lower --samples/--seq-len (at most {n})")

@@ -93,7 +93,7 @@ def check_data_files(paths: Sequence[Path | str]) -> list[Path]:
     if not paths:
         raise PruneError("no data files given")
     for p in paths:
-        check_input_file(p, "--data")
+        check_input_file(p, "--data", several=True)
         if Path(p).stat().st_size == 0:
             raise PruneError(f"--data {p}: the file is empty; there is nothing to count")
     return list(map(Path, paths))
@@ -121,12 +121,13 @@ def iter_tasks(paths: Sequence[Path], chunk_chars: int = CHUNK_CHARS) -> Iterato
 def _documents(tag: str, start: int, raw: str) -> list[str]:
     """A plain-text piece is one document; a JSON-lines piece has one document (its ``text``) per non-empty line."""
     from megatron.prune.data import json_document
+    from megatron.prune.text import TEXT_FIELD_ONLY
 
     kind, path = tag.split(":", 1)
     if kind == "text":
         return [raw]
-    return [json_document(line, "text", f"{path}:{n}") for n, line in enumerate(raw.splitlines(), start)
-            if line.strip()]
+    return [json_document(line, "text", f"{path}:{n}", TEXT_FIELD_ONLY)
+            for n, line in enumerate(raw.splitlines(), start) if line.strip()]
 
 
 _ENCODER = None
