@@ -63,7 +63,9 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     torch.save(state, shard)
     plan = PrunePlan.keep_all(HFCheckpoint.open(hf).shape).to_dict()
     for name, change in {"list": lambda p: [p], "scale_text": lambda p: {**p, "norm_scale": "big"},
-                         "scale_negative": lambda p: {**p, "norm_scale": -1.0}, "half_index": half_index}.items():
+                         "scale_negative": lambda p: {**p, "norm_scale": -1.0}, "half_index": half_index,
+                         "null": lambda p: None, "empty": lambda p: {}, "info_text": lambda p: {**p, "info": "x"},
+                         "negative_size": lambda p: {**p, "source": {**p["source"], "num_experts": -4}}}.items():
         (d / f"plan_{name}.json").write_text(json.dumps(change(plan)))
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n\nmore text\n".encode("latin-1"))
     (d / "empty.txt").write_text("")
@@ -278,8 +280,17 @@ CASES: dict[str, Case] = {
                                                    2, ("not a JSON object with a 'text' field (fields: 'body'); name "
                                                        "the field 'text'",)),
     # plans
+    "plan JSON null": Case("prune --input {hf} --output {o} --plan {plan_null_json} --no-progress", 2,
+                           ("this one is a JSON null",)),
+    "plan an empty object": Case("prune --input {hf} --output {o} --plan {plan_empty_json} --no-progress", 2,
+                                 ("not a prune plan", "(this object's keys: none)")),
+    "plan info not an object": Case("prune --input {hf} --output {o} --plan {plan_info_text_json} --no-progress", 2,
+                                    ("plan info: a JSON string, expected an object",)),
+    "plan negative size": Case("plan show {plan_negative_size_json}", 2,
+                               ("plan source num_experts -4: a size cannot be negative",)),
+    "plan show a device": Case("plan show /dev/null", 2, ("/dev/null: not a regular file",)),
     "plan a JSON list": Case("prune --input {hf} --output {o} --plan {plan_list_json} --no-progress", 2,
-                             ("plan_list.json", "JSON list")),
+                             ("plan_list.json", "JSON array")),
     "plan norm_scale text": Case("prune --input {hf} --output {o} --plan {plan_scale_text_json} --no-progress", 2,
                                  ("norm_scale: 'big' is not a positive number",)),
     "plan norm_scale negative": Case("prune --input {hf} --output {o} --plan {plan_scale_negative_json}", 2,

@@ -43,8 +43,10 @@ def find_plan(path: Path) -> Path:
             raise PruneError(f"{path} has no {PLAN_FILE}: `megatron-prune prune` writes one beside the pruned "
                              "weights (convert and reshard keep it)")
         return path / PLAN_FILE
-    if not path.is_file():
+    if not path.exists():
         raise PruneError(f"{path}: no such file or folder")
+    if not path.is_file():  # a device or a pipe
+        raise PruneError(f"{path}: not a regular file; give a prune_plan.json or the folder holding one")
     return path
 
 

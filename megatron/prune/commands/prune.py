@@ -28,7 +28,7 @@ from pathlib import Path
 
 from megatron.prune.commands import add_ckpt_format_argument
 from megatron.prune.commands.score import add_calibration_arguments, check_calibration_arguments, scoring_options
-from megatron.prune.core.plan import NORM_RESCALES, PrunePlan, norm_rescale
+from megatron.prune.core.plan import NORM_RESCALES, PrunePlan, norm_rescale, shape_differences
 from megatron.prune.core.select import Scores, make_plan
 from megatron.prune.core.target import (GQA_MODES, MOE_FLAGS, TargetRequest, check_tp_balance, gqa_query_groups,
                                         resolve_target, top_k_note)
@@ -210,7 +210,8 @@ def build_plan(args: argparse.Namespace, src: TensorSource,
                              "scores")
         plan = PrunePlan.load(args.plan)
         if plan.source != src.shape:
-            raise PruneError(f"plan {args.plan} was made for {plan.source}, but the input is {src.shape}")
+            raise PruneError(f"plan {args.plan} was made for another model: {shape_differences(plan.source, src.shape)}"
+                             " (the plan's source vs the input)")
         adapter.check_target(src, plan.target, write_options(args))
         reconstruct = args.reconstruct or ("least-squares" if "reconstruct" in plan.info else "none")
         if reconstruct == "least-squares":

@@ -129,9 +129,15 @@ class PrunePlan:
         whole-number indices (0.5 is not one), a positive ``norm_scale``."""
         if not isinstance(d, Mapping):
             raise PruneError(f"a plan is a JSON object with 'source', 'target', 'hidden' and 'layers'; this one is a "
-                             f"JSON {type(d).__name__}")
+                             f"JSON {json_type(d)}")
+        if "version" not in d and "source" not in d:
+            keys = ", ".join(map(repr, list(d)[:8])) or "none"
+            raise PruneError(f"not a prune plan: a prune_plan.json has 'version', 'source', 'target', 'hidden' and "
+                             f"'layers' (this object's keys: {keys})")
         if d.get("version") != PLAN_VERSION:
             raise PruneError(f"unsupported plan version {d.get('version')!r}; expected {PLAN_VERSION}")
+        if d.get("info") is not None and not isinstance(d["info"], Mapping):
+            raise PruneError(f"plan info: a JSON {json_type(d['info'])}, expected an object (how the plan was made)")
         layers = d["layers"]
         if not isinstance(layers, list) or not all(isinstance(lp, Mapping) for lp in layers):
             raise PruneError("plan layers: expected a list of objects (source_layer, query_groups, heads, ffn)")
@@ -223,14 +229,26 @@ def _check_experts(where: str, lp: LayerPlan, s: ModelShape, t: ModelShape) -> N
                          "(the kept experts)")
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a value's type (null, not NoneType)."""
+    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
 def _shape(name: str, d: Any) -> ModelShape:
-    """A plan's source or target shape, every size a whole number."""
+    """A plan's source or target shape, every size a whole number, none negative."""
     if not isinstance(d, Mapping):
         raise PruneError(f"plan {name}: expected an object of model sizes")
     for f in dataclasses.fields(ModelShape):
-        if f.name in d and f.type == "int":
-            _index(f"{name} {f.name}", d[f.name])
+        if f.name in d and f.type == "int" and _index(f"{name} {f.name}", d[f.name]) < 0:
+            raise PruneError(f"plan {name} {f.name} {d[f.name]}: a size cannot be negative")
     return ModelShape.from_dict(d)
+
+
+def shape_differences(a: ModelShape, b: ModelShape) -> str:
+    """The fields where ``a`` and ``b`` differ, as ``name a vs b``: what a plan for another model gets wrong."""
+    return ", ".join(f"{f.name} {getattr(a, f.name)} vs {getattr(b, f.name)}" for f in dataclasses.fields(ModelShape)
+                     if getattr(a, f.name) != getattr(b, f.name))
 
 
 def _norm_scale(value: Any) -> float:

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from megatron.prune.core.plan import PrunePlan
+from megatron.prune.core.plan import PrunePlan, shape_differences
 from megatron.prune.core.roles import expected_tensors, role_shape, stored_role
 from megatron.prune.core.shape import (ModelShape, family_of, hf_config_for_shape, nearest_multiples,
                                       shape_from_hf_config)
@@ -386,7 +386,8 @@ def apply_plan(input_dir: Path, output_dir: Path, plan: PrunePlan, overwrite: bo
     into place)."""
     ckpt = HFCheckpoint.open(input_dir)
     if plan.source != ckpt.shape:
-        raise PruneError(f"plan was made for {plan.source} but {input_dir} has {ckpt.shape}")
+        raise PruneError(f"plan was made for another model than {input_dir}: "
+                         f"{shape_differences(plan.source, ckpt.shape)} (the plan's source vs the input)")
     plan.validate()
     check_hf_target(plan.target, ckpt.config)
     check_output_path(input_dir, output_dir, overwrite)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from megatron.prune.core.plan import PLAN_FILE, PrunePlan
+from megatron.prune.core.plan import PLAN_FILE, PrunePlan, shape_differences
 from megatron.prune.core.shape import ModelShape, hf_config_for_shape, nearest_multiples, not_divisible
 from megatron.prune.core.slicing import layer_index, tp_slice_index
 from megatron.prune.errors import PruneError
@@ -175,7 +175,8 @@ def apply_plan(src: CheckpointHeader, plan: PrunePlan, output: Path | str, overw
     memory at a time); ``unbalance`` gathers each tensor, applies the plan and writes ``tp``/``pp``.
     """
     if plan.source != src.shape:
-        raise PruneError(f"plan was made for {plan.source} but {src.folder} has {src.shape}")
+        raise PruneError(f"plan was made for another model than {src.folder}: "
+                         f"{shape_differences(plan.source, src.shape)} (the plan's source vs the input)")
     plan.validate()
     tp, pp = output_layout(src, plan.target, prune_type, tp, pp)
     div = int(getattr(src.args, "make_vocab_size_divisible_by", 128))
