@@ -209,3 +209,11 @@ def test_ridge_solves_and_scores_row_blocks_as_the_whole():
     summed = [sum(p[i] for p in parts) + float(yy.trace()) for i in (0, 1)]
     assert summed == pytest.approx(rc.reconstruction_errors([prior, whole], H, C, yy), rel=1e-6)
     assert summed[1] < summed[0]
+
+
+def test_a_relative_error_is_never_negative():
+    """An error term that rounds just below -E‖y‖² (nothing left to fit) reports 0, not -0.0000."""
+    from megatron.prune.refit.solve import GroupReport
+
+    report = GroupReport.relative([-1.0 - 1e-12, -0.5], 1.0)
+    assert (report.sliced, report.refit) == (0.0, 0.5) and f"{report.sliced:.4f}" == "0.0000"

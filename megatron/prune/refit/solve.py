@@ -228,9 +228,10 @@ class GroupReport:
 
     @classmethod
     def relative(cls, terms: list[float], energy: float) -> GroupReport:
-        """From the (sliced, refit) error terms of :meth:`Ridge.errors` and ``E‖y‖²``."""
+        """From the (sliced, refit) error terms of :meth:`Ridge.errors` and ``E‖y‖²``; an error is never negative
+        (a sum of squares: rounding below 0 where it is 0 printed as -0.0000)."""
         scale = max(energy, 1e-30)
-        return cls(*((e + energy) / scale for e in terms))
+        return cls(*(max((e + energy) / scale, 0.0) for e in terms))
 
 
 def solve_from_moments(C_ys: torch.Tensor, H_ss: torch.Tensor, prior: torch.Tensor,
