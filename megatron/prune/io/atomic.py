@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from megatron.prune.errors import PruneError
 
@@ -38,18 +38,27 @@ def interrupts_remembered() -> Iterator[None]:
         INTERRUPTS.append(signum)
         raise KeyboardInterrupt
 
-    previous = None
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        INTERRUPTS.clear()
-        try:
-            previous = signal.signal(signal.SIGINT, remember)
-        except ValueError:  # not in the main thread
-            previous = None
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    INTERRUPTS.clear()
+    with handled(signal.SIGINT, remember):
+        yield
+
+
+@contextmanager
+def handled(signum: int, handler: Callable[[int, object], None]) -> Iterator[None]:
+    """``handler`` for ``signum`` for the duration, the previous one restored after; nothing in a thread other than
+    the main one (Python handles signals there only)."""
+    try:
+        previous = signal.signal(signum, handler)
+    except ValueError:  # not in the main thread
+        previous = None
     try:
         yield
     finally:
         if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signum, previous)
 
 
 def raise_if_interrupted() -> None:
@@ -235,15 +244,8 @@ def _raise_terminated(signum: int, frame: object) -> None:
 def terminate_raises() -> Iterator[None]:
     """While a temporary file or folder exists: SIGTERM raises :class:`Terminated` instead of ending the process
     on the spot, so the temporary is removed. Nested uses keep the outer handler (restored on exit)."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not in the main thread
-        previous = None
-    try:
+    with handled(signal.SIGTERM, _raise_terminated):
         yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def copy_side_files(src: Path, dst: Path, skip: set[str], skip_suffixes: tuple[str, ...] = ()) -> list[str]:
