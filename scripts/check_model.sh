@@ -41,10 +41,25 @@ require_python check_model.sh
 mock=0; for arg in "$@"; do [[ "$arg" == --mock-data ]] && mock=1; done
 [[ "$mock" == 1 ]] || : "${DATA:?set DATA to a dataset prefix (see megatron-prune data)}"
 : "${TOKENIZER:?set TOKENIZER to an HF tokenizer folder or a SentencePiece .model}"
-TP="${TP:-1}"; PP="${PP:-1}"; EP="${EP:-1}"; NPROC="${NPROC:-$((TP * PP * EP))}"; NNODES="${NNODES:-1}"
+TP="${TP:-1}"; PP="${PP:-1}"; EP="${EP:-1}"; NNODES="${NNODES:-1}"
 TRAIN_ITERS="${TRAIN_ITERS:-100}"; SEQ_LEN="${SEQ_LEN:-512}"
 MICRO_BATCH="${MICRO_BATCH:-1}"; GLOBAL_BATCH="${GLOBAL_BATCH:-8}"
-LR="${LR:-1e-4}"; MIN_LR="${MIN_LR:-$("$PYTHON" -c "print(float('$LR') / 10)")}"
+whole_numbers check_model.sh TP PP EP NNODES TRAIN_ITERS SEQ_LEN MICRO_BATCH GLOBAL_BATCH
+NPROC="${NPROC:-$((TP * PP * EP))}"
+whole_numbers check_model.sh NPROC
+[[ -z "${TRAIN_SAMPLES:-}" ]] || whole_numbers check_model.sh TRAIN_SAMPLES
+LR="${LR:-1e-4}"  # MIN_LR defaults to LR / 10; both numbers (read as data, never run as code)
+MIN_LR="$("$PYTHON" -c 'import math, sys
+def number(name, text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not (math.isfinite(v) and v >= 0):
+        sys.exit(f"check_model.sh: error: {name}={text}: expected a number >= 0 (a learning rate)")
+    return v
+lr = number("LR", sys.argv[1])
+print(number("MIN_LR", sys.argv[2]) if sys.argv[2] else lr / 10)' "$LR" "${MIN_LR:-}")" || exit 2
 
 if [[ "$TOKENIZER" == *.model ]]; then tok_type=SentencePieceTokenizer; else tok_type=HuggingFaceTokenizer; fi
 read -r has_gpu load_format < <("$PYTHON" -c 'import sys, torch

@@ -42,3 +42,11 @@ need() {
   echo "$name: error: set $var (or pass ${flags//|/ or }) to $what" >&2
   exit 2
 }
+
+# whole_numbers SCRIPT NAME...: exit 2 with one line unless each variable NAME holds a whole number >= 1.
+whole_numbers() {
+  local script="$1" name; shift
+  for name in "$@"; do
+    [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || { echo "$script: error: $name=${!name}: expected a whole number >= 1" >&2; exit 2; }
+  done
+}

@@ -671,6 +671,25 @@ def test_full_and_read_only_disks_in_every_writing_verb(inputs, tmp_path):
     assert snapshot(inputs["d"]) and tree_hash(inputs["d"]) == inputs["hash"]
 
 
+def test_recovery_script_refuses_bad_numbers_in_one_line(tmp_path):
+    """check_model.sh's numeric variables: not whole numbers >= 1 (TP, TRAIN_ITERS, ...) or not a learning rate are
+    one line before any Python start-up (TRAIN_ITERS=0 and TP=x died in every rank or in bash), and LR is read as
+    data: it used to be pasted into Python source, so a crafted value ran."""
+    marker = tmp_path / "ran"
+    cases = [("TP", "x", "expected a whole number >= 1"), ("TRAIN_ITERS", "0", "expected a whole number >= 1"),
+             ("TRAIN_ITERS", "-1", "expected a whole number >= 1"), ("LR", "abc", "expected a number >= 0"),
+             ("LR", f"1e-4') or open('{marker}', 'w') or print('", "expected a number >= 0"),
+             ("MIN_LR", "nan", "expected a number >= 0")]
+    for name, value, says in cases:
+        env = {**os.environ, "PYTHON": sys.executable, "DATA": str(tmp_path / "d"), "TOKENIZER": str(tmp_path),
+               name: value}
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "check_model.sh")], env=env, capture_output=True,
+                           text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 2 and r.stderr == f"check_model.sh: error: {name}={value}: {says}" + (
+            " (a learning rate)\n" if "LR" in name else "\n"), (name, value, r.stderr[-2000:])
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("damage", ["truncated shard", "Inf weight"])
 def test_recovery_run_refusals_are_one_line_before_torchrun(damage, inputs, tmp_path):
     """scripts/check_model.sh runs the ranks' pre-start checks once, before torchrun: a damaged checkpoint (a rank's
