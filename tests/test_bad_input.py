@@ -44,6 +44,9 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     mgd = ops.hf_to_megatron(hf, d / "mgd", progress=False, ckpt_format="torch_dist")
     missing = shutil.copytree(mgd, d / "mgd_missing")
     next(missing.glob("iter_*/*.distcp")).unlink()
+    short = shutil.copytree(hf, d / "hf_short")  # config.json counts 2 of its 4 layers
+    (short / "config.json").write_text(json.dumps({**json.loads((hf / "config.json").read_text()),
+                                                   "num_hidden_layers": 2}))
     cut = shutil.copytree(mgd, d / "mgd_cut")
     f = next(cut.glob("iter_*/*.distcp"))
     os.truncate(f, f.stat().st_size // 2)
@@ -81,7 +84,7 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     (d / "text.jsonl").write_text(json.dumps({"text": "hello world, " * 40}) + "\n")
     (d / "body.jsonl").write_text(json.dumps({"body": "hello world, " * 40}) + "\n")
     return {"d": d, "hf": hf, "mg": mg, "mgd": mgd, "mgd_missing": missing, "mgd_cut": cut,
-            "hf_nan": d / "hf_nan", "mg_nan": mg_nan, "hf_small_vocab": small, "hash": tree_hash(d)}
+            "hf_nan": d / "hf_nan", "mg_nan": mg_nan, "hf_short": short, "hf_small_vocab": small, "hash": tree_hash(d)}
 
 
 def half_index(plan: dict) -> dict:
@@ -280,6 +283,12 @@ CASES: dict[str, Case] = {
                                                    2, ("not a JSON object with a 'text' field (fields: 'body'); name "
                                                        "the field 'text'",)),
     # plans
+    "config counts fewer layers than the weights": Case("convert hf-to-megatron --input {hf_short} --output {o} "
+                                                        "--no-progress", 2,
+                                                        ("beyond config.json's 2 layers", "model.layers.2.",
+                                                         "fix the config")),
+    "eval a config of fewer layers": Case("eval --model {hf_short} --max-tokens 64 --seq-len 32 --no-progress", 2,
+                                          ("beyond config.json's 2 layers",)),
     "plan JSON null": Case("prune --input {hf} --output {o} --plan {plan_null_json} --no-progress", 2,
                            ("this one is a JSON null",)),
     "plan an empty object": Case("prune --input {hf} --output {o} --plan {plan_empty_json} --no-progress", 2,

@@ -203,16 +203,25 @@ class HFCheckpoint:
     def _check_names(self) -> None:
         names = self.names
         patterns = _patterns(names)
-        unknown = []
+        unknown, beyond = [], []
         for name in self.files:
             try:
-                parse_hf_key(name, patterns)
+                _, layer, expert = parse_hf_key(name, patterns)
             except KeyError:
                 if not IGNORED.match(name):
                     unknown.append(name)
+                continue
+            if (layer is not None and layer >= self.shape.num_layers) or (
+                    expert is not None and expert >= self.shape.num_experts):
+                beyond.append(name)  # weights the config does not count: they would be dropped without a word
         if unknown:
             raise PruneError(f"{self.folder}: unknown tensor name(s) {unknown[:5]}"
                              f"{' ...' if len(unknown) > 5 else ''} for {self.config.get('architectures')}")
+        if beyond:
+            raise PruneError(f"{self.folder}: tensor(s) beyond config.json's {self.shape.num_layers} layers"
+                             f"{f' and {self.shape.num_experts} experts' if self.shape.is_moe else ''}: "
+                             f"{sorted(beyond)[:3]}{' ...' if len(beyond) > 3 else ''}; fix the config "
+                             "(num_hidden_layers, the expert count) to the weights")
         missing = [n for n in (hf_name(r, l, e, names) for r, l, e in expected_tensors(self.shape))
                    if n not in self.files]
         if missing:
