@@ -44,6 +44,11 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     mgd = ops.hf_to_megatron(hf, d / "mgd", progress=False, ckpt_format="torch_dist")
     missing = shutil.copytree(mgd, d / "mgd_missing")
     next(missing.glob("iter_*/*.distcp")).unlink()
+    bare = d / "bare"  # the model without its tokenizer
+    bare.mkdir()
+    for f in hf.iterdir():
+        if f.name == "config.json" or f.suffix == ".safetensors":
+            shutil.copy(f, bare / f.name)
     short = shutil.copytree(hf, d / "hf_short")  # config.json counts 2 of its 4 layers
     (short / "config.json").write_text(json.dumps({**json.loads((hf / "config.json").read_text()),
                                                    "num_hidden_layers": 2}))
@@ -84,7 +89,7 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     (d / "text.jsonl").write_text(json.dumps({"text": "hello world, " * 40}) + "\n")
     (d / "body.jsonl").write_text(json.dumps({"body": "hello world, " * 40}) + "\n")
     return {"d": d, "hf": hf, "mg": mg, "mgd": mgd, "mgd_missing": missing, "mgd_cut": cut,
-            "hf_nan": d / "hf_nan", "mg_nan": mg_nan, "hf_short": short, "hf_small_vocab": small, "hash": tree_hash(d)}
+            "hf_nan": d / "hf_nan", "mg_nan": mg_nan, "hf_short": short, "bare": bare, "hf_small_vocab": small, "hash": tree_hash(d)}
 
 
 def half_index(plan: dict) -> dict:
@@ -289,6 +294,8 @@ CASES: dict[str, Case] = {
                                                          "fix the config")),
     "eval a config of fewer layers": Case("eval --model {hf_short} --max-tokens 64 --seq-len 32 --no-progress", 2,
                                           ("beyond config.json's 2 layers",)),
+    "eval a model without a tokenizer": Case("eval --model {bare} --max-tokens 64 --seq-len 32 --no-progress", 2,
+                                             ("has no tokenizer", "copy the tokenizer files")),
     "plan JSON null": Case("prune --input {hf} --output {o} --plan {plan_null_json} --no-progress", 2,
                            ("this one is a JSON null",)),
     "plan an empty object": Case("prune --input {hf} --output {o} --plan {plan_empty_json} --no-progress", 2,

@@ -86,7 +86,12 @@ def load_tokenizer(folder: Path | str):
     """The tokenizer of a model folder: its own (HF), or the one in a Megatron checkpoint's ``hf_meta/``."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(as_model_folder(folder).tokenizer_dir, local_files_only=True)
+    model = as_model_folder(folder)
+    if not model.has_tokenizer():  # transformers would try every backend and fail in a traceback
+        raise PruneError(f"{folder} has no tokenizer ({'its hf_meta/ holds none' if model.kind == 'megatron' else
+                         'no tokenizer.json or tokenizer_config.json beside config.json'}): text cannot go "
+                         "through it; copy the tokenizer files of the model it came from into the folder")
+    return AutoTokenizer.from_pretrained(model.tokenizer_dir, local_files_only=True)
 
 
 def megatron_as_hf(folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
