@@ -49,6 +49,13 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     for f in hf.iterdir():
         if f.name == "config.json" or f.suffix == ".safetensors":
             shutil.copy(f, bare / f.name)
+    config = json.loads((hf / "config.json").read_text())
+    for name, cfg in {"no_hidden": {k: v for k, v in config.items() if k != "hidden_size"},
+                      "null_heads": {**config, "num_attention_heads": None},
+                      "text_layers": {**config, "num_hidden_layers": "4"},
+                      "rope_text": {**config, "rope_theta": "big"}}.items():  # the model with a damaged config.json
+        folder = shutil.copytree(hf, d / f"cfg_{name}")
+        (folder / "config.json").write_text(json.dumps(cfg))
     short = shutil.copytree(hf, d / "hf_short")  # config.json counts 2 of its 4 layers
     (short / "config.json").write_text(json.dumps({**json.loads((hf / "config.json").read_text()),
                                                    "num_hidden_layers": 2}))
@@ -288,6 +295,14 @@ CASES: dict[str, Case] = {
                                                    2, ("not a JSON object with a 'text' field (fields: 'body'); name "
                                                        "the field 'text'",)),
     # plans
+    "config without hidden_size": Case("convert hf-to-megatron --input {d}/cfg_no_hidden --output {o} --no-progress",
+                                       2, ("config.json has no 'hidden_size'",)),
+    "config heads null": Case("convert hf-to-megatron --input {d}/cfg_null_heads --output {o} --no-progress", 2,
+                              ("config.json 'num_attention_heads': null is not a whole number >= 1",)),
+    "config layers a string": Case("prune --input {d}/cfg_text_layers --output {o} --num-layers 2 --no-progress", 2,
+                                   ("config.json 'num_hidden_layers': \"4\" is not a whole number >= 1",)),
+    "config rope_theta a string": Case("convert hf-to-megatron --input {d}/cfg_rope_text --output {o} --no-progress",
+                                       2, ("config.json 'rope_theta': \"big\" is not a positive number",)),
     "config counts fewer layers than the weights": Case("convert hf-to-megatron --input {hf_short} --output {o} "
                                                         "--no-progress", 2,
                                                         ("beyond config.json's 2 layers", "model.layers.2.",

@@ -7,6 +7,7 @@ A :class:`ModelShape` is read from an HF ``config.json`` through one registry ke
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -146,21 +147,36 @@ def family_for_shape(shape: ModelShape) -> Family:
                      f"supported: {', '.join(sorted(FAMILIES))}")
 
 
+def config_size(config: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    """The whole number >= 1 at ``key`` of an HF config (``default`` where it is absent or null and one is given);
+    anything else refused by name (a JSON string, null, a fraction, 0)."""
+    value = config.get(key)
+    if value is None and default is not None:
+        return default
+    if key not in config:
+        raise PruneError(f"config.json has no {key!r}: is it a LLaMA-family model's config?")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PruneError(f"config.json {key!r}: {json.dumps(value)} is not a whole number >= 1")
+    return value
+
+
 def shape_from_hf_config(config: Mapping[str, Any]) -> ModelShape:
-    """Read a :class:`ModelShape` from an HF config dict."""
+    """Read a :class:`ModelShape` from an HF config dict (each size checked: :func:`config_size`)."""
     family = family_of(config)
     moe = moe_sizes(family, config)
-    heads = int(config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
-    head_dim = config.get("head_dim") or hidden // heads
+    heads = config_size(config, "num_attention_heads")
+    hidden = config_size(config, "hidden_size")
+    head_dim = config_size(config, "head_dim", hidden // heads or 1)
     return ModelShape(
-        num_layers=int(config["num_hidden_layers"]),
+        num_layers=config_size(config, "num_hidden_layers"),
         hidden_size=hidden,
         num_attention_heads=heads,
-        num_query_groups=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(head_dim),
-        ffn_hidden_size=0 if moe else int(config["intermediate_size"]),
-        vocab_size=int(config["vocab_size"]),
+        num_query_groups=config_size(config, "num_key_value_heads", heads),
+        head_dim=head_dim,
+        ffn_hidden_size=0 if moe else config_size(config, "intermediate_size"),
+        vocab_size=config_size(config, "vocab_size"),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=family.qkv_bias or bool(config.get("attention_bias", False)),
         qk_norm=family.qk_norm,
@@ -185,8 +201,8 @@ def moe_sizes(family: Family, config: Mapping[str, Any]) -> dict[str, int]:
     if not count or count < 1:
         raise PruneError(f"{arch} config has no expert count ({' or '.join(keys.experts)} = {count!r}); "
                          "a model without experts is not a mixture of experts")
-    return dict(num_experts=int(count), moe_ffn_hidden_size=int(config[keys.expert_ffn]),
-                num_experts_per_tok=int(config[keys.top_k]))
+    return dict(num_experts=int(count), moe_ffn_hidden_size=config_size(config, keys.expert_ffn),
+                num_experts_per_tok=config_size(config, keys.top_k))
 
 
 # transformers 5 runs experts with torch's grouped_mm by default, which refuses expert weights whose rows are not a

@@ -4,12 +4,13 @@ back into a :class:`ModelShape` and an HF config."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from megatron.prune.core.shape import ModelShape, family_for_shape, family_of, hf_config_for_shape
+from megatron.prune.core.shape import ModelShape, config_size, family_for_shape, family_of, hf_config_for_shape
 from megatron.prune.errors import PruneError
 
 
@@ -36,7 +37,11 @@ def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, 
     experts in TEGroupedMLP's layout)."""
     a = argparse.Namespace(**vars(base)) if base is not None else argparse.Namespace()
     max_pos = int(hf_config.get("max_position_embeddings") or getattr(a, "max_position_embeddings", None) or 4096)
+    if hf_config.get("max_position_embeddings") is not None:
+        max_pos = config_size(hf_config, "max_position_embeddings")
     rope = hf_config.get("rope_theta") or (hf_config.get("rope_parameters") or {}).get("rope_theta")
+    if rope is not None and (isinstance(rope, bool) or not isinstance(rope, (int, float)) or not rope > 0):
+        raise PruneError(f"config.json 'rope_theta': {json.dumps(rope)} is not a positive number")
     fields = dict(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size, ffn_hidden_size=shape.ffn_hidden_size,
         num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
