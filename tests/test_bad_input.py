@@ -423,6 +423,10 @@ CASES: dict[str, Case] = {
                                ("--keep 10 is outside",)),
     "data two json keys": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {hf} --json-keys a b", 2,
                                ("--json-keys a b: one key per run",)),
+    "data workers beyond the machine": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {hf} "
+                                            "--workers 100000", 2, ("--workers 100000: choose 1..", "at most 4 per CPU")),
+    "vocab count workers beyond the machine": Case("vocab count --tokenizer {hf} --data {text_txt} --output {o} "
+                                                   "--workers 100000", 2, ("--workers 100000: choose 0..",)),
     "data workers 0": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {hf} --workers 0", 2,
                            ("--workers 0",)),
 }

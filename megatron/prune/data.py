@@ -30,7 +30,7 @@ import numpy as np
 from megatron.prune.errors import PruneError
 from megatron.prune.io.atomic import (FINISHED, check_writable_parent, clean_stale_partials, partial_name,
                                       raise_if_interrupted)
-from megatron.prune.io.workers import end_with_parent
+from megatron.prune.io.workers import check_workers, end_with_parent
 
 SUFFIX = "_text_document"  # Megatron's naming for a dataset built from the "text" key
 
@@ -388,8 +388,7 @@ def preprocess(
     """Tokenize every document (+EOD) into ``PREFIX_{json_key}_document.bin/.idx``; return counts."""
     from tqdm import tqdm
 
-    if workers < 1:
-        raise PruneError(f"--workers {workers}: must be at least 1")
+    check_workers(workers)
     check_output_prefix(output_prefix)
     check_json_key(json_key)
     bin_path, idx_path = dataset_paths(output_prefix, json_key)

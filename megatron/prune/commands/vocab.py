@@ -56,6 +56,7 @@ def count(args: argparse.Namespace) -> int:
     """Count token frequencies of a corpus with a tokenizer; the file remembers which tokenizer."""
     from megatron.prune.errors import PruneError
     from megatron.prune.io.atomic import check_writable_parent
+    from megatron.prune.io.workers import check_workers
     from megatron.prune.vocab import count_tokens, open_tokenizer
 
     if args.output.is_dir():
@@ -66,8 +67,7 @@ def count(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.overwrite:
         raise PruneError(f"--output {args.output} exists; pass --overwrite to replace it")
     check_writable_parent(args.output, "--output")
-    if args.workers < 0:
-        raise PruneError(f"--workers {args.workers} must be >= 0")
+    check_workers(args.workers, least=0)  # 0: min(4, CPUs)
     tf = open_tokenizer(args.tokenizer)
     counts = count_tokens(args.tokenizer, args.data, tf.rules, args.workers, progress=not args.no_progress)
     counts.save(args.output)

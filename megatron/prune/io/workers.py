@@ -21,3 +21,14 @@ def end_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:  # the parent died before the request took effect
         os._exit(1)
+
+
+def check_workers(workers: int, least: int = 1) -> None:
+    """Refuse a worker count below ``least`` or above 4 processes per CPU of this machine (each worker holds a
+    tokenizer: 100,000 of them hang the machine rather than finish sooner)."""
+    from megatron.prune.errors import PruneError
+
+    most = 4 * (os.cpu_count() or 1)
+    if not least <= workers <= most:
+        raise PruneError(f"--workers {workers}: choose {least}..{most} (at most 4 per CPU; this machine has "
+                         f"{os.cpu_count() or 1})")
