@@ -53,7 +53,8 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     for name, cfg in {"no_hidden": {k: v for k, v in config.items() if k != "hidden_size"},
                       "null_heads": {**config, "num_attention_heads": None},
                       "text_layers": {**config, "num_hidden_layers": "4"},
-                      "rope_text": {**config, "rope_theta": "big"}}.items():  # the model with a damaged config.json
+                      "rope_text": {**config, "rope_theta": "big"},
+                      "arch_text": {**config, "architectures": config["architectures"][0]}}.items():  # the model with a damaged config.json
         folder = shutil.copytree(hf, d / f"cfg_{name}")
         (folder / "config.json").write_text(json.dumps(cfg))
     short = shutil.copytree(hf, d / "hf_short")  # config.json counts 2 of its 4 layers
@@ -303,6 +304,9 @@ CASES: dict[str, Case] = {
                                    ("config.json 'num_hidden_layers': \"4\" is not a whole number >= 1",)),
     "config rope_theta a string": Case("convert hf-to-megatron --input {d}/cfg_rope_text --output {o} --no-progress",
                                        2, ("config.json 'rope_theta': \"big\" is not a positive number",)),
+    "config architectures a string": Case("eval --model {d}/cfg_arch_text --no-progress", 2,
+                                          ("config.json 'architectures': \"LlamaForCausalLM\" is not a list; write "
+                                           "it as [\"LlamaForCausalLM\"]",)),
     "config counts fewer layers than the weights": Case("convert hf-to-megatron --input {hf_short} --output {o} "
                                                         "--no-progress", 2,
                                                         ("beyond config.json's 2 layers", "model.layers.2.",

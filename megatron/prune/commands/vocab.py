@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="files read as `megatron-prune data` reads them: JSON lines ('text' field) or plain text, "
                         "optionally .gz")
     c.add_argument("--output", type=Path, required=True, help="counts file to write (JSON)")
-    c.add_argument("--workers", type=int, default=0, help="processes (default: min(4, CPUs))")
+    c.add_argument("--workers", type=int, default=0, help="processes; 0: min(4, CPUs) (default 0)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing counts file")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(_vocab_run=count)

@@ -127,6 +127,9 @@ def not_divisible(shape: ModelShape, n: int, sizes: tuple[str, ...] = TP_SPLIT_S
 def family_of(config: Mapping[str, Any]) -> Family:
     """The registered family of an HF config, or a PruneError naming what is supported."""
     archs = config.get("architectures") or []
+    if not isinstance(archs, list):
+        raise PruneError(f"config.json 'architectures': {json.dumps(archs)} is not a list; write it as "
+                         f"[{json.dumps(archs)}]")
     for arch in archs:
         if arch in FAMILIES:
             return FAMILIES[arch]
