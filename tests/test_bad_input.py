@@ -427,6 +427,10 @@ CASES: dict[str, Case] = {
                                ("--keep 10 is outside",)),
     "data two json keys": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {hf} --json-keys a b", 2,
                                ("--json-keys a b: one key per run",)),
+    "data tokenizer folder without one": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {bare}", 2,
+                                              ("no tokenizer.json or tokenizer_config.json in the folder",)),
+    "data tokenizer missing": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {d}/nope.model", 2,
+                                   ("nope.model: no such file or folder",)),
     "data workers beyond the machine": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {hf} "
                                             "--workers 100000", 2, ("--workers 100000: choose 1..", "at most 4 per CPU")),
     "vocab count workers beyond the machine": Case("vocab count --tokenizer {hf} --data {text_txt} --output {o} "

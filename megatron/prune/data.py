@@ -114,12 +114,19 @@ class TextTokenizer:
         elif kind == "hf":
             from transformers import AutoTokenizer
 
+            from megatron.prune.formats.folder import has_tokenizer
+
+            if not has_tokenizer(p):  # transformers tries every backend and explains each failure at length
+                raise PruneError(f"--tokenizer {p}: no tokenizer.json or tokenizer_config.json in the folder; give "
+                                 "the folder of an HF tokenizer (a model folder holds one) or a SentencePiece .model")
             try:
                 self._hf = AutoTokenizer.from_pretrained(str(p))
             except (OSError, ValueError) as e:
                 raise PruneError(f"--tokenizer {p}: not a loadable HF tokenizer folder ({e})") from e
             self._sp = None
             eod, vocab = self._hf.eos_token_id, len(self._hf)
+        elif not p.exists():
+            raise PruneError(f"--tokenizer {p}: no such file or folder")
         else:
             raise PruneError(
                 f"--tokenizer {p}: expected an HF tokenizer folder or a SentencePiece .model file"
