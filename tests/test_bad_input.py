@@ -89,6 +89,7 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     (d / "few.txt").write_text("hello world. " * 5)
     (d / "bad.json").write_text('{"hidden_size": 32,\n')
     (d / "cfg.json").write_text(json.dumps({"intermediate_size": 32}))
+    (d / "bool_cfg.json").write_text(json.dumps({"ffn_hidden_size_remain": True}))
     (d / "garbage.pt").write_bytes(b"not a torch file")
     torch.save([1, 2, 3], d / "list.pt")
     torch.save({"hidden": [1.0], "heads": torch.zeros(1), "ffn": torch.zeros(1)}, d / "listy_scores.pt")
@@ -379,6 +380,9 @@ CASES: dict[str, Case] = {
                                  ("--prune_config_path", "bad.json: not valid JSON"), run="prune_hf"),
     "seed config missing": Case("--model_name_or_path {hf} --prune_config_path {d}/no.json --output_path {o}", 2,
                                 ("no.json: no such file",), run="prune_hf"),
+    "seed config a value of the wrong type": Case("--model_name_or_path {hf} --prune_config_path {bool_cfg_json} "
+                                                  "--output_path {o}", 2, ("invalid int value: 'True'",),
+                                                  run="prune_hf"),
     "seed config a list": Case("--model_name_or_path {hf} --prune_config_path {plan_list_json} --output_path {o}", 2,
                                ("--prune_config_path", "the prune config must be a JSON object, got list"),
                                run="prune_hf"),

@@ -22,15 +22,25 @@ def seed_words(message: str, names: Mapping[str, str]) -> str:
 def run_verb(prog: str, argv: Sequence[str], names: Mapping[str, str]) -> int:
     """``megatron-prune ARGV`` run as the seed script ``prog``: exit status 2 and one line ``PROG: error: ...``
     (in the seed's words, ``names``: verb flag -> seed flag) for bad input, as the verb itself would."""
+    import contextlib
+    import io
     import sys
 
     from megatron.prune.cli import execute, interrupted_line, parse
 
+    said = io.StringIO()  # the verb's usage names the verb's flags, not the seed's: only its error line is shown
     try:
-        args = parse(list(argv), argv[0])  # unknown flags: the translation is ours, a bug; still a one-line error
+        with contextlib.redirect_stderr(said):
+            args = parse(list(argv), argv[0])
     except KeyboardInterrupt:  # during start-up imports
         print(f"{prog}: {interrupted_line()}", file=sys.stderr)
         return 130
+    except SystemExit as e:  # argparse refused a value the seed flags or config carried (a type it cannot take)
+        errors = [line.split(" error: ", 1)[1] for line in said.getvalue().splitlines() if " error: " in line]
+        print(f"{prog}: error: {seed_words(errors[-1], names) if errors else said.getvalue().strip()}",
+              file=sys.stderr)
+        return int(e.code or 0) if isinstance(e.code, int) else 2
+    sys.stderr.write(said.getvalue())
     return execute(args, prog, lambda message: seed_words(message, names))
 
 
