@@ -140,13 +140,26 @@ def test_plan_show_says_what_was_kept_dropped_and_how(tiny_hf, tmp_path, capsys)
     assert "has no prune_plan.json" in capsys.readouterr().err
 
 
-def test_no_progress_silences_the_libraries_bars_too(tok_model):
+def test_no_progress_silences_the_libraries_bars_too(tok_model, capsys):
     """transformers drew its "Loading weights" bar on stderr under --no-progress (eval, score, prune, demo); without
-    the flag it still does."""
+    the flag it still does, also after a --no-progress run in the same process (and in the programs it starts: the
+    hub's switch is set for the run only)."""
+    import os
+
+    from megatron.prune.cli import main
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
     argv = [sys.executable, "-m", "megatron.prune", "eval", "--model", str(tok_model), "--max-tokens", "64",
             "--seq-len", "32", "--device", "cpu"]
-    quiet = subprocess.run([*argv, "--no-progress"], capture_output=True, text=True, timeout=300)
+    quiet = subprocess.run([*argv, "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "Loading weights" not in quiet.stderr and "it/s" not in quiet.stderr, quiet.stderr[-2000:]
-    loud = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    loud = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert loud.returncode == 0 and "Loading weights" in loud.stderr
+    before = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    assert main([*argv[3:], "--no-progress"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+    assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == before
+    if before is None:
+        assert main(argv[3:]) == 0
+        assert "Loading weights" in capsys.readouterr().err

@@ -7,11 +7,12 @@ Each verb lives in its own module under ``megatron.prune.commands`` exposing ``H
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from megatron.prune.errors import PruneError
 from megatron.prune.io.atomic import FINISHED, Terminated, interrupts_remembered, raise_if_interrupted
@@ -68,12 +69,16 @@ def quiet_optional_backends() -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-def quiet_progress_bars() -> None:
-    """``--no-progress`` silences the libraries' bars too (transformers' "Loading weights", the hub's): through the
-    hub's switch for those not imported yet, directly for those that are."""
+@contextlib.contextmanager
+def library_bars_off() -> Iterator[None]:
+    """``--no-progress`` silences the libraries' bars too (transformers' "Loading weights", the hub's) for the run:
+    through the hub's switch for those imported during it, directly for those already imported; as they were
+    afterwards (a process that runs several verbs, and the programs it starts, keep their bars)."""
     import os
 
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    key = "HF_HUB_DISABLE_PROGRESS_BARS"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
@@ -82,6 +87,22 @@ def quiet_progress_bars() -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
+        if before is None or before.upper() not in ("1", "ON", "YES", "TRUE"):
+            if "transformers" in sys.modules:
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.enable_progress_bar()
+            if "huggingface_hub" in sys.modules:
+                from huggingface_hub.utils import enable_progress_bars
+
+                enable_progress_bars()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,11 +138,11 @@ def execute(args: argparse.Namespace, prog: str, reword: Callable[[str], str] = 
     ``PROG: ...`` on stderr, never a traceback. ``reword`` lets a seed entry point name its own flags in that line.
     Callers wrap parsing and this in :func:`.io.atomic.interrupts_remembered`."""
     FINISHED.clear()
-    if getattr(args, "no_progress", False):
-        quiet_progress_bars()
+    quiet = library_bars_off() if getattr(args, "no_progress", False) else contextlib.nullcontext()
     try:
         raise_if_interrupted()  # a Ctrl-C during the imports that a library swallowed
-        return int(args._run(args) or 0)
+        with quiet:
+            return int(args._run(args) or 0)
     except PruneError as e:
         print(f"{prog}: error: {reword(str(e))}", file=sys.stderr)
         return 2
