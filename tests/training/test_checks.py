@@ -170,6 +170,23 @@ def test_unsupported_parallelism_is_refused(monkeypatch):
     checks.check_parallelism(Namespace(**{**vars(sp), "transformer_impl": "transformer_engine"}))
 
 
+def test_tensor_parallel_size_must_split_the_checkpoints_sizes():
+    """TP=3 on a checkpoint of 4 query groups trained into a broadcast error in every rank; refused by the sizes
+    that do not split, with the TP sizes that do."""
+    from megatron.prune.training import checks
+
+    model = Namespace(tensor_model_parallel_size=2, num_attention_heads=8, num_query_groups=4,
+                      group_query_attention=True, ffn_hidden_size=48, num_experts=None, load="ck")
+    checks.check_tensor_parallel(model)
+    with pytest.raises(PruneError, match=r"^--tensor-model-parallel-size 3 \(TP\): the model of --load ck has 4 query "
+                                         r"groups, 8 attention heads, not divisible by it; valid TP sizes: 1, 2, 4$"):
+        checks.check_tensor_parallel(Namespace(**{**vars(model), "tensor_model_parallel_size": 3}))
+    with pytest.raises(PruneError, match="has 36 FFN channels, not divisible by it; valid TP sizes: 1, 2, 4$"):
+        checks.check_tensor_parallel(Namespace(**{**vars(model), "tensor_model_parallel_size": 8,
+                                                  "num_attention_heads": 16, "num_query_groups": 8,
+                                                  "ffn_hidden_size": 36}))
+
+
 def test_document_masking_needs_attention_that_applies_the_mask(monkeypatch):
     """Only megatron-core's unfused local attention applies the dataset's per-document mask: TE's causal attention
     and the fused causal softmax would ignore it (and train across documents), so those are refused."""

@@ -334,6 +334,24 @@ UNSUPPORTED_FLAGS: dict[str, tuple[str, str]] = {
 }
 
 
+def check_tensor_parallel(args: Any) -> None:
+    """The model's query groups (heads without GQA), heads and dense FFN width must split evenly over the TP ranks
+    (Megatron finds out inside every rank, in a traceback; a pruned checkpoint's sizes are the user's choice)."""
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    heads = getattr(args, "num_attention_heads", None)
+    groups = getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False) else heads
+    sizes = {"query groups": groups, "attention heads": heads}
+    if not getattr(args, "num_experts", None):
+        sizes["FFN channels"] = getattr(args, "ffn_hidden_size", None)
+    sizes = {name: v for name, v in sizes.items() if isinstance(v, int) and v > 0}
+    bad = [f"{v} {name}" for name, v in sizes.items() if v % tp]
+    if bad:
+        valid = [t for t in range(1, min(sizes.values()) + 1) if all(v % t == 0 for v in sizes.values())]
+        where = f" of --load {args.load}" if getattr(args, "load", None) else ""
+        raise PruneError(f"--tensor-model-parallel-size {tp} (TP): the model{where} has {', '.join(bad)}, not "
+                         f"divisible by it; valid TP sizes: {', '.join(map(str, valid))}")
+
+
 def check_unsupported_flags(args: Any) -> None:
     """Flags the stock GPT script honours and this recipe does not, refused instead of silently ignored (some come
     from a checkpoint's args under --use-checkpoint-args, e.g. a MoE checkpoint's --num-experts)."""
@@ -435,6 +453,7 @@ def validate_inputs(args: Any, scan_weights: bool = True) -> None:
     elif args.load and args.finetune:
         raise PruneError(f"--load {args.load}: --finetune needs a Megatron checkpoint folder "
                          "(no latest_checkpointed_iteration.txt)")
+    check_tensor_parallel(args)  # the checkpoint's sizes taken by now
     if args.kd_teacher_load:
         if args.kd_alpha == 0 and os.environ.get("RANK", "0") == "0":
             print("pretrain_llama.py: --kd-alpha 0: the teacher only reports the KD loss (one forward pass per "
