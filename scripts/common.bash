@@ -47,6 +47,7 @@ need() {
 whole_numbers() {
   local script="$1" name; shift
   for name in "$@"; do
-    [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || { echo "$script: error: $name=${!name}: expected a whole number >= 1" >&2; exit 2; }
+    [[ "${!name}" =~ ^[1-9][0-9]*$ ]] ||
+      { echo "$script: error: $name=${!name}: expected a whole number >= 1" >&2; exit 2; }
   done
 }

@@ -20,7 +20,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$here/scripts/common.bash"
 script_help "$0" "$@"
 G="${GPU_CHECKS:-$here/.gpu_checks}"
-SMOKE_SHAPE="${SMOKE_SHAPE:---num-layers 16 --hidden-size 2048 --num-attention-heads 32 --num-query-groups 8 --ffn-hidden-size 8192}"
+ONE_B="--num-layers 16 --hidden-size 2048 --num-attention-heads 32 --num-query-groups 8 --ffn-hidden-size 8192"
+SMOKE_SHAPE="${SMOKE_SHAPE:-$ONE_B}"
 EMBEDDED=smollm2-135m-instruct  # megatron.prune.models.EMBEDDED_NAME
 
 case "${1:-}" in
@@ -38,10 +39,12 @@ prepare)
   done
   WORK="$G/smoke" SMOKE_WEIGHTS=0 SMOKE_SHAPE="$SMOKE_SHAPE" PREPARE_ONLY=1 PYTHON="$PYTHON" \
     bash "$here/scripts/gpu_smoke.sh"
-  echo "prepared $G ($(du -sh "$G" | cut -f1)); on the GPU machine: bash scripts/gpu_checks.sh run (carry $(basename "$G"))"
+  echo "prepared $G ($(du -sh "$G" | cut -f1)); on the GPU machine: bash scripts/gpu_checks.sh run" \
+       "(carry $(basename "$G"))"
   ;;
 run)
-  [[ -d "$G/whl" && -f "$G/smoke/ready" ]] || { echo "gpu_checks.sh: error: $G is not prepared: run \`bash scripts/gpu_checks.sh prepare\` here first" >&2; exit 2; }
+  [[ -d "$G/whl" && -f "$G/smoke/ready" ]] ||
+    { echo "gpu_checks.sh: error: $G is not prepared: run \`bash scripts/gpu_checks.sh prepare\` here" >&2; exit 2; }
   PYTHON="${PYTHON:-python3}"
   cd "$here"  # the tests' conftest and pyproject.toml's pytest settings
   out="${OUT:-$G/out}"; mkdir -p "$out"

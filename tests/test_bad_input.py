@@ -54,7 +54,9 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
                       "null_heads": {**config, "num_attention_heads": None},
                       "text_layers": {**config, "num_hidden_layers": "4"},
                       "rope_text": {**config, "rope_theta": "big"},
-                      "arch_text": {**config, "architectures": config["architectures"][0]}}.items():  # the model with a damaged config.json
+                      "eps_negative": {**config, "rms_norm_eps": -1},
+                      "arch_text": {**config, "architectures": config["architectures"][0]}}.items():
+        # the model with a damaged config.json
         folder = shutil.copytree(hf, d / f"cfg_{name}")
         (folder / "config.json").write_text(json.dumps(cfg))
     short = shutil.copytree(hf, d / "hf_short")  # config.json counts 2 of its 4 layers
@@ -98,7 +100,8 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     (d / "text.jsonl").write_text(json.dumps({"text": "hello world, " * 40}) + "\n")
     (d / "body.jsonl").write_text(json.dumps({"body": "hello world, " * 40}) + "\n")
     return {"d": d, "hf": hf, "mg": mg, "mgd": mgd, "mgd_missing": missing, "mgd_cut": cut,
-            "hf_nan": d / "hf_nan", "mg_nan": mg_nan, "hf_short": short, "bare": bare, "hf_small_vocab": small, "hash": tree_hash(d)}
+            "hf_nan": d / "hf_nan", "mg_nan": mg_nan, "hf_short": short, "bare": bare, "hf_small_vocab": small,
+            "hash": tree_hash(d)}
 
 
 def half_index(plan: dict) -> dict:
@@ -308,6 +311,12 @@ CASES: dict[str, Case] = {
     "config architectures a string": Case("eval --model {d}/cfg_arch_text --no-progress", 2,
                                           ("config.json 'architectures': \"LlamaForCausalLM\" is not a list; write "
                                            "it as [\"LlamaForCausalLM\"]",)),
+    "config rms_norm_eps negative": Case("convert hf-to-megatron --input {d}/cfg_eps_negative --output {o} "
+                                         "--no-progress", 2,
+                                         ("config.json 'rms_norm_eps': -1 is not a positive number",)),
+    "eval fewer tokens than a window": Case("eval --model {hf} --max-tokens 1 --seq-len 16 --no-progress", 2,
+                                            ("--max-tokens 1: fewer than one window of --seq-len 16; use "
+                                             "--max-tokens 16 or more",)),
     "config counts fewer layers than the weights": Case("convert hf-to-megatron --input {hf_short} --output {o} "
                                                         "--no-progress", 2,
                                                         ("beyond config.json's 2 layers", "model.layers.2.",
@@ -436,7 +445,8 @@ CASES: dict[str, Case] = {
     "data tokenizer missing": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {d}/nope.model", 2,
                                    ("nope.model: no such file or folder",)),
     "data workers beyond the machine": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {hf} "
-                                            "--workers 100000", 2, ("--workers 100000: choose 1..", "at most 4 per CPU")),
+                                            "--workers 100000", 2,
+                                            ("--workers 100000: choose 1..", "at most 4 per CPU")),
     "vocab count workers beyond the machine": Case("vocab count --tokenizer {hf} --data {text_txt} --output {o} "
                                                    "--workers 100000", 2, ("--workers 100000: choose 0..",)),
     "data workers 0": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {hf} --workers 0", 2,

@@ -64,6 +64,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_input_file(path, "--text", several=True)
     check_model_folder(args.model)
     args.seq_len = model_seq_len(args.model, args.seq_len, DEFAULT_SEQ_LEN)
+    if not args.tasks and args.max_tokens and args.max_tokens < args.seq_len:
+        raise PruneError(f"--max-tokens {args.max_tokens}: fewer than one window of --seq-len {args.seq_len}; use "
+                         f"--max-tokens {args.seq_len} or more (0 = all), or a shorter --seq-len")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,8 +40,10 @@ def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, 
     if hf_config.get("max_position_embeddings") is not None:
         max_pos = config_size(hf_config, "max_position_embeddings")
     rope = hf_config.get("rope_theta") or (hf_config.get("rope_parameters") or {}).get("rope_theta")
-    if rope is not None and (isinstance(rope, bool) or not isinstance(rope, (int, float)) or not rope > 0):
-        raise PruneError(f"config.json 'rope_theta': {json.dumps(rope)} is not a positive number")
+    for key, value in (("rope_theta", rope), ("rms_norm_eps", hf_config.get("rms_norm_eps"))):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                  or value == float("inf")):
+            raise PruneError(f"config.json {key!r}: {json.dumps(value)} is not a positive number")
     fields = dict(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size, ffn_hidden_size=shape.ffn_hidden_size,
         num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
