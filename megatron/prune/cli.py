@@ -69,6 +69,18 @@ def quiet_optional_backends() -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
+def set_library_bars(on: bool) -> None:
+    """Turn transformers' and the hub's progress bars on or off, where they are imported."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub import utils as hub_utils
+
+        (hub_utils.enable_progress_bars if on else hub_utils.disable_progress_bars)()
+
+
 @contextlib.contextmanager
 def library_bars_off() -> Iterator[None]:
     """``--no-progress`` silences the libraries' bars too (transformers' "Loading weights", the hub's) for the run:
@@ -79,14 +91,7 @@ def library_bars_off() -> Iterator[None]:
     key = "HF_HUB_DISABLE_PROGRESS_BARS"
     before = os.environ.get(key)
     os.environ[key] = "1"
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
+    set_library_bars(False)
     try:
         yield
     finally:
@@ -95,14 +100,7 @@ def library_bars_off() -> Iterator[None]:
         else:
             os.environ[key] = before
         if before is None or before.upper() not in ("1", "ON", "YES", "TRUE"):
-            if "transformers" in sys.modules:
-                from transformers.utils import logging as hf_logging
-
-                hf_logging.enable_progress_bar()
-            if "huggingface_hub" in sys.modules:
-                from huggingface_hub.utils import enable_progress_bars
-
-                enable_progress_bars()
+            set_library_bars(True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
