@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from megatron.prune.errors import PruneError
+from megatron.prune.errors import PruneError, json_type
 from megatron.prune.io.atomic import (FINISHED, check_writable_parent, clean_stale_partials, partial_name,
                                       raise_if_interrupted)
 from megatron.prune.io.workers import check_workers, end_with_parent
@@ -49,10 +49,6 @@ _KIND_NAMES = {"hf": "an HF tokenizer folder", "sentencepiece": "a SentencePiece
 
 # Bytes a UTF-8 decode could not read, as ``errors="surrogateescape"`` leaves them (U+DC80..U+DCFF).
 _UNDECODED = re.compile("[\udc80-\udcff]")
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
-               type(None): "null"}
-
-
 def indexed_dataset_module() -> ModuleType:
     """megatron-core's ``indexed_dataset``, imported without its no-CUDA/TE/Apex warnings (only during the import)."""
     cpp_log = logging.getLogger("torch.utils.cpp_extension")  # logs "No CUDA runtime is found" on CPU machines
@@ -222,13 +218,13 @@ def json_document(line: str, key: str, where: str, other_field: str = OTHER_FIEL
     if isinstance(obj, list):
         raise PruneError(f"{where}: a JSON array, expected one object per line, like {{\"{key}\": \"...\"}}")
     if not isinstance(obj, dict):
-        raise PruneError(f"{where}: a JSON {_JSON_TYPES[type(obj)]}, expected an object with a '{key}' field")
+        raise PruneError(f"{where}: a JSON {json_type(obj)}, expected an object with a '{key}' field")
     if key not in obj:
         fields = ", ".join(map(repr, list(obj)[:8])) or "none"
         raise PruneError(f"{where}: not a JSON object with a '{key}' field (fields: {fields}); {other_field}")
     doc = obj[key]
     if not isinstance(doc, str):
-        raise PruneError(f"{where}: '{key}' is a JSON {_JSON_TYPES.get(type(doc), type(doc).__name__)}, not a string")
+        raise PruneError(f"{where}: '{key}' is a JSON {json_type(doc)}, not a string")
     if "\\u" in line:  # only a \u escape can hold an unpaired UTF-16 surrogate, which no tokenizer can encode
         try:
             doc.encode("utf-8")

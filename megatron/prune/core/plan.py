@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from megatron.prune.core.shape import ModelShape
-from megatron.prune.errors import PruneError
+from megatron.prune.errors import PruneError, json_type
 
 PLAN_FILE = "prune_plan.json"
 PLAN_VERSION = 1
@@ -227,12 +227,6 @@ def _check_experts(where: str, lp: LayerPlan, s: ModelShape, t: ModelShape) -> N
     if t.is_moe and not 1 <= t.num_experts_per_tok <= t.num_experts:
         raise PruneError(f"plan target num_experts_per_tok {t.num_experts_per_tok}: must be 1..{t.num_experts} "
                          "(the kept experts)")
-
-
-def json_type(value: Any) -> str:
-    """The JSON name of a value's type (null, not NoneType)."""
-    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
-            dict: "object"}.get(type(value), type(value).__name__)
 
 
 def _shape(name: str, d: Any) -> ModelShape:
