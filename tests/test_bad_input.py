@@ -55,13 +55,17 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
                       "text_layers": {**config, "num_hidden_layers": "4"},
                       "rope_text": {**config, "rope_theta": "big"},
                       "eps_negative": {**config, "rms_norm_eps": -1},
-                      "arch_text": {**config, "architectures": config["architectures"][0]}}.items():
+                      "arch_text": {**config, "architectures": config["architectures"][0]},
+                      "list": [config]}.items():
         # the model with a damaged config.json
         folder = shutil.copytree(hf, d / f"cfg_{name}")
         (folder / "config.json").write_text(json.dumps(cfg))
     short = shutil.copytree(hf, d / "hf_short")  # config.json counts 2 of its 4 layers
     (short / "config.json").write_text(json.dumps({**json.loads((hf / "config.json").read_text()),
                                                    "num_hidden_layers": 2}))
+    for name, text in {"rope": json.dumps({**config, "rope_theta": "big"}), "json": "{bad"}.items():
+        # the Megatron checkpoint with a damaged hf_meta/config.json
+        (shutil.copytree(mg, d / f"mg_meta_{name}") / "hf_meta" / "config.json").write_text(text)
     cut = shutil.copytree(mgd, d / "mgd_cut")
     f = next(cut.glob("iter_*/*.distcp"))
     os.truncate(f, f.stat().st_size // 2)
@@ -314,6 +318,17 @@ CASES: dict[str, Case] = {
     "config rms_norm_eps negative": Case("convert hf-to-megatron --input {d}/cfg_eps_negative --output {o} "
                                          "--no-progress", 2,
                                          ("config.json 'rms_norm_eps': -1 is not a positive number",)),
+    "config a JSON list": Case(HF_OUT.replace("{hf}", "{d}/cfg_list"), 2,
+                               ("cfg_list/config.json holds a JSON array, not an HF config object",)),
+    "prune a config of a damaged rope_theta": Case(HF_OUT.replace("{hf}", "{d}/cfg_rope_text"), 2,
+                                                   ("config.json 'rope_theta': \"big\" is not a positive number",)),
+    "megatron-to-hf a damaged hf_meta value": Case("convert megatron-to-hf --input {d}/mg_meta_rope --output {o} "
+                                                   "--no-progress", 2,
+                                                   ("mg_meta_rope/hf_meta/config.json 'rope_theta': \"big\" is not a "
+                                                    "positive number",)),
+    "megatron-to-hf an hf_meta config that is not JSON": Case("convert megatron-to-hf --input {d}/mg_meta_json "
+                                                              "--output {o} --no-progress", 2,
+                                                              ("mg_meta_json/hf_meta/config.json is not valid JSON",)),
     "eval fewer tokens than a window": Case("eval --model {hf} --max-tokens 1 --seq-len 16 --no-progress", 2,
                                             ("--max-tokens 1: fewer than one window of --seq-len 16; use "
                                              "--max-tokens 16 or more",)),

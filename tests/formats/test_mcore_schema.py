@@ -87,6 +87,24 @@ def test_checkpoint_without_hf_meta_exports_its_family(tiny_hf, tmp_path, family
     assert_same_tensors(hf_tensors(hf), hf_tensors(back))
 
 
+def test_export_without_hf_meta_says_the_tokenizer_and_token_ids_are_missing(tiny_hf, tmp_path, capsys):
+    """megatron-to-hf of a checkpoint without hf_meta/ writes a config without bos/eos ids and no tokenizer: the
+    command says so (and what to copy), where it used to say only that it wrote the checkpoint."""
+    import json
+    import shutil
+
+    from megatron.prune.cli import main
+    from megatron.prune.formats.mcore import ops
+
+    mg = ops.hf_to_megatron(tiny_hf(), tmp_path / "mg", progress=False)
+    shutil.rmtree(mg / schema.META_DIR)
+    assert main(["convert", "megatron-to-hf", "--input", str(mg), "--output", str(tmp_path / "hf"),
+                 "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert f"note: {mg} has no hf_meta/" in said and "no bos/eos token ids" in said
+    assert "bos_token_id" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+
+
 def test_qk_l2_norm_checkpoint_refused(tiny_hf, tmp_path):
     """megatron-core's parameter-free L2 QK-norm is not Qwen3's RMSNorm: refused, not read as either."""
     a = argparse.Namespace(normalization="RMSNorm", swiglu=True, position_embedding_type="rope",

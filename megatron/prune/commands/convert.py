@@ -101,6 +101,7 @@ def output_spec(transformer_impl: str, grouped: bool) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from megatron.prune.formats.mcore.ops import hf_to_megatron, megatron_to_hf
+    from megatron.prune.formats.mcore.schema import META_DIR
 
     check_arguments(args)
     if args.direction == "hf-to-megatron":
@@ -116,4 +117,8 @@ def run(args: argparse.Namespace) -> int:
         megatron_to_hf(args.input, args.output, args.overwrite, not args.no_progress,
                        iteration=getattr(args, "iteration", None))
         print(f"wrote HF checkpoint {args.output}")
+        if not (args.input / META_DIR).is_dir():
+            print(f"note: {args.input} has no {META_DIR}/ (it was not converted by megatron-prune), so config.json was "
+                  "built from its args and the output has no tokenizer and no bos/eos token ids: copy the tokenizer "
+                  "files of the model it came from beside it and set bos_token_id/eos_token_id in config.json")
     return 0

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
-from megatron.prune.errors import PruneError
+from megatron.prune.errors import PruneError, json_type
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,37 @@ def config_size(config: Mapping[str, Any], key: str, default: int | None = None)
     return value
 
 
+def read_hf_config(path: Path) -> dict[str, Any]:
+    """An HF ``config.json`` (an HF folder's or a Megatron checkpoint's ``hf_meta/``) as a dict; a file that is not a
+    JSON object is refused by name."""
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PruneError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise PruneError(f"{path} holds a JSON {json_type(config)}, not an HF config object")
+    return config
+
+
+def check_config_numbers(config: Mapping[str, Any]) -> None:
+    """The numbers of an HF config that are not sizes but reach the model (RoPE base, norm epsilon, positions): each
+    refused by name unless it is a positive number, so no conversion copies a damaged one into its output."""
+    rope = config.get("rope_theta")
+    if rope is None and isinstance(config.get("rope_parameters"), Mapping):
+        rope = config["rope_parameters"].get("rope_theta")
+    for key, value in (("rope_theta", rope), ("rms_norm_eps", config.get("rms_norm_eps"))):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                  or value == float("inf")):
+            raise PruneError(f"config.json {key!r}: {json.dumps(value)} is not a positive number")
+    if config.get("max_position_embeddings") is not None:
+        config_size(config, "max_position_embeddings")
+
+
 def shape_from_hf_config(config: Mapping[str, Any]) -> ModelShape:
-    """Read a :class:`ModelShape` from an HF config dict (each size checked: :func:`config_size`)."""
+    """Read a :class:`ModelShape` from an HF config dict (each size checked: :func:`config_size`, the other numbers:
+    :func:`check_config_numbers`)."""
     family = family_of(config)
+    check_config_numbers(config)
     moe = moe_sizes(family, config)
     heads = config_size(config, "num_attention_heads")
     hidden = config_size(config, "hidden_size")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from megatron.prune.core.plan import PrunePlan, shape_differences
 from megatron.prune.core.roles import expected_tensors, role_shape, stored_role
 from megatron.prune.core.shape import (ModelShape, family_of, hf_config_for_shape, nearest_multiples,
-                                      shape_from_hf_config)
+                                      read_hf_config, shape_from_hf_config)
 from megatron.prune.core.slicing import layer_index, model_index, slice_role
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.safetensors import DTYPE_CODES, DTYPE_SIZES, read_header, write_safetensors
@@ -166,10 +166,7 @@ class HFCheckpoint:
         cfg_path = folder / "config.json"
         if not cfg_path.is_file():
             raise PruneError(f"input {folder} has no config.json; is it an HF checkpoint folder?")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise PruneError(f"{cfg_path} is not valid JSON ({e})") from e
+        config = read_hf_config(cfg_path)
         shape = shape_from_hf_config(config)
         files, dtypes = cls._tensor_files(folder)
         ckpt = cls(folder, config, shape, files, dtypes)

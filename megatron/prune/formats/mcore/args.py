@@ -4,14 +4,15 @@ back into a :class:`ModelShape` and an HF config."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from megatron.prune.core.shape import ModelShape, config_size, family_for_shape, family_of, hf_config_for_shape
+from megatron.prune.core.shape import (ModelShape, check_config_numbers, config_size, family_for_shape, family_of,
+                                       hf_config_for_shape, read_hf_config)
 from megatron.prune.errors import PruneError
+from megatron.prune.formats.mcore.schema import META_DIR
 
 
 def rope_scaling_args(hf_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -36,14 +37,9 @@ def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, 
     """The ``args`` Namespace of an output checkpoint: ``base`` (if any) with every shape field set (``grouped``: the
     experts in TEGroupedMLP's layout)."""
     a = argparse.Namespace(**vars(base)) if base is not None else argparse.Namespace()
+    check_config_numbers(hf_config)
     max_pos = int(hf_config.get("max_position_embeddings") or getattr(a, "max_position_embeddings", None) or 4096)
-    if hf_config.get("max_position_embeddings") is not None:
-        max_pos = config_size(hf_config, "max_position_embeddings")
     rope = hf_config.get("rope_theta") or (hf_config.get("rope_parameters") or {}).get("rope_theta")
-    for key, value in (("rope_theta", rope), ("rms_norm_eps", hf_config.get("rms_norm_eps"))):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
-                                  or value == float("inf")):
-            raise PruneError(f"config.json {key!r}: {json.dumps(value)} is not a positive number")
     fields = dict(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size, ffn_hidden_size=shape.ffn_hidden_size,
         num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
@@ -102,6 +98,21 @@ def hf_config_from_args(args: argparse.Namespace, shape: ModelShape, dtype: torc
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), "low_freq_factor": 1.0,
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     return hf_config_for_shape(cfg, shape)
+
+
+def meta_config_and_shape(folder: Path, args: argparse.Namespace) -> tuple[dict[str, Any], ModelShape]:
+    """The HF config a Megatron checkpoint keeps in ``hf_meta/`` (empty when it has none) and its shape from
+    ``args``: the config's numbers and family are checked against the args, since conversion back to HF copies them."""
+    meta = folder / META_DIR / "config.json"
+    hf_config = read_hf_config(meta) if meta.is_file() else {}
+    try:
+        check_config_numbers(hf_config)
+        vocab = config_size(hf_config, "vocab_size") if hf_config.get("vocab_size") is not None else None
+    except PruneError as e:  # "config.json 'key': ..." -> "FOLDER/hf_meta/config.json 'key': ..."
+        raise PruneError(f"{folder / META_DIR}/{e}") from None
+    shape = shape_from_args(args, vocab)
+    check_meta_family(hf_config, shape, folder)
+    return hf_config, shape
 
 
 def check_meta_family(hf_config: Mapping[str, Any], shape: ModelShape, where: Path) -> None:

@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from megatron.prune.core.roles import has_role, stored_role
 from megatron.prune.errors import PruneError
-from megatron.prune.formats.mcore.args import check_meta_family, hf_config_from_args, shape_from_args
+from megatron.prune.formats.mcore.args import hf_config_from_args, meta_config_and_shape
 from megatron.prune.formats.mcore.read import CheckpointHeader
 from megatron.prune.formats.source import check_finite
-from megatron.prune.formats.mcore.schema import (CHECKPOINT_VERSION, EXTRA_STATE, META_DIR, PARAM_BY_KEY, PARAM_OF_ROLE,
+from megatron.prune.formats.mcore.schema import (CHECKPOINT_VERSION, EXTRA_STATE, PARAM_BY_KEY, PARAM_OF_ROLE,
                                                  PARAMS, Param, check_tp_pp, dist_name, params_for, stored_shape,
                                                  unfuse)
 
@@ -75,10 +75,7 @@ class TorchDistCheckpoint(CheckpointHeader):
         args = common.get("args")
         if args is None:
             raise PruneError(f"{iter_dir}: the common state has no 'args'; not a Megatron-LM checkpoint")
-        meta = folder / META_DIR / "config.json"
-        hf_config = json.loads(meta.read_text()) if meta.is_file() else {}
-        shape = shape_from_args(args, hf_config.get("vocab_size"))
-        check_meta_family(hf_config, shape, folder)
+        hf_config, shape = meta_config_and_shape(folder, args)
         if shape.is_moe:
             raise PruneError(f"{folder}: a torch_dist checkpoint of a mixture-of-experts model ({shape.num_experts} "
                              "experts); only torch-format MoE checkpoints are read so far")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -18,9 +17,9 @@ from megatron.prune.core.roles import has_role, stored_role
 from megatron.prune.core.shape import ModelShape
 from megatron.prune.errors import PruneError
 from megatron.prune.formats.safetensors import DTYPE_CODES
-from megatron.prune.formats.mcore.args import check_meta_family, hf_config_from_args, shape_from_args
+from megatron.prune.formats.mcore.args import hf_config_from_args, meta_config_and_shape
 from megatron.prune.formats.source import check_finite
-from megatron.prune.formats.mcore.schema import (EXPERT_LAYOUT_NAMES, EXTRA_STATE, META_DIR, MODEL_FILE, MOE_SPEC,
+from megatron.prune.formats.mcore.schema import (EXPERT_LAYOUT_NAMES, EXTRA_STATE, MODEL_FILE, MOE_SPEC,
                                                  PARAM_BY_KEY, PARAM_OF_ROLE, TRACKER, _SHARD_DIR, Param, check_ep,
                                                  check_tp_pp, expert_shard, extra_state_names, layer_param_names, params_for, shard_keys,
                                                  shard_path_name, stored_shape, unfuse)
@@ -168,10 +167,7 @@ class MegatronCheckpoint(CheckpointHeader):
         missing = [str(p) for p in expected.values() if not p.is_file()]
         if missing:
             raise PruneError(f"missing shard file(s): {', '.join(missing)}")
-        meta = folder / META_DIR / "config.json"
-        hf_config = json.loads(meta.read_text()) if meta.is_file() else {}
-        shape = shape_from_args(args, hf_config.get("vocab_size"))
-        check_meta_family(hf_config, shape, folder)
+        hf_config, shape = meta_config_and_shape(folder, args)
         spec = "transformer_engine" if PARAM_BY_KEY["input_norm"].te.format(0) in first["model"] else "local"
         embed = first["model"].get(PARAM_BY_KEY["embed"].name(spec))
         dtype = embed.dtype if isinstance(embed, torch.Tensor) else torch.float32
