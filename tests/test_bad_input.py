@@ -89,6 +89,12 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
                          "null": lambda p: None, "empty": lambda p: {}, "info_text": lambda p: {**p, "info": "x"},
                          "negative_size": lambda p: {**p, "source": {**p["source"], "num_experts": -4}}}.items():
         (d / f"plan_{name}.json").write_text(json.dumps(change(plan)))
+    counts = {"format": "megatron-prune-token-counts", "version": 1,
+              "tokenizer": {"kind": "hf", "vocab_size": 100, "vocab_hash": "ab"}, "counts": {"5": 7}}
+    for name, damaged in {"list": [counts], "text_count": {**counts, "counts": {"5": "x"}},
+                          "beyond": {**counts, "counts": {"100": 7}}, "no_size": {**counts, "tokenizer": {}},
+                          "counts_list": {**counts, "counts": [7]}}.items():
+        (d / f"counts_{name}.json").write_text(json.dumps(damaged))
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n\nmore text\n".encode("latin-1"))
     (d / "empty.txt").write_text("")
     (d / "short.txt").write_text("hello")
@@ -362,6 +368,21 @@ CASES: dict[str, Case] = {
                                 ("--data", "empty.txt: the file is empty",)),
     "count over counts": Case("vocab count --tokenizer {hf} --data {text_txt} --output {case}/c.json --no-progress",
                               2, ("c.json exists; pass --overwrite",), setup=existing_counts),
+    "counts a JSON list": Case("vocab prune --input {hf} --output {o} --keep 300 --counts {counts_list_json}", 2,
+                               ("counts_list.json is not a token-counts file (version 1) of megatron-prune",)),
+    "counts a count not a number": Case("vocab prune --input {hf} --output {o} --keep 300 --counts "
+                                        "{counts_text_count_json}", 2,
+                                        ("the count of token id 5 is \"x\", not a whole number >= 0",)),
+    "counts an id beyond the vocabulary": Case("vocab prune --input {hf} --output {o} --keep 300 --counts "
+                                               "{counts_beyond_json}", 2,
+                                               ("counts key '100' is not a token id of the 100-token vocabulary",)),
+    "counts without a tokenizer size": Case("vocab prune --input {hf} --output {o} --keep 300 --counts "
+                                            "{counts_no_size_json}", 2, ("its 'tokenizer' entry {} lacks",)),
+    "counts not an object": Case("vocab prune --input {hf} --output {o} --keep 300 --counts "
+                                 "{counts_counts_list_json}", 2, ("'counts' is a JSON array, not an object",)),
+    "counts beside keep-ids": Case("vocab prune --input {hf} --output {o} --keep-ids {text_txt} --counts "
+                                   "{counts_list_json}", 2,
+                                   ("ranks tokens for --keep only; --keep-ids names the kept tokens itself",)),
     "empty keep-ids": Case("vocab prune --input {hf} --output {o} --keep-ids {empty_txt} --no-progress", 2,
                            ("empty.txt holds no token ids",)),
     # non-finite weights, refused by name where they are read

@@ -84,6 +84,10 @@ def prune(args: argparse.Namespace) -> int:
 
     if not args.input.is_dir():
         raise PruneError(f"--input {args.input} is not a folder")
+    if args.counts is not None and args.keep is None:
+        given = "--keep-ids" if args.keep_ids is not None else "--like"
+        raise PruneError(f"--counts {args.counts} ranks tokens for --keep only; {given} names the kept tokens itself "
+                         "(drop --counts, or use --keep N with it)")
     counts = TokenCounts.load(args.counts) if args.counts else None
     keep_ids = read_keep_ids(args.keep_ids) if args.keep_ids else None
     like = like_tokens(args.like) if args.like else None

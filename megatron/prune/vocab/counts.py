@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
-from megatron.prune.errors import PruneError
+from megatron.prune.errors import PruneError, json_type
 from .rules import VocabRules
 
 COUNTS_FORMAT = "megatron-prune-token-counts"
@@ -66,24 +66,42 @@ class TokenCounts:
 
     @classmethod
     def load(cls, path: Path) -> "TokenCounts":
+        """Read a counts file of ``vocab count``; damage is refused naming the entry (:func:`counts_entries`)."""
         path = Path(path)
         try:
             d = json.loads(path.read_text())
-            if d.get("format") != COUNTS_FORMAT or d.get("version") != COUNTS_VERSION:
-                raise PruneError(f"{path} is not a token-counts file (version {COUNTS_VERSION}) of megatron-prune")
-            tok = d["tokenizer"]
-            n = int(tok["vocab_size"])
-            counts = [0] * n
-            for k, c in d["counts"].items():
-                i = int(k)
-                if not 0 <= i < n or int(c) < 0:
-                    raise PruneError(f"{path}: bad entry {k!r}: {c!r} for a {n}-token vocabulary")
-                counts[i] = int(c)
-            return cls(tok["kind"], n, tok["vocab_hash"], tuple(counts), tuple(d.get("sources", ())))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            if isinstance(e, PruneError):
-                raise
-            raise PruneError(f"cannot read counts file {path}: {e}") from e
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PruneError(f"cannot read counts file {path}: {e}") from None
+        if (not isinstance(d, dict) or d.get("format") != COUNTS_FORMAT or d.get("version") != COUNTS_VERSION
+                or not isinstance(d.get("tokenizer"), dict)):
+            raise PruneError(f"{path} is not a token-counts file (version {COUNTS_VERSION}) of megatron-prune; "
+                             "write one with `megatron-prune vocab count`")
+        tok = d["tokenizer"]
+        n = tok.get("vocab_size")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or not all(
+                isinstance(tok.get(k), str) for k in ("kind", "vocab_hash")):
+            raise PruneError(f"{path}: its 'tokenizer' entry {json.dumps(tok)} lacks a whole-number vocab_size, a "
+                             "kind or a vocab_hash; recount with `megatron-prune vocab count`")
+        counts = [0] * n
+        for i, c in counts_entries(path, d.get("counts"), n):
+            counts[i] = c
+        sources = d.get("sources", ())
+        return cls(tok["kind"], n, tok["vocab_hash"], tuple(counts),
+                   tuple(map(str, sources)) if isinstance(sources, list) else ())
+
+
+def counts_entries(path: Path, counts: object, vocab_size: int) -> Iterator[tuple[int, int]]:
+    """(id, count) of a counts file's ``counts`` object: each key an id below ``vocab_size``, each value a whole
+    number >= 0; the first bad key or value is refused by name."""
+    if not isinstance(counts, dict):
+        raise PruneError(f"{path}: 'counts' is a JSON {json_type(counts)}, not an object of token id -> count")
+    for key, c in counts.items():
+        if not (key.isdigit() and int(key) < vocab_size):
+            raise PruneError(f"{path}: counts key {key!r} is not a token id of the {vocab_size}-token vocabulary "
+                             f"(0 to {vocab_size - 1})")
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise PruneError(f"{path}: the count of token id {key} is {json.dumps(c)}, not a whole number >= 0")
+        yield int(key), c
 
 
 def check_data_files(paths: Sequence[Path | str]) -> list[Path]:
