@@ -108,6 +108,7 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
     (d / "a_file").write_text("a file where a folder should be")
     (d / "text.txt").write_text("hello world. " * 40)
     (d / "text.jsonl").write_text(json.dumps({"text": "hello world, " * 40}) + "\n")
+    (d / "empty_docs.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": " "}) + "\n")
     (d / "body.jsonl").write_text(json.dumps({"body": "hello world, " * 40}) + "\n")
     return {"d": d, "hf": hf, "mg": mg, "mgd": mgd, "mgd_missing": missing, "mgd_cut": cut,
             "hf_nan": d / "hf_nan", "mg_nan": mg_nan, "hf_short": short, "bare": bare, "hf_small_vocab": small,
@@ -474,6 +475,8 @@ CASES: dict[str, Case] = {
     "scores to a folder": Case("score --model {hf} --output {d} " + " ".join(QUICK), 2, ("is a folder",)),
     "vocab keep too few": Case("vocab prune --input {hf} --output {o} --keep 10 --no-progress", 2,
                                ("--keep 10 is outside",)),
+    "data jsonl of empty documents": Case("data --input {empty_docs_jsonl} --output-prefix {o} --tokenizer {hf}", 2,
+                                          ("empty_docs.jsonl: no documents (blank lines and empty 'text' fields",)),
     "data two json keys": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {hf} --json-keys a b", 2,
                                ("--json-keys a b: one key per run",)),
     "data tokenizer folder without one": Case("data --input {text_jsonl} --output-prefix {o} --tokenizer {bare}", 2,

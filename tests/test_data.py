@@ -54,6 +54,17 @@ def test_jsonl_round_trip(tmp_path, hf_tok, workers):
     assert expected[3][:-1] == AutoTokenizer.from_pretrained(hf_tok)(docs[3])["input_ids"]
 
 
+def test_empty_json_documents_are_skipped_as_blank_lines_are(tmp_path, hf_tok):
+    """A JSON line whose text is empty or only whitespace is no document (as blank lines in plain text are not):
+    it was written as an end-of-document token alone."""
+    docs = pydoc_documents(3)
+    src = write_jsonl(tmp_path / "in.jsonl", [docs[0], "", docs[1], " \n\t", docs[2]])
+    s = preprocess(src, tmp_path / "out", hf_tok, progress=False)
+    tok = TextTokenizer(hf_tok)
+    assert _read_back(str(tmp_path / "out_text_document")) == [tok.encode(d) + [tok.info.eod_id] for d in docs]
+    assert s.documents == 3
+
+
 def test_plain_text_and_sentencepiece_via_script(tmp_path):
     spm_model = make_spm_tokenizer(tmp_path / "spm")
     docs = ["First document,\nwith two lines.", "Second one.", "Third: the end."]

@@ -235,7 +235,9 @@ def json_document(line: str, key: str, where: str, other_field: str = OTHER_FIEL
 
 
 def read_documents(path: str | os.PathLike, input_format: str = "auto", key: str = "text") -> Iterator[str]:
-    """Documents of a JSON-lines file (the ``key`` field of each line) or of plain text (blank-line separated)."""
+    """Documents of a JSON-lines file (the ``key`` field of each line) or of plain text (blank-line separated).
+    A JSON document of only whitespace is skipped, as blank lines are in text: it would be an end-of-document token
+    alone."""
     check_input_file(path)
     fmt = resolve_input_format(path, input_format)
     lines = numbered_lines(path)
@@ -244,7 +246,9 @@ def read_documents(path: str | os.PathLike, input_format: str = "auto", key: str
         return
     for n, line in lines:
         if line.strip():
-            yield json_document(line, key, f"--input {path}:{n}")
+            doc = json_document(line, key, f"--input {path}:{n}")
+            if doc.strip():
+                yield doc
 
 
 def split_paragraphs(lines: Iterable[str]) -> Iterator[str]:
@@ -412,7 +416,7 @@ def preprocess(
     docs = read_documents(input_path, fmt, json_key)
     first = next(docs, None)  # surfaces a bad input file before any output
     if first is None:
-        raise PruneError(f"--input {input_path}: no documents")
+        raise PruneError(f"--input {input_path}: no documents (blank lines and empty {json_key!r} fields hold none)")
 
     def all_docs() -> Iterator[str]:
         yield first
