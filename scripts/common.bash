@@ -51,3 +51,21 @@ whole_numbers() {
       { echo "$script: error: $name=${!name}: expected a whole number >= 1" >&2; exit 2; }
   done
 }
+
+# flag_wins SCRIPT VAR FLAGS ARGS...: where one of FLAGS ("--a|--b") is in ARGS, it wins over the variable VAR (as
+# check_model.sh's later flags win): VAR is unset, with a one-line note when the two differ, never a silent choice.
+flag_wins() {
+  local script="$1" var="$2" flags="$3" flag given="" value=""; shift 3
+  [[ -n "${!var:-}" ]] || return 0
+  while (($#)); do
+    for flag in ${flags//|/ }; do
+      if [[ "$1" == "$flag" ]]; then given="$flag"; value="${2-}"; fi
+      if [[ "$1" == "$flag="* ]]; then given="$flag"; value="${1#*=}"; fi
+    done
+    shift
+  done
+  [[ -n "$given" ]] || return 0
+  [[ "$value" == "${!var}" ]] ||
+    echo "$script: note: $given $value is used, not $var=${!var} (a flag given as an argument wins)"
+  unset "$var"
+}

@@ -235,6 +235,50 @@ def test_seed_transfer_sh_is_reshard_and_says_what_it_drops(tiny_hf, tmp_path):
     assert "iteration is reset to 0" in help_text and "optimizer" in help_text
 
 
+def refused(argv: list[str], cwd: Path = ROOT, **variables: str) -> subprocess.CompletedProcess:
+    """``argv`` run as :func:`sh` runs it, left to fail (its exit status and output are the test's to check)."""
+    return subprocess.run(argv, cwd=cwd, env=seed_env(**variables), capture_output=True, text=True, timeout=600)
+
+
+def test_seed_shell_scripts_say_which_of_variable_and_flag_is_used(tiny_hf, tmp_path):
+    """LOAD=A with --input B (HF=A with --load_path B): the flag wins, as check_model.sh's flags do, and a note says
+    so (it was a silent choice); the same value both ways needs no note."""
+    hf = tiny_hf("llama-gqa")
+    mg, out = tmp_path / "mg", tmp_path / "tp1"
+    r = sh(["bash", "scripts/hf_to_megatron.sh", "--load_path", str(hf), "--no-progress"], HF=str(tmp_path / "old"),
+           MG=str(mg), TP="2")
+    assert r.stdout.splitlines()[0] == (f"hf_to_megatron.sh: note: --load_path {hf} is used, not HF={tmp_path / 'old'} "
+                                        "(a flag given as an argument wins)")
+    assert f"wrote Megatron checkpoint {mg} (TP=2, " in r.stdout
+    r = sh(["bash", "scripts/transfer.sh", "--input", str(mg), "--tp", "1", "--no-progress"], LOAD=str(tmp_path / "x"),
+           SAVE=str(out), TP="2")
+    assert r.stdout.splitlines()[:2] == [
+        f"transfer.sh: note: --input {mg} is used, not LOAD={tmp_path / 'x'} (a flag given as an argument wins)",
+        "transfer.sh: note: --tp 1 is used, not TP=2 (a flag given as an argument wins)"]
+    assert f"wrote {out} (TP=1, " in r.stdout
+    r = sh(["bash", "scripts/transfer.sh", f"--load-dir={mg}", "--output", str(tmp_path / "same"), "--no-progress"],
+           LOAD=str(mg))
+    assert "note: --load-dir" not in r.stdout
+
+
+def test_seed_shell_scripts_refuse_bad_values_in_one_line(tiny_hf, tmp_path):
+    """A value the tool's parser cannot read is its one error line, no usage before it (usage is --help's); a bad
+    TP or PP variable is named as the variable; nothing is written."""
+    hf, out = tiny_hf("llama-gqa"), tmp_path / "out"
+    cases = [(["bash", "scripts/transfer.sh", "--tp", "abc"], dict(LOAD=str(hf), SAVE=str(out)),
+              "reshard.py: error: argument --tp: invalid int value: 'abc'"),
+             (["bash", "scripts/hf_to_megatron.sh", "--pp", "two"], dict(HF=str(hf), MG=str(out)),
+              "hf_to_megatron.py: error: argument --pp: invalid int value: 'two'"),
+             (["bash", "scripts/transfer.sh"], dict(LOAD=str(hf), SAVE=str(out), TP="x"),
+              "transfer.sh: error: TP=x: expected a whole number >= 1"),
+             (["bash", "scripts/hf_to_megatron.sh"], dict(HF=str(hf), MG=str(out), PP="0"),
+              "hf_to_megatron.sh: error: PP=0: expected a whole number >= 1")]
+    for argv, variables, line in cases:
+        r = refused(argv, **variables)
+        assert (r.returncode, r.stderr, r.stdout) == (2, line + "\n", ""), (argv, r.stderr)
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("config", ["seed", "hf"])
 def test_seed_prune_hf_takes_its_own_config_and_a_whole_hf_config(tiny_hf, tmp_path, config):
     """`cd prune_hf; python prune_llama.py --model_name_or_path M --prune_config_path C --output_path O`: with the
@@ -265,6 +309,31 @@ def test_seed_prune_hf_takes_its_own_config_and_a_whole_hf_config(tiny_hf, tmp_p
                             "--reconstruct", "least-squares"], cwd=ROOT / "prune_hf", env=seed_env(),
                            capture_output=True, text=True)
         assert r.returncode == 2 and "prune_hf/prune_llama.py: error: --reconstruct least-squares" in r.stderr
+
+
+def test_seed_prune_hf_refuses_a_size_written_as_a_string(tiny_hf, tmp_path):
+    """{"num_hidden_layers": "2"} was read as 2 without a word: refused in one line naming the key and the value
+    (a list where a number goes, a layer number written as a string, alike); nothing is written."""
+    hf, out, cfg = tiny_hf("llama-gqa"), tmp_path / "out", tmp_path / "prune_config.json"
+    cases = {'"num_hidden_layers": "2"': 'num_hidden_layers: "2" is a string; write a whole number',
+             '"hidden_size": [40]': "hidden_size: [40] is an array; write a whole number",
+             '"drop_layers": [1, "2"]': 'drop_layers: [1, "2"] holds the string "2"; write whole numbers, e.g. [5, 12]'}
+    for entry, says in cases.items():
+        cfg.write_text(f"{{{entry}}}")
+        r = refused([sys.executable, "prune_llama.py", "--model_name_or_path", str(hf), "--prune_config_path",
+                     str(cfg), "--output_path", str(out)], cwd=ROOT / "prune_hf")
+        assert (r.returncode, r.stderr) == (2, f"prune_hf/prune_llama.py: error: --prune_config_path {cfg}: {says}\n")
+        assert not out.exists()
+
+
+def test_seed_prune_llama_bad_value_is_one_line_without_usage(tiny_hf, tmp_path):
+    """A seed flag's or a Megatron flag's value of the wrong type (--num-layers abc) is the parser's one error line:
+    Megatron's flag parser printed ~700 lines of usage before it."""
+    hf = tiny_hf("llama-gqa")
+    for flag in ("--num-layers", "--num_layers_remain"):
+        r = refused([sys.executable, "prune_llama.py", "--load", str(hf), "--save", str(tmp_path / "x"), flag, "abc"])
+        assert (r.returncode, r.stderr) == (2, f"prune_llama.py: error: argument {flag}: invalid int value: 'abc'\n")
+        assert not (tmp_path / "x").exists()
 
 
 def test_seed_emb_pruner_layout_counts_then_prunes_as_the_vocab_verbs(tmp_path):

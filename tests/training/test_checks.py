@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
 import sys
 from argparse import Namespace
 
@@ -13,7 +15,7 @@ import pytest
 from megatron.prune.errors import PruneError
 from megatron.prune.training import checkpoints
 from megatron.prune.training import teacher as teacher_mod
-from tests.training.recovery_harness import case_result, ok, parse_losses
+from tests.training.recovery_harness import ROOT, case_result, ok, parse_losses
 
 
 def test_tensorboard_dir_without_tensorboard_is_refused(monkeypatch):
@@ -185,6 +187,33 @@ def test_tensor_parallel_size_must_split_the_checkpoints_sizes():
         checks.check_tensor_parallel(Namespace(**{**vars(model), "tensor_model_parallel_size": 8,
                                                   "num_attention_heads": 16, "num_query_groups": 8,
                                                   "ffn_hidden_size": 36}))
+
+
+def test_pipeline_size_must_split_the_layers(inputs, tmp_path):
+    """PP=2 on a checkpoint pruned to 3 layers: Megatron's bare assertion named neither number; check_model.sh's
+    pre-flight refuses it in one line with the layer count and the PP sizes that do, before torchrun. A --num-layers
+    flag is checked alike; an uneven split (--decoder-first-pipeline-num-layers) is Megatron's to check."""
+    from megatron.prune.training import checks
+    from tests.procs import free_port
+
+    pruned = str(inputs["pruned"][1])
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(free_port()),
+           "LOAD": pruned, "SAVE": str(tmp_path / "save"), "DATA": inputs["DATA"], "TOKENIZER": inputs["TOKENIZER"],
+           "PP": "2", "TRAIN_ITERS": "2", "SEQ_LEN": "16", "MICRO_BATCH": "1", "GLOBAL_BATCH": "2"}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "check_model.sh")], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    assert (r.returncode, r.stderr) == (2, f"pretrain_llama.py: error: --pipeline-model-parallel-size 2 (PP): the "
+                                           f"model of --load {pruned} has 3 layers, not divisible by it; valid PP "
+                                           "sizes: 1, 3\n")
+    assert not (tmp_path / "save").exists()
+    flags = ["--pipeline-model-parallel-size", "3", "--num-layers", "4"]
+    with pytest.raises(PruneError, match=r"^--pipeline-model-parallel-size 3 \(PP\): the model \(--num-layers 4\) "
+                                         r"has 4 layers, not divisible by it; valid PP sizes: 1, 2, 4$"):
+        checks.check_flags_first(checks.preflight_flags(flags))
+    checks.check_flags_first(checks.preflight_flags([*flags, "--decoder-first-pipeline-num-layers", "2"]))
+    checks.check_flags_first(checks.preflight_flags([*flags, "--pipeline-model-parallel-size", "2"]))
+    checks.check_paths_first(checks.preflight_flags(["--load", pruned, "--use-checkpoint-args",
+                                                     "--pipeline-model-parallel-size", "3"]))
 
 
 def test_document_masking_needs_attention_that_applies_the_mask(monkeypatch):

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-from megatron.prune.seed.verbs import seed_words
+from megatron.prune.seed.verbs import OneLineParser, seed_words
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ SEED_IGNORED = {
 
 def tool_parser(tool: Tool) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
     """The tool's parser, and the required flags it lets come under their seed names (checked after parsing)."""
-    p = argparse.ArgumentParser(prog=tool.prog, description=tool.usage, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=tool.prog, description=tool.usage, allow_abbrev=False,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     tool.add_arguments(p)
     lifted = [a for a in p._actions if a.required and any(f in a.option_strings for f in tool.aliases.values())]
     for action in lifted:

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from megatron.prune.core.shape import ModelShape
 from megatron.prune.errors import PruneError
+from megatron.prune.seed.verbs import OneLineParser
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ def megatron_flag_parser(prog: str) -> argparse.ArgumentParser:
     warnings.filterwarnings("ignore", message="Only transformer-engine", category=UserWarning)  # TE not installed
     from megatron.training.arguments import add_megatron_arguments
 
-    parser = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
+    parser = OneLineParser(prog=prog, add_help=False, allow_abbrev=False)
     add_megatron_arguments(parser)
     for action in parser._actions:
         action.default = argparse.SUPPRESS

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from megatron.prune.errors import PruneError
+from megatron.prune.errors import PruneError, json_type
 from megatron.prune.seed.megatron_flags import (check_megatron_flags, checkpoint_values, ignored_note,
                                                 parse_megatron_flags)
-from megatron.prune.seed.verbs import int_list, run_verb
+from megatron.prune.seed.verbs import OneLineParser, int_list, run_verb
 
 METHODS = ("auto", "activation", "magnitude", "random")  # `megatron-prune prune --method` (tests keep them equal)
 RECONSTRUCT = ("least-squares", "none")  # `megatron-prune prune --reconstruct` (tests keep them equal)
@@ -60,8 +60,8 @@ SWITCHES = {"overwrite": "--overwrite", "no_progress": "--no-progress"}
 
 
 def prune_llama_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prune_llama.py", description=PRUNE_LLAMA_USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = OneLineParser(prog="prune_llama.py", description=PRUNE_LLAMA_USAGE,
+                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--load", required=True, help="checkpoint folder to prune (Megatron torch/torch_dist, or HF)")
     p.add_argument("--save", required=True, help="new folder for the pruned checkpoint")
     p.add_argument("--hidden_size_remain", type=int, help="model width to keep")
@@ -192,8 +192,23 @@ HF_CONFIG_MARKERS = ("architectures", "model_type")  # a config.json carries the
 FIXED_KEYS = ("vocab_size", "head_dim")  # HF config fields pruning does not change: they must be the model's
 
 
-def config_value(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+WORD_KEYS = ("method", "prune_type")  # prune config keys whose value is a word (drop_layers: a list; the rest: numbers)
+
+
+def config_value(key: str, value: Any) -> str:
+    """A prune config value as its flag's text; a number written as a string ("32") or a list is refused, not read."""
+    if key in WORD_KEYS or (key == "drop_layers" and isinstance(value, str)):  # drop_layers "5,12": the seed's form
+        return str(value)
+    if key == "drop_layers" and isinstance(value, list):
+        texts = [v for v in value if isinstance(v, str)]
+        if texts:
+            raise PruneError(f"{key}: {json.dumps(value)} holds the string {json.dumps(texts[0])}; write whole "
+                             "numbers, e.g. [5, 12]")
+        return ",".join(map(str, value))
+    if isinstance(value, (str, list)):
+        raise PruneError(f"{key}: {json.dumps(value)} is a{'n' if isinstance(value, list) else ''} "
+                         f"{json_type(value)}; write a whole number")
+    return str(value)
 
 
 def prune_config_flags(config: dict[str, Any], source: dict[str, Any] | None) -> tuple[list[str], dict[str, str],
@@ -214,7 +229,7 @@ def prune_config_flags(config: dict[str, Any], source: dict[str, Any] | None) ->
     for key, value in config.items():
         if keys.get(key) is None:
             continue
-        flag, text = keys[key], config_value(value)
+        flag, text = keys[key], config_value(key, value)
         if flag in chosen and chosen[flag][1] != text:
             raise PruneError(f"the prune config gives {chosen[flag][0]} {chosen[flag][1]} and {key} {text}; "
                              "give one")
@@ -257,8 +272,8 @@ def read_json(path: Path, what: str) -> Any:
 def prune_hf(argv: list[str] | None = None) -> int:
     """``prune_hf/prune_llama.py``: an HF folder and a JSON target -> ``prune``."""
     prog = "prune_hf/prune_llama.py"
-    p = argparse.ArgumentParser(prog=prog, description=PRUNE_HF_USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = OneLineParser(prog=prog, description=PRUNE_HF_USAGE,
+                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model_name_or_path", required=True, help="local HF checkpoint folder")
     p.add_argument("--prune_config_path", default="prune_config.json", type=Path,
                    help="JSON file with the target shape (default %(default)s, as in the seed)")

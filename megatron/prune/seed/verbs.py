@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Mapping, Sequence
+from typing import Mapping, NoReturn, Sequence
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one line ``PROG: error: ...`` (exit 2), no usage: that is --help's."""
+
+    def error(self, message: str) -> NoReturn:
+        """Exit 2 with the error line alone, no usage before it."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def seed_words(message: str, names: Mapping[str, str]) -> str:

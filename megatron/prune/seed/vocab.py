@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from megatron.prune.errors import PruneError
-from megatron.prune.seed.verbs import seed_words
+from megatron.prune.seed.verbs import OneLineParser, seed_words
 
 # ---- get_vocab_freq.py ------------------------------------------------------------------------------------------
 
@@ -33,8 +33,8 @@ already include the special tokens, the byte/unk fallback and every merge interm
 def get_vocab_freq(argv: list[str] | None = None) -> int:
     """``emb_pruner/get_vocab_freq.py``."""
     prog = "get_vocab_freq.py"
-    p = argparse.ArgumentParser(prog=prog, description=GET_VOCAB_FREQ_USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = OneLineParser(prog=prog, description=GET_VOCAB_FREQ_USAGE,
+                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--data_type", default="txt", help="txt or jsonl (the seed's mmap is not supported)")
     p.add_argument("--data_path", nargs="+", required=True, help="corpus file(s)")
     p.add_argument("--spm", required=True, help="tokenizer.model / tokenizer.json, or the folder holding it")
@@ -130,8 +130,8 @@ def load_ids(path: Path) -> list[int]:
 def prune_spm_and_emb(argv: list[str] | None = None) -> int:
     """``emb_pruner/prune_spm_and_emb.py``."""
     prog = "prune_spm_and_emb.py"
-    p = argparse.ArgumentParser(prog=prog, description=PRUNE_SPM_AND_EMB_USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = OneLineParser(prog=prog, description=PRUNE_SPM_AND_EMB_USAGE,
+                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--hf_dir", required=True, type=Path, help="HF model folder")
     p.add_argument("--remain_vocab_path", type=Path, default=Path("remain_vocab_ids.pt"),
                    help="ids to keep, from get_vocab_freq.py (default %(default)s)")

@@ -20,7 +20,8 @@ from megatron.prune.training.checkpoints import (check_weights, checkpoint_args,
 from megatron.prune.training.datasets import check_dataset_files, read_sequence_counts
 from megatron.prune.training.model import layer_spec_name
 from megatron.prune.training.moe_checks import check_expert_parallel, check_moe, check_moe_flags_first, check_moe_shape
-from megatron.prune.training.parallel_checks import check_parallelism, check_tensor_parallel
+from megatron.prune.training.parallel_checks import (add_pipeline_flags, check_parallelism, check_pipeline_parallel,
+                                                      check_tensor_parallel)
 from megatron.prune.training.teacher import check_teacher
 
 # Megatron args that the stock --use-checkpoint-args loader leaves out (megatron-core 0.19.2) but that change
@@ -180,6 +181,7 @@ def preflight_flags(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--moe-grouped-gemm", action="store_true")
     p.add_argument("--moe-aux-loss-coeff", nargs="+", type=_number(float))
     p.add_argument(*TOKENIZER_FROM_FLAGS, dest="own_tokenizer", action="store_true")
+    add_pipeline_flags(p)
     return p.parse_known_args(list(argv))[0]
 
 
@@ -215,6 +217,8 @@ def check_paths_first(ns: argparse.Namespace) -> None:
     if not ns.use_checkpoint_args:
         return
     saved = checkpoint_args(ref)
+    if ns.num_layers is None:  # a --num-layers flag wins over the checkpoint's (checked by check_flags_first)
+        check_pipeline_parallel(ns, getattr(saved, "num_layers", None), f" of --load {ns.load}")
     named = getattr(saved, "tokenizer_model", None)
     if (not ns.own_tokenizer and getattr(saved, "tokenizer_type", None) in PATH_TOKENIZERS and named
             and not os.path.exists(named)):
@@ -258,6 +262,7 @@ def check_flags_first(ns: argparse.Namespace) -> None:
             raise PruneError(f"--wandb-project {ns.wandb_project}: W&B logging needs the wandb package; pip install "
                              "wandb, or drop the flag")
     check_moe_flags_first(ns)
+    check_pipeline_parallel(ns, ns.num_layers, f" (--num-layers {ns.num_layers})")
     if ns.kd_teacher_load is None:
         given = [f for f in ("--kd-alpha", "--kd-temperature") if getattr(ns, f[2:].replace("-", "_")) is not None]
         if given:
