@@ -259,6 +259,10 @@ def test_seed_shell_scripts_say_which_of_variable_and_flag_is_used(tiny_hf, tmp_
     r = sh(["bash", "scripts/transfer.sh", f"--load-dir={mg}", "--output", str(tmp_path / "same"), "--no-progress"],
            LOAD=str(mg))
     assert "note: --load-dir" not in r.stdout
+    nope, old = tmp_path / "nope", tmp_path / "old"
+    r = refused(["bash", "scripts/prune_llama.sh", "--load", str(nope), "--save", str(tmp_path / "o")], LOAD=str(old))
+    assert r.returncode == 2 and r.stdout.splitlines()[0] == (
+        f"prune_llama.sh: note: --load {nope} is used, not LOAD={old} (a flag given as an argument wins)")
 
 
 def test_seed_shell_scripts_refuse_bad_values_in_one_line(tiny_hf, tmp_path):
