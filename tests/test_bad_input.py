@@ -427,10 +427,11 @@ CASES: dict[str, Case] = {
     "seed config missing": Case("--model_name_or_path {hf} --prune_config_path {d}/no.json --output_path {o}", 2,
                                 ("no.json: no such file",), run="prune_hf"),
     "seed config a value of the wrong type": Case("--model_name_or_path {hf} --prune_config_path {bool_cfg_json} "
-                                                  "--output_path {o}", 2, ("invalid int value: 'True'",),
+                                                  "--output_path {o}", 2,
+                                                  ("ffn_hidden_size_remain: true is not a whole number",),
                                                   run="prune_hf"),
     "seed config a list": Case("--model_name_or_path {hf} --prune_config_path {plan_list_json} --output_path {o}", 2,
-                               ("--prune_config_path", "the prune config must be a JSON object, got list"),
+                               ("--prune_config_path", "the prune config must be a JSON object, not a JSON array"),
                                run="prune_hf"),
     "seed ids garbage .pt": Case("--hf_dir {hf} --remain_vocab_path {garbage_pt} --save_dir {o}", 2,
                                  ("garbage.pt: not a torch-saved list of token ids",), run="prune_spm_and_emb"),

@@ -196,18 +196,19 @@ WORD_KEYS = ("method", "prune_type")  # prune config keys whose value is a word 
 
 
 def config_value(key: str, value: Any) -> str:
-    """A prune config value as its flag's text; a number written as a string ("32") or a list is refused, not read."""
+    """A prune config value as its flag's text: a word for ``method``/``prune_type``, the seed's "5,12" or a list of
+    whole numbers for ``drop_layers``, else a whole number; anything else (a number written as a string, a list,
+    true, null, 3.5) is refused with its JSON, not read."""
     if key in WORD_KEYS or (key == "drop_layers" and isinstance(value, str)):  # drop_layers "5,12": the seed's form
         return str(value)
     if key == "drop_layers" and isinstance(value, list):
-        texts = [v for v in value if isinstance(v, str)]
-        if texts:
-            raise PruneError(f"{key}: {json.dumps(value)} holds the string {json.dumps(texts[0])}; write whole "
-                             "numbers, e.g. [5, 12]")
+        bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int)]
+        if bad:
+            raise PruneError(f"{key}: {json.dumps(value)} holds {json.dumps(bad[0])}, not a layer number; write "
+                             "whole numbers, e.g. [5, 12]")
         return ",".join(map(str, value))
-    if isinstance(value, (str, list)):
-        raise PruneError(f"{key}: {json.dumps(value)} is a{'n' if isinstance(value, list) else ''} "
-                         f"{json_type(value)}; write a whole number")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PruneError(f"{key}: {json.dumps(value)} is not a whole number; write e.g. 32")
     return str(value)
 
 
@@ -216,7 +217,7 @@ def prune_config_flags(config: dict[str, Any], source: dict[str, Any] | None) ->
     """(``prune`` flags, verb flag -> the key named for it, ignored keys) of a prune config; ``source`` is the model's
     own config.json, against which a whole HF config's fixed fields are checked."""
     if not isinstance(config, dict):
-        raise PruneError(f"the prune config must be a JSON object, got {type(config).__name__}")
+        raise PruneError(f"the prune config must be a JSON object, not a JSON {json_type(config)}")
     whole_hf = any(k in config for k in HF_CONFIG_MARKERS)
     unknown = sorted(set(config) - set(PRUNE_CONFIG_KEYS))
     if unknown and not whole_hf:
