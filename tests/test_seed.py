@@ -323,7 +323,8 @@ def test_seed_prune_hf_refuses_a_size_written_as_a_string(tiny_hf, tmp_path):
              '"hidden_size": [40]': "hidden_size: [40] is not a whole number; write e.g. 32",
              '"ffn_hidden_size_remain": true': "ffn_hidden_size_remain: true is not a whole number; write e.g. 32",
              '"num_hidden_layers": 3.5': "num_hidden_layers: 3.5 is not a whole number; write e.g. 32",
-             '"drop_layers": [1, "2"]': 'drop_layers: [1, "2"] holds "2", not a layer number; write whole numbers, e.g. [5, 12]'}
+             '"drop_layers": [1, "2"]': 'drop_layers: [1, "2"] holds "2", not a layer number; write whole numbers, '
+                                         'e.g. [5, 12]'}
     for entry, says in cases.items():
         cfg.write_text(f"{{{entry}}}")
         r = refused([sys.executable, "prune_llama.py", "--model_name_or_path", str(hf), "--prune_config_path",
