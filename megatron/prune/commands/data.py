@@ -5,6 +5,7 @@ model's own tokenizer and one EOD (the tokenizer's EOS) after each document. Pas
 Input: one file (not a folder, several files or a glob), UTF-8 (a leading BOM is fine), gunzipped on the
 fly if it ends in .gz (the suffix before .gz then names the format). Formats (--input-format auto):
   JSON lines   .jsonl .json .ndjson (any case): one object per line, the document in its "text" field
+               (a field of only whitespace is no document, as blank lines in plain text are none)
   plain text   .txt .text .md (any case): documents separated by blank lines, newlines inside kept
   other names: JSON lines if the first non-blank line is a JSON object, else plain text
 The summary names the format used; --input-format jsonl|text overrides the choice.
