@@ -209,6 +209,10 @@ def test_ridge_solves_and_scores_row_blocks_as_the_whole():
     summed = [sum(p[i] for p in parts) + float(yy.trace()) for i in (0, 1)]
     assert summed == pytest.approx(rc.reconstruction_errors([prior, whole], H, C, yy), rel=1e-6)
     assert summed[1] < summed[0]
+    for r in range(0, 23, 5):  # the solution's error term without its product with H: the same, to float32 rounding
+        block, terms = ridge.solve_scored(C[r:r + 5], prior[r:r + 5])
+        assert torch.equal(block, blocks[r // 5])
+        assert terms == pytest.approx(ridge.errors([prior[r:r + 5], block], C[r:r + 5]), rel=1e-6)
 
 
 def test_a_relative_error_is_never_negative():

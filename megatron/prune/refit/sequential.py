@@ -218,9 +218,9 @@ def refit_head(src: TensorSource, norm: torch.nn.Module, plan: PrunePlan, teache
     errors, energy = [0.0, 0.0], 0.0
     for start, W in head_blocks(src, "lm_head", plan):
         prior, C_ys = W.index_select(1, kept), (W @ C_ts).double()
-        block = ridge.solve(C_ys, prior, torch.float64)
+        block, terms = ridge.solve_scored(C_ys, prior)
         new[start:start + W.shape[0]] = block
-        errors = [e + d for e, d in zip(errors, ridge.errors([prior, block], C_ys))]
+        errors = [e + d for e, d in zip(errors, terms)]
         energy += float(((W @ T_tt) * W).sum(dtype=torch.float64))
     if start + W.shape[0] != vocab:
         raise ValueError(f"lm_head has {start + W.shape[0]} rows where the plan's vocabulary has {vocab}")

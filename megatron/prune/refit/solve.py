@@ -184,6 +184,14 @@ class Ridge:
         its constant, so the errors of row blocks add up."""
         return cross_terms(Ws, self.H, C_ys.float())
 
+    def solve_scored(self, C_ys: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """:meth:`solve` (float64) and the :meth:`errors` of ``[prior, solution]``. The solution's term needs no
+        product with ``H``: from ``W'(H + λI) = C + λ·prior``, ``tr(W' H W'ᵀ) − 2 tr(W' Cᵀ)`` is
+        ``Σ W' ∘ (λ(prior − W') − C)``, which saves half the report's work (``[out, n] @ [n, n]`` per block)."""
+        new = self.solve(C_ys, prior, torch.float64)
+        refit = float((new * (prior.double() - new).mul_(self.lam).sub_(C_ys)).sum())
+        return new, [self.errors([prior], C_ys)[0], refit]
+
 
 def refit_rows(weight: torch.Tensor, ridge: Ridge, targets, storage: torch.dtype | None) -> list[float]:
     """Refit ``weight [out, n_s]`` in place, :data:`ROW_BLOCK` rows at a time (``targets(r0, r1)``: ``E[y x_sᵀ]`` of
@@ -193,8 +201,8 @@ def refit_rows(weight: torch.Tensor, ridge: Ridge, targets, storage: torch.dtype
     for r0 in range(0, weight.shape[0], ROW_BLOCK):
         r1 = min(r0 + ROW_BLOCK, weight.shape[0])
         C_ys, prior = targets(r0, r1), weight[r0:r1].float()
-        new = ridge.solve(C_ys, prior, torch.float64)
-        total = [t + e for t, e in zip(total, ridge.errors([prior, new], C_ys))]
+        new, terms = ridge.solve_scored(C_ys, prior)
+        total = [t + e for t, e in zip(total, terms)]
         weight[r0:r1].copy_(new.to(storage or weight.dtype).to(weight.dtype))
     return total
 
