@@ -104,7 +104,7 @@ def warn_once_per_rank() -> None:
     """Install :class:`WarnOnce` on the handlers megatron-core logs through (its training module sets them up).
     Its handler overrides ``filter`` (dropping other libraries' records) and so ignores ``addFilter``: chain the
     two instead."""
-    import megatron.training.training
+    import megatron.training.training  # noqa: F401  (its import sets up the handlers)
 
     once = WarnOnce()
     for handler in logging.getLogger().handlers:
