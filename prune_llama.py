@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 ''''exec "${PYTHON:-python}" "$0" "$@"  # also when started with bash: run this file with Python '''
-"""Prune a Megatron (or HF) checkpoint with the seed project's flags: python prune_llama.py --help (see megatron/prune/seed/)."""
+"""Prune a Megatron (or HF) checkpoint with the seed project's flags: python prune_llama.py --help
+(see megatron/prune/seed/)."""
 
 import sys
 from pathlib import Path

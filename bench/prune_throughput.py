@@ -52,7 +52,8 @@ def synthetic_checkpoint(folder: Path, layers: int, tp: int) -> None:
 
     hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5,
                  "rope_theta": 10000.0, "max_position_embeddings": 4096}
-    args = mcore_args.args_for_shape(None, shape, tp, 1, layout.padded_vocab, 128, torch.bfloat16, "local", hf_config, None)
+    args = mcore_args.args_for_shape(None, shape, tp, 1, layout.padded_vocab, 128, torch.bfloat16, "local",
+                                     hf_config, None)
     folder.mkdir(parents=True)
     write.write_checkpoint(folder, layout, write.fused_params(roles, layout), args)
     write.write_meta(folder, None, hf_config, shape)

@@ -112,7 +112,8 @@ class Without:
 def random_with_layers(shape, seed: int) -> Scores:
     """Random everything, layers included (the CLI's random keeps the seed's spread-middle layer rule)."""
     s = random_scores(shape, seed)
-    return dataclasses.replace(s, layers=torch.rand(shape.num_layers, generator=torch.Generator().manual_seed(seed + 7)))
+    return dataclasses.replace(s, layers=torch.rand(shape.num_layers,
+                                                    generator=torch.Generator().manual_seed(seed + 7)))
 
 
 @torch.no_grad()
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
                          "bench/results/quality_selection.json)")
     ap.add_argument("--all-ablations", action="store_true",
                     help="also aggregation on the width shape, RMSNorm rescaling and the GQA choice")
-    ap.add_argument("--damping-ablation", action="store_true", help="also refit the demo shape at damping 0.001 and 0.1")
+    ap.add_argument("--damping-ablation", action="store_true",
+                    help="also refit the demo shape at damping 0.001 and 0.1")
     ap.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     ap.add_argument("--chart", type=Path, default=ROOT / "assets" / "quality.png")
     args = ap.parse_args(argv)
@@ -218,7 +220,8 @@ def main(argv=None) -> int:
             out = {"ppl": ppl(m), "ppl_other": ppl(m, "other"), "refit_s": seconds, "refit_cpu_s": cpu,
                    "error_sliced_refit": summary.mean_error(), "head": [summary.head_role, summary.head]}
             if with_head_ablation and store.has("final_norm"):  # the tied head's gain refit left out
-                out["ppl_without_head_gain"] = ppl(in_memory_prune(state, ckpt.config, plan, Without(store, "final_norm")))
+                out["ppl_without_head_gain"] = ppl(in_memory_prune(state, ckpt.config, plan,
+                                                                   Without(store, "final_norm")))
         return out
 
     act_scores = scores[stats.DEFAULT_AGGREGATION]
@@ -349,7 +352,8 @@ def table(r: dict) -> str:
                   "CPU time)"]
         lines.append("| " + " | ".join(cells) + " |")
     t = r["timing"]
-    lines.append(f"scoring {t['scoring_s']:.1f}s vs plain forward {t['plain_forward_s']:.1f}s over {t['tokens']} tokens "
+    lines.append(f"scoring {t['scoring_s']:.1f}s vs plain forward {t['plain_forward_s']:.1f}s "
+                 f"over {t['tokens']} tokens "
                  f"= {t['ratio']:.2f}x wall ({t['ratio_cpu_time']:.2f}x CPU time)")
     for k, v in r["ablations"].items():
         lines.append(f"{k}: " + ", ".join(f"{a} {b:,.1f}" if isinstance(b, float) else f"{b}" for a, b in v.items()))

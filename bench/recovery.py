@@ -102,7 +102,8 @@ def train(mode: str, start: str, paths: dict[str, Path], a: argparse.Namespace,
     """One recovery run through scripts/check_model.sh; iteration -> printed losses, and seconds taken."""
     env = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(_free_port()),
            "LOAD": str(paths[f"pruned_mg_{start}"]), "SAVE": str(save), "DATA": str(paths["data"]),
-           "TOKENIZER": str(paths[f"pruned_hf_{start}"]), "TRAIN_ITERS": str(a.iters), "SAVE_INTERVAL": str(a.eval_every),
+           "TOKENIZER": str(paths[f"pruned_hf_{start}"]), "TRAIN_ITERS": str(a.iters),
+           "SAVE_INTERVAL": str(a.eval_every),
            "SEQ_LEN": str(a.seq_len), "MICRO_BATCH": str(a.global_batch), "GLOBAL_BATCH": str(a.global_batch),
            "LR": str(a.lr), "WARMUP": "2", **MODES[mode]}
     if mode == "kd":
@@ -118,7 +119,8 @@ def train(mode: str, start: str, paths: dict[str, Path], a: argparse.Namespace,
             if m:
                 it, lm, kd = int(m.group(1)), float(m.group(2)), m.group(3)
                 losses[it] = {"lm": lm, **({"kd": float(kd)} if kd else {})}
-                print(f"  [{mode}, {start}] iteration {it}: lm loss {lm:.4f}" + (f", kd loss {float(kd):.4f}" if kd else ""),
+                print(f"  [{mode}, {start}] iteration {it}: lm loss {lm:.4f}"
+                      + (f", kd loss {float(kd):.4f}" if kd else ""),
                       flush=True)
     if p.returncode:
         raise SystemExit(f"{mode}, {start} run failed (exit {p.returncode}):\n" + "".join(tail))

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 ''''exec "${PYTHON:-python}" "$0" "$@"  # also when started with bash: run this file with Python '''
-"""Token frequencies of a corpus and the ids to keep (the seed project's flags): python emb_pruner/get_vocab_freq.py --help (see megatron/prune/seed/)."""
+"""Token frequencies of a corpus and the ids to keep (the seed project's flags):
+python emb_pruner/get_vocab_freq.py --help (see megatron/prune/seed/)."""
 
 import sys
 from pathlib import Path

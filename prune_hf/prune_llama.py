@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 ''''exec "${PYTHON:-python}" "$0" "$@"  # also when started with bash: run this file with Python '''
-"""Prune an HF checkpoint to the shape of a JSON config (the seed project's flags): python prune_hf/prune_llama.py --help (see megatron/prune/seed/)."""
+"""Prune an HF checkpoint to the shape of a JSON config (the seed project's flags):
+python prune_hf/prune_llama.py --help (see megatron/prune/seed/)."""
 
 import sys
 from pathlib import Path

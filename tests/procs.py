@@ -29,6 +29,7 @@ def run_on_ranks(worker: Path, jobs: list[dict], folder: Path, timeout: int, ran
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([str(torchrun), f"--nproc_per_node={ranks}", str(worker), str(folder / "jobs.json"),
-                           str(folder / "results.json")], capture_output=True, text=True, env=env, timeout=timeout, check=False)
+                           str(folder / "results.json")], capture_output=True, text=True, env=env, timeout=timeout,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((folder / "results.json").read_text())

@@ -257,7 +257,8 @@ CASES: dict[str, Case] = {
                                  ("--calib /dev/null: not a regular file",)),
     "prune calib too short for the refit": Case("prune --input {hf} --output {o} --ffn-hidden-size 32 "
                                                 + " ".join(QUICK), 2,
-                                                ("32 calibration tokens: the refit of a 64-wide input needs at least 64",
+                                                ("32 calibration tokens: the refit of a 64-wide input needs at "
+                                                 "least 64",
                                                  "--reconstruct none")),
     "eval non-utf8 text": Case("eval --model {hf} --text {latin1_txt} --seq-len 4 --no-progress", 2,
                                ("--text", "latin1.txt:1: not UTF-8")),

@@ -43,7 +43,8 @@ def test_every_tracked_file_is_in_the_build_context_and_copied():
     patterns = dockerignore_patterns()
     assert [f for f in tracked if not in_context(f, patterns)] == []
     lines = [line.split("#")[0].strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
-    assert "COPY . ." in lines and [x for x in lines if x.startswith("FROM")][0].startswith("FROM nvcr.io/nvidia/pytorch:")
+    assert "COPY . ." in lines and [x for x in lines if x.startswith("FROM")][0].startswith(
+        "FROM nvcr.io/nvidia/pytorch:")
     assert any(x.startswith("ENV VENV=system") for x in lines)
     assert any(x.startswith("RUN make install") for x in lines)
 

@@ -33,7 +33,8 @@ def test_eval_tasks_bridge_offline(tok_model, tmp_path, capsys, monkeypatch):
     rows = []
     for q, cs in zip(questions, choices):
         lp = [choice_logprob(model, tok, q, c) for c in cs]
-        rows.append({"question": q, "choices": cs, "answer": int(torch.tensor(lp).argmax()), "worst": int(torch.tensor(lp).argmin())})
+        rows.append({"question": q, "choices": cs, "answer": int(torch.tensor(lp).argmax()),
+                     "worst": int(torch.tensor(lp).argmin())})
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     tasks = tmp_path / "tasks"

@@ -57,7 +57,8 @@ def test_qwen3_moe_hub_config_key_and_mixed_dense_layers():
     assert hf_config_for_shape(hub, shape_from_hf_config(hub).replace(num_experts=2))["num_experts"] == 2
     for bad, said in [({"mlp_only_layers": [1]}, "mlp_only_layers [1]"), ({"decoder_sparse_step": 2},
                                                                           "decoder_sparse_step 2")]:
-        with pytest.raises(PruneError, match=r"dense layers mixed in .*" + said.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(PruneError,
+                           match=r"dense layers mixed in .*" + said.replace("[", r"\[").replace("]", r"\]")):
             shape_from_hf_config({**config, **bad})
 
 
@@ -100,7 +101,8 @@ def test_pruned_moe_loads_with_its_new_config(moe_hf, tmp_path, family, method):
     for j, e in enumerate(lp.experts):
         want = s_ck.get("expert_down", lp.source_layer, e)[list(plan.hidden)][:, list(lp.expert_ffn[j])]
         assert torch.equal(o_ck.get("expert_down", 1, j), want)
-    assert torch.equal(o_ck.get("router", 1), s_ck.get("router", lp.source_layer)[list(lp.experts)][:, list(plan.hidden)])
+    assert torch.equal(o_ck.get("router", 1),
+                       s_ck.get("router", lp.source_layer)[list(lp.experts)][:, list(plan.hidden)])
     if method == "random":  # seeded: the same plan again
         assert prune_cli(src, tmp_path / "again", "--num-experts", "3", "--moe-ffn-hidden-size", "8",
                          "--num-experts-per-tok", "1", "--hidden-size", "40", "--num-layers", "3",

@@ -1,4 +1,5 @@
-"""Running a folder as its HF model: a Megatron checkpoint scores and evaluates as the exported model; folders without one are refused."""
+"""Running a folder as its HF model: a Megatron checkpoint scores and evaluates as the exported model; folders without
+one are refused."""
 
 from __future__ import annotations
 

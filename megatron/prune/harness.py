@@ -13,7 +13,8 @@ from megatron.prune.errors import PruneError
 
 
 def run_tasks(model, tok, tasks: Sequence[str], include_path: Sequence[Path] | None = None,
-              batch_size: int = 4, limit: int | None = None, num_fewshot: int | None = None) -> dict[str, dict[str, Any]]:
+              batch_size: int = 4, limit: int | None = None,
+              num_fewshot: int | None = None) -> dict[str, dict[str, Any]]:
     """Run lm-eval ``tasks`` on an already loaded HF model; returns {task: {metric: value}}."""
     try:
         from lm_eval import simple_evaluate

@@ -1,4 +1,5 @@
-"""The prune plan: JSON round trip and re-application, the RMSNorm rescale it records, and a plan for another model refused."""
+"""The prune plan: JSON round trip and re-application, the RMSNorm rescale it records, and a plan for another model
+refused."""
 
 from __future__ import annotations
 

@@ -139,7 +139,8 @@ def test_bad_checkpoint_refused(tiny_hf, tmp_path, capsys, how, must_say):
     assert tree_hash(src) == before
 
 
-@pytest.mark.parametrize("arch", ["GemmaForCausalLM", "Phi3ForCausalLM", "DeepseekV3ForCausalLM", "Qwen2MoeForCausalLM"])
+@pytest.mark.parametrize("arch", ["GemmaForCausalLM", "Phi3ForCausalLM", "DeepseekV3ForCausalLM",
+                                  "Qwen2MoeForCausalLM"])
 @pytest.mark.parametrize("verb", ["prune", "convert"])
 def test_unknown_architecture_refused_with_the_supported_list(tiny_hf, tmp_path, capsys, arch, verb):
     """Architectures outside the registry are refused by name, before anything is written, whatever the verb."""

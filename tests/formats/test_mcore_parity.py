@@ -50,15 +50,16 @@ def parity(tiny_hf, tmp_path_factory) -> dict[str, list[dict]]:
         plan = make_plan(shape, prune_target(shape), random_scores(shape, 11), tp=2, balance=True)
         ref = apply_hf_plan(hf, root / f"{family}-pruned-hf", plan, progress=False)
         for tp in (1, 2):
-            pruned = ops.apply_plan(open_megatron(root / f"{family}-tp{tp}"), plan, root / f"{family}-pruned-tp{tp}", progress=False)
+            pruned = ops.apply_plan(open_megatron(root / f"{family}-tp{tp}"), plan, root / f"{family}-pruned-tp{tp}",
+                                    progress=False)
             jobs.append({"name": f"prune-{family}-tp{tp}", "mg": str(pruned), "hf": str(ref), "tp": tp})
         if family in DIST_OUTPUT:  # torch_dist output, loaded by megatron-core's dist_checkpointing at TP=2
             if DIST_OUTPUT[family] == "convert":
                 out = ops.hf_to_megatron(hf, root / f"{family}-dist", tp=2, progress=False, ckpt_format="torch_dist")
                 jobs.append({"name": f"dist-convert-{family}", "mg": str(out), "hf": str(hf), "tp": 2, "dist": True})
             else:
-                out = ops.apply_plan(open_megatron(root / f"{family}-tp2"), plan, root / f"{family}-pruned-dist", progress=False,
-                               ckpt_format="torch_dist")
+                out = ops.apply_plan(open_megatron(root / f"{family}-tp2"), plan, root / f"{family}-pruned-dist",
+                                     progress=False, ckpt_format="torch_dist")
                 jobs.append({"name": f"dist-prune-{family}", "mg": str(out), "hf": str(ref), "tp": 2, "dist": True})
     # LLaMA-3.x RoPE scaling: carried in args, and applied with the checkpoint's factor (not the default 8)
     rope = make_tiny_hf(root / "llama3-rope-hf", "llama-gqa", **LLAMA3_ROPE)

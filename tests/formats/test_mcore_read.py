@@ -1,4 +1,5 @@
-"""Reading Megatron torch-format checkpoints: the logical tensors, safe memory-mapped shards, damaged checkpoints refused."""
+"""Reading Megatron torch-format checkpoints: the logical tensors, safe memory-mapped shards, damaged checkpoints
+refused."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The Megatron schema and args: fusions and their inverses, TP split axes, RoPE scaling and the args `--use-checkpoint-args` reads."""
+"""The Megatron schema and args: fusions and their inverses, TP split axes, RoPE scaling and the args
+`--use-checkpoint-args` reads."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Writing Megatron shards: the balanced-pruning gather equals unfuse/slice/fuse, fc1 per rank, concurrent shard writers."""
+"""Writing Megatron shards: the balanced-pruning gather equals unfuse/slice/fuse, fc1 per rank, concurrent shard
+writers."""
 
 from __future__ import annotations
 

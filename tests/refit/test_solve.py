@@ -38,7 +38,8 @@ def refit(W, kept, H, delta):
 
 
 def test_dependent_channel_removed_exactly():
-    """A dropped channel that is a linear combination of kept ones: the refit reproduces W x exactly; slicing does not."""
+    """A dropped channel that is a linear combination of kept ones: the refit reproduces W x exactly; slicing does
+    not."""
     x, W = _data(0)
     x[:, 3] = 0.5 * x[:, 0] - 2.0 * x[:, 7] + x[:, 9]
     kept = [i for i in range(x.shape[1]) if i != 3]
@@ -94,7 +95,8 @@ def test_refit_error_is_minimal(seed):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_two_stream_error_is_minimal(seed):
-    """Two streams (student input is a noisy, smaller copy of the teacher's): the solve minimises the ridge objective."""
+    """Two streams (student input is a noisy, smaller copy of the teacher's): the solve minimises the ridge
+    objective."""
     g = torch.Generator().manual_seed(seed)
     xt, W = _data(10 + seed, n=9)
     xs = xt[:, :6] + 0.3 * torch.randn(xt.shape[0], 6, generator=g, dtype=torch.float64)

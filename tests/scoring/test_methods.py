@@ -112,7 +112,8 @@ def test_activation_beats_random_on_the_real_model(real_model, tmp_path):
     ppl = {}
     for method, extra in (("activation", ["--samples", "8", "--seq-len", "128"]), ("random", ["--seed", "1"])):
         out = tmp_path / method
-        assert main(["prune", "--input", str(real_model), "--output", str(out), "--method", method] + shape + extra) == 0
+        assert main(["prune", "--input", str(real_model), "--output", str(out), "--method", method]
+                    + shape + extra) == 0
         model, tok = load_hf(out)
         ids = tokenize(tok, builtin_text("eval"), 2048)
         ppl[method] = perplexity(model, ids, seq_len=512, progress=False).perplexity

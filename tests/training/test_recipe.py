@@ -149,7 +149,8 @@ def test_vocabulary_pruned_student_distils_from_the_teacher_given_its_vocabulary
     r = ok(case_result(next(c for c in runs["cases"] if c["name"] == "kd_vocab_like")))
     assert {k: float(v) for k, v in parse_losses(r.stdout, "kd loss").items()} == {1: 0.0}
     vp = inputs["vocab_pruned"]
-    assert checkpoints.checkpoint_args(checkpoints.find_checkpoint(vp["teacher_full"], "teacher")).padded_vocab_size == \
+    assert checkpoints.checkpoint_args(
+        checkpoints.find_checkpoint(vp["teacher_full"], "teacher")).padded_vocab_size == \
         checkpoints.checkpoint_args(checkpoints.find_checkpoint(vp["mg"], "student")).padded_vocab_size == 384
 
 

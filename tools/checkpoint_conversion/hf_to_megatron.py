@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 ''''exec "${PYTHON:-python}" "$0" "$@"  # also when started with bash: run this file with Python '''
-"""HF safetensors -> Megatron-LM checkpoint: python tools/checkpoint_conversion/hf_to_megatron.py --help (see megatron/prune/seed/convert.py)."""
+"""HF safetensors -> Megatron-LM checkpoint: python tools/checkpoint_conversion/hf_to_megatron.py --help
+(see megatron/prune/seed/convert.py)."""
 
 import sys
 from pathlib import Path

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 ''''exec "${PYTHON:-python}" "$0" "$@"  # also when started with bash: run this file with Python '''
-"""Megatron-LM checkpoint -> HF safetensors: python tools/checkpoint_conversion/megatron_to_hf.py --help (see megatron/prune/seed/convert.py)."""
+"""Megatron-LM checkpoint -> HF safetensors: python tools/checkpoint_conversion/megatron_to_hf.py --help
+(see megatron/prune/seed/convert.py)."""
 
 import sys
 from pathlib import Path

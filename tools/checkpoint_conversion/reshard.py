@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 ''''exec "${PYTHON:-python}" "$0" "$@"  # also when started with bash: run this file with Python '''
-"""Change a Megatron checkpoint's TP/PP size: python tools/checkpoint_conversion/reshard.py --help (see megatron/prune/seed/convert.py)."""
+"""Change a Megatron checkpoint's TP/PP size: python tools/checkpoint_conversion/reshard.py --help
+(see megatron/prune/seed/convert.py)."""
 
 import sys
 from pathlib import Path

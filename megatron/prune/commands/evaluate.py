@@ -30,10 +30,12 @@ HELP = "perplexity (or lm-eval tasks) of an HF or Megatron checkpoint on held-ou
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path,
                    help="HF checkpoint folder, or Megatron checkpoint with a tokenizer in hf_meta/")
-    p.add_argument("--text", type=Path, nargs="+", help=".txt or .jsonl ('text' field) files; default: built-in held-out text")
+    p.add_argument("--text", type=Path, nargs="+",
+                   help=".txt or .jsonl ('text' field) files; default: built-in held-out text")
     p.add_argument("--seq-len", type=int, help=f"window length in tokens (default {DEFAULT_SEQ_LEN}, or the model's "
                                                "max_position_embeddings where that is shorter; at most that)")
-    p.add_argument("--max-tokens", type=int, default=16384, help="use at most this many tokens (default %(default)s; 0 = all)")
+    p.add_argument("--max-tokens", type=int, default=16384,
+                   help="use at most this many tokens (default %(default)s; 0 = all)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default %(default)s)")
     p.add_argument("--device", default="auto",
                    help="auto (cuda where a GPU is available, else cpu), cpu, cuda or cuda:N (default %(default)s)")

@@ -38,10 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.set_defaults(_vocab_run=count)
 
     p = sub.add_parser("prune", help="write a model / tokenizer with a smaller vocabulary", description=prune.__doc__)
-    p.add_argument("--input", type=Path, required=True, help="HF model folder, Megatron checkpoint, or tokenizer folder")
+    p.add_argument("--input", type=Path, required=True,
+                   help="HF model folder, Megatron checkpoint, or tokenizer folder")
     p.add_argument("--output", type=Path, required=True, help="new folder for the pruned model/tokenizer")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--keep", type=int, help="final vocabulary size: the most frequent tokens by --counts (lowest ids without counts)")
+    g.add_argument("--keep", type=int,
+                   help="final vocabulary size: the most frequent tokens by --counts (lowest ids without counts)")
     g.add_argument("--keep-ids", type=Path, help="file of token ids to keep (JSON list or whitespace-separated)")
     g.add_argument("--like", type=Path, metavar="TOKENIZER",
                    help="keep exactly this tokenizer's tokens (one `vocab prune` made from the input's): a "

@@ -17,7 +17,8 @@ from megatron.prune.errors import PruneError, json_type
 
 @dataclass(frozen=True)
 class MoeKeys:
-    """Where an HF config of a mixture-of-experts family keeps its expert sizes (every layer sparse, no shared expert)."""
+    """Where an HF config of a mixture-of-experts family keeps its expert sizes (every layer sparse, no shared
+    expert)."""
 
     experts: tuple[str, ...]  # expert count; the first present is read, every present one written (aliases)
     expert_ffn: str  # width of one expert's FFN
@@ -57,7 +58,8 @@ FAMILIES: dict[str, Family] = {
         Family("Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias=False, qk_norm=True,
                moe=MoeKeys(("num_experts", "num_local_experts"), "moe_intermediate_size",
                            dense_layers="mlp_only_layers", sparse_step="decoder_sparse_step")),
-        Family("MixtralForCausalLM", "mixtral", qkv_bias=False, moe=MoeKeys(("num_local_experts",), "intermediate_size")),
+        Family("MixtralForCausalLM", "mixtral", qkv_bias=False,
+               moe=MoeKeys(("num_local_experts",), "intermediate_size")),
     )
 }
 

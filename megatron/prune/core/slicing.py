@@ -52,7 +52,8 @@ def expand_heads(units: Sequence[int], head_dim: int) -> torch.Tensor:
     return (u[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
-def slice_role(role: str, tensor: torch.Tensor, index: AxisIndex, head_dim: int, norm_scale: float = 1.0) -> torch.Tensor:
+def slice_role(role: str, tensor: torch.Tensor, index: AxisIndex, head_dim: int,
+               norm_scale: float = 1.0) -> torch.Tensor:
     """Prune ``tensor`` (of logical role ``role``) to the kept indices; returns a new contiguous tensor. Axes in
     ``FIXED_AXES`` (a QK-norm's ``[hn]``) are kept whole, and only hidden-size norms are rescaled."""
     axes = ROLE_AXES[role]

@@ -108,7 +108,8 @@ def resolve_experts(shape: ModelShape, req: TargetRequest) -> dict[str, int]:
     if req.num_experts_per_tok is not None:
         top = _check_size("num_experts_per_tok", req.num_experts_per_tok, shape.num_experts_per_tok)
         if top > experts:
-            raise PruneError(f"--num-experts-per-tok {top} is more than the {experts} kept experts; valid: 1..{experts}")
+            raise PruneError(f"--num-experts-per-tok {top} is more than the {experts} kept experts; "
+                             f"valid: 1..{experts}")
     else:
         top = min(shape.num_experts_per_tok, experts)
     return dict(num_experts=experts, moe_ffn_hidden_size=width, num_experts_per_tok=top)

@@ -292,11 +292,11 @@ def check_hf_target(target: ModelShape, config: Mapping[str, Any]) -> None:
     """Refuse what transformers cannot build for the family of ``config``: some families' configs (LLaMA) refuse
     a hidden_size not divisible by num_attention_heads, even with an explicit head_dim."""
     family = family_of(config)
-    if family.hidden_multiple_of_heads and target.hidden_size % target.num_attention_heads:
+    h, heads = target.hidden_size, target.num_attention_heads
+    if family.hidden_multiple_of_heads and h % heads:
         raise PruneError(
-            f"--hidden-size {target.hidden_size} is not a multiple of {target.num_attention_heads} attention heads, "
-            f"which transformers requires of an HF {family.architecture} checkpoint; nearest valid hidden sizes: "
-            f"{nearest_multiples(target.hidden_size, target.num_attention_heads, target.hidden_size + target.num_attention_heads)}"
+            f"--hidden-size {h} is not a multiple of {heads} attention heads, which transformers requires of an HF "
+            f"{family.architecture} checkpoint; nearest valid hidden sizes: {nearest_multiples(h, heads, h + heads)}"
             f" (Megatron outputs have no such limit)"
         )
 
@@ -380,7 +380,8 @@ def write_pruned(ckpt: TensorSource, plan: PrunePlan, out: Path, max_shard_bytes
                                                     indent=2))
     config = hf_config_for_shape(ckpt.hf_config if hf_config is None else hf_config, plan.target)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    copy_side_files(ckpt.folder if side_files is None else side_files, out, skip={"config.json", WEIGHTS_INDEX, "prune_plan.json"},
+    copy_side_files(ckpt.folder if side_files is None else side_files, out,
+                    skip={"config.json", WEIGHTS_INDEX, "prune_plan.json"},
                     skip_suffixes=(".safetensors", ".bin", ".pt", ".pth", ".gguf"))
     plan.save(out)
 

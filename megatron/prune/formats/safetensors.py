@@ -18,7 +18,8 @@ DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16
                 torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8"}
 
 
-DTYPE_SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
+DTYPE_SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I8": 1,
+               "U8": 1}
 
 
 def read_header(path: Path) -> dict[str, Any]:

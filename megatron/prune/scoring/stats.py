@@ -100,7 +100,8 @@ class RMS(Aggregator):
 AGGREGATIONS: dict[str, type[Aggregator]] = {"mean-l2": MeanL2, "mean": Mean, "rms": RMS}
 
 
-DEFAULT_AGGREGATION = "rms"  # measured: lower pruned perplexity than Minitron's mean-l2 on both width shapes (bench/quality.py)
+# measured: lower pruned perplexity than Minitron's mean-l2 on both width shapes (bench/quality.py)
+DEFAULT_AGGREGATION = "rms"
 
 
 def aggregator(name: str) -> Aggregator:
@@ -208,8 +209,10 @@ def importance_hooks(model, shape: ModelShape, agg: str = DEFAULT_AGGREGATION) -
         handles += [
             sub[ATTN_NORM].register_forward_hook(output_hook(st.attn_norm, torch.abs)),
             sub[MLP_NORM].register_forward_hook(output_hook(st.mlp_norm, torch.abs)),
-            sub[ATTN_OUT].register_forward_pre_hook(input_hook(st.heads, lambda x: head_norms(x, shape.num_attention_heads))),
-            sub[ATTN_OUT].register_forward_pre_hook(input_hook(st.groups, lambda x: head_norms(x, shape.num_query_groups))),
+            sub[ATTN_OUT].register_forward_pre_hook(input_hook(st.heads,
+                                                               lambda x: head_norms(x, shape.num_attention_heads))),
+            sub[ATTN_OUT].register_forward_pre_hook(input_hook(st.groups,
+                                                               lambda x: head_norms(x, shape.num_query_groups))),
             layer.register_forward_hook(layer_hook(st.influence), with_kwargs=True),
         ]
         if st.experts is not None:

@@ -302,8 +302,8 @@ def start_untrained_checkpoint(state: dict[str, Any], args: Any) -> None:
               "starting it as with --finetune", flush=True)
 
 
-DENSE_LLAMA = ("pretrain_llama.py builds LLaMA-family layers (GQA attention, a SwiGLU MLP or SequentialMLP experts) and "
-               "would ignore it")
+DENSE_LLAMA = ("pretrain_llama.py builds LLaMA-family layers (GQA attention, a SwiGLU MLP or SequentialMLP experts) "
+               "and would ignore it")
 
 
 # Megatron flags stock pretrain_gpt.py acts on but this recipe does not: (arg, what to do instead). Refused rather

@@ -9,6 +9,6 @@ from .rules import VocabRules, closure, minimum_keep, select_top
 
 __all__ = [
     "TokenCounts", "TokenizerFolder", "VocabRules", "choose_kept", "closure", "count_tokens", "make_encoder",
-    "minimum_keep", "open_tokenizer", "prune_hf_vocab", "prune_megatron_vocab", "prune_tokenizer", "read_keep_ids", "select_top",
-    "vocab_plan", "write_pruned_tokenizer",
+    "minimum_keep", "open_tokenizer", "prune_hf_vocab", "prune_megatron_vocab", "prune_tokenizer", "read_keep_ids",
+    "select_top", "vocab_plan", "write_pruned_tokenizer",
 ]

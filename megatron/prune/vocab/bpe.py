@@ -89,7 +89,8 @@ def json_tokens(data: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def json_rules(data: Mapping[str, Any], special: Sequence[str] = ()) -> VocabRules:
-    """Always keep added tokens, ``special`` strings, unk and the fallback alphabet; a merge result needs its operands."""
+    """Always keep added tokens, ``special`` strings, unk and the fallback alphabet; a merge result needs its
+    operands."""
     kind = json_kind(data)
     model = data["model"]
     tokens = json_tokens(data)

@@ -157,7 +157,8 @@ def pruned_tokenizer_config(config: Mapping[str, Any], tokens: Sequence[str], ke
     return out
 
 
-def write_pruned_tokenizer(tf: TokenizerFolder, kept: Sequence[int], out_dir: Path, copy_side_files: bool = True) -> list[str]:
+def write_pruned_tokenizer(tf: TokenizerFolder, kept: Sequence[int], out_dir: Path,
+                           copy_side_files: bool = True) -> list[str]:
     """Write the pruned tokenizer files into ``out_dir`` (new id = position in ``kept``); return their names."""
     out_dir = Path(out_dir)
     written: list[str] = []

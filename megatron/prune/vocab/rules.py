@@ -88,7 +88,8 @@ def check_ids(ids: Iterable[int], rules: VocabRules, what: str) -> list[int]:
     out = []
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < rules.size:
-            raise PruneError(f"{what}: token id {i!r} is out of range [0, {rules.size}) for this {rules.kind} tokenizer")
+            raise PruneError(f"{what}: token id {i!r} is out of range [0, {rules.size}) for this {rules.kind} "
+                             "tokenizer")
         out.append(i)
     return out
 

@@ -161,7 +161,8 @@ def shape_from_args(args: argparse.Namespace, vocab_size: int | None) -> ModelSh
             qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
             qk_norm=bool(getattr(args, "qk_layernorm", False)),
             num_experts=experts,
-            moe_ffn_hidden_size=int(getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size) if experts else 0,
+            moe_ffn_hidden_size=(int(getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size)
+                                 if experts else 0),
             num_experts_per_tok=int(getattr(args, "moe_router_topk", 2)) if experts else 0,
         )
     except (AttributeError, TypeError) as e:

@@ -87,7 +87,8 @@ class TorchDistCheckpoint(CheckpointHeader):
             raise PruneError(f"{iter_dir}: no {dist_name(PARAM_BY_KEY['embed'])} in the checkpoint")
         padded = int(getattr(args, "padded_vocab_size", None) or embed.size[0])
         ckpt = cls(folder, iter_dir, args, shape, tp, pp, "transformer_engine" if spec == "transformer_engine" else
-                   "local", padded, embed.properties.dtype, hf_config or hf_config_from_args(args, shape, embed.properties.dtype),
+                   "local", padded, embed.properties.dtype,
+                   hf_config or hf_config_from_args(args, shape, embed.properties.dtype),
                    metadata)
         check_tp_pp(shape, tp, pp, what="checkpoint: ")
         ckpt._check_names()
@@ -295,7 +296,8 @@ def torch_to_dist(folder: Path, progress: bool = True) -> None:
     The saver assumes CUDA in places, so it runs in a child process that installs the CPU shims
     (:mod:`megatron.prune.cpu`) without leaking them into this one.
     """
-    cmd = [sys.executable, "-m", "megatron.prune.formats.mcore.dist", str(folder)] + ([] if progress else ["--no-progress"])
+    cmd = ([sys.executable, "-m", "megatron.prune.formats.mcore.dist", str(folder)]
+           + ([] if progress else ["--no-progress"]))
     proc = subprocess.run(cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise PruneError(f"writing torch_dist failed: {proc.stderr.strip()[-2000:]}")

@@ -21,8 +21,8 @@ from megatron.prune.formats.mcore.args import hf_config_from_args, meta_config_a
 from megatron.prune.formats.source import check_finite
 from megatron.prune.formats.mcore.schema import (EXPERT_LAYOUT_NAMES, EXTRA_STATE, MODEL_FILE, MOE_SPEC,
                                                  PARAM_BY_KEY, PARAM_OF_ROLE, TRACKER, _SHARD_DIR, Param, check_ep,
-                                                 check_tp_pp, expert_shard, extra_state_names, layer_param_names, params_for, shard_keys,
-                                                 shard_path_name, stored_shape, unfuse)
+                                                 check_tp_pp, expert_shard, extra_state_names, layer_param_names,
+                                                 params_for, shard_keys, shard_path_name, stored_shape, unfuse)
 from megatron.prune.io.memory import drop_mapped_pages, file_mappings
 
 WORKERS = 4  # most threads computing one output file's tensors (the writer, not compute, soon limits)

@@ -133,7 +133,8 @@ PARAM_OF_ROLE = {r: p for p in PARAMS for r in p.roles}
 EXTRA_STATE: dict[str, tuple[str, ...]] = {
     "local": (_L + "self_attention.linear_qkv._extra_state", _L + "self_attention.linear_proj._extra_state",
               _L + "mlp.linear_fc1._extra_state", _L + "mlp.linear_fc2._extra_state", "output_layer._extra_state"),
-    "transformer_engine": (_L + "self_attention.linear_qkv._extra_state", _L + "self_attention.linear_proj._extra_state",
+    "transformer_engine": (_L + "self_attention.linear_qkv._extra_state",
+                           _L + "self_attention.linear_proj._extra_state",
                            _L + "self_attention.core_attention._extra_state", _L + "mlp.linear_fc1._extra_state",
                            _L + "mlp.linear_fc2._extra_state", "output_layer._extra_state"),
 }
