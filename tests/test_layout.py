@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "megatron" / "prune"
@@ -95,3 +97,12 @@ def test_unsafe_loads_are_justified():
 def test_no_megatron_init():
     """megatron/__init__.py would hide megatron-core's ``megatron.core`` (a namespace package)."""
     assert not (PKG.parent / "__init__.py").exists()
+
+
+def test_no_unused_names_or_long_lines():
+    """ruff's pyflakes checks (unused imports and names, undefined names) and the project's 120-column lines, over
+    every Python file of the repository."""
+    root = PKG.parent.parent
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F,E501", "--output-format", "concise",
+                        "--no-cache", "."], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
