@@ -93,7 +93,8 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
               "tokenizer": {"kind": "hf", "vocab_size": 100, "vocab_hash": "ab"}, "counts": {"5": 7}}
     for name, damaged in {"list": [counts], "text_count": {**counts, "counts": {"5": "x"}},
                           "beyond": {**counts, "counts": {"100": 7}}, "no_size": {**counts, "tokenizer": {}},
-                          "counts_list": {**counts, "counts": [7]}}.items():
+                          "counts_list": {**counts, "counts": [7]},
+                          "huge": {**counts, "tokenizer": {**counts["tokenizer"], "vocab_size": 10 ** 12}}}.items():
         (d / f"counts_{name}.json").write_text(json.dumps(damaged))
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n\nmore text\n".encode("latin-1"))
     (d / "empty.txt").write_text("")
@@ -382,6 +383,9 @@ CASES: dict[str, Case] = {
                                             "{counts_no_size_json}", 2, ("its 'tokenizer' entry {} lacks",)),
     "counts not an object": Case("vocab prune --input {hf} --output {o} --keep 300 --counts "
                                  "{counts_counts_list_json}", 2, ("'counts' is a JSON array, not an object",)),
+    "counts of a huge vocabulary": Case("vocab prune --input {hf} --output {o} --keep 300 --counts {counts_huge_json}",
+                                        2, ("vocab_size 1000000000000 is beyond any tokenizer's (at most "
+                                            "16,777,216)",)),
     "counts beside keep-ids": Case("vocab prune --input {hf} --output {o} --keep-ids {text_txt} --counts "
                                    "{counts_list_json}", 2,
                                    ("ranks tokens for --keep only; --keep-ids names the kept tokens itself",)),

@@ -21,6 +21,7 @@ from .rules import VocabRules
 COUNTS_FORMAT = "megatron-prune-token-counts"
 COUNTS_VERSION = 1
 CHUNK_CHARS = 1 << 20  # text per task: large enough to amortise inter-process traffic
+MAX_VOCAB = 1 << 24  # the largest vocabulary a counts file may describe (today's largest tokenizers: ~256k)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ class TokenCounts:
                 isinstance(tok.get(k), str) for k in ("kind", "vocab_hash")):
             raise PruneError(f"{path}: its 'tokenizer' entry {json.dumps(tok)} lacks a whole-number vocab_size, a "
                              "kind or a vocab_hash; recount with `megatron-prune vocab count`")
+        if n > MAX_VOCAB:  # a count per id is allocated below: refuse before a damaged size takes the memory
+            raise PruneError(f"{path}: vocab_size {n} is beyond any tokenizer's (at most {MAX_VOCAB:,}); recount with "
+                             "`megatron-prune vocab count`")
         counts = [0] * n
         for i, c in counts_entries(path, d.get("counts"), n):
             counts[i] = c
