@@ -163,3 +163,13 @@ def test_no_progress_silences_the_libraries_bars_too(tok_model, capsys):
     if before is None:
         assert main(argv[3:]) == 0
         assert "Loading weights" in capsys.readouterr().err
+
+
+def test_plan_show_names_dropped_layers_run_by_run_without_listing_them():
+    """`plan show` of a damaged plan claiming 10^9 source layers listed every dropped number first (a MemoryError
+    traceback): the runs come from the kept layers alone, the same text as before."""
+    from megatron.prune.commands.plan import ids, missing_ids
+
+    for n, kept in ((0, set()), (1, {0}), (5, {0, 4}), (6, {1, 2}), (3, {0, 1, 2}), (7, {6})):
+        assert missing_ids(kept, n) == ids([i for i in range(n) if i not in kept])
+    assert missing_ids({0, 1, 2, 3}, 10 ** 9) == "4-999999999"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from megatron.prune.core.plan import PLAN_FILE, LayerPlan, PrunePlan
 from megatron.prune.errors import PruneError
@@ -48,6 +48,17 @@ def find_plan(path: Path) -> Path:
     if not path.is_file():  # a device or a pipe
         raise PruneError(f"{path}: not a regular file; give a prune_plan.json or the folder holding one")
     return path
+
+
+def missing_ids(kept: Iterable[int], n: int) -> str:
+    """:func:`ids` of the numbers below ``n`` not in ``kept``, run by run without listing them (a damaged plan may
+    claim 10^9 layers)."""
+    runs, start = [], 0
+    for k in [*sorted(set(kept)), n]:
+        if k > start:
+            runs.append(str(start) if k - 1 == start else f"{start}-{k - 1}")
+        start = k + 1
+    return ",".join(runs) or "-"
 
 
 def ids(values: Sequence[int]) -> str:
@@ -156,7 +167,7 @@ def describe(plan: PrunePlan, where: Path, indices: bool) -> list[str]:
     lines = [f"plan: {where}", method_line(plan.info), reconstruction_line(plan.info), selection_line(plan),
              shape_line(plan),
              f"parameters: {s.num_params() / 1e6:.1f}M -> {t.num_params() / 1e6:.1f}M",
-             f"dropped layers: {ids([i for i in range(s.num_layers) if i not in kept])}",
+             f"dropped layers: {missing_ids(kept, s.num_layers)}",
              f"hidden: {len(plan.hidden)} of {s.hidden_size} channels kept, {s.hidden_size - len(plan.hidden)} dropped"
              + (f": kept {ids(plan.hidden)}" if indices else "")]
     if plan.vocab is not None:
