@@ -93,6 +93,7 @@ def inputs(tok_model, tmp_path_factory) -> dict[str, Path]:
               "tokenizer": {"kind": "hf", "vocab_size": 100, "vocab_hash": "ab"}, "counts": {"5": 7}}
     for name, damaged in {"list": [counts], "text_count": {**counts, "counts": {"5": "x"}},
                           "beyond": {**counts, "counts": {"100": 7}}, "no_size": {**counts, "tokenizer": {}},
+                          "superscript": {**counts, "counts": {"\u00b2": 7}},
                           "counts_list": {**counts, "counts": [7]},
                           "huge": {**counts, "tokenizer": {**counts["tokenizer"], "vocab_size": 10 ** 12}}}.items():
         (d / f"counts_{name}.json").write_text(json.dumps(damaged))
@@ -379,6 +380,8 @@ CASES: dict[str, Case] = {
     "counts an id beyond the vocabulary": Case("vocab prune --input {hf} --output {o} --keep 300 --counts "
                                                "{counts_beyond_json}", 2,
                                                ("counts key '100' is not a token id of the 100-token vocabulary",)),
+    "counts key a superscript digit": Case("vocab prune --input {hf} --output {o} --keep 300 --counts "
+                                           "{counts_superscript_json}", 2, ("counts key '\u00b2' is not a token id",)),
     "counts without a tokenizer size": Case("vocab prune --input {hf} --output {o} --keep 300 --counts "
                                             "{counts_no_size_json}", 2, ("its 'tokenizer' entry {} lacks",)),
     "counts not an object": Case("vocab prune --input {hf} --output {o} --keep 300 --counts "

@@ -100,7 +100,7 @@ def counts_entries(path: Path, counts: object, vocab_size: int) -> Iterator[tupl
     if not isinstance(counts, dict):
         raise PruneError(f"{path}: 'counts' is a JSON {json_type(counts)}, not an object of token id -> count")
     for key, c in counts.items():
-        if not (key.isdigit() and int(key) < vocab_size):
+        if not (key.isdecimal() and int(key) < vocab_size):  # isdigit() takes "²", which int() refuses
             raise PruneError(f"{path}: counts key {key!r} is not a token id of the {vocab_size}-token vocabulary "
                              f"(0 to {vocab_size - 1})")
         if isinstance(c, bool) or not isinstance(c, int) or c < 0:
