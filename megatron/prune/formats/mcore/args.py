@@ -37,7 +37,7 @@ def args_for_shape(base: argparse.Namespace | None, shape: ModelShape, tp: int, 
     """The ``args`` Namespace of an output checkpoint: ``base`` (if any) with every shape field set (``grouped``: the
     experts in TEGroupedMLP's layout)."""
     a = argparse.Namespace(**vars(base)) if base is not None else argparse.Namespace()
-    check_config_numbers(hf_config)
+    # hf_config's numbers were checked where it was read (check_config_numbers: an HF folder's or hf_meta/'s)
     max_pos = int(hf_config.get("max_position_embeddings") or getattr(a, "max_position_embeddings", None) or 4096)
     rope = hf_config.get("rope_theta") or (hf_config.get("rope_parameters") or {}).get("rope_theta")
     fields = dict(
