@@ -70,37 +70,34 @@ def quiet_optional_backends() -> None:
 
 
 def set_library_bars(on: bool) -> None:
-    """Turn transformers' and the hub's progress bars on or off, where they are imported."""
+    """Turn the hub's progress bars (which transformers' follow when imported later) and, where it is imported,
+    transformers' own on or off. Quietly: the hub warns when ``HF_HUB_DISABLE_PROGRESS_BARS`` overrides the call."""
+    import warnings
+
+    from huggingface_hub import utils as hub_utils
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        (hub_utils.enable_progress_bars if on else hub_utils.disable_progress_bars)()
+    on = on and not hub_utils.are_progress_bars_disabled()  # the user's HF_HUB_DISABLE_PROGRESS_BARS=1 stands
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub import utils as hub_utils
-
-        (hub_utils.enable_progress_bars if on else hub_utils.disable_progress_bars)()
 
 
 @contextlib.contextmanager
 def library_bars_off() -> Iterator[None]:
-    """``--no-progress`` silences the libraries' bars too (transformers' "Loading weights", the hub's) for the run:
-    through the hub's switch for those imported during it, directly for those already imported; as they were
-    afterwards (a process that runs several verbs, and the programs it starts, keep their bars)."""
-    import os
-
-    key = "HF_HUB_DISABLE_PROGRESS_BARS"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
+    """``--no-progress`` silences the libraries' bars too (transformers' "Loading weights", the hub's) for the run,
+    through their switches in this process (transformers, imported during the run, reads the hub's), and turns them
+    back on afterwards: a process that runs several verbs keeps its bars. Not through ``HF_HUB_DISABLE_PROGRESS_BARS``:
+    the hub reads it once, on import, so an import during the run kept the bars off for the process and warned on
+    every later switch."""
     set_library_bars(False)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = before
-        if before is None or before.upper() not in ("1", "ON", "YES", "TRUE"):
-            set_library_bars(True)
+        set_library_bars(True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
