@@ -10,7 +10,7 @@
 # A step that fails is reported and the next one still runs; the exit status is the number of failed steps.
 #
 #   bash scripts/gpu_checks.sh prepare   here, with the venv (PYTHON): writes $GPU_CHECKS (default .gpu_checks,
-#                                        ignored by git, ~15 MB): the megatron-core wheel, the embedded model's
+#                                        ignored by git, ~10 MB): the megatron-core wheel, the embedded model's
 #                                        config and tokenizer, the ~1B smoke's tokenized text and shape
 #   bash scripts/gpu_checks.sh run       there, with the device tool: carry .gpu_checks; PYTHON defaults to python3
 #                                        (the image's torch and transformers). Logs go to $OUT (the tool's folder
