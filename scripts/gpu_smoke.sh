@@ -126,9 +126,9 @@ throughput=("$PYTHON" -m megatron.prune.training.throughput --config "$WORK/toke
 rm -rf "$WORK/trained"
 
 log="$WORK/train.log"
-train() {
+train() {  # weights only (--no-save-optim): the KD leg reads them with --finetune; at ~1B the optimizer state is 14 GB
   "${model[@]}" "${run[@]}" TRAIN_ITERS="$ITERS" SAVE="$WORK/trained" \
-    bash "$here/scripts/check_model.sh" "${extra[@]}" "${flags[@]}" 2>&1 | tee "$log"
+    bash "$here/scripts/check_model.sh" "${extra[@]}" "${flags[@]}" --no-save-optim 2>&1 | tee "$log"
 }
 if train; then :; else  # the bias-SwiGLU and bias-dropout fusions are torch.compile'd on a GPU (Triton, a C compiler)
   rc=$?

@@ -127,6 +127,7 @@ def test_gpu_smoke_script_runs_on_cpu(real_model, tmp_path):
     assert "random weights of the pruned shape" in r.stdout
     train_log, kd_log = (work / "train.log").read_text(), (work / "kd.log").read_text()
     assert len(iteration_times_ms(train_log)) == 3
+    assert re.search(r"\n  no_save_optim \.+ True\n", train_log)  # weights only: the KD leg needs no optimizer
     for log in (train_log, kd_log):  # SMOKE_FLAGS reach both legs (SDPA attention, the GPU default, on CPU too)
         assert re.search(r"\n  seed \.+ 7\n", log), log[-2000:]
         assert "building LLaMA-family GPTModel (local spec, torch SDPA attention)" in log
