@@ -8,6 +8,7 @@ A refactor that keeps behaviour keeps every hash (the checkout's ``tests/tiny.py
 checkout's package is imported through PYTHONPATH, ahead of any installed copy).
 """
 
+import argparse
 import hashlib
 import json
 import os
@@ -19,10 +20,18 @@ from pathlib import Path
 
 from pydoc_data.topics import topics
 
-ROOT = Path(sys.argv[1]).resolve()  # checkout to test
-OUT = Path(sys.argv[2]).resolve()  # work folder (wiped)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("checkout", help="checkout to test")
+parser.add_argument("out", help="work folder, wiped first: a new or empty one, or one this script wrote before")
+args = parser.parse_args()
+ROOT = Path(args.checkout).resolve()
+OUT = Path(args.out).resolve()
+MARK = OUT / ".golden_outputs"  # says the folder is this script's to wipe (a typo must not wipe a checkout)
+if OUT.exists() and (not OUT.is_dir() or any(OUT.iterdir()) and not MARK.exists()):
+    parser.error(f"{OUT} is not a folder this script wrote before (it would be wiped): give a new or empty one")
 shutil.rmtree(OUT, ignore_errors=True)
 OUT.mkdir(parents=True)
+MARK.touch()
 sys.path.insert(0, str(ROOT / "tests"))
 from tiny import make_tiny_hf  # noqa
 

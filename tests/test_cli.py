@@ -175,3 +175,20 @@ def test_plan_show_names_dropped_layers_run_by_run_without_listing_them():
     for n, kept in ((0, set()), (1, {0}), (5, {0, 4}), (6, {1, 2}), (3, {0, 1, 2}), (7, {6})):
         assert missing_ids(kept, n) == ids([i for i in range(n) if i not in kept])
     assert missing_ids({0, 1, 2, 3}, 10 ** 9) == "4-999999999"
+
+
+def test_golden_outputs_explains_itself_and_wipes_only_its_own_folder(tmp_path):
+    """bench/golden_outputs.py read sys.argv[2] bare (--help was an IndexError traceback) and wiped whatever folder
+    came second, a checkout included. Now --help prints its docstring, and a non-empty folder it did not write is
+    refused untouched."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "golden_outputs.py"
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Developer check for refactors" in r.stdout, r.stderr[-2000:]
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("mine")
+    r = subprocess.run([sys.executable, str(script), ".", str(theirs)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is not a folder this script wrote before" in r.stderr
+    assert "Traceback" not in r.stderr and (theirs / "keep.txt").read_text() == "mine"
