@@ -165,6 +165,8 @@ def swallowed_interrupt_on_import(monkeypatch) -> None:
 
     real = importlib.import_module
     sent: list[bool] = []
+    # the Ctrl-C handler of a fresh process (the CLI's case): a library an earlier test ran may have left its own
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def swallowing(name, *a, **kw):
         if not sent and threading.current_thread() is threading.main_thread():  # not a thread an earlier test left
